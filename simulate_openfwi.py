@@ -1,0 +1,458 @@
+"""Make OpenFWI-format seismic data by acoustic finite-difference modelling.
+
+    python simulate_openfwi.py --family flatvel --out data/flatvel --files 10 --samples-per-file 100
+    python simulate_openfwi.py --family curvefault --out data/cf --device cuda --batch-size 256
+
+Writes OUT/data/data{i}.npy (N, 5, 1000, 70) and OUT/model/model{i}.npy (N, 1, 70, 70), float32,
+i from 1, plus OUT/train.txt / OUT/val.txt (OpenFWI split lists, `data<TAB>label`, absolute paths)
+and OUT/dataset.json (normalisation constants and modelling parameters, read by
+`train_inversionnet.py --stats`). Files are written under a temporary name and renamed, and a
+re-run skips the files that are already complete, so an interrupted generation resumes where it
+stopped. The same seed and arguments give byte-identical files on the same device.
+
+Physics (OpenFWI's conventions): 2-D constant-density acoustic wave equation
+u_tt = v^2 lap(u) + v^2 s, second order in time, fourth order in space, dx = 10 m, dt = 1 ms,
+nt = 1000; 5 sources at columns 0, 17, 34, 52, 69 and 70 receivers, all in row 1 (10 m depth);
+15 Hz Ricker wavelet, 147 samples long, peaking at 73 ms, injected as u += (v dt)^2 w[n].
+Absorbing boundaries on all four sides (no free surface): a convolutional PML (C-PML, quadratic
+damping profile, complex-frequency shift alpha = pi f) of --pml-width cells, 12 by default, which
+keeps boundary reflections near 0.05 % of the recorded signal (measured in tests/).
+
+Velocity families (70 x 70 cells, 1500-4500 m/s), each drawn from a numpy Generator:
+- flatvel: 2-5 horizontal layers; interfaces at distinct depths with at least 4 cells between
+  them; layer velocities uniform in [1500, 4500] sorted to increase with depth, except that with
+  probability 0.25 one adjacent pair is swapped (a low-velocity layer).
+- curvevel: the flatvel layering bent by a smooth lateral curve, the sum of two sinusoids
+  (amplitudes 2-8 and 0-3 cells, wavelengths 60-200 cells), scaled 0.7-1.3 per interface.
+- flatfault / curvefault: flatvel / curvevel cut by 1-2 straight faults through the top edge at
+  column 15-55, dipping 45-80 degrees to either side, with the hanging wall thrown 4-15 cells
+  up or down.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# ---- OpenFWI modelling constants ----
+DX = 10.0
+DT = 1e-3
+NT = 1000
+FREQ = 15.0
+N_GRID = 70
+SRC_COLS = (0, 17, 34, 52, 69)
+SRC_ROW = 1
+REC_ROW = 1
+LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
+# fourth-order central differences: second derivative and first derivative (times dx^2, dx)
+C0, C1, C2 = -5.0 / 2.0, 4.0 / 3.0, -1.0 / 12.0
+D1, D2 = 2.0 / 3.0, -1.0 / 12.0
+# v dt / dx must stay below this for the 2nd-order-time, 4th-order-space scheme in 2-D
+CFL_LIMIT = math.sqrt(3.0 / 8.0)
+
+
+class SimulationError(ValueError):
+    """Bad input to the simulator; the CLI prints it on one line and exits 2."""
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Make OpenFWI-format data by acoustic FD modelling.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--family", default="flatvel", choices=sorted(FAMILIES),
+                   help="velocity-model family")
+    p.add_argument("--out", default="data/flatvel", help="output directory")
+    p.add_argument("--files", type=int, default=10, help="number of file pairs")
+    p.add_argument("--samples-per-file", type=int, default=500, help="samples per file (OpenFWI: 500)")
+    p.add_argument("--val-files", type=int, default=None,
+                   help="files (the last ones) listed in val.txt; default: a fifth, at least 1 when --files > 1")
+    p.add_argument("--seed", type=int, default=0, help="random seed (file i uses the stream [seed, i])")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="where to run the solver")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="velocity models simulated together; default 4 on CPU, 256 on CUDA")
+    p.add_argument("--pml-width", type=int, default=12, help="C-PML thickness in cells")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="show a tqdm progress bar")
+    return p
+
+
+# ---- forward modelling ----
+
+def ricker(nt=NT, dt=DT, f=FREQ):
+    """Ricker wavelet of length 2.2/f (147 samples at 15 Hz, 1 ms), peak 1 at its centre, zero after."""
+    n = int(round(2.2 / f / dt))
+    n += n % 2 == 0  # odd, so that the peak sits on a sample (73 ms at 15 Hz)
+    t = (np.arange(n) - n // 2) * dt
+    a = (math.pi * f * t) ** 2
+    w = np.zeros(nt, dtype=np.float64)
+    m = min(n, nt)
+    w[:m] = ((1.0 - 2.0 * a) * np.exp(-a))[:m]
+    return w
+
+
+def cpml_coefficients(n, pml, vmax, dt, dx, f, reflection=1e-4):
+    """C-PML recursion coefficients (a, b) along one axis of length n + 2 * pml (float64).
+
+    Quadratic damping d(x) = d0 (x/L)^2, frequency shift alpha = pi f (1 - x/L), kappa = 1:
+    psi <- b psi + a du/dx, with b = exp(-(d + alpha) dt) and a = d / (d + alpha) (b - 1).
+    """
+    idx = torch.arange(n + 2 * pml, dtype=torch.float64)
+    depth = (torch.clamp(pml - idx, min=0) + torch.clamp(idx - (n + pml - 1), min=0)) / max(pml, 1)
+    d0 = 3.0 * vmax * math.log(1.0 / reflection) / (2.0 * pml * dx) if pml > 0 else 0.0
+    d = d0 * depth ** 2
+    alpha = math.pi * f * (1.0 - depth)
+    b = torch.exp(-(d + alpha) * dt)
+    a = torch.where(d > 0, d / (d + alpha) * (b - 1.0), torch.zeros_like(d))
+    return a, b
+
+
+def _pair_view(t, dim, width):
+    """The first and the last `width` entries of t along dim (-1 or -2) as one strided view,
+    with a new axis of size 2 before the last two. One kernel then updates both boundary strips."""
+    size, stride = list(t.shape), list(t.stride())
+    d = t.dim() + dim
+    gap = (size[d] - width) * stride[d]
+    size[d] = width
+    return t.as_strided(size[:-2] + [2] + size[-2:], stride[:-2] + [gap] + stride[-2:], t.storage_offset())
+
+
+def _d1(t, dim):
+    """Fourth-order first difference (times dx) of the entries 2..n-3 along dim."""
+    n = t.shape[dim] - 4
+    return (t.narrow(dim, 3, n) - t.narrow(dim, 1, n)).mul_(D1).add_(t.narrow(dim, 4, n) - t.narrow(dim, 0, n), alpha=D2)
+
+
+def _d2(t, dim):
+    """Fourth-order second difference (times dx^2) of the entries 2..n-3 along dim."""
+    n = t.shape[dim] - 4
+    s = (t.narrow(dim, 3, n) + t.narrow(dim, 1, n)).mul_(C1)
+    return s.add_(t.narrow(dim, 4, n) + t.narrow(dim, 0, n), alpha=C2).add_(t.narrow(dim, 2, n), alpha=C0)
+
+
+def check_velocity(velocity, dx=DX, dt=DT):
+    if not torch.is_tensor(velocity) or velocity.dim() != 3:
+        raise SimulationError(f"velocity must be a tensor of shape (B, nz, nx), got {getattr(velocity, 'shape', type(velocity))}")
+    if velocity.shape[1] < 2 or velocity.shape[2] < 1 or velocity.shape[0] < 1:
+        raise SimulationError(f"velocity shape {tuple(velocity.shape)} is too small")
+    if not torch.isfinite(velocity).all():
+        raise SimulationError("velocity contains NaN or Inf")
+    vmin, vmax = velocity.min().item(), velocity.max().item()
+    if vmin <= 0:
+        raise SimulationError(f"velocity must be positive, got a minimum of {vmin:g} m/s")
+    if vmax * dt / dx >= CFL_LIMIT:
+        raise SimulationError(f"velocity {vmax:g} m/s is unstable at dt={dt:g} s, dx={dx:g} m "
+                              f"(need v*dt/dx < {CFL_LIMIT:.3f}, i.e. v < {CFL_LIMIT * dx / dt:.0f} m/s)")
+
+
+def resolve_device(name):
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise SimulationError(f"--device {name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def simulate(velocity, device=None, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_COLS, src_row=SRC_ROW,
+             rec_row=REC_ROW, pml_width=12, pml_vmax=LABEL_MAX):
+    """Shot gathers for a batch of velocity maps.
+
+    velocity: float tensor (B, nz, nx) in m/s. Returns float32 (B, len(src_cols), nt, nx) on the
+    velocity's device (or `device`), receivers at every column of row `rec_row`. All B x shots
+    wavefields advance together in one tensor. The PML strength uses max(pml_vmax, v.max()) so
+    that a sample's traces do not depend on which other samples share its batch.
+    """
+    check_velocity(velocity, dx, dt)
+    dev = torch.device(device) if device is not None else velocity.device
+    v = velocity.to(dev, torch.float32)
+    B, nz, nx = v.shape
+    S, pml = len(src_cols), int(pml_width)
+    if not all(0 <= c < nx for c in src_cols) or not (0 <= src_row < nz and 0 <= rec_row < nz):
+        raise SimulationError(f"source/receiver positions outside the {nz}x{nx} grid")
+    H, W = nz + 2 * pml, nx + 2 * pml
+    vmax = max(float(pml_vmax), v.max().item())
+    sw = pml + 2  # strip width: the PML plus the 2 cells its psi derivative reaches into
+    sw = min(sw, H // 2, W // 2)
+
+    def strip_coeffs(n, shape):
+        a, b = cpml_coefficients(n, pml, vmax, dt, dx, f)
+        L = a.numel()
+        a = torch.stack([a[:sw], a[L - sw:]]).view(shape).to(dev, torch.float32)
+        b = torch.stack([b[:sw], b[L - sw:]]).view(shape).to(dev, torch.float32)
+        return a, b
+
+    ax, bx = strip_coeffs(nx, (2, 1, sw))
+    az, bz = strip_coeffs(nz, (2, sw, 1))
+    # (v dt / dx)^2: the stencils below are unscaled, so dx^2 is folded in here
+    v2 = (F.pad(v[:, None], (pml, pml, pml, pml), mode="replicate") * (dt / dx)) ** 2  # (B,1,H,W)
+    u = torch.zeros(B, S, H + 4, W + 4, device=dev)  # 2-cell zero halo for the 5-point stencils
+    u_old = torch.zeros_like(u)
+    psi_x = torch.zeros(B, S, 2, H, sw + 4, device=dev)
+    zeta_x = torch.zeros(B, S, 2, H, sw, device=dev)
+    psi_z = torch.zeros(B, S, 2, sw + 4, W, device=dev)
+    zeta_z = torch.zeros(B, S, 2, sw, W, device=dev)
+    lap = torch.empty(B, S, H, W, device=dev)
+    s2 = torch.empty_like(lap)
+    lap_x, lap_z = _pair_view(lap, -1, sw), _pair_view(lap, -2, sw)
+    # source term (v dt)^2 w[n]: with dx^2 folded into v2, the wavelet carries dx^2
+    wavelet = torch.as_tensor(ricker(nt, dt, f) * dx * dx, dtype=torch.float32, device=dev)
+    shot = torch.arange(S, device=dev)
+    sz, sx = src_row + pml + 2, torch.as_tensor(src_cols, device=dev) + pml + 2
+    src_scale = v2[:, 0, src_row + pml, sx - 2]  # (B, S)
+    out = torch.empty(B, S, nt, nx, device=dev)
+    rz = rec_row + pml + 2
+    for n in range(nt):
+        c = u[..., 2:-2, 2:-2]
+        # interior Laplacian over the whole grid
+        torch.add(u[..., 2:-2, 1:-3], u[..., 2:-2, 3:-1], out=lap)
+        lap += u[..., 1:-3, 2:-2]
+        lap += u[..., 3:-1, 2:-2]
+        torch.add(u[..., 2:-2, :-4], u[..., 2:-2, 4:], out=s2)
+        s2 += u[..., :-4, 2:-2]
+        s2 += u[..., 4:, 2:-2]
+        lap.mul_(C1).add_(s2, alpha=C2).add_(c, alpha=2.0 * C0)
+        # C-PML corrections, only on the boundary strips: lap += d(psi)/dx + zeta per axis
+        for axis, P, Z, LAP, a, b in ((-1, psi_x, zeta_x, lap_x, ax, bx), (-2, psi_z, zeta_z, lap_z, az, bz)):
+            U = _pair_view(u[..., 2:-2, :] if axis == -1 else u[..., 2:-2], axis, sw + 4)
+            P.narrow(axis, 2, sw).mul_(b).addcmul_(a, _d1(U, axis))
+            dpsi = _d1(P, axis)
+            Z.mul_(b).addcmul_(a, _d2(U, axis).add_(dpsi))
+            LAP += dpsi
+            LAP += Z
+        nxt = u_old[..., 2:-2, 2:-2]
+        nxt.neg_().add_(c, alpha=2.0).addcmul_(v2, lap)
+        u_old[:, shot, sz, sx] += src_scale * wavelet[n]
+        u, u_old = u_old, u
+        out[:, :, n] = u[..., rz, 2 + pml:2 + pml + nx]
+    return out
+
+
+# ---- velocity families ----
+
+def _layers(rng, n=N_GRID):
+    """Interface depths (k,) and layer velocities (k+1,) for one flat layered model."""
+    n_layers = int(rng.integers(2, 6))
+    while True:
+        depths = np.sort(rng.choice(np.arange(4, n - 3), size=n_layers - 1, replace=False))
+        if n_layers == 2 or np.diff(depths).min() >= 4:
+            break
+    vel = np.sort(rng.uniform(LABEL_MIN, LABEL_MAX, n_layers))
+    if n_layers > 2 and rng.random() < 0.25:
+        i = int(rng.integers(0, n_layers - 1))
+        vel[i], vel[i + 1] = vel[i + 1], vel[i]
+    return depths.astype(np.float64), vel
+
+
+def _curve(rng, n=N_GRID):
+    x = np.arange(n)
+    c = np.zeros(n)
+    for amp_lo, amp_hi in ((2.0, 8.0), (0.0, 3.0)):
+        amp, lam, phase = rng.uniform(amp_lo, amp_hi), rng.uniform(60, 200), rng.uniform(0, 2 * np.pi)
+        c += amp * np.sin(2 * np.pi * x / lam + phase)
+    return c
+
+
+def _paint(depths, vel, interfaces_x, zeff):
+    """Velocity at effective depths zeff (n, n) given interface depth curves (k, n)."""
+    k = (zeff[None] >= interfaces_x[:, None, :]).sum(0)
+    return vel[k]
+
+
+def _faults(rng, n=N_GRID):
+    out = []
+    for _ in range(int(rng.integers(1, 3))):
+        x0 = rng.uniform(15, 55)
+        dip = np.deg2rad(rng.uniform(45, 80))
+        side = rng.choice([-1.0, 1.0])
+        throw = rng.uniform(4, 15) * rng.choice([-1.0, 1.0])
+        out.append((x0, dip, side, throw))
+    return out
+
+
+def _model(rng, curved, faulted, n=N_GRID):
+    depths, vel = _layers(rng, n)
+    if curved:
+        base = _curve(rng, n)
+        scale = rng.uniform(0.7, 1.3, size=(len(depths), 1))
+        interfaces = depths[:, None] + scale * base[None]
+    else:
+        interfaces = np.repeat(depths[:, None], n, axis=1)
+    z, x = np.mgrid[0:n, 0:n].astype(np.float64)
+    zeff = z.copy()
+    if faulted:
+        for x0, dip, side, throw in _faults(rng, n):
+            hanging = (x - x0 - side * z / np.tan(dip)) * side > 0
+            zeff = np.where(hanging, zeff - throw, zeff)
+    return _paint(depths, vel, interfaces, zeff).astype(np.float32)
+
+
+def flatvel(rng, batch, n=N_GRID):
+    """(batch, n, n) float32 flat layered velocity maps in m/s."""
+    return np.stack([_model(rng, False, False, n) for _ in range(batch)])
+
+
+def curvevel(rng, batch, n=N_GRID):
+    """(batch, n, n) float32 curved layered velocity maps in m/s."""
+    return np.stack([_model(rng, True, False, n) for _ in range(batch)])
+
+
+def flatfault(rng, batch, n=N_GRID):
+    """(batch, n, n) float32 flat layers cut by 1-2 dipping faults."""
+    return np.stack([_model(rng, False, True, n) for _ in range(batch)])
+
+
+def curvefault(rng, batch, n=N_GRID):
+    """(batch, n, n) float32 curved layers cut by 1-2 dipping faults."""
+    return np.stack([_model(rng, True, True, n) for _ in range(batch)])
+
+
+FAMILIES = {"flatvel": flatvel, "curvevel": curvevel, "flatfault": flatfault, "curvefault": curvefault}
+
+
+# ---- files ----
+
+def save_npy_atomic(path, array):
+    """np.save to a temporary name in the same directory, fsync, then rename over `path`."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_text_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def npy_complete(path, shape):
+    """True if `path` is a float32 .npy of exactly `shape` whose size matches its header."""
+    try:
+        arr = np.load(path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return arr.shape == tuple(shape) and arr.dtype == np.float32
+
+
+def pair_paths(out, i):
+    return os.path.join(out, "data", f"data{i}.npy"), os.path.join(out, "model", f"model{i}.npy")
+
+
+def check_args(args):
+    for name in ("files", "samples_per_file"):
+        if getattr(args, name) <= 0:
+            raise SimulationError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise SimulationError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.pml_width < 0:
+        raise SimulationError(f"--pml-width must be >= 0, got {args.pml_width}")
+    if args.val_files is None:
+        args.val_files = max(1, args.files // 5) if args.files > 1 else 0
+    if not 0 <= args.val_files < args.files:
+        raise SimulationError(f"--val-files must be in [0, --files), got {args.val_files} with --files {args.files}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SimulationError(f"--out {args.out} exists and is not a directory")
+    try:
+        for sub in ("data", "model"):
+            os.makedirs(os.path.join(args.out, sub), exist_ok=True)
+    except OSError as e:
+        raise SimulationError(f"cannot create --out {args.out}: {e.strerror}") from None
+    if not os.access(os.path.join(args.out, "data"), os.W_OK) or not os.access(os.path.join(args.out, "model"), os.W_OK):
+        raise SimulationError(f"--out {args.out} is not writable")
+
+
+def generate_file(args, i, device, progress=lambda k: None):
+    """(data, model) arrays of file i, drawn from the random stream [seed, i]."""
+    rng = np.random.default_rng([args.seed, i])
+    vel = FAMILIES[args.family](rng, args.samples_per_file)
+    data = np.empty((len(vel), len(SRC_COLS), NT, N_GRID), dtype=np.float32)
+    for s in range(0, len(vel), args.batch_size):
+        v = torch.from_numpy(vel[s:s + args.batch_size]).to(device)
+        data[s:s + len(v)] = simulate(v, pml_width=args.pml_width).cpu().numpy()
+        progress(len(v))
+    return data, vel[:, None]
+
+
+def main(args):
+    check_args(args)
+    device = resolve_device(args.device)
+    if args.batch_size is None:
+        args.batch_size = 256 if device.type == "cuda" else 4
+    from tqdm import tqdm
+    n, N = args.files, args.samples_per_file
+    for sub in ("data", "model"):  # leftovers of a run killed mid-write
+        d = os.path.join(args.out, sub)
+        for name in os.listdir(d):
+            if ".npy.tmp-" in name:
+                os.remove(os.path.join(d, name))
+    todo = [i for i in range(1, n + 1)
+            if not (npy_complete(pair_paths(args.out, i)[0], (N, len(SRC_COLS), NT, N_GRID))
+                    and npy_complete(pair_paths(args.out, i)[1], (N, 1, N_GRID, N_GRID)))]
+    print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
+          f"{n - len(todo)} complete, {len(todo)} to make")
+    t0 = time.time()
+    bar = tqdm(total=len(todo) * N, unit="sample", disable=not args.progress, dynamic_ncols=True)
+    for i in todo:
+        data, model = generate_file(args, i, device, bar.update)
+        data_path, model_path = pair_paths(args.out, i)
+        save_npy_atomic(model_path, model)
+        save_npy_atomic(data_path, data)
+    bar.close()
+    if todo:
+        rate = len(todo) * N / max(time.time() - t0, 1e-9)
+        print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
+    write_metadata(args)
+    return 0
+
+
+def write_metadata(args):
+    """Split lists and dataset.json (min/max of the data actually written, over every file)."""
+    out = os.path.abspath(args.out)
+    pairs = [tuple(os.path.abspath(p) for p in pair_paths(out, i)) for i in range(1, args.files + 1)]
+    n_val = args.val_files
+    train, val = pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
+    write_text_atomic(os.path.join(out, "train.txt"), "".join(f"{d}\t{m}\n" for d, m in train))
+    write_text_atomic(os.path.join(out, "val.txt"), "".join(f"{d}\t{m}\n" for d, m in val))
+    lo, hi = math.inf, -math.inf
+    for d, _ in pairs:
+        arr = np.load(d, mmap_mode="r")
+        lo, hi = min(lo, float(arr.min())), max(hi, float(arr.max()))
+    meta = {
+        "family": args.family, "data_min": lo, "data_max": hi,
+        "label_min": LABEL_MIN, "label_max": LABEL_MAX,
+        "dx": DX, "dt": DT, "nt": NT, "f": FREQ, "n_grid": N_GRID, "ns": len(SRC_COLS), "ng": N_GRID,
+        "src_cols": list(SRC_COLS), "src_row": SRC_ROW, "rec_row": REC_ROW, "pml_width": args.pml_width,
+        "files": args.files, "samples_per_file": args.samples_per_file, "val_files": n_val, "seed": args.seed,
+    }
+    write_text_atomic(os.path.join(out, "dataset.json"), json.dumps(meta, indent=2) + "\n")
+
+
+def cli(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    try:
+        return main(args)
+    except SimulationError as e:
+        print(f"simulate_openfwi.py: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"simulate_openfwi.py: error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("simulate_openfwi.py: interrupted; complete files are kept, re-run to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,208 @@
+"""Physics and file behaviour of simulate_openfwi.py, checked against independent expectations."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import simulate_openfwi as so
+from conftest import ROOT
+
+SCRIPT = os.path.join(ROOT, "simulate_openfwi.py")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, SCRIPT, "--no-progress", *args], capture_output=True, text=True)
+
+
+def peak_time(trace):
+    """Sub-sample time of the largest sample, by a parabola through it and its neighbours."""
+    k = int(np.argmax(trace))
+    a, b, c = trace[k - 1], trace[k], trace[k + 1]
+    return k + 0.5 * (a - c) / (a - 2 * b + c)
+
+
+def test_ricker_matches_openfwi_convention():
+    w = so.ricker()
+    assert w.shape == (1000,)
+    assert np.argmax(w) == 73 and w[73] == pytest.approx(1.0)
+    assert np.flatnonzero(w).max() == 146 and np.all(w[147:] == 0)  # 2.2 / f long
+
+
+def test_shapes_dtype_and_openfwi_amplitude_range():
+    v = torch.from_numpy(so.flatvel(np.random.default_rng(3), 2))
+    d = so.simulate(v)
+    assert d.shape == (2, 5, 1000, 70) and d.dtype == torch.float32
+    # direct wave positive and dominant, as in the released FlatVel-A data ([-26.95, 52.77])
+    assert 40 < d.max().item() < 60 and -35 < d.min().item() < -15
+    # at the source the 2-D line-source response peaks just after the wavelet's 73 ms
+    assert 73 <= peak_time(d[0, 2, :, 34].numpy()) <= 80
+
+
+def test_direct_wave_moveout_gives_top_layer_velocity():
+    v = torch.full((1, 70, 70), 2400.0)
+    v[:, 50:] = 3800.0  # deep interface, its reflection arrives after the picked window
+    d = so.simulate(v, nt=450, src_cols=(0,))[0, 0].numpy()
+    offsets = np.arange(20, 50)
+    times = np.array([peak_time(d[:, x]) for x in offsets]) * so.DT
+    slope = np.polyfit(offsets * so.DX, times, 1)[0]
+    assert abs(1.0 / slope - 2400.0) / 2400.0 < 0.01
+
+
+def test_reflection_arrives_at_two_way_time():
+    # interface between rows 29 and 30 (depth 295 m); source and receiver at 10 m depth
+    two_way_path = 2 * (295.0 - 10.0)  # 570 m = the direct path to the receiver 57 cells away
+    homog = torch.full((1, 70, 70), 2000.0)
+    layered = homog.clone()
+    layered[:, 30:] = 4000.0
+    both = so.simulate(torch.cat([homog, layered]), nt=450, src_cols=(0,))[:, 0].numpy()
+    reflection = both[1][:, 0] - both[0][:, 0]  # zero offset, direct wave removed
+    t_reflection = peak_time(reflection)
+    # the same 2-D pulse after the same path length, measured on the direct wave
+    t_direct_same_path = peak_time(both[0][:, int(two_way_path / so.DX)])
+    expected = two_way_path / 2000.0 / so.DT + 73
+    assert abs(t_reflection - t_direct_same_path) < 2
+    assert abs(t_reflection - expected) < 6  # 2-D line-source pulses peak a few ms late
+
+
+def test_boundary_reflections_below_one_percent():
+    v = torch.full((1, 70, 70), 2000.0)
+    v[:, 40:] = 3500.0
+    pad = 150  # far enough that nothing comes back from its edges within 1 s
+    big = F.pad(v[:, None], (pad,) * 4, mode="replicate")[:, 0]
+    ref = so.simulate(big, src_cols=(pad + 17,), src_row=pad + 1, rec_row=pad + 1)[..., pad:pad + 70]
+    ours = so.simulate(v, src_cols=(17,))
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert err < 0.01
+    thin = so.simulate(v, src_cols=(17,), pml_width=1)  # no real absorber: must fail the same bar
+    assert ((thin - ref).norm() / ref.norm()).item() > 0.01
+
+
+def test_stable_at_max_velocity():
+    d = so.simulate(torch.full((1, 70, 70), 4500.0))
+    assert torch.isfinite(d).all()
+    late, early = d[..., 800:, :].abs().max(), d[..., :200, :].abs().max()
+    assert late < 0.05 * early  # energy leaves through the PML, nothing grows
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.full((1, 70, 70), 7000.0), "unstable"),
+    (torch.full((1, 70, 70), -10.0), "positive"),
+    (torch.full((1, 70, 70), float("nan")), "NaN"),
+    (torch.zeros(70, 70), "shape"),
+])
+def test_simulate_rejects_bad_velocity(bad, match):
+    with pytest.raises(so.SimulationError, match=match):
+        so.simulate(bad)
+
+
+def test_batch_independent_results():
+    v = torch.from_numpy(so.curvefault(np.random.default_rng(1), 3))
+    together = so.simulate(v)
+    alone = so.simulate(v[1:2])
+    torch.testing.assert_close(together[1:2], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", sorted(so.FAMILIES))
+def test_family_maps(family):
+    maps = so.FAMILIES[family](np.random.default_rng(7), 16)
+    assert maps.shape == (16, 70, 70) and maps.dtype == np.float32
+    assert maps.min() >= 1500 and maps.max() <= 4500
+    again = so.FAMILIES[family](np.random.default_rng(7), 16)
+    assert np.array_equal(maps, again)
+    laterally_constant = [np.all(m == m[:, :1]) for m in maps]
+    if family == "flatvel":
+        assert all(laterally_constant)
+        n_layers = [len(np.unique(m[:, 0])) for m in maps]
+        assert min(n_layers) >= 2 and max(n_layers) <= 5
+        increasing = np.mean([np.all(np.diff(m[:, 0]) >= 0) for m in maps])
+        assert increasing >= 0.5  # mostly increasing with depth
+    else:
+        assert sum(laterally_constant) <= 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepwave") is None, reason="deepwave is not installed")
+def test_agrees_with_deepwave():
+    import deepwave
+    v = torch.from_numpy(so.flatfault(np.random.default_rng(5), 1))
+    ours = so.simulate(v)[0]
+    amp = torch.from_numpy(so.ricker(so.NT + 1)).float()[None, None].repeat(5, 1, 1)
+    src = torch.zeros(5, 1, 2, dtype=torch.long)
+    src[..., 0] = 1
+    src[:, 0, 1] = torch.tensor(so.SRC_COLS)
+    rec = torch.zeros(5, 70, 2, dtype=torch.long)
+    rec[..., 0] = 1
+    rec[..., 1] = torch.arange(70)
+    out = deepwave.scalar(v[0], so.DX, so.DT, source_amplitudes=amp, source_locations=src,
+                          receiver_locations=rec, pml_width=20, pml_freq=15, max_vel=4500,
+                          courant_number=0.65)[-1]
+    theirs = -out[..., 1:].transpose(1, 2)  # OpenFWI sign, one sample earlier
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 0.01
+
+
+def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = run_cli("--out", str(out), "--files", "2", "--samples-per-file", "2", "--seed", "11")
+        assert r.returncode == 0, r.stderr
+    for i in (1, 2):
+        d, m = np.load(a / "data" / f"data{i}.npy"), np.load(a / "model" / f"model{i}.npy")
+        assert d.shape == (2, 5, 1000, 70) and m.shape == (2, 1, 70, 70)
+        assert d.dtype == np.float32 and m.dtype == np.float32
+        assert (a / "data" / f"data{i}.npy").read_bytes() == (b / "data" / f"data{i}.npy").read_bytes()
+    train = (a / "train.txt").read_text().splitlines()
+    val = (a / "val.txt").read_text().splitlines()
+    assert train == [f"{a / 'data' / 'data1.npy'}\t{a / 'model' / 'model1.npy'}"]
+    assert val == [f"{a / 'data' / 'data2.npy'}\t{a / 'model' / 'model2.npy'}"]
+    meta = json.loads((a / "dataset.json").read_text())
+    every = np.concatenate([np.load(a / "data" / f"data{i}.npy").ravel() for i in (1, 2)])
+    assert meta["data_min"] == pytest.approx(float(every.min())) and meta["data_max"] == pytest.approx(float(every.max()))
+    assert meta["label_min"] == 1500 and meta["label_max"] == 4500 and meta["nt"] == 1000
+    assert not list(a.rglob("*.tmp-*"))
+
+
+def test_cli_resumes_interrupted_generation(tmp_path):
+    out = tmp_path / "run"
+    assert run_cli("--out", str(out), "--files", "2", "--samples-per-file", "2").returncode == 0
+    first = (out / "data" / "data2.npy").read_bytes()
+    kept = (out / "data" / "data1.npy").stat().st_mtime_ns
+    # an interrupted run: file 2 half-written under its final name, a temp file left behind
+    (out / "data" / "data2.npy").write_bytes(first[: len(first) // 2])
+    (out / "data" / "data2.npy.tmp-999").write_bytes(b"junk")
+    r = run_cli("--out", str(out), "--files", "2", "--samples-per-file", "2")
+    assert r.returncode == 0 and "1 complete, 1 to make" in r.stdout
+    assert (out / "data" / "data2.npy").read_bytes() == first
+    assert (out / "data" / "data1.npy").stat().st_mtime_ns == kept
+    assert not list(out.rglob("*.tmp-*"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--family", "bogusvel"], "invalid choice"),
+    (["--files", "0"], "--files must be positive"),
+    (["--samples-per-file", "-3"], "--samples-per-file must be positive"),
+    (["--files", "2", "--val-files", "2"], "--val-files"),
+])
+def test_cli_bad_arguments(tmp_path, args, needle):
+    r = run_cli("--out", str(tmp_path / "o"), *args)
+    assert r.returncode == 2
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_out_is_a_file(tmp_path):
+    f = tmp_path / "afile"
+    f.write_text("keep me")
+    r = run_cli("--out", str(f), "--files", "1", "--samples-per-file", "1")
+    assert r.returncode == 2 and str(f) in r.stderr and "not a directory" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and f.read_text() == "keep me"
+
+
+def test_cli_out_cannot_be_created(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")  # a directory cannot be made under a file, even by root
+    r = run_cli("--out", str(blocker / "sub"), "--files", "1", "--samples-per-file", "1")
+    assert r.returncode == 2 and "cannot create" in r.stderr and str(blocker / "sub") in r.stderr
