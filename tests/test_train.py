@@ -1,0 +1,290 @@
+"""train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import train_inversionnet as T
+from helpers import TRAIN, run_script, write_ids_dataset
+
+
+def small_args(**kw):
+    args = T.get_args_parser().parse_args([])
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return T.check_args(args)
+
+
+# ---- model ----
+
+def test_parameter_count_output_shape_and_openfwi_keys():
+    m = T.InversionNet()
+    assert sum(p.numel() for p in m.parameters()) == 24_409_123
+    sd = m.state_dict()
+    assert len(sd) == 175
+    # names and shapes as in OpenFWI's network.py
+    assert sd["convblock1.layers.0.weight"].shape == (32, 5, 7, 1)
+    assert sd["convblock1.layers.1.running_mean"].shape == (32,)
+    assert sd["convblock8.layers.0.weight"].shape == (512, 256, 8, 9)
+    assert sd["deconv1_1.layers.0.weight"].shape == (512, 512, 5, 5)
+    assert sd["deconv6.layers.0.weight"].shape == (1, 32, 3, 3)
+    assert sd["deconv6.layers.1.num_batches_tracked"].shape == ()
+    m.eval()
+    out = m(torch.randn(2, 5, 1000, 70))
+    assert out.shape == (2, 1, 70, 70) and out.abs().max() <= 1
+
+
+def test_openfwi_style_checkpoint_loads_strictly(tmp_path):
+    src = T.InversionNet()
+    # an OpenFWI checkpoint: dict with 'model' plus its own extras; keys possibly from a DDP module
+    path = tmp_path / "fva_l1.pth"
+    torch.save({"model": {"module." + k: v for k, v in src.state_dict().items()}, "epoch": 119, "step": 1}, path)
+    dst = T.InversionNet()
+    T.load_weights(dst, str(path))
+    for k, v in src.state_dict().items():
+        assert torch.equal(v, dst.state_dict()[k])
+    bad = dict(src.state_dict())
+    bad.pop("deconv6.layers.0.weight")
+    torch.save({"model": bad}, tmp_path / "bad.pth")
+    with pytest.raises(T.InputError, match="incompatible"):
+        T.load_weights(T.InversionNet(), str(tmp_path / "bad.pth"))
+
+
+# ---- normalisation ----
+
+def test_normalizer_matches_openfwi_formula_and_never_writes_in_place():
+    n = T.Normalizer(-26.95, 52.77)
+    x = torch.tensor([-26.95, 0.0, 52.77, 3.0])
+    keep = x.clone()
+    lo, hi = -np.log1p(26.95), np.log1p(52.77)
+    expected = (np.sign(x.numpy()) * np.log1p(np.abs(x.numpy())) - lo) / (hi - lo) * 2 - 1
+    np.testing.assert_allclose(n.data(x).numpy(), expected, rtol=1e-6, atol=1e-6)
+    assert n.data(x)[0] == pytest.approx(-1) and n.data(x)[2] == pytest.approx(1)
+    assert torch.equal(x, keep)
+    v = torch.tensor([1500.0, 3000.0, 4500.0])
+    assert n.label(v).tolist() == pytest.approx([-1.0, 0.0, 1.0])
+    assert n.label_to_velocity(n.label(v)).tolist() == pytest.approx(v.tolist())
+
+
+def test_stats_resolution(tmp_path):
+    a = small_args(data_root=str(tmp_path), dataset="curvevel-b")
+    norm, src = T.resolve_stats(a)
+    assert (norm.data_min, norm.data_max) == (-29.04, 57.03) and "curvevel-b" in src
+    (tmp_path / "dataset.json").write_text(json.dumps({"data_min": -3.0, "data_max": 7.0, "label_min": 1500, "label_max": 4500}))
+    norm, src = T.resolve_stats(small_args(data_root=str(tmp_path)))
+    assert (norm.data_min, norm.data_max) == (-3.0, 7.0) and src.endswith("dataset.json")
+
+
+# ---- loaders ----
+
+def ids_of(batches):
+    return [int(v) for x, _ in batches for v in x[:, 0, 0, 0].round().tolist()]
+
+
+@pytest.mark.parametrize("counts, workers, world", [((5, 3, 7), 0, 1), ((5, 3, 7), 3, 1), ((4, 7, 3), 1, 3), ((6, 5, 3, 5, 7), 3, 3)])
+def test_iterable_loader_sees_every_sample_once_with_exact_batch_count(tmp_path, counts, workers, world):
+    pairs = write_ids_dataset(tmp_path, counts)
+    total, batch = sum(counts), 2
+    seen_by_epoch = []
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(world):
+            ds = T.IterableFileDataset(pairs, list(counts), batch, rank, world, workers, seed=3)
+            ds.set_epoch(epoch)
+            dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers)
+            batches = list(dl)
+            assert len(batches) == len(dl) == len(ds)  # the progress bar and LR schedule rely on this
+            assert all(len(x) >= 2 for x, _ in batches)
+            seen += ids_of(batches)
+        assert len(seen) == len(set(seen)) == total - total % world
+        assert total % world < batch * world  # dropped less than one global batch
+        seen_by_epoch.append(seen)
+    assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled per epoch
+
+
+def test_iterable_loader_eval_mode_keeps_every_sample(tmp_path):
+    pairs = write_ids_dataset(tmp_path, (3, 4))
+    seen = []
+    for rank in range(2):
+        ds = T.IterableFileDataset(pairs, [3, 4], 3, rank, 2, 0, shuffle=False, drop_remainder=False)
+        seen += ids_of(list(ds))
+    assert sorted(seen) == list(range(7))
+
+
+def test_persistent_workers_follow_set_epoch_and_labels_stay_intact(tmp_path):
+    pairs = write_ids_dataset(tmp_path, (4, 4))
+    before = [np.load(m).copy() for _, m in pairs]
+    args = small_args(data_root=str(tmp_path), loader="iterable", num_workers=1, persistent_workers=True,
+                      batch_size=2, normalize="workers")
+    norm = T.Normalizer(-30, 60)
+    loader, normalized, _ = T.build_loader(args, pairs, [4, 4], norm, torch.device("cpu"), 0, 1, train=True)
+    assert normalized
+    orders, labels = [], []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        batches = list(loader)
+        orders.append([float(v) for x, _ in batches for v in x[:, 0, 0, 0]])  # normalised ids
+        labels.append(sorted(float(s) for _, y in batches for s in y.flatten(1).sum(1)))
+    assert orders[0] != orders[1] and orders[1] != orders[2]
+    assert sorted(orders[0]) == sorted(orders[1])
+    assert labels[0] == pytest.approx(labels[1]) and labels[1] == pytest.approx(labels[2])  # nothing normalised twice
+    for (_, m), b in zip(pairs, before):
+        assert np.array_equal(np.load(m), b)
+
+
+@pytest.mark.parametrize("kind", ["map", "gpu"])
+def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
+    pairs = write_ids_dataset(tmp_path, (5, 4))
+    norm = T.Normalizer(-30, 60)
+    args = small_args(data_root=str(tmp_path), loader=kind, num_workers=0, batch_size=2, val_batch_size=3)
+    world_seen = []
+    for rank in range(2):
+        loader, normalized, dropped = T.build_loader(args, pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=True)
+        batches = list(T.device_batches(loader, torch.device("cpu"), norm, normalized))
+        assert len(batches) == len(loader) == 2 and dropped == 1
+        x, y = batches[0]
+        assert x.shape == (2, 5, 1000, 70) and y.min() >= -1 and y.max() <= 1  # normalised on the device
+        world_seen += [int(round(float(v))) for x, _ in batches for v in
+                       np.sign(x[:, 0, 0, 0]) * np.expm1(np.abs((x[:, 0, 0, 0] + 1) / 2 * (np.log1p(60) + np.log1p(30)) - np.log1p(30)))]
+        val, vn, _ = T.build_loader(args, pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=False)
+        assert sum(len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm, vn)) == len(range(rank, 9, 2))
+    assert len(set(world_seen)) == 8
+
+
+def test_split_pairs_by_file_is_seeded():
+    pairs = [(f"d{i}", f"m{i}") for i in range(10)]
+    tr, va = T.split_pairs(pairs, 0.8, seed=1)
+    assert len(tr) == 8 and len(va) == 2 and set(tr).isdisjoint(va)
+    assert T.split_pairs(pairs, 0.8, seed=1) == (tr, va)
+    assert T.split_pairs(pairs, 0.8, seed=2) != (tr, va)
+
+
+# ---- metrics ----
+
+def test_metric_sums_reduce_as_sum_and_count():
+    p = torch.zeros(3, 1, 70, 70)
+    t = torch.zeros(3, 1, 70, 70)
+    t[0] += 0.5
+    s = T.metric_sums(p, t)
+    m = T.summarize(s)
+    assert m["mae"] == pytest.approx(0.5 / 3) and m["mse"] == pytest.approx(0.25 / 3)
+    assert m["rmse"] == pytest.approx((0.25 / 3) ** 0.5) and m["count"] == 3
+    halves = T.summarize(T.metric_sums(p[:1], t[:1]) + T.metric_sums(p[1:], t[1:]))
+    assert halves["mae"] == pytest.approx(m["mae"]) and halves["ssim"] == pytest.approx(m["ssim"])
+
+
+# ---- schedules ----
+
+def test_schedulers_follow_their_definitions():
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    args = small_args(lr_scheduler="warmup-multistep", lr_warmup_epochs=1, lr_milestones=[2, 3], lr_gamma=0.1, epochs=4)
+    s = T.build_scheduler(opt, args, iters_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(0.5, abs=1e-5)
+    assert lrs[15] == 1.0 and lrs[25] == pytest.approx(0.1) and lrs[35] == pytest.approx(0.01)
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    s = T.build_scheduler(opt, small_args(lr_scheduler="cosine", epochs=2), iters_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs[0] == 1.0 and lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
+
+
+# ---- training behaviour ----
+
+def test_overfits_one_batch(tmp_path):
+    from simulate_openfwi import flatvel, simulate
+    v = torch.from_numpy(flatvel(np.random.default_rng(0), 2))
+    norm = T.Normalizer(-26.95, 52.77)
+    x, y = norm.data(simulate(v)), norm.label(v[:, None])
+    torch.manual_seed(0)
+    model = T.InversionNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
+    args = small_args()
+    losses = []
+    for _ in range(60):
+        loss = T.loss_fn(model(x), y, args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-5:]) < losses[0] / 10
+
+
+def make_sim_dataset(root, files=3, per_file=4):
+    r = run_script(os.path.join(os.path.dirname(TRAIN), "simulate_openfwi.py"), "--out", root, "--files", files,
+                   "--samples-per-file", per_file, "--val-files", 1, "--no-progress")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
+@pytest.fixture(scope="module")
+def sim_data(tmp_path_factory):
+    return make_sim_dataset(str(tmp_path_factory.mktemp("sim") / "flat"))
+
+
+COMMON = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--deterministic", "--lr", "1e-3"]
+
+
+@pytest.mark.slow
+def test_resume_gives_identical_weights(tmp_path, sim_data):
+    lists = ["--train-list", f"{sim_data}/train.txt", "--val-list", f"{sim_data}/val.txt"]
+    a, b = tmp_path / "straight", tmp_path / "resumed"
+    r = run_script(TRAIN, *lists, *COMMON, "--epochs", 2, "--output-dir", a)
+    assert r.returncode == 0, r.stderr
+    r = run_script(TRAIN, *lists, *COMMON, "--epochs", 1, "--output-dir", b)
+    assert r.returncode == 0, r.stderr
+    r = run_script(TRAIN, *lists, *COMMON, "--epochs", 2, "--output-dir", b, "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "start of epoch 1" in r.stdout
+    sa = torch.load(a / "last.pt", weights_only=False)
+    sb = torch.load(b / "last.pt", weights_only=False)
+    assert sa["epoch"] == sb["epoch"] == 2 and sa["step"] == sb["step"] == 8
+    for k in sa["model"]:
+        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    for k in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_loss", "args", "rng"):
+        assert k in sa
+    assert (a / "best.pt").exists() and (a / "args.json").exists() and (a / "train.log").exists()
+    assert list((a / "tb").glob("events.out.tfevents.*"))
+    assert not list(a.glob("*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_existing_run_is_not_overwritten(tmp_path, sim_data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(b"precious")
+    r = run_script(TRAIN, "--data-root", sim_data, *COMMON, "--epochs", 1, "--output-dir", out)
+    assert r.returncode == 2 and "already holds a run" in r.stderr and "--resume auto" in r.stderr
+    assert (out / "last.pt").read_bytes() == b"precious"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [["--amp", "bf16"], ["--compile", "--channels-last", "--max-steps", "2"]])
+def test_amp_and_compile_on_cpu(tmp_path, sim_data, extra):
+    out = tmp_path / "run"
+    r = run_script(TRAIN, "--data-root", sim_data, "--batch-size", "2", "--num-workers", "0", "--no-progress",
+                   "--epochs", 1, "--output-dir", out, *extra)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    m = T.InversionNet()
+    m.load_state_dict(ck["model"])  # strict: loads into a plain model
+
+
+@pytest.mark.slow
+def test_profile_writes_a_trace(tmp_path, sim_data):
+    out = tmp_path / "run"
+    r = run_script(TRAIN, "--data-root", sim_data, *COMMON, "--epochs", 1, "--max-steps", 5, "--profile", "--output-dir", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list((out / "tb").glob("*.pt.trace.json*"))

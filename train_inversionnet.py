@@ -1,0 +1,1272 @@
+"""Train InversionNet (OpenFWI) on OpenFWI-format seismic data.
+
+One process (CPU, one GPU, or all visible GPUs with DataParallel):
+    python train_inversionnet.py --data-root data/flatvel --epochs 20
+    python train_inversionnet.py --train-list split/flatvel_a_train.txt --val-list split/flatvel_a_val.txt --dataset flatvel-a
+DDP on one node (NCCL on CUDA, Gloo on CPU; the bare launch trains on the data `bash run.sh` makes):
+    torchrun --nproc_per_node=2 train_inversionnet.py
+    torchrun --nproc_per_node=8 train_inversionnet.py --data-root /data/flatvel-a --dataset flatvel-a --fast
+Several nodes (run on every node; the rendezvous host is any one of them):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 \\
+        --rdzv-id=fwi1 --max-restarts=3 train_inversionnet.py --data-root /shared/flatvel-a --resume auto
+Sanity check (overfit one batch): python train_inversionnet.py --overfit-batch --max-steps 200
+
+Data stay as stored (float32 mmaps or file reads); OpenFWI's log + min-max normalisation runs on the
+training device (or in the loader workers with --normalize workers), never in place on loaded arrays.
+Exit codes: 0 done, 2 bad input (one line on stderr), 130/143 interrupted by SIGINT/SIGTERM after
+writing last.pt, 3 a non-finite loss.
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import re
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- arguments ----
+
+# OpenFWI dataset_config.json: (data_min, data_max) per family; velocity is always 1500-4500 m/s
+DATASETS = {
+    "flatvel-a": (-26.95, 52.77), "flatvel-b": (-27.17, 56.05),
+    "curvevel-a": (-27.11, 55.10), "curvevel-b": (-29.04, 57.03),
+    "flatfault-a": (-26.10, 50.86), "flatfault-b": (-24.86, 50.28),
+    "curvefault-a": (-26.48, 52.32), "curvefault-b": (-24.93, 50.98),
+    "style-a": (-24.96, 48.93), "style-b": (-23.76, 46.01),
+}
+LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
+DATA_SHAPE, LABEL_SHAPE = (5, 1000, 70), (1, 70, 70)
+
+
+class InputError(Exception):
+    """Bad flag, file or value: printed as one line, exit code 2."""
+
+
+class DataError(InputError):
+    """A data file that cannot be used (names the file and, where known, the sample)."""
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser(description="Train InversionNet on OpenFWI-format data.", add_help=add_help,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data-root", default="data/flatvel",
+                   help="OpenFWI layout: data/data*.npy + model/model*.npy (or seis*/vel*), split by file")
+    g.add_argument("--train-list", default=None, help="OpenFWI split file (data<TAB>label per line); overrides --data-root")
+    g.add_argument("--val-list", default=None, help="OpenFWI split file for validation (with --train-list)")
+    g.add_argument("--train-size", type=float, default=0.8, help="fraction of files for training with --data-root")
+    g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
+                   help="normalisation constants from OpenFWI's table; default: DATA_ROOT/dataset.json if present, else flatvel-a")
+    g.add_argument("--stats", default=None, help="JSON with data_min/data_max/label_min/label_max (simulate_openfwi.py writes one)")
+    g.add_argument("--loader", default="map", choices=["map", "iterable", "gpu"],
+                   help="map: random access over mmaps; iterable: whole files sharded over ranks and workers; gpu: split held on the device")
+    g.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the --loader gpu cache")
+    g.add_argument("--normalize", default="device", choices=["device", "workers"],
+                   help="where the log/min-max normalisation runs (OpenFWI: in workers)")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank")
+    g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None, help="pinned host batches (default: on with CUDA)")
+    g.add_argument("--prefetch-factor", type=int, default=2, help="batches prefetched per worker")
+    g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=False, help="keep workers between epochs")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="epochs to train")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    g.add_argument("--batch-size", type=int, default=32, help="samples per step per process")
+    g.add_argument("--val-batch-size", type=int, default=None, help="validation batch (default: --batch-size)")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="optimizer")
+    g.add_argument("--lr", type=float, default=1e-4, help="learning rate (OpenFWI: 1e-4)")
+    g.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=True, help="multiply --lr by the world size (OpenFWI)")
+    g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="Adam betas")
+    g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None, help="fused Adam(W) kernel (default: on with CUDA)")
+    g.add_argument("--lambda-l1", type=float, default=1.0, help="weight of the L1 loss (paper benchmark: pure L1)")
+    g.add_argument("--lambda-l2", type=float, default=0.0, help="weight of the MSE loss")
+    g.add_argument("--lr-scheduler", default="warmup-multistep", choices=["warmup-multistep", "step", "cosine", "none"],
+                   help="learning-rate schedule, stepped every iteration")
+    g.add_argument("--lr-warmup-epochs", type=float, default=0, help="linear warm-up (warmup-multistep, cosine)")
+    g.add_argument("--lr-milestones", type=float, nargs="*", default=[], help="epochs where warmup-multistep multiplies lr by --lr-gamma")
+    g.add_argument("--lr-step-size", type=float, default=30, help="StepLR period in epochs")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of warmup-multistep and step")
+    g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    g = p.add_argument_group("devices and speed")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="training device")
+    g.add_argument("--parallel", default="auto", choices=["auto", "none", "dp", "ddp"],
+                   help="auto: DDP under torchrun, DataParallel with several CUDA devices, else none")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False, help="SyncBatchNorm under DDP (CUDA only)")
+    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype; fp16 adds a GradScaler")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="channels-last memory format")
+    g.add_argument("--fast", action="store_true",
+                   help="preset for one GPU: --loader gpu --cache-dtype bfloat16 --amp bf16 --compile --channels-last --fused-adam")
+    g.add_argument("--seed", type=int, default=0, help="seed for python, numpy, torch (plus the rank) and the file split")
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms, cudnn.benchmark off")
+    g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cudnn autotuner (off with --deterministic)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", default="runs/inversionnet", help="checkpoints, args.json, train.log and tb/")
+    g.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path")
+    g.add_argument("--overwrite", action="store_true", help="allow writing into an output directory that holds a run")
+    g.add_argument("--init-from", default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
+    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never)")
+    g.add_argument("--log-every", type=int, default=10, help="steps between log lines / host syncs")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs in OUTPUT_DIR/tb")
+    g.add_argument("--profile", action="store_true", help="torch.profiler trace of a few steps into OUTPUT_DIR/tb (torch-tb-profiler)")
+    g.add_argument("--detect-anomaly", action="store_true", help="autograd anomaly detection (slow; for debugging)")
+    g.add_argument("--overfit-batch", action="store_true", help="sanity mode: train on one fixed batch, no validation")
+    return p
+
+
+def check_args(args):
+    """Validate and resolve arguments right after parsing; raises InputError."""
+    if args.fast:
+        args.loader, args.cache_dtype, args.amp = "gpu", "bfloat16", "bf16"
+        args.compile, args.channels_last = True, True
+        if args.fused_adam is None:
+            args.fused_adam = True
+    for name in ("epochs", "batch_size", "log_every", "prefetch_factor"):
+        if getattr(args, name) <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_warmup_epochs"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.max_steps is not None and args.max_steps <= 0:
+        raise InputError(f"--max-steps must be positive, got {args.max_steps}")
+    if args.val_batch_size is None:
+        args.val_batch_size = args.batch_size
+    if not args.lr > 0:
+        raise InputError(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.train_size < 1:
+        raise InputError(f"--train-size must be in (0, 1), got {args.train_size}")
+    if args.lambda_l1 < 0 or args.lambda_l2 < 0 or args.lambda_l1 + args.lambda_l2 == 0:
+        raise InputError("--lambda-l1 and --lambda-l2 must be >= 0 and not both 0")
+    if (args.train_list is None) != (args.val_list is None) and not (args.train_list and args.val_every == 0):
+        raise InputError("--train-list and --val-list go together")
+    for flag in ("train_list", "val_list", "stats", "init_from"):
+        path = getattr(args, flag)
+        if path is not None and not os.path.isfile(path):
+            raise InputError(f"--{flag.replace('_', '-')} {path}: no such file")
+    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
+        raise InputError(f"--resume {args.resume}: no such file")
+    if args.deterministic:
+        args.cudnn_benchmark = False
+    return args
+
+
+# ---- small helpers: distributed, seeding, devices, logging ----
+
+def setup_distributed(args):
+    """Init the process group when launched by torchrun; returns (rank, world, local_rank)."""
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) >= 1 and args.parallel in ("auto", "ddp"):
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if args.parallel == "auto" and world == 1:
+            return 0, 1, 0
+        cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        return rank, world, local
+    if args.parallel == "ddp":
+        raise InputError("--parallel ddp needs a torchrun launch (torchrun --nproc_per_node=N train_inversionnet.py ...)")
+    return 0, 1, 0
+
+
+def cleanup_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+_LOG_FILE = None
+
+
+def print0(*msg):
+    """Print (and append to train.log) on rank 0 only."""
+    if not is_main():
+        return
+    text = " ".join(str(m) for m in msg)
+    print(text, flush=True)
+    if _LOG_FILE is not None:
+        with open(_LOG_FILE, "a") as fh:
+            fh.write(text + "\n")
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def seed_worker(worker_id):
+    """DataLoader worker_init_fn: numpy/random streams derived from the worker's torch seed."""
+    s = torch.initial_seed() % 2**32
+    np.random.seed(s)
+    random.seed(s)
+
+
+def configure_backends(args, device):
+    """The one place that chooses cudnn autotuning vs determinism; returns a line for the log."""
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        return "deterministic algorithms on, cudnn.benchmark off"
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return f"cudnn.benchmark {'on' if args.cudnn_benchmark else 'off'}, TF32 {'on' if device.type == 'cuda' else 'n/a'}"
+
+
+def resolve_device(name, local_rank=0):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank)
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda: CUDA is not available on this machine")
+        return torch.device("cuda", local_rank)
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def atomic_torch_save(obj, path):
+    """Write to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# ---- data ----
+
+def log_transform(x):
+    return torch.sign(x) * torch.log1p(x.abs()) if torch.is_tensor(x) else math.copysign(math.log1p(abs(x)), x)
+
+
+class Normalizer:
+    """OpenFWI normalisation: data -> log -> min-max [-1, 1]; velocity -> min-max [-1, 1]. Never in place."""
+
+    def __init__(self, data_min, data_max, label_min=LABEL_MIN, label_max=LABEL_MAX):
+        self.data_min, self.data_max = float(data_min), float(data_max)
+        self.label_min, self.label_max = float(label_min), float(label_max)
+        self._lo, self._hi = log_transform(self.data_min), log_transform(self.data_max)
+
+    def data(self, x):
+        return (log_transform(x) - self._lo) * (2.0 / (self._hi - self._lo)) - 1.0
+
+    def label(self, y):
+        return (y - self.label_min) * (2.0 / (self.label_max - self.label_min)) - 1.0
+
+    def label_to_velocity(self, y):
+        return (y + 1.0) * (0.5 * (self.label_max - self.label_min)) + self.label_min
+
+    def as_dict(self):
+        return {"data_min": self.data_min, "data_max": self.data_max, "label_min": self.label_min, "label_max": self.label_max}
+
+
+def resolve_stats(args):
+    """Normalisation constants and where they came from: --stats, --dataset, DATA_ROOT/dataset.json, flatvel-a."""
+    if args.stats:
+        path = args.stats
+    elif args.dataset:
+        lo, hi = DATASETS[args.dataset]
+        return Normalizer(lo, hi), f"--dataset {args.dataset}"
+    else:
+        base = os.path.dirname(os.path.abspath(args.train_list)) if args.train_list else args.data_root
+        path = os.path.join(base, "dataset.json")
+        if not os.path.isfile(path):
+            lo, hi = DATASETS["flatvel-a"]
+            return Normalizer(lo, hi), "OpenFWI flatvel-a (default)"
+    try:
+        with open(path) as fh:
+            meta = json.load(fh)
+        norm = Normalizer(meta["data_min"], meta["data_max"], meta.get("label_min", LABEL_MIN), meta.get("label_max", LABEL_MAX))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: not a usable stats file ({type(e).__name__}: {e})") from None
+    if not (norm.data_max > norm.data_min and norm.label_max > norm.label_min):
+        raise InputError(f"{path}: min must be below max")
+    return norm, path
+
+
+_PAIR_RE = re.compile(r"^(data|seis|model|vel)(.*)\.npy$")
+
+
+def find_pairs(data_root):
+    """(data, label) paths under DATA_ROOT/data and DATA_ROOT/model, paired by the name after the prefix."""
+    ddir, mdir = os.path.join(data_root, "data"), os.path.join(data_root, "model")
+    if not os.path.isdir(data_root):
+        raise DataError(f"--data-root {data_root}: no such directory (make one with: bash run.sh, or "
+                        f"python simulate_openfwi.py --out {data_root})")
+    if not os.path.isdir(ddir) or not os.path.isdir(mdir):
+        raise DataError(f"--data-root {data_root}: expected subdirectories data/ and model/ (OpenFWI layout)")
+
+    def keyed(d, prefixes):
+        out = {}
+        for name in os.listdir(d):
+            m = _PAIR_RE.match(name)
+            if m and m.group(1) in prefixes:
+                out[m.group(2)] = os.path.join(d, name)
+        return out
+
+    data, model = keyed(ddir, ("data", "seis")), keyed(mdir, ("model", "vel"))
+    if not data:
+        raise DataError(f"--data-root {data_root}: no data/*.npy files")
+    for k in sorted(set(data) ^ set(model)):
+        missing = "model" if k in data else "data"
+        raise DataError(f"{data.get(k) or model.get(k)}: has no matching {missing} file")
+
+    def natural(k):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]
+    return [(data[k], model[k]) for k in sorted(data, key=natural)]
+
+
+def read_split_list(path):
+    """OpenFWI split file: `data_path<TAB>label_path` per line; relative paths are taken from the file's folder."""
+    base = os.path.dirname(os.path.abspath(path))
+    pairs = []
+    with open(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            parts = line.split()
+            if len(parts) != 2:
+                raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
+            pairs.append(tuple(p if os.path.isabs(p) else os.path.join(base, p) for p in parts))
+    if not pairs:
+        raise DataError(f"{path}: empty split list")
+    return pairs
+
+
+def split_pairs(pairs, train_size, seed):
+    """File-level split: a seeded shuffle, then the first round(train_size * n) files train."""
+    order = np.random.default_rng(seed).permutation(len(pairs))
+    n_train = min(max(1, int(round(train_size * len(pairs)))), len(pairs) - 1) if len(pairs) > 1 else len(pairs)
+    return [pairs[i] for i in sorted(order[:n_train])], [pairs[i] for i in sorted(order[n_train:])]
+
+
+def inspect_pairs(pairs):
+    """Check headers, dtypes, shapes and counts of every pair without reading the data; returns counts."""
+    counts = []
+    for dpath, lpath in pairs:
+        arrays = []
+        for path, shape in ((dpath, DATA_SHAPE), (lpath, LABEL_SHAPE)):
+            if not os.path.isfile(path):
+                raise DataError(f"{path}: no such file")
+            try:
+                a = np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as e:
+                raise DataError(f"{path}: unreadable or truncated .npy ({e})") from None
+            if a.dtype != np.float32:
+                raise DataError(f"{path}: dtype {a.dtype}, expected float32")
+            if a.ndim != 4 or tuple(a.shape[1:]) != shape:
+                raise DataError(f"{path}: shape {tuple(a.shape)}, expected (N, {', '.join(map(str, shape))})")
+            arrays.append(a)
+        if arrays[0].shape[0] != arrays[1].shape[0]:
+            raise DataError(f"{dpath}: {arrays[0].shape[0]} samples but {lpath} has {arrays[1].shape[0]}")
+        if arrays[0].shape[0] == 0:
+            raise DataError(f"{dpath}: holds no samples")
+        counts.append(int(arrays[0].shape[0]))
+    return counts
+
+
+def check_finite(x, y, where):
+    """Raise DataError naming `where` (file and sample) if x or y holds NaN/Inf."""
+    for arr, kind in ((x, "data"), (y, "label")):
+        if not np.isfinite(arr).all():
+            raise DataError(f"{where}: NaN or Inf in the {kind}")
+
+
+class MapDataset(torch.utils.data.Dataset):
+    """Random access over np.load(mmap_mode='r') views; opened lazily in each worker, bounded memory.
+
+    Returns float32 tensors (data, label), copied out of the maps; normalised only if a Normalizer is
+    given (the --normalize workers path), never in place."""
+
+    def __init__(self, pairs, counts, normalizer=None):
+        self.pairs, self.counts, self.normalizer = pairs, counts, normalizer
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._maps = None
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def locate(self, idx):
+        f = int(np.searchsorted(self.offsets, idx, side="right") - 1)
+        return f, idx - int(self.offsets[f])
+
+    def __getitem__(self, idx):
+        if self._maps is None:
+            self._maps = [(np.load(d, mmap_mode="r"), np.load(m, mmap_mode="r")) for d, m in self.pairs]
+        f, j = self.locate(idx)
+        x, y = np.array(self._maps[f][0][j]), np.array(self._maps[f][1][j])
+        check_finite(x, y, f"{self.pairs[f][0]} sample {j}")
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.normalizer is not None:
+            x, y = self.normalizer.data(x), self.normalizer.label(y)
+        return x, y
+
+    def __getstate__(self):  # never pickle open maps into workers
+        state = dict(self.__dict__)
+        state["_maps"] = None
+        return state
+
+
+def shard_ranges(n, parts):
+    """Split range(n) into `parts` contiguous, nearly equal pieces (sizes differ by at most 1)."""
+    q, r = divmod(n, parts)
+    bounds = np.cumsum([0] + [q + (i < r) for i in range(parts)])
+    return [(int(bounds[i]), int(bounds[i + 1])) for i in range(parts)]
+
+
+def worker_batches(n, batch):
+    """Batches a worker with n samples yields: ceil(n / batch), except that a final remainder of one
+    sample joins the batch before it (BatchNorm cannot train on a batch of 1)."""
+    if n == 0:
+        return 0
+    k = -(-n // batch)
+    return k - 1 if k > 1 and n % batch == 1 else k
+
+
+def batch_sizes(n, batch):
+    k = worker_batches(n, batch)
+    return [batch] * (k - 1) + [n - batch * (k - 1)] if k else []
+
+
+def _take(pieces, n):
+    """The first n samples of a list of (x, y) array pieces, without copying whole pieces."""
+    xs, ys = [], []
+    while n:
+        x, y = pieces[0]
+        if len(x) <= n:
+            pieces.pop(0)
+        else:
+            pieces[0] = (x[n:], y[n:])
+            x, y = x[:n], y[:n]
+        xs.append(x)
+        ys.append(y)
+        n -= len(x)
+    return (xs[0], ys[0]) if len(xs) == 1 else (np.concatenate(xs), np.concatenate(ys))
+
+
+class IterableFileDataset(torch.utils.data.IterableDataset):
+    """Whole files, read once per epoch, sharded over DDP ranks and DataLoader workers; yields batches.
+
+    Each epoch the file order is shuffled with (seed + epoch); the concatenated samples are cut into
+    `world` equal contiguous ranges (dropping fewer than `world` samples, so every rank runs the same
+    number of steps), each rank's range into `num_workers` contiguous pieces, and each worker reads
+    its files' slices, shuffles samples within each file and yields batches. len() is exact."""
+
+    def __init__(self, pairs, counts, batch_size, rank=0, world=1, num_workers=0, seed=0, shuffle=True,
+                 drop_remainder=True, normalizer=None):
+        self.pairs, self.counts, self.batch = pairs, counts, batch_size
+        self.rank, self.world, self.workers = rank, world, max(1, num_workers)
+        self.seed, self.shuffle, self.drop_remainder, self.normalizer = seed, shuffle, drop_remainder, normalizer
+        self._epoch = mp.Value("i", 0)  # shared, so persistent workers see set_epoch()
+
+    def set_epoch(self, epoch):
+        self._epoch.value = epoch
+
+    @property
+    def dropped(self):
+        return sum(self.counts) % self.world if self.drop_remainder else 0
+
+    def rank_range(self):
+        n = sum(self.counts)
+        if self.drop_remainder:
+            per = n // self.world
+            return self.rank * per, (self.rank + 1) * per
+        return shard_ranges(n, self.world)[self.rank]
+
+    def __len__(self):
+        a, b = self.rank_range()
+        return sum(worker_batches(hi - lo, self.batch) for lo, hi in shard_ranges(b - a, self.workers))
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info is not None else 0
+        nw = info.num_workers if info is not None else 1
+        if nw != self.workers:
+            raise RuntimeError(f"IterableFileDataset built for {self.workers} workers, run with {nw}")
+        epoch = self._epoch.value
+        rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)) if self.shuffle else np.arange(len(self.pairs))
+        a, b = self.rank_range()
+        lo, hi = shard_ranges(b - a, nw)[wid]
+        lo, hi = lo + a, hi + a
+        pieces, sizes, k, pos = [], batch_sizes(hi - lo, self.batch), 0, 0
+        for f in order:
+            start, stop = max(lo, pos), min(hi, pos + self.counts[f])
+            first = pos
+            pos += self.counts[f]
+            if start >= stop:
+                continue
+            s, e = start - first, stop - first
+            x = np.array(np.load(self.pairs[f][0], mmap_mode="r")[s:e])
+            y = np.array(np.load(self.pairs[f][1], mmap_mode="r")[s:e])
+            if not (np.isfinite(x).all() and np.isfinite(y).all()):
+                for j in range(len(x)):
+                    check_finite(x[j], y[j], f"{self.pairs[f][0]} sample {s + j}")
+            perm = rng.permutation(len(x)) if self.shuffle else np.arange(len(x))
+            pieces.append((x[perm], y[perm]))
+            have = sum(len(p[0]) for p in pieces)
+            while k < len(sizes) and have >= sizes[k]:
+                yield self._emit(*_take(pieces, sizes[k]))
+                have -= sizes[k]
+                k += 1
+
+    def _emit(self, x, y):
+        x, y = torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+        if self.normalizer is not None:
+            x, y = self.normalizer.data(x), self.normalizer.label(y)
+        return x, y
+
+
+class EvalSampler(torch.utils.data.Sampler):
+    """Indices rank::world in order: every sample on exactly one rank, none padded."""
+
+    def __init__(self, n, rank, world):
+        self.n, self.rank, self.world = n, rank, world
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world))
+
+    def __len__(self):
+        return len(range(self.rank, self.n, self.world))
+
+
+class DeviceLoader:
+    """--loader gpu: the split held as one normalised tensor on the device, batched by index there.
+
+    Training: every rank holds the samples rank::world (the remainder below `world` is dropped so all
+    ranks step together), shuffles them each epoch from (seed + epoch) and drops the last partial
+    batch. Evaluation: rank::world, in order, nothing dropped."""
+
+    def __init__(self, pairs, counts, normalizer, device, batch_size, cache_dtype=torch.float32,
+                 rank=0, world=1, seed=0, train=True):
+        total = sum(counts)
+        per = total // world if train else len(range(rank, total, world))
+        self.x = torch.empty((per, *DATA_SHAPE), dtype=cache_dtype, device=device)
+        self.y = torch.empty((per, *LABEL_SHAPE), dtype=cache_dtype, device=device)
+        keep = np.arange(rank, total, world)[:per]
+        offset, filled = 0, 0
+        for (dpath, lpath), n in zip(pairs, counts):
+            mine = keep[(keep >= offset) & (keep < offset + n)] - offset
+            offset += n
+            if len(mine) == 0:
+                continue
+            dm, lm = np.load(dpath, mmap_mode="r"), np.load(lpath, mmap_mode="r")
+            for s in range(0, len(mine), 64):  # bounded host memory while filling the cache
+                idx = mine[s:s + 64]
+                x, y = np.array(dm[idx]), np.array(lm[idx])
+                if not (np.isfinite(x).all() and np.isfinite(y).all()):
+                    for k, j in enumerate(idx):
+                        check_finite(x[k], y[k], f"{dpath} sample {int(j)}")
+                xt = torch.from_numpy(x).to(device)
+                yt = torch.from_numpy(y).to(device)
+                self.x[filled:filled + len(idx)] = normalizer.data(xt).to(cache_dtype)
+                self.y[filled:filled + len(idx)] = normalizer.label(yt).to(cache_dtype)
+                filled += len(idx)
+        self.batch, self.seed, self.train, self.epoch, self.device = batch_size, seed, train, 0, device
+        self.dropped = total - per * world if train else 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        n = len(self.x)
+        return n // self.batch if self.train else -(-n // self.batch)
+
+    def __iter__(self):
+        n = len(self.x)
+        if self.train:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(n, generator=g).to(self.device)
+        else:
+            order = torch.arange(n, device=self.device)
+        for b in range(len(self)):
+            idx = order[b * self.batch:(b + 1) * self.batch]
+            yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+
+class TrainLoader:
+    """The map/iterable DataLoader plus what the loop needs: set_epoch, len, and a note on what it drops."""
+
+    def __init__(self, loader, sampler=None, dataset=None):
+        self.loader, self.sampler, self.dataset = loader, sampler, dataset
+
+    def set_epoch(self, epoch):
+        for obj in (self.sampler, self.dataset):
+            if obj is not None and hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def build_loader(args, pairs, counts, normalizer, device, rank, world, train):
+    """The loader for one split; batches come out raw (normalised on the device later) unless
+    --normalize workers or --loader gpu (already normalised). Returns (loader, normalised_already, dropped)."""
+    batch = args.batch_size if train else args.val_batch_size
+    if args.loader == "gpu":
+        dtype = getattr(torch, args.cache_dtype)
+        dl = DeviceLoader(pairs, counts, normalizer, device, batch, dtype, rank, world, args.seed, train)
+        return dl, True, dl.dropped
+    in_workers = normalizer if args.normalize == "workers" else None
+    pin = args.pin_memory if args.pin_memory is not None else device.type == "cuda"
+    kw = dict(num_workers=args.num_workers, pin_memory=pin, worker_init_fn=seed_worker,
+              generator=torch.Generator().manual_seed(args.seed + rank))
+    if args.num_workers > 0:
+        kw.update(prefetch_factor=args.prefetch_factor, persistent_workers=args.persistent_workers)
+    if args.loader == "iterable":
+        ds = IterableFileDataset(pairs, counts, batch, rank, world, args.num_workers, args.seed, shuffle=train,
+                                 drop_remainder=train, normalizer=in_workers)
+        dl = torch.utils.data.DataLoader(ds, batch_size=None, **kw)
+        return TrainLoader(dl, dataset=ds), in_workers is not None, ds.dropped
+    ds = MapDataset(pairs, counts, in_workers)
+    if train:
+        sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
+                                                                  seed=args.seed, drop_last=True)
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, **kw)
+        dropped = len(ds) - len(dl) * batch * world
+    else:
+        sampler = EvalSampler(len(ds), rank, world)
+        dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, **kw)
+        dropped = 0
+    return TrainLoader(dl, sampler=sampler), in_workers is not None, dropped
+
+
+def device_batches(loader, device, normalizer, normalized, channels_last=False):
+    """Move batches to the device and normalise them there. On CUDA the next batch is copied and
+    normalised on a side stream while the current one computes."""
+    def prepare(x, y):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if not normalized:
+            x, y = normalizer.data(x.float()), normalizer.label(y.float())
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y
+
+    if device.type != "cuda" or isinstance(loader, DeviceLoader):
+        for x, y in loader:
+            yield prepare(x, y)
+        return
+    stream = torch.cuda.Stream(device)
+    it = iter(loader)
+    nxt = None
+
+    def stage():
+        try:
+            x, y = next(it)
+        except StopIteration:
+            return None
+        with torch.cuda.stream(stream):
+            return prepare(x, y)
+
+    nxt = stage()
+    while nxt is not None:
+        torch.cuda.current_stream(device).wait_stream(stream)
+        x, y = nxt
+        x.record_stream(torch.cuda.current_stream(device))
+        y.record_stream(torch.cuda.current_stream(device))
+        nxt = stage()
+        yield x, y
+
+
+# ---- model (OpenFWI network.py, same module names so state_dicts load with strict=True) ----
+
+class ConvBlock(nn.Module):
+    def __init__(self, in_fea, out_fea, kernel_size=3, stride=1, padding=1, relu_slope=0.2):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(in_fea, out_fea, kernel_size, stride, padding),
+                                    nn.BatchNorm2d(out_fea), nn.LeakyReLU(relu_slope, inplace=True))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class ConvBlockTanh(nn.Module):
+    def __init__(self, in_fea, out_fea, kernel_size=3, stride=1, padding=1):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(in_fea, out_fea, kernel_size, stride, padding),
+                                    nn.BatchNorm2d(out_fea), nn.Tanh())
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class DeconvBlock(nn.Module):
+    def __init__(self, in_fea, out_fea, kernel_size=2, stride=2, padding=0, relu_slope=0.2):
+        super().__init__()
+        self.layers = nn.Sequential(nn.ConvTranspose2d(in_fea, out_fea, kernel_size, stride, padding),
+                                    nn.BatchNorm2d(out_fea), nn.LeakyReLU(relu_slope, inplace=True))
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class InversionNet(nn.Module):
+    """InversionNet: (B, 5, 1000, 70) normalised shot gathers -> (B, 1, 70, 70) velocity in [-1, 1]."""
+
+    def __init__(self, dim1=32, dim2=64, dim3=128, dim4=256, dim5=512):
+        super().__init__()
+        self.convblock1 = ConvBlock(5, dim1, kernel_size=(7, 1), stride=(2, 1), padding=(3, 0))
+        self.convblock2_1 = ConvBlock(dim1, dim2, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
+        self.convblock2_2 = ConvBlock(dim2, dim2, kernel_size=(3, 1), padding=(1, 0))
+        self.convblock3_1 = ConvBlock(dim2, dim2, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
+        self.convblock3_2 = ConvBlock(dim2, dim2, kernel_size=(3, 1), padding=(1, 0))
+        self.convblock4_1 = ConvBlock(dim2, dim3, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
+        self.convblock4_2 = ConvBlock(dim3, dim3, kernel_size=(3, 1), padding=(1, 0))
+        self.convblock5_1 = ConvBlock(dim3, dim3, stride=2)
+        self.convblock5_2 = ConvBlock(dim3, dim3)
+        self.convblock6_1 = ConvBlock(dim3, dim4, stride=2)
+        self.convblock6_2 = ConvBlock(dim4, dim4)
+        self.convblock7_1 = ConvBlock(dim4, dim4, stride=2)
+        self.convblock7_2 = ConvBlock(dim4, dim4)
+        self.convblock8 = ConvBlock(dim4, dim5, kernel_size=(8, math.ceil(70 / 8)), padding=0)
+        self.deconv1_1 = DeconvBlock(dim5, dim5, kernel_size=5)
+        self.deconv1_2 = ConvBlock(dim5, dim5)
+        self.deconv2_1 = DeconvBlock(dim5, dim4, kernel_size=4, stride=2, padding=1)
+        self.deconv2_2 = ConvBlock(dim4, dim4)
+        self.deconv3_1 = DeconvBlock(dim4, dim3, kernel_size=4, stride=2, padding=1)
+        self.deconv3_2 = ConvBlock(dim3, dim3)
+        self.deconv4_1 = DeconvBlock(dim3, dim2, kernel_size=4, stride=2, padding=1)
+        self.deconv4_2 = ConvBlock(dim2, dim2)
+        self.deconv5_1 = DeconvBlock(dim2, dim1, kernel_size=4, stride=2, padding=1)
+        self.deconv5_2 = ConvBlock(dim1, dim1)
+        self.deconv6 = ConvBlockTanh(dim1, 1)
+
+    def forward(self, x):
+        for name in ("convblock1", "convblock2_1", "convblock2_2", "convblock3_1", "convblock3_2", "convblock4_1",
+                     "convblock4_2", "convblock5_1", "convblock5_2", "convblock6_1", "convblock6_2",
+                     "convblock7_1", "convblock7_2", "convblock8", "deconv1_1", "deconv1_2", "deconv2_1",
+                     "deconv2_2", "deconv3_1", "deconv3_2", "deconv4_1", "deconv4_2", "deconv5_1", "deconv5_2"):
+            x = getattr(self, name)(x)
+        x = F.pad(x, [-5, -5, -5, -5])  # 80x80 -> 70x70
+        return self.deconv6(x)
+
+
+def clean_state_dict(sd):
+    """Drop DataParallel/DDP `module.` and torch.compile `_orig_mod.` prefixes."""
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
+
+
+def load_weights(model, path):
+    """Load our checkpoint, an OpenFWI checkpoint (dict with 'model') or a bare state_dict, strictly."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
+        raise InputError(f"{path}: holds no model state_dict")
+    try:
+        model.load_state_dict(clean_state_dict(sd), strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise InputError(f"{path}: incompatible with InversionNet ({' '.join(first[:2])[:200]})") from None
+    return ckpt
+
+
+# ---- metrics (OpenFWI test.py definitions; eval_inversionnet.py imports these) ----
+
+def _gaussian_window(size=11, sigma=1.5, device=None, dtype=torch.float32):
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    return (g[:, None] @ g[None, :]).to(device=device, dtype=dtype)[None, None]
+
+
+def ssim_per_sample(pred, target, window_size=11, sigma=1.5):
+    """SSIM of each sample on maps in [-1, 1], computed on (x + 1) / 2: Gaussian 11x11 window,
+    sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, zero-padded 'same' convolution, mean over pixels."""
+    x, y = (pred.float() + 1) / 2, (target.float() + 1) / 2
+    c = x.shape[1]
+    w = _gaussian_window(window_size, sigma, x.device).expand(c, 1, window_size, window_size)
+    conv = lambda t: F.conv2d(t, w, padding=window_size // 2, groups=c)
+    mu_x, mu_y = conv(x), conv(y)
+    sxx = conv(x * x) - mu_x ** 2
+    syy = conv(y * y) - mu_y ** 2
+    sxy = conv(x * y) - mu_x * mu_y
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)
+
+
+def metric_sums(pred, target):
+    """Per-batch sums on the normalised scale: [sum of per-sample MAE, MSE, SSIM, count] (float64)."""
+    p, t = pred.float(), target.float()
+    mae = (p - t).abs().flatten(1).mean(1)
+    mse = ((p - t) ** 2).flatten(1).mean(1)
+    return torch.stack([mae.sum(), mse.sum(), ssim_per_sample(p, t).sum(),
+                        torch.tensor(float(len(p)), device=p.device)]).double()
+
+
+def summarize(sums):
+    """(sum, count) -> means: MAE, MSE, RMSE = sqrt(MSE), SSIM, all on the normalised scale."""
+    mae, mse, ssim_sum, n = sums.tolist()
+    n = max(n, 1.0)
+    return {"mae": mae / n, "mse": mse / n, "rmse": math.sqrt(mse / n), "ssim": ssim_sum / n, "count": int(n)}
+
+
+def all_reduce_sum(t):
+    if dist.is_initialized():
+        t = t.clone()
+        if dist.get_backend() == "nccl" and not t.is_cuda:
+            t = t.cuda()
+        dist.all_reduce(t)
+    return t.cpu()
+
+
+# ---- train / evaluate ----
+
+def loss_fn(pred, target, args):
+    loss = 0.0
+    if args.lambda_l1:
+        loss = loss + args.lambda_l1 * F.l1_loss(pred.float(), target.float())
+    if args.lambda_l2:
+        loss = loss + args.lambda_l2 * F.mse_loss(pred.float(), target.float())
+    return loss
+
+
+def build_scheduler(optimizer, args, iters_per_epoch):
+    """Every schedule as a per-iteration LambdaLR, so it is stepped (and resumed) the same way."""
+    ipe = max(iters_per_epoch, 1)
+    warm = args.lr_warmup_epochs * ipe
+    total = args.epochs * ipe if args.max_steps is None else min(args.epochs * ipe, args.max_steps)
+
+    def warmup(it):
+        return 1e-5 + (1 - 1e-5) * it / warm if it < warm else 1.0  # OpenFWI warmup_factor 1e-5
+
+    if args.lr_scheduler == "warmup-multistep":
+        miles = sorted(m * ipe for m in args.lr_milestones)
+        fn = lambda it: warmup(it) * args.lr_gamma ** sum(it >= m for m in miles)
+    elif args.lr_scheduler == "step":
+        fn = lambda it: args.lr_gamma ** int(it // (args.lr_step_size * ipe))
+    elif args.lr_scheduler == "cosine":
+        fn = lambda it: warmup(it) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, it - warm) / max(1, total - warm))))
+    else:
+        fn = lambda it: 1.0
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+class StopRequested:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes last.pt and exits 130/143."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def install(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old[s] = signal.signal(s, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        self.signum = signum
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+    def agreed(self, device):
+        """Whether any rank was asked to stop (an all-reduce under DDP, so all stop at the same step)."""
+        flag = float(self.signum is not None)
+        if dist.is_initialized():
+            t = torch.tensor([flag], device=device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = t.item()
+        return flag > 0
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def train_one_epoch(state, loader, epoch, args, skip_batches=0):
+    """One pass over the loader; returns the mean training loss. Host syncs only every --log-every steps."""
+    model, opt, sched, scaler, device = state["model"], state["opt"], state["sched"], state["scaler"], state["device"]
+    model.train()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    n_batches = len(loader)
+    from tqdm import tqdm
+    bar = tqdm(total=n_batches, initial=skip_batches, desc=f"epoch {epoch}", disable=not (args.progress and is_main()),
+               dynamic_ncols=True, leave=False)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    bad_at = torch.full((), -1, device=device, dtype=torch.long)
+    n_done, seen, t_wait, t_last, last_step = 0, 0, 0.0, time.perf_counter(), state["step"]
+    t_epoch, last_scale = t_last, scaler.get_scale() if scaler.is_enabled() else None
+    batches = device_batches(loader, device, state["normalizer"], state["normalized"], args.channels_last)
+    it = iter(batches)
+    for b in range(n_batches):
+        t0 = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            raise RuntimeError(f"loader ended after {b} of {n_batches} batches") from None
+        t_wait += time.perf_counter() - t0
+        if b < skip_batches:  # mid-epoch resume: these batches were trained before the stop
+            continue
+        if len(x) < 2:  # BatchNorm cannot train on a single sample (a worker's lone leftover)
+            state["batch_in_epoch"] = b + 1
+            continue
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = model(x)
+            loss = loss_fn(pred, y, args)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        state["step"] += 1
+        state["batch_in_epoch"] = b + 1
+        ld = loss.detach()
+        bad_at = torch.where((bad_at < 0) & ~torch.isfinite(ld), torch.tensor(b, device=device), bad_at)
+        loss_sum += ld.double()
+        n_done += 1
+        seen += len(x)
+        if state["profiler"] is not None:
+            state["profiler"].step()
+        last = b == n_batches - 1 or (args.max_steps is not None and state["step"] >= args.max_steps)
+        stop_here = state["stop"].signum is not None and not dist.is_initialized()
+        if state["step"] % args.log_every == 0 or last or stop_here:
+            if bad_at.item() >= 0:  # the one host sync of the step, only at log time
+                bad = bad_at.item()
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {bad} (step {state['step'] - (b - bad)}); "
+                                    f"last.pt keeps the last good state")
+            now = time.perf_counter()
+            rate = seen * state["world"] / max(now - t_last, 1e-9)
+            wait = t_wait / max(now - t_last, 1e-9)
+            lr = opt.param_groups[0]["lr"]
+            mean = loss_sum.item() / max(n_done, 1)
+            if scaler.is_enabled() and scaler.get_scale() < last_scale:
+                print0(f"step {state['step']}: fp16 GradScaler skipped a step (overflow); scale now {scaler.get_scale():g}")
+            last_scale = scaler.get_scale() if scaler.is_enabled() else None
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", wait=f"{100 * wait:.0f}%")
+            bar.update(b + 1 - bar.n)
+            if not args.progress:
+                print0(f"epoch {epoch} step {state['step']} batch {b + 1}/{n_batches} loss {mean:.5f} lr {lr:.3e} "
+                       f"samples/s {rate:.1f} data-wait {100 * wait:.1f}%")
+            if state["writer"] is not None:
+                state["writer"].add_scalar("train/loss", mean, state["step"])
+                state["writer"].add_scalar("train/lr", lr, state["step"])
+                state["writer"].add_scalar("train/samples_per_s", rate, state["step"])
+                state["writer"].add_scalar("train/data_wait", wait, state["step"])
+            seen, t_wait, t_last = 0, 0.0, now
+            if state["stop"].agreed(device):
+                break
+        if last and args.max_steps is not None and state["step"] >= args.max_steps:
+            break
+    bar.close()
+    state["epoch_time"] = time.perf_counter() - t_epoch
+    return loss_sum.item() / max(n_done, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, device, normalizer, normalized, args, return_predictions=False):
+    """Loss and metric sums over a split, reduced exactly over ranks as (sum, count)."""
+    model.eval()
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    first = None
+    for x, y in device_batches(loader, device, normalizer, normalized, args.channels_last):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            pred = model(x)
+        pred = pred.float()
+        loss_sum += loss_fn(pred, y, args).double() * len(x)
+        sums += metric_sums(pred, y).to(device)
+        if first is None:
+            first = (pred[:1].cpu(), y[:1].float().cpu())
+    total = all_reduce_sum(torch.cat([sums, loss_sum[None]]).cpu())
+    out = summarize(total[:4])
+    out["loss"] = total[4].item() / max(total[3].item(), 1.0)
+    if return_predictions:
+        out["first"] = first
+    return out
+
+
+# ---- checkpoints ----
+
+def rng_state():
+    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st):
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available() and len(st["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def make_checkpoint(state, args, epoch_done):
+    return {"model": state["raw_model"].state_dict(), "optimizer": state["opt"].state_dict(),
+            "scheduler": state["sched"].state_dict(), "scaler": state["scaler"].state_dict(),
+            "epoch": epoch_done, "step": state["step"], "batch_in_epoch": state["batch_in_epoch"],
+            "best_loss": state["best_loss"], "args": vars(args), "normalization": state["normalizer"].as_dict(),
+            "rng": rng_state(), "format": "inversionnet-harness-1"}
+
+
+def save_run_file(path, ckpt):
+    if is_main():
+        atomic_torch_save(ckpt, path)
+
+
+# ---- main ----
+
+def prepare_output_dir(args, rank):
+    """Refuse to write into an existing run unless resuming or told to overwrite."""
+    out = args.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--output-dir {out} exists and is not a directory")
+    has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("args.json", "last.pt", "best.pt"))
+    if has_run and args.resume is None and not args.overwrite:
+        raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it or --overwrite to replace it")
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+            probe = os.path.join(out, f".write-test-{os.getpid()}")
+            with open(probe, "w") as fh:
+                fh.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise InputError(f"--output-dir {out} is not writable: {e.strerror}") from None
+
+
+def splits(args):
+    if args.train_list:
+        train = read_split_list(args.train_list)
+        val = read_split_list(args.val_list) if args.val_list else []
+        return train, val
+    pairs = find_pairs(args.data_root)
+    train, val = split_pairs(pairs, args.train_size, args.seed)
+    return train, val
+
+
+def main(args):
+    global _LOG_FILE
+    # torchrun --max-restarts: a restarted group continues the run it was part of
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.resume is None:
+        args.resume = "auto"
+    rank, world, local = setup_distributed(args)
+    device = resolve_device(args.device, local)
+    if args.parallel == "dp" and device.type != "cuda":
+        raise InputError("--parallel dp needs CUDA devices")
+    if args.sync_bn and device.type != "cuda":
+        raise InputError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
+    if args.amp == "fp16" and device.type == "mps":
+        raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
+    prepare_output_dir(args, rank)
+    if dist.is_initialized():
+        dist.barrier()
+    _LOG_FILE = os.path.join(args.output_dir, "train.log")
+    seed_everything(args.seed + rank)
+    backend_note = configure_backends(args, device)
+    if args.detect_anomaly:
+        torch.autograd.set_detect_anomaly(True)
+    normalizer, stats_from = resolve_stats(args)
+    train_pairs, val_pairs = splits(args)
+    train_counts = inspect_pairs(train_pairs)
+    val_counts = inspect_pairs(val_pairs) if val_pairs else []
+    if args.val_every and not val_pairs and not args.overfit_batch:
+        raise DataError("the validation split is empty: add files, lower --train-size, give --val-list, or pass --val-every 0")
+    if sum(train_counts) < args.batch_size * world:
+        raise DataError(f"the training split has {sum(train_counts)} samples, fewer than one global batch "
+                        f"({args.batch_size} x {world}); lower --batch-size")
+
+    model = InversionNet()
+    if args.init_from:
+        load_weights(model, args.init_from)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    raw_model = model
+    parallel = args.parallel
+    if parallel == "auto":
+        parallel = "ddp" if dist.is_initialized() else ("dp" if device.type == "cuda" and torch.cuda.device_count() > 1 else "none")
+    if parallel == "ddp":
+        if args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            raw_model = model
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
+    elif parallel == "dp":
+        model = nn.DataParallel(model)
+    train_model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode) if args.compile else model
+
+    lr = args.lr * (world if args.scale_lr else 1)
+    fused = args.fused_adam if args.fused_adam is not None else device.type == "cuda"
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    opt_kw = dict(lr=lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
+    if fused:
+        opt_kw["fused"] = True
+    optimizer = opt_cls(raw_model.parameters(), **opt_kw)
+    scaler = torch.amp.GradScaler(device.type if device.type != "mps" else "cpu", enabled=args.amp == "fp16")
+
+    train_loader, normalized, dropped = build_loader(args, train_pairs, train_counts, normalizer, device, rank, world, train=True)
+    if args.overfit_batch:  # one fixed batch, repeated for --max-steps (default 100) steps in one epoch
+        xb, yb = next(iter(device_batches(train_loader, device, normalizer, normalized)))
+        train_loader, normalized, dropped = [(xb, yb)] * (args.max_steps or 100), True, 0
+        args.epochs, args.val_every = 1, 0
+    val_loader = None
+    if val_pairs and args.val_every:
+        val_loader, val_normalized, _ = build_loader(args, val_pairs, val_counts, normalizer, device, rank, world, train=False)
+    sched = build_scheduler(optimizer, args, len(train_loader))
+
+    state = {"model": train_model, "raw_model": raw_model, "opt": optimizer, "sched": sched, "scaler": scaler,
+             "device": device, "normalizer": normalizer, "normalized": normalized, "world": world,
+             "step": 0, "batch_in_epoch": 0, "best_loss": math.inf, "writer": None, "profiler": None,
+             "stop": StopRequested()}
+    start_epoch, skip = 0, 0
+    resume_path = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
+    if resume_path and os.path.isfile(resume_path):
+        ckpt = load_weights(raw_model, resume_path)
+        if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
+            raise InputError(f"{resume_path}: not a training checkpoint of this script (use --init-from for weights)")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        state["step"], state["best_loss"] = ckpt["step"], ckpt["best_loss"]
+        start_epoch, skip = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
+        if ckpt.get("rng") and rank == 0:
+            set_rng_state(ckpt["rng"])
+        where = f"epoch {start_epoch}, batch {skip}" if skip else f"the start of epoch {start_epoch}"
+        print0(f"resuming from {resume_path}: step {state['step']}, continuing at {where}")
+    elif args.resume == "auto":
+        print0(f"--resume auto: no {resume_path} yet, starting a new run")
+
+    if is_main():
+        with open(os.path.join(args.output_dir, "args.json"), "w") as fh:
+            json.dump(vars(args), fh, indent=2, sort_keys=True)
+        if args.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+            state["writer"] = SummaryWriter(os.path.join(args.output_dir, "tb"))
+        if args.profile:
+            from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            state["profiler"] = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                                        on_trace_ready=tensorboard_trace_handler(os.path.join(args.output_dir, "tb")),
+                                        record_shapes=True, profile_memory=True, with_stack=False)
+            state["profiler"].start()
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print0(f"InversionNet {n_params:,} parameters on {device} ({parallel}, world {world}); {backend_note}; "
+           f"amp {args.amp}, compile {args.compile}, channels-last {args.channels_last}, fused adam {fused}")
+    print0(f"data: {len(train_pairs)} train files ({sum(train_counts)} samples), {len(val_pairs)} val files "
+           f"({sum(val_counts)} samples); loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
+           f"{f', {dropped} samples dropped per epoch so all ranks step together' if dropped else ''}; "
+           f"normalisation from {stats_from}")
+
+    state["stop"].install()
+    code = 0
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            if args.max_steps is not None and state["step"] >= args.max_steps:
+                break
+            if hasattr(train_loader, "set_epoch"):
+                train_loader.set_epoch(epoch)
+            state["batch_in_epoch"] = skip
+            train_loss = train_one_epoch(state, train_loader, epoch, args, skip_batches=skip)
+            skip = 0
+            finished = state["batch_in_epoch"] >= len(train_loader)
+            if not finished:  # stopped by a signal or --max-steps inside the epoch
+                save_run_file(os.path.join(args.output_dir, "last.pt"), make_checkpoint(state, args, epoch))
+                break
+            state["batch_in_epoch"] = 0
+            line = f"epoch {epoch} train loss {train_loss:.5f} ({state['epoch_time']:.1f} s)"
+            improved = False
+            if val_loader is not None and (epoch + 1) % args.val_every == 0:
+                m = evaluate(raw_model, val_loader, device, normalizer, val_normalized, args, return_predictions=True)
+                line += f" | val loss {m['loss']:.5f} MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} SSIM {m['ssim']:.4f}"
+                improved = m["loss"] < state["best_loss"]
+                if improved:
+                    state["best_loss"] = m["loss"]
+                w = state["writer"]
+                if w is not None:
+                    for k in ("loss", "mae", "rmse", "ssim"):
+                        w.add_scalar(f"val/{k}", m[k], state["step"])
+                    pred, true = m["first"]
+                    w.add_image("val/prediction_vs_truth", ((torch.cat([true[0], pred[0]], dim=-1) + 1) / 2).clamp(0, 1), state["step"])
+            print0(line)
+            ckpt = make_checkpoint(state, args, epoch + 1)
+            save_run_file(os.path.join(args.output_dir, "last.pt"), ckpt)
+            if improved or (val_loader is None and is_main()):
+                save_run_file(os.path.join(args.output_dir, "best.pt"), ckpt)
+            if state["stop"].signum is not None:
+                break
+    except NonFiniteLoss as e:
+        print0(f"train_inversionnet.py: error: {e}")
+        code = 3
+    finally:
+        state["stop"].restore()
+        if state["profiler"] is not None:
+            state["profiler"].stop()
+        if state["writer"] is not None:
+            state["writer"].close()
+    if code == 0 and state["stop"].signum is not None:
+        code = 128 + state["stop"].signum
+        print0(f"stopped by signal {state['stop'].signum} at step {state['step']}; last.pt written, resume with --resume auto")
+    return code
+
+
+def cli(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        check_args(args)
+        return main(args)
+    except InputError as e:
+        msg = str(e).strip().splitlines()[-1] if "\n" in str(e) else str(e)
+        msg = re.sub(r"^\S*(DataError|InputError): ", "", msg)
+        print(f"train_inversionnet.py: error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # DataError raised inside a DataLoader worker comes back wrapped
+        text = str(e)
+        m = re.search(r"DataError: (.+)$", text.strip())
+        if m:
+            print(f"train_inversionnet.py: error: {m.group(1)}", file=sys.stderr)
+            return 2
+        raise
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
