@@ -1,0 +1,139 @@
+"""eval_inversionnet.py: metric definitions, perturbations, files, bad input."""
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import eval_inversionnet as E
+import train_inversionnet as T
+from helpers import EVAL, TRAIN, run_script, write_ids_dataset
+
+
+def ssim_reference(a, b):
+    """Independent float64 SSIM of one map pair in [-1, 1]: explicit 11x11 Gaussian window, zero padding."""
+    x, y = (a.astype(np.float64) + 1) / 2, (b.astype(np.float64) + 1) / 2
+    r = np.arange(11) - 5
+    g = np.exp(-(r ** 2) / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+
+    def filt(img):
+        p = np.pad(img, 5)
+        out = np.zeros_like(img)
+        for i in range(img.shape[0]):
+            for j in range(img.shape[1]):
+                out[i, j] = (p[i:i + 11, j:j + 11] * w).sum()
+        return out
+
+    mx, my = filt(x), filt(y)
+    sxx, syy, sxy = filt(x * x) - mx ** 2, filt(y * y) - my ** 2, filt(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    return (((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (sxx + syy + c2))).mean()
+
+
+def test_ssim_of_identical_maps_is_one():
+    x = torch.rand(3, 1, 70, 70) * 2 - 1
+    assert E.ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_ssim_matches_independent_float64_computation():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(-1, 1, (2, 1, 70, 70)).astype(np.float32)
+    b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
+    ours = T.ssim_per_sample(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    ref = [ssim_reference(a[i, 0], b[i, 0]) for i in range(2)]
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_metrics_zero_for_perfect_prediction_and_hand_computed_values():
+    t = torch.zeros(2, 1, 70, 70)
+    m = T.summarize(T.metric_sums(t, t))
+    assert m["mae"] == 0 and m["mse"] == 0 and m["rmse"] == 0 and m["ssim"] == pytest.approx(1.0)
+    p = t.clone()
+    p[0, 0, :35] = 0.2  # half of sample 0 off by 0.2, sample 1 perfect
+    m = T.summarize(T.metric_sums(p, t))
+    assert m["mae"] == pytest.approx((0.1 + 0) / 2) and m["mse"] == pytest.approx((0.02 + 0) / 2)
+    assert m["rmse"] == pytest.approx(0.1)
+
+
+def test_perturbations_are_seeded_and_do_what_they_say():
+    x = torch.randn(2, 5, 1000, 70)
+    keep = x.clone()
+    a = E.perturb(x, 0.1, 4, torch.Generator().manual_seed(1))
+    b = E.perturb(x, 0.1, 4, torch.Generator().manual_seed(1))
+    c = E.perturb(x, 0.1, 4, torch.Generator().manual_seed(2))
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(x, keep)
+    muted = (a.abs().sum(dim=(1, 2)) == 0).sum(dim=1)
+    assert muted.tolist() == [4, 4]
+    noisy = E.perturb(x, 0.1, 0, torch.Generator().manual_seed(1)) - x
+    ratio = noisy.std(dim=2) / x.abs().amax(dim=2)
+    assert ratio.mean().item() == pytest.approx(0.1, rel=0.05)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("evalrun")
+    write_ids_dataset(base / "d", (4, 4, 4))
+    r = run_script(TRAIN, "--data-root", base / "d", "--output-dir", base / "run", "--epochs", 1, "--batch-size", 2,
+                   "--num-workers", 0, "--no-progress", "--dataset", "flatvel-a", "--train-size", 0.67)
+    assert r.returncode == 0, r.stderr
+    return base
+
+
+@pytest.mark.slow
+def test_end_to_end_eval_writes_all_files(tiny_run):
+    out = tiny_run / "ev"
+    r = run_script(EVAL, "--checkpoint", tiny_run / "run" / "best.pt", "--output-dir", out, "--num-workers", 0,
+                   "--no-progress", "--vis", 3, "--noise-std", 0.05, "--missing-traces", 2)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 4 and metrics["files"] == 1  # the split rule of training, from the checkpoint
+    assert metrics["perturbation"] == {"noise_std": 0.05, "missing_traces": 2, "seed": 0}
+    rows = list(csv.DictReader((out / "per_sample.csv").open()))
+    assert len(rows) == 4
+    assert np.mean([float(r["mae"]) for r in rows]) == pytest.approx(metrics["model"]["mae"])
+    assert float(rows[0]["mae_ms"]) == pytest.approx(float(rows[0]["mae"]) * 1500)
+    assert "baseline (mean map)" in (out / "result.txt").read_text() and "beats the baseline" in r.stdout
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert len([p for p in pngs if p.startswith("sample_") and not p.endswith("shots.png")]) == 3
+    assert any(p.endswith("_shots.png") for p in pngs) and "ssim_histogram.png" in pngs
+
+
+@pytest.mark.slow
+def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path):
+    sd = torch.load(tiny_run / "run" / "best.pt", weights_only=False)["model"]
+    torch.save({"model": sd, "epoch": 0}, tmp_path / "fva_l1.pth")
+    lst = tmp_path / "val.txt"
+    lst.write_text(f"{tiny_run / 'd' / 'data' / 'data1.npy'}\t{tiny_run / 'd' / 'model' / 'model1.npy'}\n")
+    r = run_script(EVAL, "--checkpoint", tmp_path / "fva_l1.pth", "--val-list", lst, "--num-workers", 0, "--no-progress", "--vis", 0)
+    assert r.returncode == 2 and "--dataset" in r.stderr
+    r = run_script(EVAL, "--checkpoint", tmp_path / "fva_l1.pth", "--val-list", lst, "--dataset", "flatvel-a",
+                   "--num-workers", 0, "--no-progress", "--vis", 0, "--output-dir", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["samples"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "empty_split"])
+def test_bad_checkpoint_or_data(tiny_run, tmp_path, case):
+    ck = tiny_run / "run" / "best.pt"
+    args = ["--num-workers", 0, "--no-progress", "--vis", 0, "--output-dir", tmp_path / "o"]
+    if case == "missing":
+        args += ["--checkpoint", tmp_path / "nope.pt"]
+        needle = "no such file"
+    elif case == "truncated":
+        (tmp_path / "t.pt").write_bytes(ck.read_bytes()[:1000])
+        args += ["--checkpoint", tmp_path / "t.pt"]
+        needle = "not a readable checkpoint"
+    elif case == "incompatible":
+        torch.save({"model": {"fc.weight": torch.zeros(2)}}, tmp_path / "i.pt")
+        args += ["--checkpoint", tmp_path / "i.pt", "--dataset", "flatvel-a"]
+        needle = "incompatible"
+    else:
+        (tmp_path / "empty.txt").write_text("\n")
+        args += ["--checkpoint", ck, "--val-list", tmp_path / "empty.txt"]
+        needle = "empty split"
+    r = run_script(EVAL, *args)
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
