@@ -1,0 +1,86 @@
+"""Shared fixtures and the end-of-run report of the bench suite.
+
+Sizes: BENCH_SCALE=small (default; 2-core CPU, about 5 minutes) or BENCH_SCALE=gpu (bigger batches,
+more samples, more workers). BENCH_TRACE_DIR: where the profiler trace goes (default a temp dir).
+"""
+import os
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SCALE = os.environ.get("BENCH_SCALE", "small")
+CPUS = os.cpu_count() or 1
+if SCALE == "gpu":
+    CFG = dict(files=8, per_file=64, batches=(64, 256), steps=10, rounds=3, workers=sorted({0, 1, 2, 4, 8, 16} & set(range(CPUS + 1))))
+else:
+    CFG = dict(files=4, per_file=16, batches=(4, 8), steps=2, rounds=2, workers=sorted({0, 1, 2, 4} & set(range(CPUS + 1))))
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+LOADER_BATCH = CFG["batches"][-1]
+# per-worker-count figures collected by the benchmarks, printed as one table at the end
+RESULTS = {"loader": {}, "compute": {}, "e2e": {}, "sim": {}}
+PEAK_TFLOPS = {"H100": (989.0, 3.35e12), "H200": (989.0, 4.8e12), "A100": (312.0, 2.0e12)}  # bf16 dense, HBM B/s
+
+
+def environment():
+    return {"torch": torch.__version__, "device": torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+            "cpu_count": CPUS, "threads": torch.get_num_threads(), "scale": SCALE}
+
+
+@pytest.fixture(scope="session")
+def random_dataset():
+    """OpenFWI-layout files of random float32 data (loader cost does not depend on the values)."""
+    d = tempfile.mkdtemp(prefix="bench-data-")
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(d, "data"))
+    os.makedirs(os.path.join(d, "model"))
+    pairs = []
+    for i in range(1, CFG["files"] + 1):
+        x = rng.standard_normal((CFG["per_file"], 5, 1000, 70), dtype=np.float32) * 10
+        y = rng.uniform(1500, 4500, (CFG["per_file"], 1, 70, 70)).astype(np.float32)
+        dp, mp = os.path.join(d, "data", f"data{i}.npy"), os.path.join(d, "model", f"model{i}.npy")
+        np.save(dp, x)
+        np.save(mp, y)
+        pairs.append((dp, mp))
+    return pairs
+
+
+def pytest_terminal_summary(terminalreporter):
+    lines = report_lines()
+    if lines:
+        terminalreporter.write_sep("=", "InversionNet: where the time goes")
+        for line in lines:
+            terminalreporter.write_line(line)
+
+
+def report_lines():
+    loader, compute, e2e = RESULTS["loader"], RESULTS["compute"], RESULTS["e2e"]
+    if not (loader and compute):
+        return []
+    comp = compute.get(("fp32", LOADER_BATCH)) or max(compute.values())
+    env = environment()
+    out = [f"device {env['device']}, torch {env['torch']}, {env['cpu_count']} CPUs, {env['threads']} threads, "
+           f"batch {LOADER_BATCH}, scale {SCALE}",
+           f"compute-only (fp32, batch {LOADER_BATCH}): {comp:.1f} samples/s",
+           f"{'loader':9s}{'workers':>8s}{'pin':>5s}{'loader/s':>10s}{'GB/s':>7s}{'ratio':>7s}{'e2e/s':>8s}{'wait':>7s}  verdict"]
+    best = None
+    for (kind, workers, pin), (sps, gbs) in sorted(loader.items()):
+        e = e2e.get((kind, workers, pin))
+        ratio = sps / comp
+        e_sps, wait = (e if e else (float("nan"), float("nan")))
+        verdict = "compute-bound" if ratio >= 1.1 else "input-bound"
+        out.append(f"{kind:9s}{workers:8d}{'y' if pin else 'n':>5s}{sps:10.1f}{gbs:7.2f}{ratio:7.2f}{e_sps:8.1f}{100 * wait:6.0f}%  {verdict}")
+        if verdict == "compute-bound" and (best is None or (workers, kind != "gpu") < (best[1], best[0] != "gpu")):
+            best = (kind, workers)
+    if best:
+        out.append(f"recommendation: --loader {best[0]} --num-workers {best[1]} keeps the device fed (fewest workers with loader >= 1.1x compute)")
+    else:
+        out.append("recommendation: every loader is input-bound here; use --loader gpu if the split fits in device memory")
+    if RESULTS["sim"]:
+        out.append("simulator: " + ", ".join(f"{k} {v:.2f} samples/s" for k, v in RESULTS["sim"].items()))
+    return out
