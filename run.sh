@@ -13,7 +13,7 @@ Usage: bash run.sh [--profile auto|cpu|gpu] [--family flatvel|curvevel|flatfault
 
 Main job: install what is missing, simulate data with simulate_openfwi.py (reused when already
 there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, print a summary.
-  --profile    cpu: about 240 samples and 12 short epochs, under 10 minutes on 2 cores;
+  --profile    cpu: 160 samples and 15 short epochs, under 10 minutes on 2 cores;
                gpu: 24 files x 500 samples (OpenFWI's FlatVel size) and the --fast training preset;
                auto (default): gpu when CUDA is available, else cpu
   --family     velocity-model family to simulate (default flatvel)
@@ -59,8 +59,8 @@ if [[ "$profile" == gpu ]]; then
   sim=(--files 30 --samples-per-file 500 --val-files 6)
   train=(--fast --epochs 60 --batch-size 256 --lr 1e-3 --lr-scheduler cosine --lr-warmup-epochs 1 --num-workers 4)
 else
-  sim=(--files 6 --samples-per-file 40 --val-files 1 --batch-size 4)
-  train=(--epochs 12 --batch-size 8 --lr 1e-3 --num-workers 1 --log-every 50)
+  sim=(--files 5 --samples-per-file 32 --val-files 1 --batch-size 4)
+  train=(--epochs 15 --batch-size 8 --lr 1e-3 --num-workers 1 --log-every 16 --no-progress)
 fi
 
 step() { echo; echo "== $1"; }
