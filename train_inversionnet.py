@@ -146,8 +146,8 @@ def check_args(args):
         raise InputError(f"--max-steps must be positive, got {args.max_steps}")
     if args.val_batch_size is None:
         args.val_batch_size = args.batch_size
-    if not args.lr > 0:
-        raise InputError(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.lr <= 10:  # beyond 10, Adam's first step overflows float32 long before it means anything
+        raise InputError(f"--lr must be in (0, 10], got {args.lr}")
     if not 0 < args.train_size < 1:
         raise InputError(f"--train-size must be in (0, 1), got {args.train_size}")
     if args.lambda_l1 < 0 or args.lambda_l2 < 0 or args.lambda_l1 + args.lambda_l2 == 0:
@@ -177,7 +177,15 @@ def setup_distributed(args):
         cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        kw = {}
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restart > 0:
+            # torchrun keeps one key-value store across restarts; without a key space of its own the new
+            # group can read the dead group's addresses and fail to connect ("Connection refused")
+            store = next(dist.rendezvous("env://", timeout=timeout))[0]
+            kw = dict(store=dist.PrefixStore(f"inversionnet/restart-{restart}", store), rank=rank, world_size=world)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **kw)
         return rank, world, local
     if args.parallel == "ddp":
         raise InputError("--parallel ddp needs a torchrun launch (torchrun --nproc_per_node=N train_inversionnet.py ...)")
@@ -202,9 +210,27 @@ def print0(*msg):
         return
     text = " ".join(str(m) for m in msg)
     print(text, flush=True)
-    if _LOG_FILE is not None:
+    _append_log(text)
+
+
+def _append_log(text):
+    global _LOG_FILE
+    if _LOG_FILE is None:
+        return
+    try:
         with open(_LOG_FILE, "a") as fh:
             fh.write(text + "\n")
+    except OSError as e:  # a full disk must not kill the run here; the checkpoint write reports it
+        print(f"train_inversionnet.py: warning: cannot append to {_LOG_FILE} ({e.strerror}); log file disabled",
+              file=sys.stderr, flush=True)
+        _LOG_FILE = None
+
+
+def error0(text):
+    """A one-line error on stderr (and in train.log), rank 0 only."""
+    if is_main():
+        print(f"train_inversionnet.py: error: {text}", file=sys.stderr, flush=True)
+        _append_log(f"error: {text}")
 
 
 def seed_everything(seed):
@@ -254,14 +280,33 @@ def resolve_device(name, local_rank=0):
 def atomic_torch_save(obj, path):
     """Write to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact."""
     tmp = f"{path}.tmp-{os.getpid()}"
+    failed = []  # torch.save swallows the OSError of a failed write; keep it to name the real cause
+
+    class Recorder:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, b):
+            try:
+                return self.fh.write(b)
+            except OSError as e:
+                failed.append(e)
+                raise
+
+        def flush(self):
+            self.fh.flush()
+
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
+            torch.save(obj, Recorder(fh))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        raise InputError(f"cannot write checkpoint {path}: {e.strerror or e}") from None
+    except (OSError, RuntimeError) as e:
+        cause = failed[0] if failed else e
+        why = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[-1]
+        kept = "; the previous one is intact" if os.path.exists(path) else ""
+        raise InputError(f"cannot write checkpoint {path}: {why}{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -942,11 +987,18 @@ def train_one_epoch(state, loader, epoch, args, skip_batches=0):
         if len(x) < 2:  # BatchNorm cannot train on a single sample (a worker's lone leftover)
             state["batch_in_epoch"] = b + 1
             continue
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = model(x)
-            loss = loss_fn(pred, y, args)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        try:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                pred = model(x)
+                loss = loss_fn(pred, y, args)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        except RuntimeError as e:
+            if not args.detect_anomaly:
+                raise
+            # --detect-anomaly: autograd names the op whose backward made NaN; say where it happened
+            first = str(e).strip().splitlines()[0]
+            raise NonFiniteLoss(f"autograd anomaly at epoch {epoch}, batch {b} (step {state['step'] + 1}): {first}") from None
         if args.grad_clip:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -965,10 +1017,12 @@ def train_one_epoch(state, loader, epoch, args, skip_batches=0):
         last = b == n_batches - 1 or (args.max_steps is not None and state["step"] >= args.max_steps)
         stop_here = state["stop"].signum is not None and not dist.is_initialized()
         if state["step"] % args.log_every == 0 or last or stop_here:
-            if bad_at.item() >= 0:  # the one host sync of the step, only at log time
-                bad = bad_at.item()
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {bad} (step {state['step'] - (b - bad)}); "
-                                    f"last.pt keeps the last good state")
+            if dist.is_initialized():  # every rank must stop on a NaN any rank saw, or the rest hang
+                dist.all_reduce(bad_at, op=dist.ReduceOp.MAX)
+            bad = bad_at.item()  # the one host sync of the step, only at log time
+            if bad >= 0:
+                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {bad} "
+                                    f"(step {state['step'] - (b - bad)})")
             now = time.perf_counter()
             rate = seen * state["world"] / max(now - t_last, 1e-9)
             wait = t_wait / max(now - t_last, 1e-9)
@@ -1065,11 +1119,18 @@ def prepare_output_dir(args, rank):
         try:
             os.makedirs(out, exist_ok=True)
             probe = os.path.join(out, f".write-test-{os.getpid()}")
-            with open(probe, "w") as fh:
-                fh.write("ok")
-            os.remove(probe)
+            try:
+                with open(probe, "w") as fh:
+                    fh.write("ok")
+            finally:
+                if os.path.exists(probe):
+                    os.remove(probe)
         except OSError as e:
             raise InputError(f"--output-dir {out} is not writable: {e.strerror}") from None
+        for name in sorted(os.listdir(out)):  # a kill inside torch.save leaves its temporary file behind
+            if re.fullmatch(r"(last|best)\.pt\.tmp-\d+", name):
+                os.remove(os.path.join(out, name))
+                print0(f"removed {name} (the partial write of a run killed while saving; the checkpoint itself is intact)")
 
 
 def splits(args):
@@ -1233,7 +1294,9 @@ def main(args):
             if state["stop"].signum is not None:
                 break
     except NonFiniteLoss as e:
-        print0(f"train_inversionnet.py: error: {e}")
+        last_pt = os.path.join(args.output_dir, "last.pt")
+        kept = f"{last_pt} keeps the last good state" if os.path.isfile(last_pt) else "no checkpoint was written before it"
+        error0(f"{e}; {kept}")
         code = 3
     finally:
         state["stop"].restore()

@@ -1,5 +1,8 @@
 """Faults and bad input, triggered for real: signals, kills, non-finite losses, bad files, failing storage."""
+import hashlib
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -9,44 +12,234 @@ import numpy as np
 import pytest
 import torch
 
+import train_inversionnet as T
 from helpers import ROOT, TRAIN, run_script, write_ids_dataset
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a"]
+EXACT = [*BASE, "--deterministic", "--seed", "3"]  # the runs whose weights are compared bit for bit
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """16 samples in files of 6, 6, 4: the default split trains on 10 (5 batches of 2) and validates on 6."""
     d = tmp_path_factory.mktemp("faults") / "d"
     write_ids_dataset(d, (6, 6, 4))
     return d
 
 
-def start(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    return subprocess.Popen([sys.executable, TRAIN, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory):
+    """The uninterrupted two-epoch run that interrupted-and-resumed runs must reproduce exactly."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
+    assert r.returncode == 0, r.stderr
+    return torch.load(out / "last.pt", weights_only=False)
 
 
-def wait_for(path, proc, timeout=300):
-    t0 = time.time()
-    while not os.path.exists(path):
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
-        time.sleep(0.2)
+def start(*args, env=None, launcher=(TRAIN,)):
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    e.update(env or {})
+    return subprocess.Popen([sys.executable, *launcher, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=e, cwd=ROOT)
 
 
-def test_sigkill_leaves_a_loadable_last_checkpoint(data, tmp_path):
+def read_until(proc, pattern, timeout=300):
+    """Read the child's stdout line by line until a line matches; returns everything read."""
+    seen, t0 = [], time.time()
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(pattern, line):
+            return "".join(seen)
+        assert time.time() - t0 < timeout, "".join(seen)
+    raise AssertionError(f"exited ({proc.wait()}) before printing {pattern!r}:\n{''.join(seen)}\n{proc.stderr.read()}")
+
+
+def load(path):
+    return torch.load(path, weights_only=False)
+
+
+def assert_same_weights(a, b):
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+# ---- interruption ----
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, straight, tmp_path, sig, code):
     out = tmp_path / "run"
-    p = start("--data-root", data, "--output-dir", out, "--epochs", 50, *BASE)
-    wait_for(out / "last.pt", p)
-    time.sleep(1.5)  # land somewhere in the next epoch, possibly mid-write
+    p = start("--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
+    read_until(p, r"epoch 0 step 2 ")
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == code, stderr
+    assert f"stopped by signal {int(sig)}" in stdout and "last.pt written" in stdout
+    ck = load(out / "last.pt")
+    k = ck["batch_in_epoch"]
+    assert ck["epoch"] == 0 and 2 <= k < 5 and ck["step"] == k  # the step under way was finished, not dropped
+    assert not list(out.glob("*.tmp-*"))
+    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, "--resume", "auto", *EXACT)
+    assert r.returncode == 0, r.stderr
+    assert f"continuing at epoch 0, batch {k}" in r.stdout
+    assert f"epoch 0 step {k + 1} batch {k + 1}/5" in r.stdout  # the batches already trained are skipped
+    assert_same_weights(load(out / "last.pt"), straight)
+
+
+def test_sigkill_leaves_a_loadable_last_and_resume_matches_straight_run(data, straight, tmp_path):
+    out = tmp_path / "run"
+    p = start("--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
+    read_until(p, r"epoch 1 step 7 ")  # epoch 0's last.pt is on disk; epoch 1 is two steps in
     p.kill()
     p.communicate()
-    ck = torch.load(out / "last.pt", weights_only=False)
-    assert ck["epoch"] >= 1 and "model" in ck
-    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", ck["epoch"] + 1, "--resume", "auto", *BASE)
-    assert r.returncode == 0 and "resuming from" in r.stdout, r.stderr
+    assert p.returncode == -signal.SIGKILL
+    ck = load(out / "last.pt")
+    assert ck["epoch"] == 1 and ck["step"] == 5 and ck["batch_in_epoch"] == 0
+    stale = out / f"last.pt.tmp-{p.pid}"  # what a kill inside torch.save leaves next to the intact last.pt
+    stale.write_bytes(b"half a checkpoint")
+    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, "--resume", "auto", *EXACT)
+    assert r.returncode == 0, r.stderr
+    assert "resuming from" in r.stdout and "continuing at the start of epoch 1" in r.stdout
+    assert f"removed {stale.name}" in r.stdout and not stale.exists()
+    assert_same_weights(load(out / "last.pt"), straight)
+
+
+# ---- elastic DDP ----
+
+def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_resumes(tmp_path):
+    data = tmp_path / "d"
+    write_ids_dataset(data, (4, 4, 4, 4, 4))  # 16 train samples: 4 steps per epoch at 2 per rank x 2 ranks
+    out = tmp_path / "run"
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+                "--monitor-interval=0.5", TRAIN)
+    p = start("--data-root", data, "--output-dir", out, "--epochs", 3, "--loader", "iterable", *BASE,
+              launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    read_until(p, r"epoch 1 step 5 ")  # one epoch done and saved
+    workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train_inversionnet.py"], capture_output=True, text=True)
+    pids = [int(x) for x in workers.stdout.split()]
+    assert len(pids) == 2, workers
+    os.kill(pids[-1], signal.SIGKILL)
+    stdout, stderr = p.communicate(timeout=600)
+    assert p.returncode == 0, stderr[-3000:]
+    assert "resuming from" in stdout and "continuing at" in stdout, stdout
+    ck = load(out / "last.pt")
+    assert ck["epoch"] == 3 and ck["step"] == 12
+
+
+def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_the_group_resumes(tmp_path):
+    """Cluster pre-emption: the launcher forwards SIGTERM; the ranks agree on a step, rank 0 saves, all exit."""
+    data = tmp_path / "d"
+    write_ids_dataset(data, (4, 4, 4, 4, 4))
+    out = tmp_path / "run"
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN)
+    args = ["--data-root", data, "--output-dir", out, "--epochs", 2, "--loader", "iterable", *BASE]
+    p = start(*args, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    read_until(p, r"epoch 0 step 2 ")
+    p.send_signal(signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode != 0 and "stopped by signal 15" in stdout, stdout + stderr[-2000:]
+    ck = load(out / "last.pt")
+    assert ck["epoch"] == 0 and 2 <= ck["batch_in_epoch"] < 4 and ck["step"] == ck["batch_in_epoch"]
+    p = start(*args, "--resume", "auto", launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr[-3000:]
+    assert f"continuing at epoch 0, batch {ck['batch_in_epoch']}" in stdout
+    assert load(out / "last.pt")["step"] == 8
+
+
+# ---- numerical faults ----
+
+def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoint(tmp_path):
+    root = tmp_path / "d"
+    write_ids_dataset(root, (6, 6, 4))
+    out = tmp_path / "run"
+    r = run_script(TRAIN, "--data-root", root, "--output-dir", out, "--epochs", 1, *BASE)
+    assert r.returncode == 0, r.stderr
+    before = digest(out / "last.pt")
+    for f in ("model1.npy", "model2.npy", "model3.npy"):  # a finite but absurd velocity: the L1 sum overflows
+        m = np.load(root / "model" / f)
+        m[0] = 3.4e38
+        np.save(root / "model" / f, m)
+    r = run_script(TRAIN, "--data-root", root, "--output-dir", out, "--epochs", 2, "--resume", "auto", *BASE)
+    assert r.returncode == 3, r.stdout + r.stderr
+    m = re.search(r"error: non-finite loss at epoch 1, batch (\d) \(step (\d+)\); \S*last.pt keeps the last good state",
+                  r.stderr)
+    assert m and int(m.group(2)) == 5 + int(m.group(1)) + 1, r.stderr  # epoch 0 took steps 1-5
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert digest(out / "last.pt") == before and load(out / "last.pt")["epoch"] == 1
+    assert "non-finite loss" in (out / "train.log").read_text()
+
+
+def toy_state(model, scaler, lr=0.1):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    return {"model": model, "opt": opt, "sched": torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0),
+            "scaler": scaler, "device": torch.device("cpu"), "normalizer": None, "normalized": True, "world": 1,
+            "step": 0, "batch_in_epoch": 0, "writer": None, "profiler": None, "stop": T.StopRequested()}
+
+
+def test_detect_anomaly_names_the_batch_whose_backward_made_nan(capsys):
+    class SqrtOfZero(torch.nn.Module):  # d/dx sqrt(x) at 0 is inf; times the zero upstream gradient: NaN
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            return torch.sqrt(self.w * x * 0) * 0 + self.w * x
+
+    args = T.check_args(T.get_args_parser().parse_args(["--detect-anomaly", "--no-progress"]))
+    batches = [(torch.ones(2, 3), torch.zeros(2, 3))] * 3
+    state = toy_state(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False))
+    with torch.autograd.set_detect_anomaly(True), pytest.warns(UserWarning):
+        with pytest.raises(T.NonFiniteLoss, match=r"autograd anomaly at epoch 4, batch 0 \(step 1\): .*Sqrt.*nan"):
+            T.train_one_epoch(state, batches, 4, args)
+    args.detect_anomaly = False  # without it the NaN gradient is applied and only the next loss shows it
+    with pytest.raises(T.NonFiniteLoss, match=r"non-finite loss at epoch 0, batch 1 \(step 2\)"):
+        T.train_one_epoch(toy_state(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False)), batches, 0, args)
+
+
+def test_fp16_grad_scaler_skipped_steps_are_logged_not_fatal(capsys):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 3)
+    w0 = model.weight.detach().clone()
+    args = T.check_args(T.get_args_parser().parse_args(["--amp", "fp16", "--no-progress", "--log-every", "1"]))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # fp16 gradients overflow at this scale
+    state = toy_state(model, scaler)
+    T.train_one_epoch(state, [(torch.ones(4, 3), torch.zeros(4, 3))] * 2, 0, args)
+    out = capsys.readouterr().out
+    assert "step 1: fp16 GradScaler skipped a step (overflow); scale now 6.33825e+29" in out
+    assert torch.equal(model.weight.detach(), w0)  # both steps skipped: the weights are untouched
+    assert state["step"] == 2 and scaler.get_scale() == 2.0 ** 98
+
+
+# ---- storage ----
+
+def limit_file_size(mb):
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (mb << 20, mb << 20))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+    return apply
+
+
+def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(data, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 1, *BASE)
+    assert r.returncode == 0, r.stderr
+    last, best = digest(out / "last.pt"), digest(out / "best.pt")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, TRAIN, "--data-root", str(data), "--output-dir", str(out), "--epochs", "2",
+                        "--resume", "auto", *BASE], capture_output=True, text=True, env=env, cwd=ROOT,
+                       preexec_fn=limit_file_size(50), timeout=600)  # a checkpoint is ~290 MB
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert re.search(r"^train_inversionnet.py: error: cannot write checkpoint \S*last.pt: File too large; the previous one is intact$", r.stderr.strip()), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert digest(out / "last.pt") == last and digest(out / "best.pt") == best
+    assert load(out / "last.pt")["epoch"] == 1
+    assert not list(out.glob("*.tmp-*"))
 
 
 def corrupt(root, case):
@@ -93,17 +286,30 @@ def test_bad_data_one_line_exit_2(tmp_path, case):
     (["--resume", "/nonexistent.pt"], "--resume /nonexistent.pt: no such file"),
     (["--init-from", "GARBAGE"], "not a readable checkpoint"),
     (["--output-dir", "AFILE"], "not a directory"),
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--lr", "1e38"], "--lr must be in (0, 10], got 1e+38"),
+    (["--train-size", "1.0"], "--train-size must be in (0, 1), got 1.0"),
+    (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),
+    (["--data-root", "ONEFILE"], "the validation split is empty"),
 ])
 def test_bad_arguments_one_line_exit_2(data, tmp_path, args, needle):
     (tmp_path / "empty").mkdir()
     (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
     (tmp_path / "afile").write_text("x")
-    subst = {"EMPTY": str(tmp_path / "empty"), "GARBAGE": str(tmp_path / "garbage.pt"), "AFILE": str(tmp_path / "afile")}
+    write_ids_dataset(tmp_path / "one", (4,))
+    subst = {"EMPTY": str(tmp_path / "empty"), "GARBAGE": str(tmp_path / "garbage.pt"), "AFILE": str(tmp_path / "afile"),
+             "ONEFILE": str(tmp_path / "one")}
     args = [subst.get(a, a) for a in args]
-    if "--data-root" not in args:
-        args = ["--data-root", str(data), *args]
-    if "--output-dir" not in args:
-        args += ["--output-dir", str(tmp_path / "o")]
-    r = run_script(TRAIN, *args, "--epochs", 1, "--batch-size", "2", "--num-workers", "0", "--no-progress", "--dataset", "flatvel-a")
+    defaults = ["--data-root", data, "--output-dir", tmp_path / "o", "--epochs", 1, *BASE]
+    r = run_script(TRAIN, *defaults, *args)  # the case's flags come last, so they win
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_unwritable_output_dir_fails_before_training(data, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, TRAIN, "--data-root", str(data), "--output-dir", str(out), "--epochs", "1", *BASE],
+                       capture_output=True, text=True, env=env, cwd=ROOT, preexec_fn=limit_file_size(0), timeout=600)
+    assert r.returncode == 2 and r.stderr.strip() == f"train_inversionnet.py: error: --output-dir {out} is not writable: File too large"
+    assert "epoch" not in r.stdout and os.listdir(out) == []
