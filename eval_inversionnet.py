@@ -109,14 +109,20 @@ def mean_velocity_map(train_pairs, counts=None):
     return torch.from_numpy((total / n).astype(np.float32))
 
 
+def check_cli(cli):
+    if cli.batch_size <= 0:
+        raise T.InputError(f"--batch-size must be positive, got {cli.batch_size}")
+    for flag, value in (("--noise-std", cli.noise_std), ("--vis", cli.vis), ("--num-workers", cli.num_workers)):
+        if value < 0:
+            raise T.InputError(f"{flag} must be >= 0, got {value}")
+    if not 0 <= cli.missing_traces <= 70:
+        raise T.InputError(f"--missing-traces must be in [0, 70], got {cli.missing_traces}")
+
+
 def main(cli):
+    check_cli(cli)
     rank, world, local = T.setup_distributed(argparse.Namespace(parallel="auto", device=cli.device))
     device = T.resolve_device(cli.device, local)
-    for name in ("batch_size",):
-        if getattr(cli, name) <= 0:
-            raise T.InputError(f"--{name.replace('_', '-')} must be positive")
-    if cli.noise_std < 0 or cli.missing_traces < 0 or cli.missing_traces > 70 or cli.vis < 0 or cli.num_workers < 0:
-        raise T.InputError("--noise-std, --vis and --num-workers must be >= 0 and --missing-traces in [0, 70]")
     if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
         raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
     if not os.path.isfile(cli.checkpoint):

@@ -152,8 +152,10 @@ def check_args(args):
         raise InputError(f"--train-size must be in (0, 1), got {args.train_size}")
     if args.lambda_l1 < 0 or args.lambda_l2 < 0 or args.lambda_l1 + args.lambda_l2 == 0:
         raise InputError("--lambda-l1 and --lambda-l2 must be >= 0 and not both 0")
-    if (args.train_list is None) != (args.val_list is None) and not (args.train_list and args.val_every == 0):
-        raise InputError("--train-list and --val-list go together")
+    if args.val_list and not args.train_list:
+        raise InputError("--val-list needs --train-list")
+    if args.train_list and not args.val_list and args.val_every:
+        raise InputError("--train-list needs --val-list (or --val-every 0 to train without validation)")
     for flag in ("train_list", "val_list", "stats", "init_from"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
@@ -752,34 +754,23 @@ def device_batches(loader, device, normalizer, normalized, channels_last=False):
 
 # ---- model (OpenFWI network.py, same module names so state_dicts load with strict=True) ----
 
-class ConvBlock(nn.Module):
-    def __init__(self, in_fea, out_fea, kernel_size=3, stride=1, padding=1, relu_slope=0.2):
+class Block(nn.Module):
+    """Conv (or transposed conv) -> BatchNorm -> LeakyReLU(0.2), or tanh for the last block. The three
+    layers sit in `.layers` so the state_dict keys are OpenFWI's (`convblock1.layers.0.weight`, ...)."""
+
+    def __init__(self, in_fea, out_fea, kernel_size=3, stride=1, padding=1, transpose=False, tanh=False):
         super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(in_fea, out_fea, kernel_size, stride, padding),
-                                    nn.BatchNorm2d(out_fea), nn.LeakyReLU(relu_slope, inplace=True))
+        conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+        self.layers = nn.Sequential(conv(in_fea, out_fea, kernel_size, stride, padding), nn.BatchNorm2d(out_fea),
+                                    nn.Tanh() if tanh else nn.LeakyReLU(0.2, inplace=True))
 
     def forward(self, x):
         return self.layers(x)
 
 
-class ConvBlockTanh(nn.Module):
-    def __init__(self, in_fea, out_fea, kernel_size=3, stride=1, padding=1):
-        super().__init__()
-        self.layers = nn.Sequential(nn.Conv2d(in_fea, out_fea, kernel_size, stride, padding),
-                                    nn.BatchNorm2d(out_fea), nn.Tanh())
-
-    def forward(self, x):
-        return self.layers(x)
-
-
-class DeconvBlock(nn.Module):
-    def __init__(self, in_fea, out_fea, kernel_size=2, stride=2, padding=0, relu_slope=0.2):
-        super().__init__()
-        self.layers = nn.Sequential(nn.ConvTranspose2d(in_fea, out_fea, kernel_size, stride, padding),
-                                    nn.BatchNorm2d(out_fea), nn.LeakyReLU(relu_slope, inplace=True))
-
-    def forward(self, x):
-        return self.layers(x)
+def up(in_fea, out_fea, kernel_size=4, stride=2, padding=1):
+    """The decoder's upsampling block: a transposed conv, BatchNorm, LeakyReLU."""
+    return Block(in_fea, out_fea, kernel_size, stride, padding, transpose=True)
 
 
 class InversionNet(nn.Module):
@@ -787,31 +778,31 @@ class InversionNet(nn.Module):
 
     def __init__(self, dim1=32, dim2=64, dim3=128, dim4=256, dim5=512):
         super().__init__()
-        self.convblock1 = ConvBlock(5, dim1, kernel_size=(7, 1), stride=(2, 1), padding=(3, 0))
-        self.convblock2_1 = ConvBlock(dim1, dim2, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
-        self.convblock2_2 = ConvBlock(dim2, dim2, kernel_size=(3, 1), padding=(1, 0))
-        self.convblock3_1 = ConvBlock(dim2, dim2, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
-        self.convblock3_2 = ConvBlock(dim2, dim2, kernel_size=(3, 1), padding=(1, 0))
-        self.convblock4_1 = ConvBlock(dim2, dim3, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
-        self.convblock4_2 = ConvBlock(dim3, dim3, kernel_size=(3, 1), padding=(1, 0))
-        self.convblock5_1 = ConvBlock(dim3, dim3, stride=2)
-        self.convblock5_2 = ConvBlock(dim3, dim3)
-        self.convblock6_1 = ConvBlock(dim3, dim4, stride=2)
-        self.convblock6_2 = ConvBlock(dim4, dim4)
-        self.convblock7_1 = ConvBlock(dim4, dim4, stride=2)
-        self.convblock7_2 = ConvBlock(dim4, dim4)
-        self.convblock8 = ConvBlock(dim4, dim5, kernel_size=(8, math.ceil(70 / 8)), padding=0)
-        self.deconv1_1 = DeconvBlock(dim5, dim5, kernel_size=5)
-        self.deconv1_2 = ConvBlock(dim5, dim5)
-        self.deconv2_1 = DeconvBlock(dim5, dim4, kernel_size=4, stride=2, padding=1)
-        self.deconv2_2 = ConvBlock(dim4, dim4)
-        self.deconv3_1 = DeconvBlock(dim4, dim3, kernel_size=4, stride=2, padding=1)
-        self.deconv3_2 = ConvBlock(dim3, dim3)
-        self.deconv4_1 = DeconvBlock(dim3, dim2, kernel_size=4, stride=2, padding=1)
-        self.deconv4_2 = ConvBlock(dim2, dim2)
-        self.deconv5_1 = DeconvBlock(dim2, dim1, kernel_size=4, stride=2, padding=1)
-        self.deconv5_2 = ConvBlock(dim1, dim1)
-        self.deconv6 = ConvBlockTanh(dim1, 1)
+        self.convblock1 = Block(5, dim1, kernel_size=(7, 1), stride=(2, 1), padding=(3, 0))
+        self.convblock2_1 = Block(dim1, dim2, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
+        self.convblock2_2 = Block(dim2, dim2, kernel_size=(3, 1), padding=(1, 0))
+        self.convblock3_1 = Block(dim2, dim2, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
+        self.convblock3_2 = Block(dim2, dim2, kernel_size=(3, 1), padding=(1, 0))
+        self.convblock4_1 = Block(dim2, dim3, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0))
+        self.convblock4_2 = Block(dim3, dim3, kernel_size=(3, 1), padding=(1, 0))
+        self.convblock5_1 = Block(dim3, dim3, stride=2)
+        self.convblock5_2 = Block(dim3, dim3)
+        self.convblock6_1 = Block(dim3, dim4, stride=2)
+        self.convblock6_2 = Block(dim4, dim4)
+        self.convblock7_1 = Block(dim4, dim4, stride=2)
+        self.convblock7_2 = Block(dim4, dim4)
+        self.convblock8 = Block(dim4, dim5, kernel_size=(8, math.ceil(70 / 8)), padding=0)
+        self.deconv1_1 = up(dim5, dim5, kernel_size=5, padding=0)
+        self.deconv1_2 = Block(dim5, dim5)
+        self.deconv2_1 = up(dim5, dim4)
+        self.deconv2_2 = Block(dim4, dim4)
+        self.deconv3_1 = up(dim4, dim3)
+        self.deconv3_2 = Block(dim3, dim3)
+        self.deconv4_1 = up(dim3, dim2)
+        self.deconv4_2 = Block(dim2, dim2)
+        self.deconv5_1 = up(dim2, dim1)
+        self.deconv5_2 = Block(dim1, dim1)
+        self.deconv6 = Block(dim1, 1, tanh=True)
 
     def forward(self, x):
         for name in ("convblock1", "convblock2_1", "convblock2_2", "convblock3_1", "convblock3_2", "convblock4_1",

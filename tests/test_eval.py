@@ -137,3 +137,13 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, case):
     r = run_script(EVAL, *args)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--missing-traces", "71"], "--missing-traces must be in [0, 70], got 71"),
+    (["--noise-std", "-0.1"], "--noise-std must be >= 0, got -0.1"),
+])
+def test_bad_flags_one_line_exit_2(tmp_path, args, needle):
+    r = run_script(EVAL, "--checkpoint", tmp_path / "never-read.pt", *args)
+    assert r.returncode == 2 and r.stderr.strip() == f"eval_inversionnet.py: error: {needle}", r.stderr

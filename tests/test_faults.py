@@ -291,6 +291,8 @@ def test_bad_data_one_line_exit_2(tmp_path, case):
     (["--train-size", "1.0"], "--train-size must be in (0, 1), got 1.0"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),
     (["--data-root", "ONEFILE"], "the validation split is empty"),
+    (["--val-list", "AFILE"], "--val-list needs --train-list"),
+    (["--train-list", "AFILE"], "--train-list needs --val-list (or --val-every 0"),
 ])
 def test_bad_arguments_one_line_exit_2(data, tmp_path, args, needle):
     (tmp_path / "empty").mkdir()
