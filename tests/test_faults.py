@@ -259,7 +259,7 @@ def corrupt(root, case):
     if case == "count_mismatch":
         np.save(m, np.load(m)[:3])
         return "data1.npy", "but"
-    if case in ("nan_gpu", "nan_map"):
+    if case in ("nan_gpu", "nan_map", "nan_iterable"):
         x = np.load(d)
         x[:, 1, 10, 10] = np.nan
         np.save(d, x)
@@ -267,12 +267,14 @@ def corrupt(root, case):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "wrong_shape", "unpaired", "count_mismatch", "nan_gpu", "nan_map"])
+@pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "wrong_shape", "unpaired", "count_mismatch", "nan_gpu", "nan_map",
+                                  "nan_iterable"])
 def test_bad_data_one_line_exit_2(tmp_path, case):
     root = tmp_path / "d"
     write_ids_dataset(root, (4, 4))
     name, needle = corrupt(root, case)
-    extra = ["--loader", "gpu"] if case == "nan_gpu" else (["--num-workers", "1"] if case == "nan_map" else [])
+    extra = {"nan_gpu": ["--loader", "gpu"], "nan_map": ["--num-workers", "1"],
+             "nan_iterable": ["--loader", "iterable", "--num-workers", "1"]}.get(case, [])
     r = run_script(TRAIN, "--data-root", root, "--output-dir", tmp_path / "o", "--epochs", 1, "--train-size", 0.5,
                    "--seed", 1, *BASE, *extra)
     assert r.returncode == 2, r.stdout + r.stderr
