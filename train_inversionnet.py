@@ -1318,6 +1318,10 @@ def cli(argv=None):
             print(f"train_inversionnet.py: error: {m.group(1)}", file=sys.stderr)
             return 2
         raise
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
+        print("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous "
+              "complete checkpoint", file=sys.stderr)
+        return 128 + signal.SIGINT
     finally:
         cleanup_distributed()
 

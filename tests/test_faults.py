@@ -91,6 +91,22 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert_same_weights(load(out / "last.pt"), straight)
 
 
+def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
+    out = tmp_path / "run"
+    p = start("--data-root", data, "--output-dir", out, "--epochs", 2, *BASE)
+    read_until(p, r"epoch 0 step 1 ")
+    p.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGINT)  # inside the step the first one asked to finish
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 130, stderr
+    assert stderr.strip() == ("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, "
+                              "is the previous complete checkpoint")
+    assert not list(out.glob("*.tmp-*"))
+    if (out / "last.pt").exists():
+        load(out / "last.pt")
+
+
 def test_sigkill_leaves_a_loadable_last_and_resume_matches_straight_run(data, straight, tmp_path):
     out = tmp_path / "run"
     p = start("--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
