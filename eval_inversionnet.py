@@ -13,6 +13,7 @@ Metrics (OpenFWI test.py): MAE, MSE, RMSE = sqrt(MSE) and SSIM on the normalised
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -42,6 +43,7 @@ def get_args_parser():
     p.add_argument("--dataset", default=None, choices=sorted(T.DATASETS), help="normalisation constants (needed for OpenFWI checkpoints)")
     p.add_argument("--stats", default=None, help="normalisation JSON (as written by simulate_openfwi.py)")
     p.add_argument("--output-dir", default=None, help="where results go (default: CHECKPOINT_DIR/eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results already in --output-dir")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype")
@@ -121,6 +123,10 @@ def check_cli(cli):
 
 def main(cli):
     check_cli(cli)
+    out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "eval")
+    if os.path.exists(os.path.join(out, "metrics.json")) and not cli.overwrite:
+        raise T.InputError(f"--output-dir {out} already holds results (metrics.json); pass --overwrite to replace "
+                           f"them or choose another --output-dir")
     rank, world, local = T.setup_distributed(argparse.Namespace(parallel="auto", device=cli.device))
     device = T.resolve_device(cli.device, local)
     if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
@@ -142,7 +148,6 @@ def main(cli):
         raise T.DataError("the evaluation split is empty")
     counts = T.inspect_pairs(pairs)
     model.to(device).eval()
-    out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "eval")
     if rank == 0:
         try:
             os.makedirs(out, exist_ok=True)
@@ -204,14 +209,14 @@ def main(cli):
               "perturbation": {"noise_std": cli.noise_std, "missing_traces": cli.missing_traces, "seed": cli.seed},
               "model": m, "baseline_mean_map": b, "paper_reference": {"dataset": family, "mae": PAPER[family][0],
                                                                       "rmse": PAPER[family][1], "ssim": PAPER[family][2]}}
-    write_json(os.path.join(out, "metrics.json"), result)
-    with open(os.path.join(out, "per_sample.csv"), "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
-        w.writerows(rows)
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
+    w.writerows(rows)
     text = report(result)
-    with open(os.path.join(out, "result.txt"), "w") as fh:
-        fh.write(text)
+    write_text(os.path.join(out, "per_sample.csv"), table.getvalue())
+    write_text(os.path.join(out, "result.txt"), text)
+    write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2))  # last: it marks a complete result
     if cli.vis:
         draw(cli, model, device, normalizer, pairs, counts, rows, out, amp_dtype)
     print(text, end="")
@@ -219,11 +224,18 @@ def main(cli):
     return 0
 
 
-def write_json(path, obj):
+def write_text(path, text):
+    """Temporary name, then rename: a result file is either the old one or the whole new one."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise T.InputError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def report(r):

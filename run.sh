@@ -77,7 +77,7 @@ resume=()
   || { echo "run.sh: training failed" >&2; exit 1; }
 step "3/3 evaluate -> $out/run/eval"
 # shellcheck disable=SC2086
-"$PY" eval_inversionnet.py --checkpoint "$out/run/best.pt" --vis 3 $eval_args \
+"$PY" eval_inversionnet.py --checkpoint "$out/run/best.pt" --vis 3 --overwrite $eval_args \
   || { echo "run.sh: evaluation failed" >&2; exit 1; }
 cat <<SUMMARY
 

@@ -147,3 +147,19 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, case):
 def test_bad_flags_one_line_exit_2(tmp_path, args, needle):
     r = run_script(EVAL, "--checkpoint", tmp_path / "never-read.pt", *args)
     assert r.returncode == 2 and r.stderr.strip() == f"eval_inversionnet.py: error: {needle}", r.stderr
+
+
+@pytest.mark.slow
+def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path):
+    out = tmp_path / "ev"
+    args = ["--checkpoint", tiny_run / "run" / "best.pt", "--output-dir", out, "--num-workers", 0, "--no-progress", "--vis", 0]
+    assert run_script(EVAL, *args).returncode == 0
+    first = (out / "metrics.json").read_bytes()
+    r = run_script(EVAL, *args, "--noise-std", 0.5)
+    assert r.returncode == 2 and r.stderr.strip() == (f"eval_inversionnet.py: error: --output-dir {out} already holds results "
+                                                      "(metrics.json); pass --overwrite to replace them or choose another --output-dir")
+    assert (out / "metrics.json").read_bytes() == first
+    r = run_script(EVAL, *args, "--noise-std", 0.5, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "metrics.json").read_text())["perturbation"]["noise_std"] == 0.5
+    assert not list(out.glob("*.tmp-*"))
