@@ -396,6 +396,7 @@ def main(args):
         for name in os.listdir(d):
             if ".npy.tmp-" in name:
                 os.remove(os.path.join(d, name))
+    check_existing(args)
     todo = [i for i in range(1, n + 1)
             if not (npy_complete(pair_paths(args.out, i)[0], (N, len(SRC_COLS), NT, N_GRID))
                     and npy_complete(pair_paths(args.out, i)[1], (N, 1, N_GRID, N_GRID)))]
@@ -414,6 +415,34 @@ def main(args):
         print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
     write_metadata(args)
     return 0
+
+
+SETTINGS = ("family", "seed", "samples_per_file", "pml_width")  # what decides the content of file i
+
+
+def check_existing(args):
+    """Resume only our own files made with the same settings; never replace anyone else's data.
+    The settings go to OUT/simulate.json before the first file is written."""
+    path = os.path.join(args.out, "simulate.json")
+    ours = {k: getattr(args, k) for k in SETTINGS}
+    npys = [n for sub in ("data", "model") for n in os.listdir(os.path.join(args.out, sub)) if n.endswith(".npy")]
+    recorded = None
+    for name in ("simulate.json", "dataset.json"):  # dataset.json: sets made before simulate.json existed
+        try:
+            with open(os.path.join(args.out, name)) as fh:
+                meta = json.load(fh)
+            recorded = {k: meta[k] for k in SETTINGS}
+            break
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    if npys and recorded is None:
+        raise SimulationError(f"--out {args.out} already holds .npy files that simulate_openfwi.py did not make "
+                              f"(no simulate.json); choose another --out")
+    if npys and recorded != ours:
+        diff = ", ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in SETTINGS if recorded[k] != ours[k])
+        raise SimulationError(f"--out {args.out} holds data made with {diff}; re-run with those settings to resume "
+                              f"it, or choose another --out")
+    write_text_atomic(path, json.dumps(ours, indent=2) + "\n")
 
 
 def write_metadata(args):

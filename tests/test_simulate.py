@@ -206,3 +206,21 @@ def test_cli_out_cannot_be_created(tmp_path):
     blocker.write_text("x")  # a directory cannot be made under a file, even by root
     r = run_cli("--out", str(blocker / "sub"), "--files", "1", "--samples-per-file", "1")
     assert r.returncode == 2 and "cannot create" in r.stderr and str(blocker / "sub") in r.stderr
+
+
+def test_cli_never_replaces_other_data(tmp_path):
+    out = tmp_path / "set"
+    assert run_cli("--out", str(out), "--files", "1", "--samples-per-file", "2", "--val-files", "0", "--seed", "1").returncode == 0
+    before = (out / "data" / "data1.npy").read_bytes()
+    r = run_cli("--out", str(out), "--files", "1", "--samples-per-file", "3", "--val-files", "0", "--seed", "2")
+    assert r.returncode == 2 and r.stderr.strip() == (f"simulate_openfwi.py: error: --out {out} holds data made with "
+                                                      "--seed 1, --samples-per-file 2; re-run with those settings to "
+                                                      "resume it, or choose another --out")
+    assert (out / "data" / "data1.npy").read_bytes() == before
+    foreign = tmp_path / "openfwi"
+    (foreign / "data").mkdir(parents=True)
+    np.save(foreign / "data" / "data1.npy", np.ones((3, 5, 1000, 70), np.float32))  # e.g. a downloaded set
+    theirs = (foreign / "data" / "data1.npy").read_bytes()
+    r = run_cli("--out", str(foreign), "--files", "1", "--samples-per-file", "2", "--val-files", "0")
+    assert r.returncode == 2 and "did not make (no simulate.json)" in r.stderr
+    assert (foreign / "data" / "data1.npy").read_bytes() == theirs and not (foreign / "model" / "model1.npy").exists()
