@@ -14,7 +14,7 @@ Usage: bash run.sh [--profile auto|cpu|gpu] [--family flatvel|curvevel|flatfault
 Main job: install what is missing, simulate data with simulate_openfwi.py (reused when already
 there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, print a summary.
   --profile    cpu: 160 samples and 15 short epochs, under 10 minutes on 2 cores;
-               gpu: 24 files x 500 samples (OpenFWI's FlatVel size) and the --fast training preset;
+               gpu: 30 files x 500 samples (OpenFWI's FlatVel size: 24 train, 6 val) and the --fast training preset;
                auto (default): gpu when CUDA is available, else cpu
   --family     velocity-model family to simulate (default flatvel)
   --out DIR    where data/ and run/ go (default out/<family>-<profile>)

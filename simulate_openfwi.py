@@ -403,7 +403,7 @@ def main(args):
     print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
           f"{n - len(todo)} complete, {len(todo)} to make")
     t0 = time.time()
-    bar = tqdm(total=len(todo) * N, unit="sample", disable=not args.progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo) * N, unit="sample", disable=not args.progress or not todo, dynamic_ncols=True)
     for i in todo:
         data, model = generate_file(args, i, device, bar.update)
         data_path, model_path = pair_paths(args.out, i)
