@@ -59,7 +59,7 @@ if [[ "$profile" == gpu ]]; then
   sim=(--files 30 --samples-per-file 500 --val-files 6)
   train=(--fast --epochs 60 --batch-size 256 --lr 1e-3 --lr-scheduler cosine --lr-warmup-epochs 1 --num-workers 4)
 else
-  sim=(--files 5 --samples-per-file 32 --val-files 1 --batch-size 4)
+  sim=(--files 5 --samples-per-file 32 --val-files 1 --batch-size 8)
   train=(--epochs 15 --batch-size 8 --lr 1e-3 --num-workers 1 --log-every 16 --no-progress)
 fi
 

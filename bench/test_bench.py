@@ -185,7 +185,7 @@ def test_end_to_end(benchmark, random_dataset, kind, workers):
 def test_simulator_throughput(benchmark):
     """simulate_openfwi samples/s, and the ratio to deepwave in the same run when it is installed."""
     import numpy as np
-    batch = 4 if DEVICE.type == "cpu" else 256
+    batch = 8 if DEVICE.type == "cpu" else 256
     v = torch.from_numpy(S.flatvel(np.random.default_rng(0), batch)).to(DEVICE)
     nt = 1000 if benchmark.enabled else 100
     S.simulate(v[:1], nt=50)
