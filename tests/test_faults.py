@@ -198,7 +198,7 @@ def toy_state(model, scaler, lr=0.1):
             "step": 0, "batch_in_epoch": 0, "writer": None, "profiler": None, "stop": T.StopRequested()}
 
 
-def test_detect_anomaly_names_the_batch_whose_backward_made_nan(capsys):
+def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
     class SqrtOfZero(torch.nn.Module):  # d/dx sqrt(x) at 0 is inf; times the zero upstream gradient: NaN
         def __init__(self):
             super().__init__()
@@ -257,6 +257,17 @@ def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(dat
     assert load(out / "last.pt")["epoch"] == 1
     assert not list(out.glob("*.tmp-*"))
 
+
+def test_unwritable_output_dir_fails_before_training(data, tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, TRAIN, "--data-root", str(data), "--output-dir", str(out), "--epochs", "1", *BASE],
+                       capture_output=True, text=True, env=env, cwd=ROOT, preexec_fn=limit_file_size(0), timeout=600)
+    assert r.returncode == 2 and r.stderr.strip() == f"train_inversionnet.py: error: --output-dir {out} is not writable: File too large"
+    assert "epoch" not in r.stdout and os.listdir(out) == []
+
+
+# ---- bad input ----
 
 def corrupt(root, case):
     d, m = root / "data" / "data1.npy", root / "model" / "model1.npy"
@@ -324,12 +335,3 @@ def test_bad_arguments_one_line_exit_2(data, tmp_path, args, needle):
     r = run_script(TRAIN, *defaults, *args)  # the case's flags come last, so they win
     assert r.returncode == 2 and needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-
-
-def test_unwritable_output_dir_fails_before_training(data, tmp_path):
-    out = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, TRAIN, "--data-root", str(data), "--output-dir", str(out), "--epochs", "1", *BASE],
-                       capture_output=True, text=True, env=env, cwd=ROOT, preexec_fn=limit_file_size(0), timeout=600)
-    assert r.returncode == 2 and r.stderr.strip() == f"train_inversionnet.py: error: --output-dir {out} is not writable: File too large"
-    assert "epoch" not in r.stdout and os.listdir(out) == []
