@@ -191,6 +191,26 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoin
     assert "non-finite loss" in (out / "train.log").read_text()
 
 
+def test_non_finite_loss_under_torchrun_stops_every_rank(tmp_path):
+    """One poisoned sample reaches one rank only: both ranks must stop at that step with exit 3, not
+    the other one carry on into a collective its peer never joins."""
+    pairs = write_ids_dataset(tmp_path / "d", (4, 4, 4, 4))
+    m = np.load(pairs[0][1])
+    m[1] = 3.4e38
+    np.save(pairs[0][1], m)
+    (tmp_path / "train.txt").write_text("".join(f"{d}\t{l}\n" for d, l in pairs))
+    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN)
+    p = start("--train-list", tmp_path / "train.txt", "--val-every", 0, "--output-dir", tmp_path / "run", "--epochs", 1,
+              "--loader", "iterable", *BASE, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    stdout, stderr = p.communicate(timeout=300)
+    # torchrun may SIGTERM the second rank while it is already on its way out with 3
+    assert p.returncode != 0 and "exitcode  : 3" in stderr and "exitcode  : 1 " not in stderr, stderr[-3000:]
+    assert not re.search(r"\[rank\d\]: Traceback", stderr) and "Connection closed" not in stderr, stderr[-3000:]
+    found = re.findall(r"error: non-finite loss at epoch 0, batch (\d) \(step (\d)\); no checkpoint was written", stderr)
+    assert len(found) == 1 and int(found[0][1]) == int(found[0][0]) + 1, stderr[-3000:]  # printed once, by rank 0
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def toy_state(model, scaler, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     return {"model": model, "opt": opt, "sched": torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0),
