@@ -330,10 +330,15 @@ def save_npy_atomic(path, array):
 
 
 def write_text_atomic(path, text):
+    """Temporary name, then rename: the file is either the old one or the whole new one."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def npy_complete(path, shape):
@@ -391,12 +396,12 @@ def main(args):
         args.batch_size = 256 if device.type == "cuda" else 8
     from tqdm import tqdm
     n, N = args.files, args.samples_per_file
+    check_existing(args)  # before anything in --out is touched
     for sub in ("data", "model"):  # leftovers of a run killed mid-write
         d = os.path.join(args.out, sub)
         for name in os.listdir(d):
             if ".npy.tmp-" in name:
                 os.remove(os.path.join(d, name))
-    check_existing(args)
     todo = [i for i in range(1, n + 1)
             if not (npy_complete(pair_paths(args.out, i)[0], (N, len(SRC_COLS), NT, N_GRID))
                     and npy_complete(pair_paths(args.out, i)[1], (N, 1, N_GRID, N_GRID)))]

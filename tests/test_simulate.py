@@ -221,6 +221,8 @@ def test_cli_never_replaces_other_data(tmp_path):
     (foreign / "data").mkdir(parents=True)
     np.save(foreign / "data" / "data1.npy", np.ones((3, 5, 1000, 70), np.float32))  # e.g. a downloaded set
     theirs = (foreign / "data" / "data1.npy").read_bytes()
+    (foreign / "data" / "data2.npy.tmp-7").write_bytes(b"theirs too")  # looks like our leftover, is not ours
     r = run_cli("--out", str(foreign), "--files", "1", "--samples-per-file", "2", "--val-files", "0")
     assert r.returncode == 2 and "did not make (no simulate.json)" in r.stderr
     assert (foreign / "data" / "data1.npy").read_bytes() == theirs and not (foreign / "model" / "model1.npy").exists()
+    assert (foreign / "data" / "data2.npy.tmp-7").read_bytes() == b"theirs too"
