@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import simulate_openfwi as S
 import train_inversionnet as T
 
 # OpenFWI paper, InversionNet with L1 loss: MAE, RMSE, SSIM on the normalised scale
@@ -214,28 +215,19 @@ def main(cli):
     w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
     w.writerows(rows)
     text = report(result)
-    write_text(os.path.join(out, "per_sample.csv"), table.getvalue())
-    write_text(os.path.join(out, "result.txt"), text)
-    write_text(os.path.join(out, "metrics.json"), json.dumps(result, indent=2))  # last: it marks a complete result
+    # metrics.json last: it marks a complete result
+    for name, content in (("per_sample.csv", table.getvalue()), ("result.txt", text),
+                          ("metrics.json", json.dumps(result, indent=2))):
+        path = os.path.join(out, name)
+        try:
+            S.write_text_atomic(path, content)
+        except OSError as e:
+            raise T.InputError(f"cannot write {path}: {e.strerror}") from None
     if cli.vis:
         draw(cli, model, device, normalizer, pairs, counts, rows, out, amp_dtype)
     print(text, end="")
     print(f"results in {out}")
     return 0
-
-
-def write_text(path, text):
-    """Temporary name, then rename: a result file is either the old one or the whole new one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise T.InputError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def report(r):
