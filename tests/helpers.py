@@ -28,8 +28,13 @@ def write_ids_dataset(root, counts, seed=0):
     return pairs
 
 
-def run_script(script, *args, env=None, timeout=600):
+def child_env(env=None):
+    """The environment scripts run in from tests: unbuffered output, two threads, plus `env`."""
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
     e.update(env or {})
+    return e
+
+
+def run_script(script, *args, env=None, timeout=600, **popen_kw):
     return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
-                          env=e, timeout=timeout, cwd=ROOT)
+                          env=child_env(env), timeout=timeout, cwd=ROOT, **popen_kw)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN, run_script, write_ids_dataset
+from helpers import ROOT, TRAIN, child_env, run_script, write_ids_dataset
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a"]
@@ -37,11 +37,12 @@ def straight(data, tmp_path_factory):
     return torch.load(out / "last.pt", weights_only=False)
 
 
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")  # then torchrun flags, then TRAIN
+
+
 def start(*args, env=None, launcher=(TRAIN,)):
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    e.update(env or {})
     return subprocess.Popen([sys.executable, *launcher, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e, cwd=ROOT)
+                            text=True, env=child_env(env), cwd=ROOT)
 
 
 def read_until(proc, pattern, timeout=300):
@@ -131,8 +132,7 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_resumes(tmp_pa
     data = tmp_path / "d"
     write_ids_dataset(data, (4, 4, 4, 4, 4))  # 16 train samples: 4 steps per epoch at 2 per rank x 2 ranks
     out = tmp_path / "run"
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-                "--monitor-interval=0.5", TRAIN)
+    launcher = (*TORCHRUN, "--max-restarts=1", "--monitor-interval=0.5", TRAIN)
     p = start("--data-root", data, "--output-dir", out, "--epochs", 3, "--loader", "iterable", *BASE,
               launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     read_until(p, r"epoch 1 step 5 ")  # one epoch done and saved
@@ -152,7 +152,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_the_group_resumes(t
     data = tmp_path / "d"
     write_ids_dataset(data, (4, 4, 4, 4, 4))
     out = tmp_path / "run"
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN)
+    launcher = (*TORCHRUN, TRAIN)
     args = ["--data-root", data, "--output-dir", out, "--epochs", 2, "--loader", "iterable", *BASE]
     p = start(*args, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     read_until(p, r"epoch 0 step 2 ")
@@ -199,7 +199,7 @@ def test_non_finite_loss_under_torchrun_stops_every_rank(tmp_path):
     m[1] = 3.4e38
     np.save(pairs[0][1], m)
     (tmp_path / "train.txt").write_text("".join(f"{d}\t{l}\n" for d, l in pairs))
-    launcher = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", TRAIN)
+    launcher = (*TORCHRUN, TRAIN)
     p = start("--train-list", tmp_path / "train.txt", "--val-every", 0, "--output-dir", tmp_path / "run", "--epochs", 1,
               "--loader", "iterable", *BASE, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
     stdout, stderr = p.communicate(timeout=300)
@@ -266,10 +266,8 @@ def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(dat
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 1, *BASE)
     assert r.returncode == 0, r.stderr
     last, best = digest(out / "last.pt"), digest(out / "best.pt")
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, TRAIN, "--data-root", str(data), "--output-dir", str(out), "--epochs", "2",
-                        "--resume", "auto", *BASE], capture_output=True, text=True, env=env, cwd=ROOT,
-                       preexec_fn=limit_file_size(50), timeout=600)  # a checkpoint is ~290 MB
+    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, "--resume", "auto", *BASE,
+                   preexec_fn=limit_file_size(50))  # a checkpoint is ~290 MB
     assert r.returncode == 2, r.stdout + r.stderr
     assert re.search(r"^train_inversionnet.py: error: cannot write checkpoint \S*last.pt: File too large; the previous one is intact$", r.stderr.strip()), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
@@ -280,9 +278,7 @@ def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(dat
 
 def test_unwritable_output_dir_fails_before_training(data, tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
-    r = subprocess.run([sys.executable, TRAIN, "--data-root", str(data), "--output-dir", str(out), "--epochs", "1", *BASE],
-                       capture_output=True, text=True, env=env, cwd=ROOT, preexec_fn=limit_file_size(0), timeout=600)
+    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 1, *BASE, preexec_fn=limit_file_size(0))
     assert r.returncode == 2 and r.stderr.strip() == f"train_inversionnet.py: error: --output-dir {out} is not writable: File too large"
     assert "epoch" not in r.stdout and os.listdir(out) == []
 
