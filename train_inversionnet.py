@@ -19,6 +19,7 @@ writing last.pt, 3 a non-finite loss.
 import argparse
 import contextlib
 import datetime
+import io
 import json
 import math
 import multiprocessing as mp
@@ -280,35 +281,22 @@ def resolve_device(name, local_rank=0):
 
 
 def atomic_torch_save(obj, path):
-    """Write to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact."""
+    """Write to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact.
+    The checkpoint is serialised in memory and written by one call of ours, so a failed write raises
+    its own error (ENOSPC, EFBIG, or the KeyboardInterrupt of a second Ctrl-C) instead of the
+    "unexpected pos" that torch.save reports for a short write into a file."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
     tmp = f"{path}.tmp-{os.getpid()}"
-    failed = []  # torch.save swallows the OSError of a failed write; keep it to name the real cause
-
-    class Recorder:
-        def __init__(self, fh):
-            self.fh = fh
-
-        def write(self, b):
-            try:
-                return self.fh.write(b)
-            except OSError as e:
-                failed.append(e)
-                raise
-
-        def flush(self):
-            self.fh.flush()
-
     try:
         with open(tmp, "wb") as fh:
-            torch.save(obj, Recorder(fh))
+            fh.write(buf.getbuffer())
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:
-        cause = failed[0] if failed else e
-        why = getattr(cause, "strerror", None) or str(cause).strip().splitlines()[-1]
+    except OSError as e:
         kept = "; the previous one is intact" if os.path.exists(path) else ""
-        raise InputError(f"cannot write checkpoint {path}: {why}{kept}") from None
+        raise InputError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -276,6 +276,34 @@ def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(dat
     assert not list(out.glob("*.tmp-*"))
 
 
+def test_interrupt_inside_a_checkpoint_write_is_an_interrupt_not_a_storage_error(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    T.atomic_torch_save({"w": torch.zeros(10)}, str(path))
+    before = digest(path)
+    real_open = open
+
+    class CtrlCDuringWrite:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, b):
+            raise KeyboardInterrupt
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(T, "open", lambda p, mode: CtrlCDuringWrite(real_open(p, mode)), raising=False)
+    with pytest.raises(KeyboardInterrupt):  # not "cannot write checkpoint": the cli turns it into exit 130
+        T.atomic_torch_save({"w": torch.ones(10)}, str(path))
+    assert digest(path) == before and not list(tmp_path.glob("*.tmp-*"))
+
+
 def test_unwritable_output_dir_fails_before_training(data, tmp_path):
     out = tmp_path / "run"
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 1, *BASE, preexec_fn=limit_file_size(0))
