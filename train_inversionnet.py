@@ -3,7 +3,7 @@
 One process (CPU, one GPU, or all visible GPUs with DataParallel):
     python train_inversionnet.py --data-root data/flatvel --epochs 20
     python train_inversionnet.py --train-list split/flatvel_a_train.txt --val-list split/flatvel_a_val.txt --dataset flatvel-a
-DDP on one node (NCCL on CUDA, Gloo on CPU; the bare launch trains on the data `bash run.sh` makes):
+DDP on one node (NCCL on CUDA, Gloo on CPU):
     torchrun --nproc_per_node=2 train_inversionnet.py
     torchrun --nproc_per_node=8 train_inversionnet.py --data-root /data/flatvel-a --dataset flatvel-a --fast
 Several nodes (run on every node; the rendezvous host is any one of them):
@@ -17,9 +17,9 @@ Exit codes: 0 done, 2 bad input (one line on stderr), 130/143 interrupted by SIG
 writing last.pt, 3 a non-finite loss.
 """
 import argparse
-import contextlib
 import datetime
 import io
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -29,6 +29,7 @@ import re
 import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# ---- arguments ----
+# ---- constants and errors ----
 
 # OpenFWI dataset_config.json: (data_min, data_max) per family; velocity is always 1500-4500 m/s
 DATASETS = {
@@ -48,6 +49,7 @@ DATASETS = {
 }
 LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
 DATA_SHAPE, LABEL_SHAPE = (5, 1000, 70), (1, 70, 70)
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class InputError(Exception):
@@ -57,6 +59,12 @@ class InputError(Exception):
 class DataError(InputError):
     """A data file that cannot be used (names the file and, where known, the sample)."""
 
+
+class NonFiniteLoss(Exception):
+    """A NaN/Inf loss (or an autograd anomaly): exit code 3, last.pt keeps the last good state."""
+
+
+# ---- arguments ----
 
 def get_args_parser(add_help=True):
     p = argparse.ArgumentParser(description="Train InversionNet on OpenFWI-format data.", add_help=add_help,
@@ -105,7 +113,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--parallel", default="auto", choices=["auto", "none", "dp", "ddp"],
                    help="auto: DDP under torchrun, DataParallel with several CUDA devices, else none")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False, help="SyncBatchNorm under DDP (CUDA only)")
-    g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype; fp16 adds a GradScaler")
+    g.add_argument("--amp", default="off", choices=list(AMP_DTYPES), help="autocast dtype; fp16 adds a GradScaler")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode")
@@ -168,16 +176,16 @@ def check_args(args):
     return args
 
 
-# ---- small helpers: distributed, seeding, devices, logging ----
+# ---- small helpers: distributed, logging, seeding, devices, files ----
 
-def setup_distributed(args):
+def setup_distributed(parallel="auto", device="auto"):
     """Init the process group when launched by torchrun; returns (rank, world, local_rank)."""
-    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) >= 1 and args.parallel in ("auto", "ddp"):
+    if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) >= 1 and parallel in ("auto", "ddp"):
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
-        if args.parallel == "auto" and world == 1:
+        if parallel == "auto" and world == 1:
             return 0, 1, 0
-        cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
+        cuda = device in ("auto", "cuda") and torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(minutes=30)
@@ -190,7 +198,7 @@ def setup_distributed(args):
             kw = dict(store=dist.PrefixStore(f"inversionnet/restart-{restart}", store), rank=rank, world_size=world)
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **kw)
         return rank, world, local
-    if args.parallel == "ddp":
+    if parallel == "ddp":
         raise InputError("--parallel ddp needs a torchrun launch (torchrun --nproc_per_node=N train_inversionnet.py ...)")
     return 0, 1, 0
 
@@ -204,7 +212,12 @@ def is_main():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-_LOG_FILE = None
+_LOG_FILE = None  # OUTPUT_DIR/train.log once the run directory exists; rank 0 appends every line to it
+
+
+def set_log_file(path):
+    global _LOG_FILE
+    _LOG_FILE = path
 
 
 def print0(*msg):
@@ -217,7 +230,6 @@ def print0(*msg):
 
 
 def _append_log(text):
-    global _LOG_FILE
     if _LOG_FILE is None:
         return
     try:
@@ -226,7 +238,7 @@ def _append_log(text):
     except OSError as e:  # a full disk must not kill the run here; the checkpoint write reports it
         print(f"train_inversionnet.py: warning: cannot append to {_LOG_FILE} ({e.strerror}); log file disabled",
               file=sys.stderr, flush=True)
-        _LOG_FILE = None
+        set_log_file(None)
 
 
 def error0(text):
@@ -280,26 +292,32 @@ def resolve_device(name, local_rank=0):
     return torch.device(name)
 
 
-def atomic_torch_save(obj, path):
-    """Write to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact.
-    The checkpoint is serialised in memory and written by one call of ours, so a failed write raises
-    its own error (ENOSPC, EFBIG, or the KeyboardInterrupt of a second Ctrl-C) instead of the
-    "unexpected pos" that torch.save reports for a short write into a file."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
+def write_atomic(path, data):
+    """Write bytes or text to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact.
+    One write call of ours, so a failure raises its own error (ENOSPC, EFBIG, or the KeyboardInterrupt of
+    a second Ctrl-C); the temporary file never outlives the call."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
+            fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as e:
-        kept = "; the previous one is intact" if os.path.exists(path) else ""
-        raise InputError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_torch_save(obj, path):
+    """torch.save through write_atomic. Serialised in memory first: torch.save writing into a file that
+    hits a full disk reports only "unexpected pos", not the cause."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    try:
+        write_atomic(path, buf.getbuffer())
+    except OSError as e:
+        kept = "; the previous one is intact" if os.path.exists(path) else ""
+        raise InputError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
 
 
 # ---- data ----
@@ -409,6 +427,13 @@ def split_pairs(pairs, train_size, seed):
     return [pairs[i] for i in sorted(order[:n_train])], [pairs[i] for i in sorted(order[n_train:])]
 
 
+def splits(args):
+    """The (train, val) file pairs of a run: its split lists, or a seeded file-level split of --data-root."""
+    if args.train_list:
+        return read_split_list(args.train_list), read_split_list(args.val_list) if args.val_list else []
+    return split_pairs(find_pairs(args.data_root), args.train_size, args.seed)
+
+
 def inspect_pairs(pairs):
     """Check headers, dtypes, shapes and counts of every pair without reading the data; returns counts."""
     counts = []
@@ -444,11 +469,11 @@ def check_finite(x, y, where):
 class MapDataset(torch.utils.data.Dataset):
     """Random access over np.load(mmap_mode='r') views; opened lazily in each worker, bounded memory.
 
-    Returns float32 tensors (data, label), copied out of the maps; normalised only if a Normalizer is
-    given (the --normalize workers path), never in place."""
+    Returns float32 tensors (data, label), copied out of the maps. `transform(x, index)` (eval's seeded
+    perturbations) sees the raw data; a Normalizer, if given (--normalize workers), runs last. Never in place."""
 
-    def __init__(self, pairs, counts, normalizer=None):
-        self.pairs, self.counts, self.normalizer = pairs, counts, normalizer
+    def __init__(self, pairs, counts, normalizer=None, transform=None):
+        self.pairs, self.counts, self.normalizer, self.transform = pairs, counts, normalizer, transform
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
         self._maps = None
 
@@ -466,6 +491,8 @@ class MapDataset(torch.utils.data.Dataset):
         x, y = np.array(self._maps[f][0][j]), np.array(self._maps[f][1][j])
         check_finite(x, y, f"{self.pairs[f][0]} sample {j}")
         x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if self.transform is not None:
+            x = self.transform(x, idx)
         if self.normalizer is not None:
             x, y = self.normalizer.data(x), self.normalizer.label(y)
         return x, y
@@ -476,6 +503,22 @@ class MapDataset(torch.utils.data.Dataset):
         return state
 
 
+class EpochSampler(torch.utils.data.distributed.DistributedSampler):
+    """DistributedSampler whose epoch can start at a given batch: a mid-epoch resume reads none of the
+    samples it skips. len() stays the whole epoch's."""
+
+    def __init__(self, dataset, num_replicas, rank, seed, batch_size):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.batch_size, self.start = batch_size, 0
+
+    def set_epoch(self, epoch, start=0):
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self):
+        return itertools.islice(super().__iter__(), self.start * self.batch_size, None)
+
+
 def shard_ranges(n, parts):
     """Split range(n) into `parts` contiguous, nearly equal pieces (sizes differ by at most 1)."""
     q, r = divmod(n, parts)
@@ -483,18 +526,28 @@ def shard_ranges(n, parts):
     return [(int(bounds[i]), int(bounds[i + 1])) for i in range(parts)]
 
 
-def worker_batches(n, batch):
-    """Batches a worker with n samples yields: ceil(n / batch), except that a final remainder of one
-    sample joins the batch before it (BatchNorm cannot train on a batch of 1)."""
-    if n == 0:
-        return 0
-    k = -(-n // batch)
-    return k - 1 if k > 1 and n % batch == 1 else k
-
-
 def batch_sizes(n, batch):
-    k = worker_batches(n, batch)
-    return [batch] * (k - 1) + [n - batch * (k - 1)] if k else []
+    """Sizes of the batches n samples make: full batches, then the remainder, except that a remainder of
+    one sample joins the batch before it (BatchNorm cannot train on a batch of 1)."""
+    sizes = [batch] * (n // batch) + ([n % batch] if n % batch else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        sizes[-2:] = [sizes[-2] + 1]
+    return sizes
+
+
+def round_robin_position(per_worker, start):
+    """Where batch `start` of an epoch comes from, given each worker's batch count: the DataLoader takes
+    batches from its workers in turn, passing over those that have finished. Returns (how many batches
+    each worker yielded before it, the worker that yields it)."""
+    skips = [0] * len(per_worker)
+    for r in range(max(per_worker, default=0)):
+        for w, k in enumerate(per_worker):
+            if k > r:
+                if start == 0:
+                    return skips, w
+                skips[w] += 1
+                start -= 1
+    return skips, 0
 
 
 def _take(pieces, n):
@@ -519,17 +572,18 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
     Each epoch the file order is shuffled with (seed + epoch); the concatenated samples are cut into
     `world` equal contiguous ranges (dropping fewer than `world` samples, so every rank runs the same
     number of steps), each rank's range into `num_workers` contiguous pieces, and each worker reads
-    its files' slices, shuffles samples within each file and yields batches. len() is exact."""
+    its files' slices, shuffles samples within each file and yields batches. len() is exact.
+    set_epoch(epoch, start) begins the epoch at batch `start`; files wholly before it are not read."""
 
     def __init__(self, pairs, counts, batch_size, rank=0, world=1, num_workers=0, seed=0, shuffle=True,
                  drop_remainder=True, normalizer=None):
         self.pairs, self.counts, self.batch = pairs, counts, batch_size
         self.rank, self.world, self.workers = rank, world, max(1, num_workers)
         self.seed, self.shuffle, self.drop_remainder, self.normalizer = seed, shuffle, drop_remainder, normalizer
-        self._epoch = mp.Value("i", 0)  # shared, so persistent workers see set_epoch()
+        self._epoch, self._start = mp.Value("i", 0), mp.Value("i", 0)  # shared, so persistent workers see them
 
-    def set_epoch(self, epoch):
-        self._epoch.value = epoch
+    def set_epoch(self, epoch, start=0):
+        self._epoch.value, self._start.value = epoch, start
 
     @property
     def dropped(self):
@@ -542,37 +596,50 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
             return self.rank * per, (self.rank + 1) * per
         return shard_ranges(n, self.world)[self.rank]
 
-    def __len__(self):
+    def worker_ranges(self):
         a, b = self.rank_range()
-        return sum(worker_batches(hi - lo, self.batch) for lo, hi in shard_ranges(b - a, self.workers))
+        return [(lo + a, hi + a) for lo, hi in shard_ranges(b - a, self.workers)]
+
+    def sizes(self, n):
+        """Batch sizes of a worker holding n samples. A worker's lone sample is not trained on: BatchNorm
+        cannot train on a batch of one."""
+        s = batch_sizes(n, self.batch)
+        return [] if self.drop_remainder and s == [1] else s
+
+    def __len__(self):
+        return sum(len(self.sizes(hi - lo)) for lo, hi in self.worker_ranges())
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        wid = info.id if info is not None else 0
         nw = info.num_workers if info is not None else 1
         if nw != self.workers:
             raise RuntimeError(f"IterableFileDataset built for {self.workers} workers, run with {nw}")
-        epoch = self._epoch.value
+        epoch, ranges = self._epoch.value, self.worker_ranges()
+        skips, first = round_robin_position([len(self.sizes(b - a)) for a, b in ranges], self._start.value)
+        # the DataLoader always asks worker 0 first: rotate the shards so that it serves the one whose turn it is
+        wid = (first + (info.id if info is not None else 0)) % nw
+        lo, hi = ranges[wid]
+        sizes, skip = self.sizes(hi - lo), skips[wid]
         rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)) if self.shuffle else np.arange(len(self.pairs))
-        a, b = self.rank_range()
-        lo, hi = shard_ranges(b - a, nw)[wid]
-        lo, hi = lo + a, hi + a
-        pieces, sizes, k, pos = [], batch_sizes(hi - lo, self.batch), 0, 0
+        skip_samples, pieces, k, pos = sum(sizes[:skip]), [], skip, 0
         for f in order:
             start, stop = max(lo, pos), min(hi, pos + self.counts[f])
             first = pos
             pos += self.counts[f]
             if start >= stop:
                 continue
+            perm = rng.permutation(stop - start) if self.shuffle else np.arange(stop - start)  # drawn even when skipped
             s, e = start - first, stop - first
+            if start + len(perm) - lo <= skip_samples:
+                continue  # every sample of this slice belongs to a skipped batch
             x = np.array(np.load(self.pairs[f][0], mmap_mode="r")[s:e])
             y = np.array(np.load(self.pairs[f][1], mmap_mode="r")[s:e])
             if not (np.isfinite(x).all() and np.isfinite(y).all()):
                 for j in range(len(x)):
                     check_finite(x[j], y[j], f"{self.pairs[f][0]} sample {s + j}")
-            perm = rng.permutation(len(x)) if self.shuffle else np.arange(len(x))
-            pieces.append((x[perm], y[perm]))
+            drop = max(0, skip_samples - (start - lo))  # the head of this slice that skipped batches took
+            pieces.append((x[perm][drop:], y[perm][drop:]))
             have = sum(len(p[0]) for p in pieces)
             while k < len(sizes) and have >= sizes[k]:
                 yield self._emit(*_take(pieces, sizes[k]))
@@ -606,6 +673,8 @@ class DeviceLoader:
     ranks step together), shuffles them each epoch from (seed + epoch) and drops the last partial
     batch. Evaluation: rank::world, in order, nothing dropped."""
 
+    normalized = True
+
     def __init__(self, pairs, counts, normalizer, device, batch_size, cache_dtype=torch.float32,
                  rank=0, world=1, seed=0, train=True):
         total = sum(counts)
@@ -626,16 +695,15 @@ class DeviceLoader:
                 if not (np.isfinite(x).all() and np.isfinite(y).all()):
                     for k, j in enumerate(idx):
                         check_finite(x[k], y[k], f"{dpath} sample {int(j)}")
-                xt = torch.from_numpy(x).to(device)
-                yt = torch.from_numpy(y).to(device)
-                self.x[filled:filled + len(idx)] = normalizer.data(xt).to(cache_dtype)
-                self.y[filled:filled + len(idx)] = normalizer.label(yt).to(cache_dtype)
+                self.x[filled:filled + len(idx)] = normalizer.data(torch.from_numpy(x).to(device)).to(cache_dtype)
+                self.y[filled:filled + len(idx)] = normalizer.label(torch.from_numpy(y).to(device)).to(cache_dtype)
                 filled += len(idx)
-        self.batch, self.seed, self.train, self.epoch, self.device = batch_size, seed, train, 0, device
+        self.batch, self.seed, self.train, self.device = batch_size, seed, train, device
+        self.epoch, self.start = 0, 0
         self.dropped = total - per * world if train else 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start=0):
+        self.epoch, self.start = epoch, start
 
     def __len__(self):
         n = len(self.x)
@@ -648,21 +716,21 @@ class DeviceLoader:
             order = torch.randperm(n, generator=g).to(self.device)
         else:
             order = torch.arange(n, device=self.device)
-        for b in range(len(self)):
+        for b in range(self.start, len(self)):
             idx = order[b * self.batch:(b + 1) * self.batch]
             yield self.x.index_select(0, idx), self.y.index_select(0, idx)
 
 
-class TrainLoader:
-    """The map/iterable DataLoader plus what the loop needs: set_epoch, len, and a note on what it drops."""
+class Loader:
+    """A DataLoader plus what the loop needs: set_epoch(epoch, start), len, whether its batches come out
+    normalised, and how many samples an epoch drops so that all ranks step together."""
 
-    def __init__(self, loader, sampler=None, dataset=None):
-        self.loader, self.sampler, self.dataset = loader, sampler, dataset
+    def __init__(self, loader, epoch_source=None, normalized=False, dropped=0):
+        self.loader, self.epoch_source, self.normalized, self.dropped = loader, epoch_source, normalized, dropped
 
-    def set_epoch(self, epoch):
-        for obj in (self.sampler, self.dataset):
-            if obj is not None and hasattr(obj, "set_epoch"):
-                obj.set_epoch(epoch)
+    def set_epoch(self, epoch, start=0):
+        if self.epoch_source is not None:
+            self.epoch_source.set_epoch(epoch, start)
 
     def __len__(self):
         return len(self.loader)
@@ -671,56 +739,86 @@ class TrainLoader:
         return iter(self.loader)
 
 
-def build_loader(args, pairs, counts, normalizer, device, rank, world, train):
-    """The loader for one split; batches come out raw (normalised on the device later) unless
-    --normalize workers or --loader gpu (already normalised). Returns (loader, normalised_already, dropped)."""
-    batch = args.batch_size if train else args.val_batch_size
-    if args.loader == "gpu":
-        dtype = getattr(torch, args.cache_dtype)
-        dl = DeviceLoader(pairs, counts, normalizer, device, batch, dtype, rank, world, args.seed, train)
-        return dl, True, dl.dropped
-    in_workers = normalizer if args.normalize == "workers" else None
-    pin = args.pin_memory if args.pin_memory is not None else device.type == "cuda"
-    kw = dict(num_workers=args.num_workers, pin_memory=pin, worker_init_fn=seed_worker,
-              generator=torch.Generator().manual_seed(args.seed + rank))
-    if args.num_workers > 0:
-        kw.update(prefetch_factor=args.prefetch_factor, persistent_workers=args.persistent_workers)
-    if args.loader == "iterable":
-        ds = IterableFileDataset(pairs, counts, batch, rank, world, args.num_workers, args.seed, shuffle=train,
+@dataclass
+class LoaderConfig:
+    """How to load one split; the trainer builds it from its flags, eval and the bench from theirs."""
+    kind: str = "map"                 # map | iterable | gpu
+    batch_size: int = 32
+    num_workers: int = 2
+    pin_memory: bool | None = None    # None: on with CUDA
+    prefetch_factor: int = 2
+    persistent_workers: bool = False
+    cache_dtype: str = "float32"      # of the --loader gpu cache
+    normalize_in_workers: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_args(cls, args, train):
+        return cls(args.loader, args.batch_size if train else args.val_batch_size, args.num_workers, args.pin_memory,
+                   args.prefetch_factor, args.persistent_workers, args.cache_dtype, args.normalize == "workers", args.seed)
+
+
+def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=True, transform=None):
+    """The loader of one split. Batches come out raw (normalised on the device by device_batches) unless
+    cfg.normalize_in_workers or kind 'gpu' (normalised once, into the cache)."""
+    if cfg.kind == "gpu":
+        return DeviceLoader(pairs, counts, normalizer, device, cfg.batch_size, getattr(torch, cfg.cache_dtype),
+                            rank, world, cfg.seed, train)
+    in_workers = normalizer if cfg.normalize_in_workers else None
+    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+    kw = dict(num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=seed_worker,
+              generator=torch.Generator().manual_seed(cfg.seed + rank))
+    if cfg.num_workers > 0:
+        kw.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
+    if cfg.kind == "iterable":
+        ds = IterableFileDataset(pairs, counts, cfg.batch_size, rank, world, cfg.num_workers, cfg.seed, shuffle=train,
                                  drop_remainder=train, normalizer=in_workers)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, **kw)
-        return TrainLoader(dl, dataset=ds), in_workers is not None, ds.dropped
-    ds = MapDataset(pairs, counts, in_workers)
-    if train:
-        sampler = torch.utils.data.distributed.DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
-                                                                  seed=args.seed, drop_last=True)
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, drop_last=True, **kw)
-        dropped = len(ds) - len(dl) * batch * world
-    else:
-        sampler = EvalSampler(len(ds), rank, world)
-        dl = torch.utils.data.DataLoader(ds, batch_size=batch, sampler=sampler, **kw)
-        dropped = 0
-    return TrainLoader(dl, sampler=sampler), in_workers is not None, dropped
+        return Loader(dl, ds, in_workers is not None, ds.dropped)
+    ds = MapDataset(pairs, counts, in_workers, transform)
+    if not train:
+        dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=EvalSampler(len(ds), rank, world), **kw)
+        return Loader(dl, None, in_workers is not None)
+    sampler = EpochSampler(ds, world, rank, cfg.seed, cfg.batch_size)
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **kw)
+    return Loader(dl, sampler, in_workers is not None, len(ds) - len(dl) * cfg.batch_size * world)
 
 
-def device_batches(loader, device, normalizer, normalized, channels_last=False):
+class RepeatedBatch:
+    """--overfit-batch: one fixed batch, already on the device and normalised, served `n` times."""
+
+    normalized, dropped = True, 0
+
+    def __init__(self, x, y, n):
+        self.x, self.y, self.n, self.start = x, y, n, 0
+
+    def set_epoch(self, epoch, start=0):
+        self.start = start
+
+    def __len__(self):
+        return self.n
+
+    def __iter__(self):
+        return ((self.x, self.y) for _ in range(self.start, self.n))
+
+
+def device_batches(loader, device, normalizer, channels_last=False):
     """Move batches to the device and normalise them there. On CUDA the next batch is copied and
     normalised on a side stream while the current one computes."""
     def prepare(x, y):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if not normalized:
+        if not loader.normalized:
             x, y = normalizer.data(x.float()), normalizer.label(y.float())
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y
 
-    if device.type != "cuda" or isinstance(loader, DeviceLoader):
+    if device.type != "cuda" or isinstance(loader, (DeviceLoader, RepeatedBatch)):
         for x, y in loader:
             yield prepare(x, y)
         return
     stream = torch.cuda.Stream(device)
     it = iter(loader)
-    nxt = None
 
     def stage():
         try:
@@ -792,14 +890,35 @@ class InversionNet(nn.Module):
         self.deconv5_2 = Block(dim1, dim1)
         self.deconv6 = Block(dim1, 1, tanh=True)
 
-    def forward(self, x):
-        for name in ("convblock1", "convblock2_1", "convblock2_2", "convblock3_1", "convblock3_2", "convblock4_1",
-                     "convblock4_2", "convblock5_1", "convblock5_2", "convblock6_1", "convblock6_2",
-                     "convblock7_1", "convblock7_2", "convblock8", "deconv1_1", "deconv1_2", "deconv2_1",
-                     "deconv2_2", "deconv3_1", "deconv3_2", "deconv4_1", "deconv4_2", "deconv5_1", "deconv5_2"):
-            x = getattr(self, name)(x)
-        x = F.pad(x, [-5, -5, -5, -5])  # 80x80 -> 70x70
-        return self.deconv6(x)
+    def forward(self, x):                 # (B, 5, 1000, 70): sources, time samples, receivers
+        # encoder: shrink time to the receivers' width, then both axes to one 512-channel vector
+        x = self.convblock1(x)            # (B, 32, 500, 70)
+        x = self.convblock2_1(x)          # (B, 64, 250, 70)
+        x = self.convblock2_2(x)          # (B, 64, 250, 70)
+        x = self.convblock3_1(x)          # (B, 64, 125, 70)
+        x = self.convblock3_2(x)          # (B, 64, 125, 70)
+        x = self.convblock4_1(x)          # (B, 128, 63, 70)
+        x = self.convblock4_2(x)          # (B, 128, 63, 70)
+        x = self.convblock5_1(x)          # (B, 128, 32, 35)
+        x = self.convblock5_2(x)          # (B, 128, 32, 35)
+        x = self.convblock6_1(x)          # (B, 256, 16, 18)
+        x = self.convblock6_2(x)          # (B, 256, 16, 18)
+        x = self.convblock7_1(x)          # (B, 256, 8, 9)
+        x = self.convblock7_2(x)          # (B, 256, 8, 9)
+        x = self.convblock8(x)            # (B, 512, 1, 1)
+        # decoder: upsample to 80 x 80, crop to the 70 x 70 velocity grid
+        x = self.deconv1_1(x)             # (B, 512, 5, 5)
+        x = self.deconv1_2(x)             # (B, 512, 5, 5)
+        x = self.deconv2_1(x)             # (B, 256, 10, 10)
+        x = self.deconv2_2(x)             # (B, 256, 10, 10)
+        x = self.deconv3_1(x)             # (B, 128, 20, 20)
+        x = self.deconv3_2(x)             # (B, 128, 20, 20)
+        x = self.deconv4_1(x)             # (B, 64, 40, 40)
+        x = self.deconv4_2(x)             # (B, 64, 40, 40)
+        x = self.deconv5_1(x)             # (B, 32, 80, 80)
+        x = self.deconv5_2(x)             # (B, 32, 80, 80)
+        x = F.pad(x, [-5, -5, -5, -5])    # (B, 32, 70, 70)
+        return self.deconv6(x)            # (B, 1, 70, 70), tanh: in [-1, 1]
 
 
 def clean_state_dict(sd):
@@ -824,7 +943,7 @@ def load_weights(model, path):
     return ckpt
 
 
-# ---- metrics (OpenFWI test.py definitions; eval_inversionnet.py imports these) ----
+# ---- metrics (OpenFWI test.py definitions; eval_inversionnet.py uses these) ----
 
 def _gaussian_window(size=11, sigma=1.5, device=None, dtype=torch.float32):
     g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma ** 2))
@@ -848,13 +967,16 @@ def ssim_per_sample(pred, target, window_size=11, sigma=1.5):
     return s.flatten(1).mean(1)
 
 
-def metric_sums(pred, target):
-    """Per-batch sums on the normalised scale: [sum of per-sample MAE, MSE, SSIM, count] (float64)."""
+def per_sample_metrics(pred, target):
+    """(B, 3) float32: each sample's MAE, MSE and SSIM on the normalised scale."""
     p, t = pred.float(), target.float()
-    mae = (p - t).abs().flatten(1).mean(1)
-    mse = ((p - t) ** 2).flatten(1).mean(1)
-    return torch.stack([mae.sum(), mse.sum(), ssim_per_sample(p, t).sum(),
-                        torch.tensor(float(len(p)), device=p.device)]).double()
+    return torch.stack([(p - t).abs().flatten(1).mean(1), ((p - t) ** 2).flatten(1).mean(1), ssim_per_sample(p, t)], 1)
+
+
+def metric_sums(per_sample):
+    """(n, 3) per-sample metrics -> [sum of MAE, MSE, SSIM, count] (float64), on their device, no host sync."""
+    m = per_sample.double()
+    return torch.cat([m.sum(0), torch.ones_like(m[:1, 0]) * len(m)])
 
 
 def summarize(sums):
@@ -873,14 +995,20 @@ def all_reduce_sum(t):
     return t.cpu()
 
 
-# ---- train / evaluate ----
+# ---- the training step, the loop and evaluation ----
 
-def loss_fn(pred, target, args):
+def autocast(device, dtype):
+    """Mixed precision as a toggle on one code path: a no-op context when dtype is None."""
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+
+def loss_fn(pred, target, l1=1.0, l2=0.0):
+    """l1 * L1 + l2 * MSE on the normalised maps, in float32 whatever the autocast dtype."""
     loss = 0.0
-    if args.lambda_l1:
-        loss = loss + args.lambda_l1 * F.l1_loss(pred.float(), target.float())
-    if args.lambda_l2:
-        loss = loss + args.lambda_l2 * F.mse_loss(pred.float(), target.float())
+    if l1:
+        loss = loss + l1 * F.l1_loss(pred.float(), target.float())
+    if l2:
+        loss = loss + l2 * F.mse_loss(pred.float(), target.float())
     return loss
 
 
@@ -905,11 +1033,93 @@ def build_scheduler(optimizer, args, iters_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
 
 
-class StopRequested:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, writes last.pt and exits 130/143."""
+@dataclass
+class Run:
+    """What a training step touches, and the counters a checkpoint records."""
+    model: nn.Module                  # what the step calls: the DDP/DataParallel wrapper and/or torch.compile
+    raw_model: nn.Module              # the bare InversionNet under it: saved and validated, keys unprefixed
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler      # enabled for fp16 only
+    device: torch.device
+    normalizer: Normalizer | None = None
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    loss_weights: tuple = (1.0, 0.0)  # (L1, MSE)
+    grad_clip: float = 0.0
+    world: int = 1
+    step: int = 0                     # optimizer steps taken
+    epoch: int = 0                    # the epoch under way, or the next to start
+    batch_in_epoch: int = 0           # batches of `epoch` already trained
+    best_loss: float = math.inf       # lowest validation loss so far
 
-    def __init__(self):
-        self.signum = None
+
+def wrap_model(model, device, parallel, local, sync_bn):
+    """The module the step calls and its name: DDP, DataParallel or the model itself."""
+    if parallel == "auto":
+        parallel = "ddp" if dist.is_initialized() else ("dp" if device.type == "cuda" and torch.cuda.device_count() > 1 else "none")
+    if parallel == "ddp":
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None), "ddp"
+    if parallel == "dp":
+        return nn.DataParallel(model), "dp"
+    return model, "none"
+
+
+def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
+    """InversionNet, its wrappers, optimizer, schedule and scaler as the flags ask; returns (Run, parallel mode)."""
+    raw = InversionNet()
+    if args.init_from:
+        load_weights(raw, args.init_from)
+    raw.to(device)
+    if args.channels_last:
+        raw.to(memory_format=torch.channels_last)
+    model, parallel = wrap_model(raw, device, args.parallel, local, args.sync_bn)
+    if parallel == "ddp" and args.sync_bn:
+        raw = model.module  # the converted copy is the one that trains
+    if args.compile:
+        model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
+    fused = args.fused_adam if args.fused_adam is not None else device.type == "cuda"
+    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(raw.parameters(), lr=args.lr * (world if args.scale_lr else 1), betas=tuple(args.betas),
+                        weight_decay=args.weight_decay, **({"fused": True} if fused else {}))
+    scaler = torch.amp.GradScaler(device.type if device.type != "mps" else "cpu", enabled=args.amp == "fp16")
+    run = Run(model, raw, optimizer, build_scheduler(optimizer, args, iters_per_epoch), scaler, device, normalizer,
+              AMP_DTYPES[args.amp], args.channels_last, (args.lambda_l1, args.lambda_l2), args.grad_clip, world)
+    return run, parallel
+
+
+def train_step(run, x, y):
+    """One optimizer step on a batch already on the device; returns the detached loss (no host sync)."""
+    try:
+        with autocast(run.device, run.amp_dtype):
+            loss = loss_fn(run.model(x), y, *run.loss_weights)
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+    except RuntimeError as e:
+        if not torch.is_anomaly_enabled():
+            raise
+        # --detect-anomaly: autograd names the op whose backward made NaN; say where it happened
+        first = str(e).strip().splitlines()[0]
+        raise NonFiniteLoss(f"autograd anomaly at epoch {run.epoch}, batch {run.batch_in_epoch} (step {run.step + 1}): {first}") from None
+    if run.grad_clip:
+        run.scaler.unscale_(run.optimizer)
+        nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    run.step += 1
+    return loss.detach()
+
+
+class Stop:
+    """Whether to leave the loop, decided in one place: a SIGINT/SIGTERM on any rank, or --max-steps.
+    check() all-reduces the signal under DDP, so every rank leaves at the same step; `now` and `signum`
+    hold that agreed decision. A second Ctrl-C stops at once."""
+
+    def __init__(self, max_steps=None):
+        self.max_steps, self.received, self.signum, self.now = max_steps, None, None, False
         self._old = {}
 
     def install(self):
@@ -917,140 +1127,164 @@ class StopRequested:
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signum = signum
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
 
     def restore(self):
         for s, h in self._old.items():
             signal.signal(s, h)
 
-    def agreed(self, device):
-        """Whether any rank was asked to stop (an all-reduce under DDP, so all stop at the same step)."""
-        flag = float(self.signum is not None)
+    def reached_max(self, run):
+        return self.max_steps is not None and run.step >= self.max_steps
+
+    def pending(self, run):
+        """A reason to check now: --max-steps reached (the same step on every rank) or, in a single
+        process, a signal (under DDP a signal waits for the next log step, where all ranks check)."""
+        return self.reached_max(run) or (self.received is not None and not dist.is_initialized())
+
+    def check(self, run):
+        signum = self.received or 0
         if dist.is_initialized():
-            t = torch.tensor([flag], device=device if dist.get_backend() == "nccl" else "cpu")
+            t = torch.tensor([signum], device=run.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = t.item()
-        return flag > 0
+            signum = int(t.item())
+        self.signum = signum or None
+        self.now = self.signum is not None or self.reached_max(run)
+        return self.now
 
 
-class NonFiniteLoss(Exception):
-    pass
+class Monitor:
+    """The log step: progress bar, a fixed-format line, TensorBoard scalars and the NaN check. Losses
+    and the first non-finite batch stay on the device between log steps: log() is the one host sync."""
+
+    def __init__(self, log_every=10, progress=False, writer=None, profiler=None):
+        self.log_every, self.progress, self.writer, self.profiler = log_every, progress, writer, profiler
+        self.bar = None
+
+    def start_epoch(self, run, n_batches):
+        from tqdm import tqdm
+        self.n_batches = n_batches
+        self.bar = tqdm(total=n_batches, initial=run.batch_in_epoch, desc=f"epoch {run.epoch}", dynamic_ncols=True,
+                        leave=False, disable=not (self.progress and is_main()))
+        self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
+        self.bad_at = torch.full((), -1, device=run.device, dtype=torch.long)
+        self.n_done, self.seen, self.t_wait, self.t_last = 0, 0, 0.0, time.perf_counter()
+        self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+
+    def timed(self, batches):
+        """The batches, with the time spent waiting for each added to the data-wait share."""
+        it = iter(batches)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.t_wait += time.perf_counter() - t0
+            yield batch
+
+    def after_step(self, run, loss, n):
+        b = torch.full_like(self.bad_at, run.batch_in_epoch - 1)
+        self.bad_at = torch.where((self.bad_at < 0) & ~torch.isfinite(loss), b, self.bad_at)
+        self.loss_sum += loss.double()
+        self.n_done, self.seen = self.n_done + 1, self.seen + n
+        if self.profiler is not None:
+            self.profiler.step()
+
+    def due(self, run):
+        return run.step % self.log_every == 0 or run.batch_in_epoch == self.n_batches
+
+    def log(self, run):
+        if dist.is_initialized():  # every rank must stop on a NaN any rank saw, or the rest hang
+            dist.all_reduce(self.bad_at, op=dist.ReduceOp.MAX)
+        bad = self.bad_at.item()
+        if bad >= 0:
+            step = run.step - (run.batch_in_epoch - 1 - bad)
+            raise NonFiniteLoss(f"non-finite loss at epoch {run.epoch}, batch {bad} (step {step})")
+        now = time.perf_counter()
+        span = max(now - self.t_last, 1e-9)
+        rate, wait = self.seen * run.world / span, self.t_wait / span
+        lr, mean = run.optimizer.param_groups[0]["lr"], self.mean_loss()
+        if self.scale is not None and run.scaler.get_scale() < self.scale:
+            print0(f"step {run.step}: fp16 GradScaler skipped a step (overflow); scale now {run.scaler.get_scale():g}")
+        self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+        self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", wait=f"{100 * wait:.0f}%")
+        self.bar.update(run.batch_in_epoch - self.bar.n)
+        if not self.progress:
+            print0(f"epoch {run.epoch} step {run.step} batch {run.batch_in_epoch}/{self.n_batches} loss {mean:.5f} "
+                   f"lr {lr:.3e} samples/s {rate:.1f} data-wait {100 * wait:.1f}%")
+        self.scalars("train", {"loss": mean, "lr": lr, "samples_per_s": rate, "data_wait": wait}, run.step)
+        self.seen, self.t_wait, self.t_last = 0, 0.0, now
+
+    def mean_loss(self):
+        return self.loss_sum.item() / max(self.n_done, 1)
+
+    def scalars(self, prefix, values, step):
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{prefix}/{k}", v, step)
+
+    def image(self, tag, pred, true, step):
+        """Truth beside prediction, both mapped from [-1, 1] to [0, 1]."""
+        if self.writer is not None:
+            self.writer.add_image(tag, ((torch.cat([true[0], pred[0]], dim=-1) + 1) / 2).clamp(0, 1), step)
+
+    def end_epoch(self):
+        self.bar.close()
+        return self.mean_loss()
+
+    def close(self):
+        if self.profiler is not None:
+            self.profiler.stop()
+        if self.writer is not None:
+            self.writer.close()
 
 
-def train_one_epoch(state, loader, epoch, args, skip_batches=0):
-    """One pass over the loader; returns the mean training loss. Host syncs only every --log-every steps."""
-    model, opt, sched, scaler, device = state["model"], state["opt"], state["sched"], state["scaler"], state["device"]
-    model.train()
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    n_batches = len(loader)
-    from tqdm import tqdm
-    bar = tqdm(total=n_batches, initial=skip_batches, desc=f"epoch {epoch}", disable=not (args.progress and is_main()),
-               dynamic_ncols=True, leave=False)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    bad_at = torch.full((), -1, device=device, dtype=torch.long)
-    n_done, seen, t_wait, t_last, last_step = 0, 0, 0.0, time.perf_counter(), state["step"]
-    t_epoch, last_scale = t_last, scaler.get_scale() if scaler.is_enabled() else None
-    batches = device_batches(loader, device, state["normalizer"], state["normalized"], args.channels_last)
-    it = iter(batches)
-    for b in range(n_batches):
-        t0 = time.perf_counter()
-        try:
-            x, y = next(it)
-        except StopIteration:
-            raise RuntimeError(f"loader ended after {b} of {n_batches} batches") from None
-        t_wait += time.perf_counter() - t0
-        if b < skip_batches:  # mid-epoch resume: these batches were trained before the stop
-            continue
-        if len(x) < 2:  # BatchNorm cannot train on a single sample (a worker's lone leftover)
-            state["batch_in_epoch"] = b + 1
-            continue
-        try:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = model(x)
-                loss = loss_fn(pred, y, args)
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-        except RuntimeError as e:
-            if not args.detect_anomaly:
-                raise
-            # --detect-anomaly: autograd names the op whose backward made NaN; say where it happened
-            first = str(e).strip().splitlines()[0]
-            raise NonFiniteLoss(f"autograd anomaly at epoch {epoch}, batch {b} (step {state['step'] + 1}): {first}") from None
-        if args.grad_clip:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        sched.step()
-        state["step"] += 1
-        state["batch_in_epoch"] = b + 1
-        ld = loss.detach()
-        bad_at = torch.where((bad_at < 0) & ~torch.isfinite(ld), torch.tensor(b, device=device), bad_at)
-        loss_sum += ld.double()
-        n_done += 1
-        seen += len(x)
-        if state["profiler"] is not None:
-            state["profiler"].step()
-        last = b == n_batches - 1 or (args.max_steps is not None and state["step"] >= args.max_steps)
-        stop_here = state["stop"].signum is not None and not dist.is_initialized()
-        if state["step"] % args.log_every == 0 or last or stop_here:
-            if dist.is_initialized():  # every rank must stop on a NaN any rank saw, or the rest hang
-                dist.all_reduce(bad_at, op=dist.ReduceOp.MAX)
-            bad = bad_at.item()  # the one host sync of the step, only at log time
-            if bad >= 0:
-                raise NonFiniteLoss(f"non-finite loss at epoch {epoch}, batch {bad} "
-                                    f"(step {state['step'] - (b - bad)})")
-            now = time.perf_counter()
-            rate = seen * state["world"] / max(now - t_last, 1e-9)
-            wait = t_wait / max(now - t_last, 1e-9)
-            lr = opt.param_groups[0]["lr"]
-            mean = loss_sum.item() / max(n_done, 1)
-            if scaler.is_enabled() and scaler.get_scale() < last_scale:
-                print0(f"step {state['step']}: fp16 GradScaler skipped a step (overflow); scale now {scaler.get_scale():g}")
-            last_scale = scaler.get_scale() if scaler.is_enabled() else None
-            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", wait=f"{100 * wait:.0f}%")
-            bar.update(b + 1 - bar.n)
-            if not args.progress:
-                print0(f"epoch {epoch} step {state['step']} batch {b + 1}/{n_batches} loss {mean:.5f} lr {lr:.3e} "
-                       f"samples/s {rate:.1f} data-wait {100 * wait:.1f}%")
-            if state["writer"] is not None:
-                state["writer"].add_scalar("train/loss", mean, state["step"])
-                state["writer"].add_scalar("train/lr", lr, state["step"])
-                state["writer"].add_scalar("train/samples_per_s", rate, state["step"])
-                state["writer"].add_scalar("train/data_wait", wait, state["step"])
-            seen, t_wait, t_last = 0, 0.0, now
-            if state["stop"].agreed(device):
+def train_one_epoch(run, loader, monitor, stop):
+    """Train run.epoch from batch run.batch_in_epoch until its end or an agreed stop; returns the mean loss.
+    Host syncs (the NaN check, the stop agreement) happen only at log steps."""
+    run.model.train()
+    loader.set_epoch(run.epoch, start=run.batch_in_epoch)
+    monitor.start_epoch(run, len(loader))
+    for x, y in monitor.timed(device_batches(loader, run.device, run.normalizer, run.channels_last)):
+        loss = train_step(run, x, y)
+        run.batch_in_epoch += 1
+        monitor.after_step(run, loss, len(x))
+        if monitor.due(run) or stop.pending(run):
+            monitor.log(run)
+            if stop.check(run):
                 break
-        if last and args.max_steps is not None and state["step"] >= args.max_steps:
-            break
-    bar.close()
-    state["epoch_time"] = time.perf_counter() - t_epoch
-    return loss_sum.item() / max(n_done, 1)
+    if run.batch_in_epoch < len(loader) and not stop.now:
+        raise RuntimeError(f"the loader ended after {run.batch_in_epoch} of {len(loader)} batches")
+    return monitor.end_epoch()
 
 
 @torch.no_grad()
-def evaluate(model, loader, device, normalizer, normalized, args, return_predictions=False):
-    """Loss and metric sums over a split, reduced exactly over ranks as (sum, count)."""
+def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_last=False, loss_weights=(1.0, 0.0),
+             per_sample=False, progress=False):
+    """Loss and metrics over a split, reduced exactly over ranks as (sum, count); `first` holds the first
+    prediction and truth. With per_sample, `per_sample` is this rank's (n, 3) MAE, MSE, SSIM in loader order."""
+    from tqdm import tqdm
     model.eval()
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    first = None
-    for x, y in device_batches(loader, device, normalizer, normalized, args.channels_last):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # MAE, MSE, SSIM, count, loss (sums)
+    rows, first = [], None
+    batches = device_batches(loader, device, normalizer, channels_last)
+    for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=not (progress and is_main())):
+        with autocast(device, amp_dtype):
             pred = model(x)
-        pred = pred.float()
-        loss_sum += loss_fn(pred, y, args).double() * len(x)
-        sums += metric_sums(pred, y).to(device)
+        pred, y = pred.float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
+        m = per_sample_metrics(pred, y)
+        sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).double() * len(m))[None]])
+        if per_sample:
+            rows.append(m.cpu())
         if first is None:
-            first = (pred[:1].cpu(), y[:1].float().cpu())
-    total = all_reduce_sum(torch.cat([sums, loss_sum[None]]).cpu())
+            first = (pred[:1].cpu(), y[:1].cpu())
+    total = all_reduce_sum(sums.cpu())
     out = summarize(total[:4])
-    out["loss"] = total[4].item() / max(total[3].item(), 1.0)
-    if return_predictions:
-        out["first"] = first
+    out["loss"], out["first"] = total[4].item() / max(total[3].item(), 1.0), first
+    if per_sample:
+        out["per_sample"] = torch.cat(rows) if rows else torch.zeros(0, 3)
     return out
 
 
@@ -1071,17 +1305,37 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def make_checkpoint(state, args, epoch_done):
-    return {"model": state["raw_model"].state_dict(), "optimizer": state["opt"].state_dict(),
-            "scheduler": state["sched"].state_dict(), "scaler": state["scaler"].state_dict(),
-            "epoch": epoch_done, "step": state["step"], "batch_in_epoch": state["batch_in_epoch"],
-            "best_loss": state["best_loss"], "args": vars(args), "normalization": state["normalizer"].as_dict(),
-            "rng": rng_state(), "format": "inversionnet-harness-1"}
+def save_checkpoint(run, args, *names):
+    """last.pt / best.pt of the run's current state, written by rank 0 through write_atomic."""
+    if not is_main():
+        return
+    ckpt = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
+            "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_loss": run.best_loss,
+            "args": vars(args), "normalization": run.normalizer.as_dict(), "rng": rng_state(),
+            "format": "inversionnet-harness-1"}
+    for name in names:
+        atomic_torch_save(ckpt, os.path.join(args.output_dir, name))
 
 
-def save_run_file(path, ckpt):
-    if is_main():
-        atomic_torch_save(ckpt, path)
+def restore(run, args, rank):
+    """Continue from --resume (or OUTPUT_DIR/last.pt with 'auto'): weights, optimizer, schedule, scaler,
+    counters and RNG. Returns the line to log."""
+    path = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
+    if not path or not os.path.isfile(path):
+        return f"--resume auto: no {path} yet, starting a new run" if args.resume == "auto" else None
+    ckpt = load_weights(run.raw_model, path)
+    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
+        raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for weights)")
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    run.step, run.best_loss = ckpt["step"], ckpt["best_loss"]
+    run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
+    if ckpt.get("rng") and rank == 0:
+        set_rng_state(ckpt["rng"])
+    where = f"epoch {run.epoch}, batch {run.batch_in_epoch}" if run.batch_in_epoch else f"the start of epoch {run.epoch}"
+    return f"resuming from {path}: step {run.step}, continuing at {where}"
 
 
 # ---- main ----
@@ -1094,199 +1348,146 @@ def prepare_output_dir(args, rank):
     has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("args.json", "last.pt", "best.pt"))
     if has_run and args.resume is None and not args.overwrite:
         raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it or --overwrite to replace it")
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-            probe = os.path.join(out, f".write-test-{os.getpid()}")
-            try:
-                with open(probe, "w") as fh:
-                    fh.write("ok")
-            finally:
-                if os.path.exists(probe):
-                    os.remove(probe)
-        except OSError as e:
-            raise InputError(f"--output-dir {out} is not writable: {e.strerror}") from None
-        for name in sorted(os.listdir(out)):  # a kill inside torch.save leaves its temporary file behind
-            if re.fullmatch(r"(last|best)\.pt\.tmp-\d+", name):
-                os.remove(os.path.join(out, name))
-                print0(f"removed {name} (the partial write of a run killed while saving; the checkpoint itself is intact)")
+    if rank != 0:
+        return
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")  # fail now, not at the first checkpoint
+        write_atomic(probe, b"ok")
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"--output-dir {out} is not writable: {e.strerror}") from None
+    for name in sorted(os.listdir(out)):  # what a kill during a checkpoint write leaves behind
+        if re.fullmatch(r"(last|best)\.pt\.tmp-\d+", name):
+            os.remove(os.path.join(out, name))
+            print0(f"removed {name} (the partial write of a run killed while saving; the checkpoint itself is intact)")
 
 
-def splits(args):
-    if args.train_list:
-        train = read_split_list(args.train_list)
-        val = read_split_list(args.val_list) if args.val_list else []
-        return train, val
-    pairs = find_pairs(args.data_root)
-    train, val = split_pairs(pairs, args.train_size, args.seed)
-    return train, val
-
-
-def main(args):
-    global _LOG_FILE
-    # torchrun --max-restarts: a restarted group continues the run it was part of
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.resume is None:
-        args.resume = "auto"
-    rank, world, local = setup_distributed(args)
-    device = resolve_device(args.device, local)
+def check_device_args(args, device):
     if args.parallel == "dp" and device.type != "cuda":
         raise InputError("--parallel dp needs CUDA devices")
     if args.sync_bn and device.type != "cuda":
         raise InputError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
     if args.amp == "fp16" and device.type == "mps":
         raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
-    prepare_output_dir(args, rank)
-    if dist.is_initialized():
-        dist.barrier()
-    _LOG_FILE = os.path.join(args.output_dir, "train.log")
-    seed_everything(args.seed + rank)
-    backend_note = configure_backends(args, device)
-    if args.detect_anomaly:
-        torch.autograd.set_detect_anomaly(True)
-    normalizer, stats_from = resolve_stats(args)
+
+
+def load_splits(args, world):
+    """The train and val pairs with their sample counts, checked before anything is trained."""
     train_pairs, val_pairs = splits(args)
-    train_counts = inspect_pairs(train_pairs)
-    val_counts = inspect_pairs(val_pairs) if val_pairs else []
+    train_counts, val_counts = inspect_pairs(train_pairs), inspect_pairs(val_pairs) if val_pairs else []
     if args.val_every and not val_pairs and not args.overfit_batch:
         raise DataError("the validation split is empty: add files, lower --train-size, give --val-list, or pass --val-every 0")
     if sum(train_counts) < args.batch_size * world:
         raise DataError(f"the training split has {sum(train_counts)} samples, fewer than one global batch "
                         f"({args.batch_size} x {world}); lower --batch-size")
+    return train_pairs, train_counts, val_pairs, val_counts
 
-    model = InversionNet()
-    if args.init_from:
-        load_weights(model, args.init_from)
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    raw_model = model
-    parallel = args.parallel
-    if parallel == "auto":
-        parallel = "ddp" if dist.is_initialized() else ("dp" if device.type == "cuda" and torch.cuda.device_count() > 1 else "none")
-    if parallel == "ddp":
-        if args.sync_bn:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            raw_model = model
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None)
-    elif parallel == "dp":
-        model = nn.DataParallel(model)
-    train_model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode) if args.compile else model
 
-    lr = args.lr * (world if args.scale_lr else 1)
-    fused = args.fused_adam if args.fused_adam is not None else device.type == "cuda"
-    opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    opt_kw = dict(lr=lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-    if fused:
-        opt_kw["fused"] = True
-    optimizer = opt_cls(raw_model.parameters(), **opt_kw)
-    scaler = torch.amp.GradScaler(device.type if device.type != "mps" else "cpu", enabled=args.amp == "fp16")
-
-    train_loader, normalized, dropped = build_loader(args, train_pairs, train_counts, normalizer, device, rank, world, train=True)
+def build_loaders(args, data, normalizer, device, rank, world):
+    """(train, val) loaders; --overfit-batch swaps the train loader for one batch served --max-steps times."""
+    train_pairs, train_counts, val_pairs, val_counts = data
+    train = build_loader(LoaderConfig.from_args(args, True), train_pairs, train_counts, normalizer, device, rank, world)
     if args.overfit_batch:  # one fixed batch, repeated for --max-steps (default 100) steps in one epoch
-        xb, yb = next(iter(device_batches(train_loader, device, normalizer, normalized)))
-        train_loader, normalized, dropped = [(xb, yb)] * (args.max_steps or 100), True, 0
+        x, y = next(iter(device_batches(train, device, normalizer)))
         args.epochs, args.val_every = 1, 0
-    val_loader = None
+        return RepeatedBatch(x, y, args.max_steps or 100), None
+    val = None
     if val_pairs and args.val_every:
-        val_loader, val_normalized, _ = build_loader(args, val_pairs, val_counts, normalizer, device, rank, world, train=False)
-    sched = build_scheduler(optimizer, args, len(train_loader))
+        val = build_loader(LoaderConfig.from_args(args, False), val_pairs, val_counts, normalizer, device, rank, world, train=False)
+    return train, val
 
-    state = {"model": train_model, "raw_model": raw_model, "opt": optimizer, "sched": sched, "scaler": scaler,
-             "device": device, "normalizer": normalizer, "normalized": normalized, "world": world,
-             "step": 0, "batch_in_epoch": 0, "best_loss": math.inf, "writer": None, "profiler": None,
-             "stop": StopRequested()}
-    start_epoch, skip = 0, 0
-    resume_path = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
-    if resume_path and os.path.isfile(resume_path):
-        ckpt = load_weights(raw_model, resume_path)
-        if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
-            raise InputError(f"{resume_path}: not a training checkpoint of this script (use --init-from for weights)")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        state["step"], state["best_loss"] = ckpt["step"], ckpt["best_loss"]
-        start_epoch, skip = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
-        if ckpt.get("rng") and rank == 0:
-            set_rng_state(ckpt["rng"])
-        where = f"epoch {start_epoch}, batch {skip}" if skip else f"the start of epoch {start_epoch}"
-        print0(f"resuming from {resume_path}: step {state['step']}, continuing at {where}")
-    elif args.resume == "auto":
-        print0(f"--resume auto: no {resume_path} yet, starting a new run")
 
+def open_monitor(args, device):
+    """The Monitor with rank 0's TensorBoard writer and, with --profile, a torch.profiler schedule."""
+    writer = profiler = None
+    if is_main() and args.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+    if is_main() and args.profile:
+        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        profiler = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                           on_trace_ready=tensorboard_trace_handler(os.path.join(args.output_dir, "tb")),
+                           record_shapes=True, profile_memory=True, with_stack=False)
+        profiler.start()
+    return Monitor(args.log_every, args.progress, writer, profiler)
+
+
+def validate(run, loader, monitor):
+    """Validation metrics on the raw model; returns (log text, whether the loss improved)."""
+    m = evaluate(run.raw_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights)
+    monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
+    monitor.image("val/prediction_vs_truth", *m["first"], run.step)
+    improved = m["loss"] < run.best_loss
+    run.best_loss = min(run.best_loss, m["loss"])
+    return f" | val loss {m['loss']:.5f} MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} SSIM {m['ssim']:.4f}", improved
+
+
+def fit(run, train_loader, val_loader, monitor, args):
+    """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
+    stop = Stop(args.max_steps)
+    stop.install()
+    try:
+        while run.epoch < args.epochs and not stop.check(run):
+            t0 = time.perf_counter()
+            train_loss = train_one_epoch(run, train_loader, monitor, stop)
+            if run.batch_in_epoch < len(train_loader):  # stopped inside the epoch: last.pt records where
+                save_checkpoint(run, args, "last.pt")
+                break
+            line, improved = f"epoch {run.epoch} train loss {train_loss:.5f} ({time.perf_counter() - t0:.1f} s)", False
+            if val_loader is not None and (run.epoch + 1) % args.val_every == 0:
+                text, improved = validate(run, val_loader, monitor)
+                line += text
+            print0(line)
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            save_checkpoint(run, args, "last.pt", *(["best.pt"] if improved or val_loader is None else []))
+    except NonFiniteLoss as e:
+        last_pt = os.path.join(args.output_dir, "last.pt")
+        error0(f"{e}; {last_pt + ' keeps the last good state' if os.path.isfile(last_pt) else 'no checkpoint was written before it'}")
+        return 3
+    finally:
+        stop.restore()
+        monitor.close()
+    if stop.signum is not None:
+        print0(f"stopped by signal {stop.signum} at step {run.step}; last.pt written, resume with --resume auto")
+        return 128 + stop.signum
+    return 0
+
+
+def main(args):
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.resume is None:
+        args.resume = "auto"  # torchrun --max-restarts: a restarted group continues the run it was part of
+    rank, world, local = setup_distributed(args.parallel, args.device)
+    device = resolve_device(args.device, local)
+    check_device_args(args, device)
+    prepare_output_dir(args, rank)
+    if dist.is_initialized():
+        dist.barrier()
+    set_log_file(os.path.join(args.output_dir, "train.log"))
+    seed_everything(args.seed + rank)
+    backend_note = configure_backends(args, device)
+    if args.detect_anomaly:
+        torch.autograd.set_detect_anomaly(True)
+    normalizer, stats_from = resolve_stats(args)
+    data = load_splits(args, world)
+    train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
+    run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)
+    resumed = restore(run, args, rank)
+    if resumed:
+        print0(resumed)
     if is_main():
-        with open(os.path.join(args.output_dir, "args.json"), "w") as fh:
-            json.dump(vars(args), fh, indent=2, sort_keys=True)
-        if args.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-            state["writer"] = SummaryWriter(os.path.join(args.output_dir, "tb"))
-        if args.profile:
-            from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            state["profiler"] = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                                        on_trace_ready=tensorboard_trace_handler(os.path.join(args.output_dir, "tb")),
-                                        record_shapes=True, profile_memory=True, with_stack=False)
-            state["profiler"].start()
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    print0(f"InversionNet {n_params:,} parameters on {device} ({parallel}, world {world}); {backend_note}; "
-           f"amp {args.amp}, compile {args.compile}, channels-last {args.channels_last}, fused adam {fused}")
+        write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True))
+    print0(f"InversionNet {sum(p.numel() for p in run.raw_model.parameters()):,} parameters on {device} ({parallel}, "
+           f"world {world}); {backend_note}; amp {args.amp}, compile {args.compile}, channels-last {args.channels_last}, "
+           f"fused adam {bool(run.optimizer.defaults.get('fused'))}")
+    train_pairs, train_counts, val_pairs, val_counts = data
+    dropped = train_loader.dropped
     print0(f"data: {len(train_pairs)} train files ({sum(train_counts)} samples), {len(val_pairs)} val files "
            f"({sum(val_counts)} samples); loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
            f"{f', {dropped} samples dropped per epoch so all ranks step together' if dropped else ''}; "
            f"normalisation from {stats_from}")
-
-    state["stop"].install()
-    code = 0
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            if args.max_steps is not None and state["step"] >= args.max_steps:
-                break
-            if hasattr(train_loader, "set_epoch"):
-                train_loader.set_epoch(epoch)
-            state["batch_in_epoch"] = skip
-            train_loss = train_one_epoch(state, train_loader, epoch, args, skip_batches=skip)
-            skip = 0
-            finished = state["batch_in_epoch"] >= len(train_loader)
-            if not finished:  # stopped by a signal or --max-steps inside the epoch
-                save_run_file(os.path.join(args.output_dir, "last.pt"), make_checkpoint(state, args, epoch))
-                break
-            state["batch_in_epoch"] = 0
-            line = f"epoch {epoch} train loss {train_loss:.5f} ({state['epoch_time']:.1f} s)"
-            improved = False
-            if val_loader is not None and (epoch + 1) % args.val_every == 0:
-                m = evaluate(raw_model, val_loader, device, normalizer, val_normalized, args, return_predictions=True)
-                line += f" | val loss {m['loss']:.5f} MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} SSIM {m['ssim']:.4f}"
-                improved = m["loss"] < state["best_loss"]
-                if improved:
-                    state["best_loss"] = m["loss"]
-                w = state["writer"]
-                if w is not None:
-                    for k in ("loss", "mae", "rmse", "ssim"):
-                        w.add_scalar(f"val/{k}", m[k], state["step"])
-                    pred, true = m["first"]
-                    w.add_image("val/prediction_vs_truth", ((torch.cat([true[0], pred[0]], dim=-1) + 1) / 2).clamp(0, 1), state["step"])
-            print0(line)
-            ckpt = make_checkpoint(state, args, epoch + 1)
-            save_run_file(os.path.join(args.output_dir, "last.pt"), ckpt)
-            if improved or (val_loader is None and is_main()):
-                save_run_file(os.path.join(args.output_dir, "best.pt"), ckpt)
-            if state["stop"].signum is not None:
-                break
-    except NonFiniteLoss as e:
-        last_pt = os.path.join(args.output_dir, "last.pt")
-        kept = f"{last_pt} keeps the last good state" if os.path.isfile(last_pt) else "no checkpoint was written before it"
-        error0(f"{e}; {kept}")
-        code = 3
-    finally:
-        state["stop"].restore()
-        if state["profiler"] is not None:
-            state["profiler"].stop()
-        if state["writer"] is not None:
-            state["writer"].close()
-    if code == 0 and state["stop"].signum is not None:
-        code = 128 + state["stop"].signum
-        print0(f"stopped by signal {state['stop'].signum} at step {state['step']}; last.pt written, resume with --resume auto")
-    return code
+    return fit(run, train_loader, val_loader, open_monitor(args, device), args)
 
 
 def cli(argv=None):
@@ -1300,8 +1501,7 @@ def cli(argv=None):
         print(f"train_inversionnet.py: error: {msg}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # DataError raised inside a DataLoader worker comes back wrapped
-        text = str(e)
-        m = re.search(r"DataError: (.+)$", text.strip())
+        m = re.search(r"DataError: (.+)$", str(e).strip())
         if m:
             print(f"train_inversionnet.py: error: {m.group(1)}", file=sys.stderr)
             return 2
@@ -1311,6 +1511,7 @@ def cli(argv=None):
               "complete checkpoint", file=sys.stderr)
         return 128 + signal.SIGINT
     finally:
+        set_log_file(None)
         cleanup_distributed()
 
 

@@ -1,6 +1,6 @@
-"""Run under torchrun by tests/test_ddp.py: two CPU ranks train InversionNet through DDP (Gloo)
-with the script's own model, loss and optimizer, checking after each step that all ranks hold the
-same weights; rank 0 saves what the test needs to recompute the first update in one process."""
+"""Run under torchrun by tests/test_ddp.py: two CPU ranks train InversionNet through DDP (Gloo) with the
+training script's own Run and train_step, checking after each step that all ranks hold the same weights;
+rank 0 saves what the test needs to recompute the first update in one process."""
 import sys
 
 import torch
@@ -12,26 +12,22 @@ import train_inversionnet as T  # noqa: E402
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-model = T.InversionNet()
-init = {k: v.clone() for k, v in model.state_dict().items()}
-ddp = torch.nn.parallel.DistributedDataParallel(model)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-args = T.check_args(T.get_args_parser().parse_args([]))
+args = T.check_args(T.get_args_parser().parse_args(["--device", "cpu", "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none"]))
+run, parallel = T.build_run(args, torch.device("cpu"), iters_per_epoch=2, world=world)
+assert parallel == "ddp"
+init = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
 g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
 batches = [(torch.randn(2, 5, 1000, 70, generator=g), torch.rand(2, 1, 70, 70, generator=g) * 2 - 1) for _ in range(2)]
 for step, (x, y) in enumerate(batches):
-    loss = T.loss_fn(ddp(x), y, args)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    flat = torch.cat([p.detach().flatten() for p in model.parameters()])
+    T.train_step(run, x, y)
+    flat = torch.cat([p.detach().flatten() for p in run.raw_model.parameters()])
     gathered = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(gathered, flat)
     if rank == 0:
         assert all(torch.equal(gathered[0], t) for t in gathered[1:]), f"ranks differ after step {step}"
         print(f"step {step}: ranks identical", flush=True)
     if step == 0:
-        after_first = {k: v.clone() for k, v in model.state_dict().items()}
+        after_first = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
 all_batches = [None] * world
 dist.all_gather_object(all_batches, batches[0])
 if rank == 0:

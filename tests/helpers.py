@@ -1,4 +1,4 @@
-"""Small OpenFWI-layout datasets for tests: cheap labelled noise, or real simulated shots."""
+"""Small OpenFWI-layout datasets for tests, and the one way tests start a script in its own process."""
 import os
 import subprocess
 import sys
@@ -8,6 +8,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train_inversionnet.py")
 EVAL = os.path.join(ROOT, "eval_inversionnet.py")
+SIMULATE = os.path.join(ROOT, "simulate_openfwi.py")
 
 
 def write_ids_dataset(root, counts, seed=0):
@@ -28,13 +29,30 @@ def write_ids_dataset(root, counts, seed=0):
     return pairs
 
 
-def child_env(env=None):
-    """The environment scripts run in from tests: unbuffered output, two threads, plus `env`."""
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+def write_split_list(path, pairs):
+    with open(path, "w") as fh:
+        fh.writelines(f"{d}\t{m}\n" for d, m in pairs)
+    return path
+
+
+def start(script, *args, nproc=None, torchrun=(), env=None, **popen_kw):
+    """Start `python SCRIPT ARGS`, or with nproc the same under `torchrun --standalone` (torchrun flags
+    in `torchrun`), with unbuffered output and two threads per process in all (one per rank)."""
+    launcher = [sys.executable]
+    if nproc:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun]
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc else "2")
     e.update(env or {})
-    return e
+    return subprocess.Popen([*launcher, script, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=e, cwd=ROOT, **popen_kw)
 
 
-def run_script(script, *args, env=None, timeout=600, **popen_kw):
-    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
-                          env=child_env(env), timeout=timeout, cwd=ROOT, **popen_kw)
+def run_script(script, *args, timeout=600, **kw):
+    """start() and wait: a CompletedProcess with returncode, stdout and stderr."""
+    p = start(script, *args, **kw)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)

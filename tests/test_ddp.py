@@ -1,36 +1,27 @@
 """A real two-process torchrun DDP run on CPU (Gloo)."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN
+from helpers import ROOT, TRAIN, run_script, write_ids_dataset
 
 pytestmark = pytest.mark.slow
 
 
-def torchrun(*args, timeout=600):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-
-
 def test_ddp_ranks_agree_and_first_update_matches_mean_gradient(tmp_path):
     out = tmp_path / "ddp.pt"
-    r = torchrun(os.path.join(ROOT, "tests", "ddp_worker.py"), out, ROOT)
+    r = run_script(os.path.join(ROOT, "tests", "ddp_worker.py"), out, ROOT, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 0: ranks identical" in r.stdout and "step 1: ranks identical" in r.stdout
     saved = torch.load(out, weights_only=False)
     model = T.InversionNet()
     model.load_state_dict(saved["init"])
-    args = T.check_args(T.get_args_parser().parse_args([]))
     grads = []
     for x, y in saved["batches"]:  # BatchNorm statistics are per rank, so each batch runs alone
         model.zero_grad()
-        T.loss_fn(model(x), y, args).backward()
+        T.loss_fn(model(x), y).backward()
         grads.append([p.grad.clone() for p in model.parameters()])
     model.load_state_dict(saved["init"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
@@ -54,12 +45,11 @@ def test_ddp_ranks_agree_and_first_update_matches_mean_gradient(tmp_path):
 
 
 def test_train_script_under_torchrun(tmp_path):
-    from helpers import write_ids_dataset
     data = tmp_path / "d"
     write_ids_dataset(data, (4, 4, 4, 3))
     out = tmp_path / "run"
-    r = torchrun(TRAIN, "--data-root", data, "--output-dir", out, "--batch-size", 2, "--epochs", 1, "--num-workers", 0,
-                 "--no-progress", "--log-every", 1, "--dataset", "flatvel-a", "--loader", "iterable")
+    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--batch-size", 2, "--epochs", 1, "--num-workers", 0,
+                 "--no-progress", "--log-every", 1, "--dataset", "flatvel-a", "--loader", "iterable", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(ddp, world 2)" in r.stdout and r.stdout.count("InversionNet") == 1  # only rank 0 prints
     ck = torch.load(out / "last.pt", weights_only=False)

@@ -5,7 +5,6 @@ import re
 import resource
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN, child_env, run_script, write_ids_dataset
+from helpers import TRAIN, run_script, start, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a"]
@@ -35,14 +34,6 @@ def straight(data, tmp_path_factory):
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
     assert r.returncode == 0, r.stderr
     return torch.load(out / "last.pt", weights_only=False)
-
-
-TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")  # then torchrun flags, then TRAIN
-
-
-def start(*args, env=None, launcher=(TRAIN,)):
-    return subprocess.Popen([sys.executable, *launcher, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=child_env(env), cwd=ROOT)
 
 
 def read_until(proc, pattern, timeout=300):
@@ -75,7 +66,7 @@ def digest(path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, straight, tmp_path, sig, code):
     out = tmp_path / "run"
-    p = start("--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
+    p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
     read_until(p, r"epoch 0 step 2 ")
     p.send_signal(sig)
     stdout, stderr = p.communicate(timeout=300)
@@ -94,7 +85,7 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
 
 def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
     out = tmp_path / "run"
-    p = start("--data-root", data, "--output-dir", out, "--epochs", 2, *BASE)
+    p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *BASE)
     read_until(p, r"epoch 0 step 1 ")
     p.send_signal(signal.SIGINT)
     time.sleep(0.05)
@@ -110,14 +101,14 @@ def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
 
 def test_sigkill_leaves_a_loadable_last_and_resume_matches_straight_run(data, straight, tmp_path):
     out = tmp_path / "run"
-    p = start("--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
+    p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
     read_until(p, r"epoch 1 step 7 ")  # epoch 0's last.pt is on disk; epoch 1 is two steps in
     p.kill()
     p.communicate()
     assert p.returncode == -signal.SIGKILL
     ck = load(out / "last.pt")
     assert ck["epoch"] == 1 and ck["step"] == 5 and ck["batch_in_epoch"] == 0
-    stale = out / f"last.pt.tmp-{p.pid}"  # what a kill inside torch.save leaves next to the intact last.pt
+    stale = out / f"last.pt.tmp-{p.pid}"  # what a kill during a checkpoint write leaves next to the intact last.pt
     stale.write_bytes(b"half a checkpoint")
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, "--resume", "auto", *EXACT)
     assert r.returncode == 0, r.stderr
@@ -132,9 +123,8 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_resumes(tmp_pa
     data = tmp_path / "d"
     write_ids_dataset(data, (4, 4, 4, 4, 4))  # 16 train samples: 4 steps per epoch at 2 per rank x 2 ranks
     out = tmp_path / "run"
-    launcher = (*TORCHRUN, "--max-restarts=1", "--monitor-interval=0.5", TRAIN)
-    p = start("--data-root", data, "--output-dir", out, "--epochs", 3, "--loader", "iterable", *BASE,
-              launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 3, "--loader", "iterable", *BASE,
+              nproc=2, torchrun=("--max-restarts=1", "--monitor-interval=0.5"))
     read_until(p, r"epoch 1 step 5 ")  # one epoch done and saved
     workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train_inversionnet.py"], capture_output=True, text=True)
     pids = [int(x) for x in workers.stdout.split()]
@@ -152,16 +142,15 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_the_group_resumes(t
     data = tmp_path / "d"
     write_ids_dataset(data, (4, 4, 4, 4, 4))
     out = tmp_path / "run"
-    launcher = (*TORCHRUN, TRAIN)
-    args = ["--data-root", data, "--output-dir", out, "--epochs", 2, "--loader", "iterable", *BASE]
-    p = start(*args, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    args = [TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, "--loader", "iterable", *BASE]
+    p = start(*args, nproc=2)
     read_until(p, r"epoch 0 step 2 ")
     p.send_signal(signal.SIGTERM)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode != 0 and "stopped by signal 15" in stdout, stdout + stderr[-2000:]
     ck = load(out / "last.pt")
     assert ck["epoch"] == 0 and 2 <= ck["batch_in_epoch"] < 4 and ck["step"] == ck["batch_in_epoch"]
-    p = start(*args, "--resume", "auto", launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    p = start(*args, "--resume", "auto", nproc=2)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
     assert f"continuing at epoch 0, batch {ck['batch_in_epoch']}" in stdout
@@ -198,10 +187,8 @@ def test_non_finite_loss_under_torchrun_stops_every_rank(tmp_path):
     m = np.load(pairs[0][1])
     m[1] = 3.4e38
     np.save(pairs[0][1], m)
-    (tmp_path / "train.txt").write_text("".join(f"{d}\t{l}\n" for d, l in pairs))
-    launcher = (*TORCHRUN, TRAIN)
-    p = start("--train-list", tmp_path / "train.txt", "--val-every", 0, "--output-dir", tmp_path / "run", "--epochs", 1,
-              "--loader", "iterable", *BASE, launcher=launcher, env={"OMP_NUM_THREADS": "1"})
+    p = start(TRAIN, "--train-list", write_split_list(tmp_path / "train.txt", pairs), "--val-every", 0, "--output-dir",
+              tmp_path / "run", "--epochs", 1, "--loader", "iterable", *BASE, nproc=2)
     stdout, stderr = p.communicate(timeout=300)
     # torchrun may SIGTERM the second rank while it is already on its way out with 3
     assert p.returncode != 0 and "exitcode  : 3" in stderr and "exitcode  : 1 " not in stderr, stderr[-3000:]
@@ -211,11 +198,11 @@ def test_non_finite_loss_under_torchrun_stops_every_rank(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
-def toy_state(model, scaler, lr=0.1):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    return {"model": model, "opt": opt, "sched": torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0),
-            "scaler": scaler, "device": torch.device("cpu"), "normalizer": None, "normalized": True, "world": 1,
-            "step": 0, "batch_in_epoch": 0, "writer": None, "profiler": None, "stop": T.StopRequested()}
+def toy_run(model, scaler, epoch=0, amp_dtype=None):
+    """A Run around a tiny model: train_one_epoch then runs the script's own step, log step and checks."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return T.Run(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0), scaler,
+                 torch.device("cpu"), amp_dtype=amp_dtype, epoch=epoch)
 
 
 def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
@@ -227,29 +214,28 @@ def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
         def forward(self, x):
             return torch.sqrt(self.w * x * 0) * 0 + self.w * x
 
-    args = T.check_args(T.get_args_parser().parse_args(["--detect-anomaly", "--no-progress"]))
-    batches = [(torch.ones(2, 3), torch.zeros(2, 3))] * 3
-    state = toy_state(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False))
+    batches = T.RepeatedBatch(torch.ones(2, 3), torch.zeros(2, 3), 3)
+    run = toy_run(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False), epoch=4)
     with torch.autograd.set_detect_anomaly(True), pytest.warns(UserWarning):
         with pytest.raises(T.NonFiniteLoss, match=r"autograd anomaly at epoch 4, batch 0 \(step 1\): .*Sqrt.*nan"):
-            T.train_one_epoch(state, batches, 4, args)
-    args.detect_anomaly = False  # without it the NaN gradient is applied and only the next loss shows it
+            T.train_one_epoch(run, batches, T.Monitor(log_every=10), T.Stop())
+    # without it the NaN gradient is applied and only the next loss shows it, at the next log step
+    run = toy_run(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False))
     with pytest.raises(T.NonFiniteLoss, match=r"non-finite loss at epoch 0, batch 1 \(step 2\)"):
-        T.train_one_epoch(toy_state(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False)), batches, 0, args)
+        T.train_one_epoch(run, batches, T.Monitor(log_every=10), T.Stop())
 
 
 def test_fp16_grad_scaler_skipped_steps_are_logged_not_fatal(capsys):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 3)
     w0 = model.weight.detach().clone()
-    args = T.check_args(T.get_args_parser().parse_args(["--amp", "fp16", "--no-progress", "--log-every", "1"]))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # fp16 gradients overflow at this scale
-    state = toy_state(model, scaler)
-    T.train_one_epoch(state, [(torch.ones(4, 3), torch.zeros(4, 3))] * 2, 0, args)
+    run = toy_run(model, scaler, amp_dtype=torch.float16)
+    T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 2), T.Monitor(log_every=1), T.Stop())
     out = capsys.readouterr().out
     assert "step 1: fp16 GradScaler skipped a step (overflow); scale now 6.33825e+29" in out
     assert torch.equal(model.weight.detach(), w0)  # both steps skipped: the weights are untouched
-    assert state["step"] == 2 and scaler.get_scale() == 2.0 ** 98
+    assert run.step == 2 and scaler.get_scale() == 2.0 ** 98
 
 
 # ---- storage ----
@@ -338,19 +324,42 @@ def corrupt(root, case):
     raise AssertionError(case)
 
 
+def one_line_error(err):
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
 @pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "wrong_shape", "unpaired", "count_mismatch", "nan_gpu", "nan_map",
                                   "nan_iterable"])
-def test_bad_data_one_line_exit_2(tmp_path, case):
+def test_bad_data_one_line_exit_2(tmp_path, capsys, case):
     root = tmp_path / "d"
     write_ids_dataset(root, (4, 4))
     name, needle = corrupt(root, case)
     extra = {"nan_gpu": ["--loader", "gpu"], "nan_map": ["--num-workers", "1"],
              "nan_iterable": ["--loader", "iterable", "--num-workers", "1"]}.get(case, [])
-    r = run_script(TRAIN, "--data-root", root, "--output-dir", tmp_path / "o", "--epochs", 1, "--train-size", 0.5,
-                   "--seed", 1, *BASE, *extra)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert name in r.stderr and needle in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    argv = ["--data-root", root, "--output-dir", tmp_path / "o", "--epochs", 1, "--train-size", 0.5, "--seed", 1, *BASE, *extra]
+    if case == "nan_iterable":  # the whole process path: an error raised in a loader worker of a real run
+        r = run_script(TRAIN, *argv)
+        code, err = r.returncode, r.stderr
+    else:
+        code, err = T.cli([str(a) for a in argv]), capsys.readouterr().err
+    assert code == 2 and name in one_line_error(err) and needle in err, err
+
+
+def make(tmp_path, token):
+    """The file or directory a bad-argument case names, made only for the case that needs it."""
+    path = tmp_path / token.lower()
+    if token == "EMPTY":
+        path.mkdir()
+    elif token == "GARBAGE":
+        path.write_bytes(b"not a checkpoint")
+    elif token == "AFILE":
+        path.write_text("x")
+    elif token == "ONEFILE":
+        write_ids_dataset(path, (4,))
+    else:
+        return token
+    return str(path)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -367,15 +376,7 @@ def test_bad_data_one_line_exit_2(tmp_path, case):
     (["--val-list", "AFILE"], "--val-list needs --train-list"),
     (["--train-list", "AFILE"], "--train-list needs --val-list (or --val-every 0"),
 ])
-def test_bad_arguments_one_line_exit_2(data, tmp_path, args, needle):
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
-    (tmp_path / "afile").write_text("x")
-    write_ids_dataset(tmp_path / "one", (4,))
-    subst = {"EMPTY": str(tmp_path / "empty"), "GARBAGE": str(tmp_path / "garbage.pt"), "AFILE": str(tmp_path / "afile"),
-             "ONEFILE": str(tmp_path / "one")}
-    args = [subst.get(a, a) for a in args]
-    defaults = ["--data-root", data, "--output-dir", tmp_path / "o", "--epochs", 1, *BASE]
-    r = run_script(TRAIN, *defaults, *args)  # the case's flags come last, so they win
-    assert r.returncode == 2 and needle in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+def test_bad_arguments_one_line_exit_2(data, tmp_path, capsys, args, needle):
+    defaults = ["--data-root", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "1", *BASE]
+    code = T.cli(defaults + [make(tmp_path, a) for a in args])  # the case's flags come last, so they win
+    assert code == 2 and needle in one_line_error(capsys.readouterr().err)

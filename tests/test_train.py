@@ -1,14 +1,12 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import json
-import os
-import re
 
 import numpy as np
 import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import TRAIN, run_script, write_ids_dataset
+from helpers import TRAIN, run_script, write_ids_dataset, write_split_list
 
 
 def small_args(**kw):
@@ -117,11 +115,10 @@ def test_iterable_loader_eval_mode_keeps_every_sample(tmp_path):
 def test_persistent_workers_follow_set_epoch_and_labels_stay_intact(tmp_path):
     pairs = write_ids_dataset(tmp_path, (4, 4))
     before = [np.load(m).copy() for _, m in pairs]
-    args = small_args(data_root=str(tmp_path), loader="iterable", num_workers=1, persistent_workers=True,
-                      batch_size=2, normalize="workers")
+    cfg = T.LoaderConfig(kind="iterable", num_workers=1, persistent_workers=True, batch_size=2, normalize_in_workers=True)
     norm = T.Normalizer(-30, 60)
-    loader, normalized, _ = T.build_loader(args, pairs, [4, 4], norm, torch.device("cpu"), 0, 1, train=True)
-    assert normalized
+    loader = T.build_loader(cfg, pairs, [4, 4], norm, torch.device("cpu"))
+    assert loader.normalized
     orders, labels = [], []
     for epoch in range(3):
         loader.set_epoch(epoch)
@@ -142,15 +139,15 @@ def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
     args = small_args(data_root=str(tmp_path), loader=kind, num_workers=0, batch_size=2, val_batch_size=3)
     world_seen = []
     for rank in range(2):
-        loader, normalized, dropped = T.build_loader(args, pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=True)
-        batches = list(T.device_batches(loader, torch.device("cpu"), norm, normalized))
-        assert len(batches) == len(loader) == 2 and dropped == 1
+        loader = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [5, 4], norm, torch.device("cpu"), rank, 2)
+        batches = list(T.device_batches(loader, torch.device("cpu"), norm))
+        assert len(batches) == len(loader) == 2 and loader.dropped == 1
         x, y = batches[0]
         assert x.shape == (2, 5, 1000, 70) and y.min() >= -1 and y.max() <= 1  # normalised on the device
         world_seen += [int(round(float(v))) for x, _ in batches for v in
                        np.sign(x[:, 0, 0, 0]) * np.expm1(np.abs((x[:, 0, 0, 0] + 1) / 2 * (np.log1p(60) + np.log1p(30)) - np.log1p(30)))]
-        val, vn, _ = T.build_loader(args, pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=False)
-        assert sum(len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm, vn)) == len(range(rank, 9, 2))
+        val = T.build_loader(T.LoaderConfig.from_args(args, False), pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=False)
+        assert sum(len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm)) == len(range(rank, 9, 2))
     assert len(set(world_seen)) == 8
 
 
@@ -168,11 +165,11 @@ def test_metric_sums_reduce_as_sum_and_count():
     p = torch.zeros(3, 1, 70, 70)
     t = torch.zeros(3, 1, 70, 70)
     t[0] += 0.5
-    s = T.metric_sums(p, t)
+    s = T.metric_sums(T.per_sample_metrics(p, t))
     m = T.summarize(s)
     assert m["mae"] == pytest.approx(0.5 / 3) and m["mse"] == pytest.approx(0.25 / 3)
     assert m["rmse"] == pytest.approx((0.25 / 3) ** 0.5) and m["count"] == 3
-    halves = T.summarize(T.metric_sums(p[:1], t[:1]) + T.metric_sums(p[1:], t[1:]))
+    halves = T.summarize(T.metric_sums(T.per_sample_metrics(p[:1], t[:1])) + T.metric_sums(T.per_sample_metrics(p[1:], t[1:])))
     assert halves["mae"] == pytest.approx(m["mae"]) and halves["ssim"] == pytest.approx(m["ssim"])
 
 
@@ -201,43 +198,59 @@ def test_schedulers_follow_their_definitions():
 
 # ---- training behaviour ----
 
-def test_overfits_one_batch(tmp_path):
+def test_overfits_one_batch():
+    """The script's own Run and train_step drive the loss of one simulated batch down tenfold."""
     from simulate_openfwi import flatvel, simulate
     v = torch.from_numpy(flatvel(np.random.default_rng(0), 2))
     norm = T.Normalizer(-26.95, 52.77)
     x, y = norm.data(simulate(v)), norm.label(v[:, None])
     torch.manual_seed(0)
-    model = T.InversionNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0)
-    args = small_args()
-    losses = []
-    for _ in range(60):
-        loss = T.loss_fn(model(x), y, args)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    assert min(losses[-5:]) < losses[0] / 10
+    run, _ = T.build_run(small_args(device="cpu", lr=3e-3, weight_decay=0.0, lr_scheduler="none"), torch.device("cpu"), 60)
+    losses = [T.train_step(run, x, y).item() for _ in range(60)]
+    assert run.step == 60 and min(losses[-5:]) < losses[0] / 10
 
 
-def make_sim_dataset(root, files=3, per_file=4):
-    r = run_script(os.path.join(os.path.dirname(TRAIN), "simulate_openfwi.py"), "--out", root, "--files", files,
-                   "--samples-per-file", per_file, "--val-files", 1, "--no-progress")
-    assert r.returncode == 0, r.stderr
-    return root
+@pytest.mark.parametrize("kind, workers", [("map", 0), ("map", 2), ("iterable", 0), ("iterable", 2), ("gpu", 0)])
+def test_loaders_start_an_epoch_at_a_given_batch(tmp_path, kind, workers):
+    """A mid-epoch resume continues with exactly the batches the interrupted epoch had left."""
+    pairs = write_ids_dataset(tmp_path, (5, 3, 7))
+    norm = T.Normalizer(-30, 60)
+    cfg = T.LoaderConfig(kind=kind, batch_size=2, num_workers=workers, seed=4)
+    loader = T.build_loader(cfg, pairs, [5, 3, 7], norm, torch.device("cpu"))
+    loader.set_epoch(3)
+    whole = [x[:, 0, 0, 0].tolist() for x, _ in T.device_batches(loader, torch.device("cpu"), norm)]  # normalised ids
+    assert len(whole) == len(loader) >= 6
+    for start in (1, 4, len(whole) - 1):
+        loader.set_epoch(3, start=start)
+        rest = [x[:, 0, 0, 0].tolist() for x, _ in T.device_batches(loader, torch.device("cpu"), norm)]
+        assert len(loader) == len(whole) and rest == whole[start:], start
+
+
+def test_round_robin_position_follows_the_dataloader_order():
+    # workers yield 3, 1 and 2 batches: the DataLoader takes them as w0 w1 w2 w0 w2 w0
+    assert T.round_robin_position([3, 1, 2], 0) == ([0, 0, 0], 0)
+    assert T.round_robin_position([3, 1, 2], 1) == ([1, 0, 0], 1)
+    assert T.round_robin_position([3, 1, 2], 4) == ([2, 1, 1], 2)
+    assert T.round_robin_position([3, 1, 2], 5) == ([2, 1, 2], 0)
+    assert T.round_robin_position([3, 1, 2], 6) == ([3, 1, 2], 0)
 
 
 @pytest.fixture(scope="module")
-def sim_data(tmp_path_factory):
-    return make_sim_dataset(str(tmp_path_factory.mktemp("sim") / "flat"))
+def ids_data(tmp_path_factory):
+    """12 samples in files of 4: the split lists train on files 1-2 (8 samples), validate on file 3."""
+    root = tmp_path_factory.mktemp("ids")
+    pairs = write_ids_dataset(root, (4, 4, 4))
+    lists = ["--train-list", write_split_list(root / "train.txt", pairs[:2]), "--val-list", write_split_list(root / "val.txt", pairs[2:])]
+    return root, lists
 
 
-COMMON = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--deterministic", "--lr", "1e-3"]
+COMMON = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--deterministic", "--lr", "1e-3",
+          "--dataset", "flatvel-a"]
 
 
 @pytest.mark.slow
-def test_resume_gives_identical_weights(tmp_path, sim_data):
-    lists = ["--train-list", f"{sim_data}/train.txt", "--val-list", f"{sim_data}/val.txt"]
+def test_resume_gives_identical_weights(tmp_path, ids_data):
+    _, lists = ids_data
     a, b = tmp_path / "straight", tmp_path / "resumed"
     r = run_script(TRAIN, *lists, *COMMON, "--epochs", 2, "--output-dir", a)
     assert r.returncode == 0, r.stderr
@@ -258,22 +271,23 @@ def test_resume_gives_identical_weights(tmp_path, sim_data):
     assert not list(a.glob("*.tmp-*"))
 
 
-@pytest.mark.slow
-def test_existing_run_is_not_overwritten(tmp_path, sim_data):
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "last.pt").write_bytes(b"precious")
-    r = run_script(TRAIN, "--data-root", sim_data, *COMMON, "--epochs", 1, "--output-dir", out)
-    assert r.returncode == 2 and "already holds a run" in r.stderr and "--resume auto" in r.stderr
+    assert T.cli(["--data-root", str(tmp_path / "never-read"), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "--resume auto" in err
     assert (out / "last.pt").read_bytes() == b"precious"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--amp", "bf16"], ["--compile", "--channels-last", "--max-steps", "2"]])
-def test_amp_and_compile_on_cpu(tmp_path, sim_data, extra):
+def test_amp_and_compile_on_cpu(tmp_path, ids_data, extra):
+    _, lists = ids_data
     out = tmp_path / "run"
-    r = run_script(TRAIN, "--data-root", sim_data, "--batch-size", "2", "--num-workers", "0", "--no-progress",
-                   "--epochs", 1, "--output-dir", out, *extra)
+    r = run_script(TRAIN, *lists, "--batch-size", "2", "--num-workers", "0", "--no-progress", "--epochs", 1,
+                   "--output-dir", out, *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(out / "last.pt", weights_only=False)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
@@ -283,8 +297,9 @@ def test_amp_and_compile_on_cpu(tmp_path, sim_data, extra):
 
 
 @pytest.mark.slow
-def test_profile_writes_a_trace(tmp_path, sim_data):
+def test_profile_writes_a_trace(tmp_path, ids_data):
+    _, lists = ids_data
     out = tmp_path / "run"
-    r = run_script(TRAIN, "--data-root", sim_data, *COMMON, "--epochs", 1, "--max-steps", 5, "--profile", "--output-dir", out)
+    r = run_script(TRAIN, *lists, *COMMON, "--epochs", 1, "--max-steps", 3, "--profile", "--output-dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert list((out / "tb").glob("*.pt.trace.json*"))
