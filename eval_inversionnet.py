@@ -15,15 +15,14 @@ import argparse
 import csv
 import io
 import json
-import math
 import os
+import re
 import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-import simulate_openfwi as S
 import train_inversionnet as T
 
 # OpenFWI paper, InversionNet with L1 loss: MAE, RMSE, SSIM on the normalised scale
@@ -47,7 +46,7 @@ def get_args_parser():
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --output-dir")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"], help="autocast dtype")
+    p.add_argument("--amp", default="off", choices=list(T.AMP_DTYPES), help="autocast dtype")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--vis", type=int, default=3, help="number of samples to draw (best, median, worst, ...); 0: none")
@@ -58,24 +57,41 @@ def get_args_parser():
     return p
 
 
-def ssim(pred, target):
-    """Mean SSIM of maps in [-1, 1] (OpenFWI's definition, see train_inversionnet.ssim_per_sample)."""
-    return T.ssim_per_sample(pred, target).mean()
+def check_cli(cli):
+    if cli.batch_size <= 0:
+        raise T.InputError(f"--batch-size must be positive, got {cli.batch_size}")
+    for flag, value in (("--noise-std", cli.noise_std), ("--vis", cli.vis), ("--num-workers", cli.num_workers)):
+        if value < 0:
+            raise T.InputError(f"{flag} must be >= 0, got {value}")
+    if not 0 <= cli.missing_traces <= 70:
+        raise T.InputError(f"--missing-traces must be in [0, 70], got {cli.missing_traces}")
+    if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
+        raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
 
 
-def perturb(x, noise_std, missing, generator):
-    """Seeded robustness perturbations of raw shot gathers (B, S, T, R), never in place."""
-    if noise_std > 0:
-        peak = x.abs().amax(dim=2, keepdim=True)
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float32).to(x.device)
-        x = x + noise_std * peak * noise
-    if missing > 0:
-        keep = torch.ones(x.shape[0], 1, 1, x.shape[3])
-        for b in range(x.shape[0]):
-            keep[b, 0, 0, torch.randperm(x.shape[3], generator=generator)[:missing]] = 0
-        x = x * keep.to(x.device)
-    return x
+# ---- robustness perturbations ----
 
+class Perturb:
+    """Seeded perturbation of one raw shot gather (S, T, R): Gaussian noise of `noise_std` x each trace's
+    peak, and `missing` receivers muted in every shot. Drawn from the stream [seed, sample index], so a
+    sample gets the same perturbation whatever the batch size, worker or rank, and in its picture."""
+
+    def __init__(self, noise_std, missing, seed):
+        self.noise_std, self.missing, self.seed = noise_std, missing, seed
+
+    def __call__(self, x, index):
+        rng = np.random.default_rng([self.seed, int(index)])
+        if self.noise_std > 0:
+            peak = x.abs().amax(dim=1, keepdim=True)
+            x = x + self.noise_std * peak * torch.from_numpy(rng.standard_normal(x.shape, dtype=np.float32))
+        if self.missing > 0:
+            keep = torch.ones(x.shape[-1])
+            keep[rng.choice(x.shape[-1], self.missing, replace=False)] = 0
+            x = x * keep
+        return x
+
+
+# ---- checkpoint, normalisation and split ----
 
 def train_args_from(ckpt, cli):
     """The training arguments saved in our checkpoint (a Namespace), or defaults for an OpenFWI one."""
@@ -94,44 +110,8 @@ def train_args_from(ckpt, cli):
     return base, isinstance(saved, dict)
 
 
-def evaluation_pairs(cli, targs):
-    if cli.val_list:
-        return T.read_split_list(cli.val_list), None
-    train, val = T.splits(targs)
-    return (val if cli.split == "val" else train), train
-
-
-def mean_velocity_map(train_pairs, counts=None):
-    """The mean training velocity map in m/s: the trivial baseline every model must beat."""
-    total, n = None, 0
-    for _, lpath in train_pairs:
-        y = np.load(lpath, mmap_mode="r")
-        s = y.sum(axis=0, dtype=np.float64)
-        total = s if total is None else total + s
-        n += len(y)
-    return torch.from_numpy((total / n).astype(np.float32))
-
-
-def check_cli(cli):
-    if cli.batch_size <= 0:
-        raise T.InputError(f"--batch-size must be positive, got {cli.batch_size}")
-    for flag, value in (("--noise-std", cli.noise_std), ("--vis", cli.vis), ("--num-workers", cli.num_workers)):
-        if value < 0:
-            raise T.InputError(f"{flag} must be >= 0, got {value}")
-    if not 0 <= cli.missing_traces <= 70:
-        raise T.InputError(f"--missing-traces must be in [0, 70], got {cli.missing_traces}")
-
-
-def main(cli):
-    check_cli(cli)
-    out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "eval")
-    if os.path.exists(os.path.join(out, "metrics.json")) and not cli.overwrite:
-        raise T.InputError(f"--output-dir {out} already holds results (metrics.json); pass --overwrite to replace "
-                           f"them or choose another --output-dir")
-    rank, world, local = T.setup_distributed(argparse.Namespace(parallel="auto", device=cli.device))
-    device = T.resolve_device(cli.device, local)
-    if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
-        raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
+def load_model(cli, device):
+    """The model in eval mode on the device, the training arguments and the normaliser (and its source)."""
     if not os.path.isfile(cli.checkpoint):
         raise T.InputError(f"--checkpoint {cli.checkpoint}: no such file")
     model = T.InversionNet()
@@ -144,90 +124,64 @@ def main(cli):
         normalizer, stats_from = T.Normalizer(n["data_min"], n["data_max"], n["label_min"], n["label_max"]), "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
-    pairs, train_pairs = evaluation_pairs(cli, targs)
+    return model.to(device).eval(), targs, normalizer, stats_from
+
+
+def evaluation_pairs(cli, targs):
+    """The pairs to evaluate and the training pairs (for the mean-map baseline; None with --val-list)."""
+    if cli.val_list:
+        pairs, train = T.read_split_list(cli.val_list), None
+    else:
+        train, val = T.splits(targs)
+        pairs = val if cli.split == "val" else train
     if not pairs:
         raise T.DataError("the evaluation split is empty")
-    counts = T.inspect_pairs(pairs)
-    model.to(device).eval()
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
+    return pairs, train
 
-    largs = argparse.Namespace(loader=cli.loader, batch_size=cli.batch_size, val_batch_size=cli.batch_size,
-                               cache_dtype="float32", normalize="device", num_workers=cli.num_workers,
-                               pin_memory=None, prefetch_factor=2, persistent_workers=False, seed=cli.seed)
-    loader, normalized, _ = T.build_loader(largs, pairs, counts, normalizer, device, rank, world, train=False)
-    baseline = normalizer.label(mean_velocity_map(train_pairs if train_pairs else pairs)).to(device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cli.amp)
-    gen = torch.Generator().manual_seed(cli.seed + rank)
+
+def baseline_sums(train_pairs, pairs, normalizer):
+    """Metric sums of the trivial baseline, the mean training velocity map, on the evaluated labels.
+    Labels only: no shot gather is read."""
+    total, n = 0.0, 0
+    for _, lpath in train_pairs:
+        y = np.load(lpath, mmap_mode="r")
+        total, n = total + y.sum(axis=0, dtype=np.float64), n + len(y)
+    mean_map = normalizer.label(torch.from_numpy((total / n).astype(np.float32)))
     sums = torch.zeros(4, dtype=torch.float64)
-    base_sums = torch.zeros(4, dtype=torch.float64)
-    ms_sums = torch.zeros(2, dtype=torch.float64)  # per-sample mean |error| and error^2 in m/s, summed
-    rows, k = [], 0
-    from tqdm import tqdm
-    bar = tqdm(total=len(loader), disable=not (cli.progress and rank == 0), desc="eval", leave=False)
-    scale = (normalizer.label_max - normalizer.label_min) / 2
-    with torch.no_grad():
-        for x, y in loader:
-            if not normalized:
-                x = perturb(x.float(), cli.noise_std, cli.missing_traces, gen)
-                x, y = normalizer.data(x.to(device)), normalizer.label(y.to(device).float())
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = model(x)
-            pred = pred.float()
-            y = y.float()
-            mae = (pred - y).abs().flatten(1).mean(1)
-            mse = ((pred - y) ** 2).flatten(1).mean(1)
-            ss = T.ssim_per_sample(pred, y)
-            sums += T.metric_sums(pred, y).cpu()
-            base_sums += T.metric_sums(baseline.expand_as(y), y).cpu()
-            ms_sums += torch.stack([(mae * scale).sum(), (mse * scale ** 2).sum()]).double().cpu()
-            for j in range(len(y)):
-                rows.append((rank + world * k, mae[j].item(), math.sqrt(mse[j].item()), ss[j].item(),
-                             mae[j].item() * scale, math.sqrt(mse[j].item()) * scale))
-                k += 1
-            bar.update(1)
-    bar.close()
-    sums, base_sums, ms_sums = T.all_reduce_sum(sums), T.all_reduce_sum(base_sums), T.all_reduce_sum(ms_sums)
+    for _, lpath in pairs:
+        labels = np.load(lpath, mmap_mode="r")
+        for s in range(0, len(labels), 256):
+            y = normalizer.label(torch.from_numpy(np.array(labels[s:s + 256])))
+            sums += T.metric_sums(T.per_sample_metrics(mean_map.expand_as(y), y))
+    return sums
+
+
+def gather_rows(per_sample, rank, world, scale):
+    """Every rank's per-sample metrics as rows (index, MAE, RMSE, SSIM, MAE m/s, RMSE m/s), sorted by index.
+    Rank r evaluated samples r, r + world, ... in order."""
+    rows = [(rank + world * k, mae, mse ** 0.5, ssim, mae * scale, mse ** 0.5 * scale)
+            for k, (mae, mse, ssim) in enumerate(per_sample.tolist())]
     if dist.is_initialized():
         gathered = [None] * world
         dist.all_gather_object(gathered, rows)
         rows = [r for part in gathered for r in part]
-    if rank != 0:
-        return 0
-    rows.sort()
-    m = T.summarize(sums)
-    n = m["count"]
-    m["mae_ms"] = ms_sums[0].item() / n
-    m["rmse_ms"] = math.sqrt(ms_sums[1].item() / n)
-    b = T.summarize(base_sums)
-    b["mae_ms"], b["rmse_ms"] = b["mae"] * scale, b["rmse"] * scale
+    return sorted(rows)
+
+
+# ---- results ----
+
+def result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base):
+    scale = (normalizer.label_max - normalizer.label_min) / 2
+    m = {k: metrics[k] for k in ("mae", "mse", "rmse", "ssim", "count")}
+    for d in (m, base):
+        d["mae_ms"], d["rmse_ms"] = d["mae"] * scale, d["rmse"] * scale  # the map is linear in velocity
     family = cli.dataset or getattr(targs, "dataset", None) or "flatvel-a"
-    result = {"checkpoint": os.path.abspath(cli.checkpoint), "samples": n, "files": len(pairs), "split": "list" if cli.val_list else cli.split,
-              "normalization": normalizer.as_dict(), "normalization_from": stats_from,
-              "perturbation": {"noise_std": cli.noise_std, "missing_traces": cli.missing_traces, "seed": cli.seed},
-              "model": m, "baseline_mean_map": b, "paper_reference": {"dataset": family, "mae": PAPER[family][0],
-                                                                      "rmse": PAPER[family][1], "ssim": PAPER[family][2]}}
-    table = io.StringIO()
-    w = csv.writer(table)
-    w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
-    w.writerows(rows)
-    text = report(result)
-    # metrics.json last: it marks a complete result
-    for name, content in (("per_sample.csv", table.getvalue()), ("result.txt", text),
-                          ("metrics.json", json.dumps(result, indent=2))):
-        path = os.path.join(out, name)
-        try:
-            S.write_text_atomic(path, content)
-        except OSError as e:
-            raise T.InputError(f"cannot write {path}: {e.strerror}") from None
-    if cli.vis:
-        draw(cli, model, device, normalizer, pairs, counts, rows, out, amp_dtype)
-    print(text, end="")
-    print(f"results in {out}")
-    return 0
+    return {"checkpoint": os.path.abspath(cli.checkpoint), "samples": m["count"], "files": len(pairs),
+            "split": "list" if cli.val_list else cli.split,
+            "normalization": normalizer.as_dict(), "normalization_from": stats_from,
+            "perturbation": {"noise_std": cli.noise_std, "missing_traces": cli.missing_traces, "seed": cli.seed},
+            "model": m, "baseline_mean_map": base,
+            "paper_reference": dict(zip(("dataset", "mae", "rmse", "ssim"), (family, *PAPER[family])))}
 
 
 def report(r):
@@ -243,63 +197,106 @@ def report(r):
     return "\n".join(lines) + "\n"
 
 
-def draw(cli, model, device, normalizer, pairs, counts, rows, out, amp_dtype):
-    """Truth / prediction / difference in m/s for the best, median and worst samples, their shot
-    gathers, and a histogram of per-sample SSIM."""
+def write_results(out, result, rows):
+    """per_sample.csv, result.txt, then metrics.json, each by temporary name and rename: metrics.json
+    last, because it marks a complete result."""
+    table = io.StringIO()
+    w = csv.writer(table)
+    w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
+    w.writerows(rows)
+    for name, content in (("per_sample.csv", table.getvalue()), ("result.txt", report(result)),
+                          ("metrics.json", json.dumps(result, indent=2))):
+        path = os.path.join(out, name)
+        try:
+            T.write_atomic(path, content)
+        except OSError as e:
+            raise T.InputError(f"cannot write {path}: {e.strerror}") from None
+
+
+def draw(model, device, normalizer, dataset, rows, out, n, amp_dtype):
+    """Truth / prediction / difference in m/s for n samples from best to worst MAE (the input exactly as
+    evaluated, perturbations included), the best one's shot gathers, and a histogram of per-sample SSIM."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     order = sorted(rows, key=lambda r: r[1])
-    picks = [order[int(round(i * (len(order) - 1) / max(cli.vis - 1, 1)))] for i in range(min(cli.vis, len(order)))]
-    ds = T.MapDataset(pairs, counts)
-    gen = torch.Generator().manual_seed(cli.seed)
+    picks = [order[int(round(i * (len(order) - 1) / max(n - 1, 1)))] for i in range(min(n, len(order)))]
     extent = [0, 700, 700, 0]  # metres: 70 cells of 10 m
-    for rank_i, row in enumerate(picks):
+    lo, hi = normalizer.label_min, normalizer.label_max
+    for i, row in enumerate(picks):
         idx = row[0]
-        x, y = ds[idx]
-        x = perturb(x[None], cli.noise_std, cli.missing_traces, gen)
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            pred = model(normalizer.data(x.to(device))).float()
-        vp = normalizer.label_to_velocity(pred)[0, 0].cpu().numpy()
-        vt = y[0].numpy()
-        tag = "best" if rank_i == 0 else ("worst" if rank_i == len(picks) - 1 else f"rank{rank_i}")
+        x, y = dataset[idx]
+        with torch.no_grad(), T.autocast(device, amp_dtype):
+            pred = model(normalizer.data(x[None].to(device))).float()
+        vp, vt = normalizer.label_to_velocity(pred)[0, 0].cpu().numpy(), y[0].numpy()
+        tag = "best" if i == 0 else ("worst" if i == len(picks) - 1 else f"rank{i}")
         fig, axs = plt.subplots(1, 3, figsize=(13, 4))
-        lo, hi = normalizer.label_min, normalizer.label_max
         for ax, img, title in ((axs[0], vt, "true velocity"), (axs[1], vp, "prediction")):
-            im = ax.imshow(img, cmap="jet", vmin=lo, vmax=hi, extent=extent)
-            ax.set_title(title)
-            ax.set_xlabel("x (m)")
-            ax.set_ylabel("depth (m)")
-            fig.colorbar(im, ax=ax, label="m/s")
-        d = vp - vt
-        lim = max(abs(d).max(), 1.0)
-        im = axs[2].imshow(d, cmap="seismic", vmin=-lim, vmax=lim, extent=extent)
-        axs[2].set_title(f"prediction - truth (MAE {row[4]:.0f} m/s)")
-        axs[2].set_xlabel("x (m)")
-        fig.colorbar(im, ax=axs[2], label="m/s")
+            fig.colorbar(ax.imshow(img, cmap="jet", vmin=lo, vmax=hi, extent=extent), ax=ax, label="m/s")
+            ax.set(title=title, xlabel="x (m)", ylabel="depth (m)")
+        lim = max(abs(vp - vt).max(), 1.0)
+        fig.colorbar(axs[2].imshow(vp - vt, cmap="seismic", vmin=-lim, vmax=lim, extent=extent), ax=axs[2], label="m/s")
+        axs[2].set(title=f"prediction - truth (MAE {row[4]:.0f} m/s)", xlabel="x (m)")
         fig.suptitle(f"sample {idx} ({tag}): MAE {row[1]:.4f}, SSIM {row[3]:.4f}")
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"sample_{idx}_{tag}.png"), dpi=90)
         plt.close(fig)
-        if rank_i == 0:
-            fig, axs = plt.subplots(1, x.shape[1], figsize=(3 * x.shape[1], 4), sharey=True)
-            g = x[0].numpy()
-            clip = np.percentile(np.abs(g), 99)
-            for s in range(x.shape[1]):
-                axs[s].imshow(g[s], cmap="gray", aspect="auto", vmin=-clip, vmax=clip, extent=[0, 700, 1.0, 0])
-                axs[s].set_title(f"shot {s + 1}")
-                axs[s].set_xlabel("receiver x (m)")
-            axs[0].set_ylabel("time (s)")
-            fig.tight_layout()
-            fig.savefig(os.path.join(out, f"sample_{idx}_shots.png"), dpi=80)
-            plt.close(fig)
+        if i == 0:
+            draw_shots(plt, x.numpy(), os.path.join(out, f"sample_{idx}_shots.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist([r[3] for r in rows], bins=30)
-    ax.set_xlabel("SSIM per sample")
-    ax.set_ylabel("samples")
+    ax.set(xlabel="SSIM per sample", ylabel="samples")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "ssim_histogram.png"), dpi=90)
     plt.close(fig)
+
+
+def draw_shots(plt, gather, path):
+    """The shot gathers (S, T, R) of one sample side by side, clipped at the 99th amplitude percentile."""
+    fig, axs = plt.subplots(1, gather.shape[0], figsize=(3 * gather.shape[0], 4), sharey=True)
+    clip = np.percentile(np.abs(gather), 99)
+    for s, ax in enumerate(axs):
+        ax.imshow(gather[s], cmap="gray", aspect="auto", vmin=-clip, vmax=clip, extent=[0, 700, 1.0, 0])
+        ax.set(title=f"shot {s + 1}", xlabel="receiver x (m)")
+    axs[0].set_ylabel("time (s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(cli):
+    check_cli(cli)
+    out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "eval")
+    if os.path.exists(os.path.join(out, "metrics.json")) and not cli.overwrite:
+        raise T.InputError(f"--output-dir {out} already holds results (metrics.json); pass --overwrite to replace "
+                           f"them or choose another --output-dir")
+    rank, world, local = T.setup_distributed("auto", cli.device)
+    device = T.resolve_device(cli.device, local)
+    model, targs, normalizer, stats_from = load_model(cli, device)
+    pairs, train_pairs = evaluation_pairs(cli, targs)
+    counts = T.inspect_pairs(pairs)
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
+    perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
+    cfg = T.LoaderConfig(kind=cli.loader, batch_size=cli.batch_size, num_workers=cli.num_workers, seed=cli.seed)
+    loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
+    amp_dtype = T.AMP_DTYPES[cli.amp]
+    metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, per_sample=True, progress=cli.progress)
+    scale = (normalizer.label_max - normalizer.label_min) / 2
+    rows = gather_rows(metrics["per_sample"], rank, world, scale)
+    if rank != 0:
+        return 0
+    base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
+    result = result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base)
+    write_results(out, result, rows)
+    if cli.vis:
+        draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, cli.vis, amp_dtype)
+    print(report(result), end="")
+    print(f"results in {out}")
+    return 0
 
 
 def cli(argv=None):
@@ -309,8 +306,7 @@ def cli(argv=None):
     except T.InputError as e:
         print(f"eval_inversionnet.py: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        import re
+    except RuntimeError as e:  # DataError raised inside a DataLoader worker comes back wrapped
         m = re.search(r"DataError: (.+)$", str(e).strip())
         if m:
             print(f"eval_inversionnet.py: error: {m.group(1)}", file=sys.stderr)

@@ -34,7 +34,7 @@ def ssim_reference(a, b):
 
 def test_ssim_of_identical_maps_is_one():
     x = torch.rand(3, 1, 70, 70) * 2 - 1
-    assert E.ssim(x, x).item() == pytest.approx(1.0, abs=1e-6)
+    assert T.ssim_per_sample(x, x).tolist() == pytest.approx([1.0] * 3, abs=1e-6)
 
 
 def test_ssim_matches_independent_float64_computation():
@@ -48,26 +48,26 @@ def test_ssim_matches_independent_float64_computation():
 
 def test_metrics_zero_for_perfect_prediction_and_hand_computed_values():
     t = torch.zeros(2, 1, 70, 70)
-    m = T.summarize(T.metric_sums(t, t))
+    m = T.summarize(T.metric_sums(T.per_sample_metrics(t, t)))
     assert m["mae"] == 0 and m["mse"] == 0 and m["rmse"] == 0 and m["ssim"] == pytest.approx(1.0)
     p = t.clone()
     p[0, 0, :35] = 0.2  # half of sample 0 off by 0.2, sample 1 perfect
-    m = T.summarize(T.metric_sums(p, t))
+    m = T.summarize(T.metric_sums(T.per_sample_metrics(p, t)))
     assert m["mae"] == pytest.approx((0.1 + 0) / 2) and m["mse"] == pytest.approx((0.02 + 0) / 2)
     assert m["rmse"] == pytest.approx(0.1)
 
 
-def test_perturbations_are_seeded_and_do_what_they_say():
-    x = torch.randn(2, 5, 1000, 70)
+def test_perturbations_are_seeded_per_sample_and_do_what_they_say():
+    x = torch.randn(5, 1000, 70)
     keep = x.clone()
-    a = E.perturb(x, 0.1, 4, torch.Generator().manual_seed(1))
-    b = E.perturb(x, 0.1, 4, torch.Generator().manual_seed(1))
-    c = E.perturb(x, 0.1, 4, torch.Generator().manual_seed(2))
-    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(x, keep)
-    muted = (a.abs().sum(dim=(1, 2)) == 0).sum(dim=1)
-    assert muted.tolist() == [4, 4]
-    noisy = E.perturb(x, 0.1, 0, torch.Generator().manual_seed(1)) - x
-    ratio = noisy.std(dim=2) / x.abs().amax(dim=2)
+    p = E.Perturb(0.1, 4, seed=1)
+    a = p(x, 7)
+    assert torch.equal(a, p(x, 7)) and torch.equal(x, keep)
+    assert not torch.equal(a, E.Perturb(0.1, 4, seed=2)(x, 7)) and not torch.equal(a, p(x, 8))
+    muted = (a.abs().sum(dim=(0, 1)) == 0).sum().item()
+    assert muted == 4  # the same receivers in every shot
+    noisy = E.Perturb(0.1, 0, seed=1)(x, 0) - x
+    ratio = noisy.std(dim=1) / x.abs().amax(dim=1)
     assert ratio.mean().item() == pytest.approx(0.1, rel=0.05)
 
 
@@ -100,43 +100,39 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     assert any(p.endswith("_shots.png") for p in pngs) and "ssim_histogram.png" in pngs
 
 
-@pytest.mark.slow
-def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path):
+def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path, capsys):
     sd = torch.load(tiny_run / "run" / "best.pt", weights_only=False)["model"]
     torch.save({"model": sd, "epoch": 0}, tmp_path / "fva_l1.pth")
     lst = tmp_path / "val.txt"
     lst.write_text(f"{tiny_run / 'd' / 'data' / 'data1.npy'}\t{tiny_run / 'd' / 'model' / 'model1.npy'}\n")
-    r = run_script(EVAL, "--checkpoint", tmp_path / "fva_l1.pth", "--val-list", lst, "--num-workers", 0, "--no-progress", "--vis", 0)
-    assert r.returncode == 2 and "--dataset" in r.stderr
-    r = run_script(EVAL, "--checkpoint", tmp_path / "fva_l1.pth", "--val-list", lst, "--dataset", "flatvel-a",
-                   "--num-workers", 0, "--no-progress", "--vis", 0, "--output-dir", tmp_path / "o")
-    assert r.returncode == 0, r.stderr
+    args = ["--checkpoint", str(tmp_path / "fva_l1.pth"), "--val-list", str(lst), "--num-workers", "0", "--no-progress", "--vis", "0"]
+    assert E.cli(args) == 2 and "--dataset" in capsys.readouterr().err
+    assert E.cli(args + ["--dataset", "flatvel-a", "--output-dir", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["samples"] == 4
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "empty_split"])
-def test_bad_checkpoint_or_data(tiny_run, tmp_path, case):
+def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     ck = tiny_run / "run" / "best.pt"
-    args = ["--num-workers", 0, "--no-progress", "--vis", 0, "--output-dir", tmp_path / "o"]
+    args = ["--num-workers", "0", "--no-progress", "--vis", "0", "--output-dir", str(tmp_path / "o")]
     if case == "missing":
-        args += ["--checkpoint", tmp_path / "nope.pt"]
+        args += ["--checkpoint", str(tmp_path / "nope.pt")]
         needle = "no such file"
     elif case == "truncated":
         (tmp_path / "t.pt").write_bytes(ck.read_bytes()[:1000])
-        args += ["--checkpoint", tmp_path / "t.pt"]
+        args += ["--checkpoint", str(tmp_path / "t.pt")]
         needle = "not a readable checkpoint"
     elif case == "incompatible":
         torch.save({"model": {"fc.weight": torch.zeros(2)}}, tmp_path / "i.pt")
-        args += ["--checkpoint", tmp_path / "i.pt", "--dataset", "flatvel-a"]
+        args += ["--checkpoint", str(tmp_path / "i.pt"), "--dataset", "flatvel-a"]
         needle = "incompatible"
     else:
         (tmp_path / "empty.txt").write_text("\n")
-        args += ["--checkpoint", ck, "--val-list", tmp_path / "empty.txt"]
+        args += ["--checkpoint", str(ck), "--val-list", str(tmp_path / "empty.txt")]
         needle = "empty split"
-    r = run_script(EVAL, *args)
-    assert r.returncode == 2 and needle in r.stderr, r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert E.cli(args) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -144,22 +140,37 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, case):
     (["--missing-traces", "71"], "--missing-traces must be in [0, 70], got 71"),
     (["--noise-std", "-0.1"], "--noise-std must be >= 0, got -0.1"),
 ])
-def test_bad_flags_one_line_exit_2(tmp_path, args, needle):
-    r = run_script(EVAL, "--checkpoint", tmp_path / "never-read.pt", *args)
-    assert r.returncode == 2 and r.stderr.strip() == f"eval_inversionnet.py: error: {needle}", r.stderr
+def test_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
+    assert E.cli(["--checkpoint", str(tmp_path / "never-read.pt"), *args]) == 2
+    assert capsys.readouterr().err.strip() == f"eval_inversionnet.py: error: {needle}"
 
 
-@pytest.mark.slow
-def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path):
+def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys):
     out = tmp_path / "ev"
-    args = ["--checkpoint", tiny_run / "run" / "best.pt", "--output-dir", out, "--num-workers", 0, "--no-progress", "--vis", 0]
-    assert run_script(EVAL, *args).returncode == 0
+    args = ["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0", "--no-progress",
+            "--vis", "0"]
+    assert E.cli(args) == 0
     first = (out / "metrics.json").read_bytes()
-    r = run_script(EVAL, *args, "--noise-std", 0.5)
-    assert r.returncode == 2 and r.stderr.strip() == (f"eval_inversionnet.py: error: --output-dir {out} already holds results "
-                                                      "(metrics.json); pass --overwrite to replace them or choose another --output-dir")
+    capsys.readouterr()
+    assert E.cli(args + ["--noise-std", "0.5"]) == 2
+    assert capsys.readouterr().err.strip() == (f"eval_inversionnet.py: error: --output-dir {out} already holds results "
+                                               "(metrics.json); pass --overwrite to replace them or choose another --output-dir")
     assert (out / "metrics.json").read_bytes() == first
-    r = run_script(EVAL, *args, "--noise-std", 0.5, "--overwrite")
-    assert r.returncode == 0, r.stderr
+    assert E.cli(args + ["--noise-std", "0.5", "--overwrite"]) == 0
     assert json.loads((out / "metrics.json").read_text())["perturbation"]["noise_std"] == 0.5
     assert not list(out.glob("*.tmp-*"))
+
+
+def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path):
+    """Each sample draws its own noise and muted receivers, so a robustness figure is reproducible."""
+    results = []
+    for batch in (1, 3):
+        out = tmp_path / f"b{batch}"
+        assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
+                      "--no-progress", "--vis", "0", "--noise-std", "0.2", "--missing-traces", "9", "--batch-size", str(batch)]) == 0
+        results.append(json.loads((out / "metrics.json").read_text())["model"])
+    clean = tmp_path / "clean"
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(clean), "--num-workers", "0",
+                  "--no-progress", "--vis", "0"]) == 0
+    assert results[0] == pytest.approx(results[1], rel=1e-5)
+    assert results[0]["mae"] != json.loads((clean / "metrics.json").read_text())["model"]["mae"]
