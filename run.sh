@@ -19,7 +19,7 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
   --family     velocity-model family to simulate (default flatvel)
   --out DIR    where data/ and run/ go (default out/<family>-<profile>)
   --*-args     extra flags passed to the simulator, the trainer and the evaluator
-test: the same install step, then pytest over tests/ and bench/ (--benchmark-disable).
+test: the same install step, then ruff's pyflakes checks and pytest over tests/ and bench/ (--benchmark-disable).
 USAGE
 }
 
@@ -32,6 +32,7 @@ install() {
 if [[ "${1:-}" == "test" ]]; then
   shift
   install
+  "$PY" -m ruff check --select F --no-cache .
   exec "$PY" -m pytest tests bench --benchmark-disable -p no:cacheprovider "$@"
 fi
 

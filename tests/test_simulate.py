@@ -1,9 +1,8 @@
 """Physics and file behaviour of simulate_openfwi.py, checked against independent expectations."""
+import contextlib
 import importlib.util
+import io
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,13 +10,18 @@ import torch
 import torch.nn.functional as F
 
 import simulate_openfwi as so
-from conftest import ROOT
-
-SCRIPT = os.path.join(ROOT, "simulate_openfwi.py")
+from helpers import SIMULATE, run_script
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, SCRIPT, "--no-progress", *args], capture_output=True, text=True)
+    """simulate_openfwi.cli in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = so.cli(["--no-progress", *map(str, args)])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
 
 
 def peak_time(trace):
@@ -147,9 +151,10 @@ def test_agrees_with_deepwave():
 
 def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    for out in (a, b):
-        r = run_cli("--out", str(out), "--files", "2", "--samples-per-file", "2", "--seed", "11")
-        assert r.returncode == 0, r.stderr
+    r = run_script(SIMULATE, "--no-progress", "--out", a, "--files", "2", "--samples-per-file", "2", "--seed", "11")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr  # the whole process path, once
+    code, _, err = run_cli("--out", b, "--files", "2", "--samples-per-file", "2", "--seed", "11")
+    assert code == 0, err
     for i in (1, 2):
         d, m = np.load(a / "data" / f"data{i}.npy"), np.load(a / "model" / f"model{i}.npy")
         assert d.shape == (2, 5, 1000, 70) and m.shape == (2, 1, 70, 70)
@@ -168,14 +173,14 @@ def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
 
 def test_cli_resumes_interrupted_generation(tmp_path):
     out = tmp_path / "run"
-    assert run_cli("--out", str(out), "--files", "2", "--samples-per-file", "2").returncode == 0
+    assert run_cli("--out", out, "--files", "2", "--samples-per-file", "2")[0] == 0
     first = (out / "data" / "data2.npy").read_bytes()
     kept = (out / "data" / "data1.npy").stat().st_mtime_ns
     # an interrupted run: file 2 half-written under its final name, a temp file left behind
     (out / "data" / "data2.npy").write_bytes(first[: len(first) // 2])
     (out / "data" / "data2.npy.tmp-999").write_bytes(b"junk")
-    r = run_cli("--out", str(out), "--files", "2", "--samples-per-file", "2")
-    assert r.returncode == 0 and "1 complete, 1 to make" in r.stdout
+    code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+    assert code == 0 and "1 complete, 1 to make" in stdout
     assert (out / "data" / "data2.npy").read_bytes() == first
     assert (out / "data" / "data1.npy").stat().st_mtime_ns == kept
     assert not list(out.rglob("*.tmp-*"))
@@ -188,32 +193,31 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     (["--files", "2", "--val-files", "2"], "--val-files"),
 ])
 def test_cli_bad_arguments(tmp_path, args, needle):
-    r = run_cli("--out", str(tmp_path / "o"), *args)
-    assert r.returncode == 2
-    assert needle in r.stderr and "Traceback" not in r.stderr
+    code, _, err = run_cli("--out", tmp_path / "o", *args)
+    assert code == 2 and needle in err and "Traceback" not in err
 
 
 def test_cli_out_is_a_file(tmp_path):
     f = tmp_path / "afile"
     f.write_text("keep me")
-    r = run_cli("--out", str(f), "--files", "1", "--samples-per-file", "1")
-    assert r.returncode == 2 and str(f) in r.stderr and "not a directory" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1 and f.read_text() == "keep me"
+    code, _, err = run_cli("--out", f, "--files", "1", "--samples-per-file", "1")
+    assert code == 2 and str(f) in err and "not a directory" in err
+    assert len(err.strip().splitlines()) == 1 and f.read_text() == "keep me"
 
 
 def test_cli_out_cannot_be_created(tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("x")  # a directory cannot be made under a file, even by root
-    r = run_cli("--out", str(blocker / "sub"), "--files", "1", "--samples-per-file", "1")
-    assert r.returncode == 2 and "cannot create" in r.stderr and str(blocker / "sub") in r.stderr
+    code, _, err = run_cli("--out", blocker / "sub", "--files", "1", "--samples-per-file", "1")
+    assert code == 2 and "cannot create" in err and str(blocker / "sub") in err
 
 
 def test_cli_never_replaces_other_data(tmp_path):
     out = tmp_path / "set"
-    assert run_cli("--out", str(out), "--files", "1", "--samples-per-file", "2", "--val-files", "0", "--seed", "1").returncode == 0
+    assert run_cli("--out", out, "--files", "1", "--samples-per-file", "2", "--val-files", "0", "--seed", "1")[0] == 0
     before = (out / "data" / "data1.npy").read_bytes()
-    r = run_cli("--out", str(out), "--files", "1", "--samples-per-file", "3", "--val-files", "0", "--seed", "2")
-    assert r.returncode == 2 and r.stderr.strip() == (f"simulate_openfwi.py: error: --out {out} holds data made with "
+    code, _, err = run_cli("--out", out, "--files", "1", "--samples-per-file", "3", "--val-files", "0", "--seed", "2")
+    assert code == 2 and err.strip() == (f"simulate_openfwi.py: error: --out {out} holds data made with "
                                                       "--seed 1, --samples-per-file 2; re-run with those settings to "
                                                       "resume it, or choose another --out")
     assert (out / "data" / "data1.npy").read_bytes() == before
@@ -222,7 +226,7 @@ def test_cli_never_replaces_other_data(tmp_path):
     np.save(foreign / "data" / "data1.npy", np.ones((3, 5, 1000, 70), np.float32))  # e.g. a downloaded set
     theirs = (foreign / "data" / "data1.npy").read_bytes()
     (foreign / "data" / "data2.npy.tmp-7").write_bytes(b"theirs too")  # looks like our leftover, is not ours
-    r = run_cli("--out", str(foreign), "--files", "1", "--samples-per-file", "2", "--val-files", "0")
-    assert r.returncode == 2 and "did not make (no simulate.json)" in r.stderr
+    code, _, err = run_cli("--out", foreign, "--files", "1", "--samples-per-file", "2", "--val-files", "0")
+    assert code == 2 and "did not make (no simulate.json)" in err
     assert (foreign / "data" / "data1.npy").read_bytes() == theirs and not (foreign / "model" / "model1.npy").exists()
     assert (foreign / "data" / "data2.npy.tmp-7").read_bytes() == b"theirs too"
