@@ -46,7 +46,9 @@ def get_args_parser():
     p.add_argument("--overwrite", action="store_true", help="replace the results already in --output-dir")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
-    p.add_argument("--amp", default="off", choices=list(T.AMP_DTYPES), help="autocast dtype")
+    p.add_argument("--amp", default="auto", choices=["auto", *T.AMP_DTYPES],
+                   help="autocast dtype of the forward pass (metrics accumulate in float32); auto: what train_inversionnet.py "
+                        "--fast picks for this device, bf16 where it computes bf16 natively, else off; off: float32 throughout")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--vis", type=int, default=3, help="number of samples to draw (best, median, worst, ...); 0: none")
@@ -127,6 +129,14 @@ def load_model(cli, device):
     return model.to(device).eval(), targs, normalizer, stats_from
 
 
+def forward_settings(cli, model, device):
+    """(autocast dtype, channels-last) of the forward pass: --fast's choice for the device unless --amp is given."""
+    fast = T.fast_compute(device)
+    if fast["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    return T.AMP_DTYPES[fast["amp"] if cli.amp == "auto" else cli.amp], fast["channels_last"]
+
+
 def evaluation_pairs(cli, targs):
     """The pairs to evaluate and the training pairs (for the mean-map baseline; None with --val-list)."""
     if cli.val_list:
@@ -189,6 +199,7 @@ def report(r):
     pert = r["perturbation"]
     lines = [f"InversionNet evaluation: {r['samples']} samples from {r['files']} files ({r['checkpoint']})",
              f"perturbation: noise {pert['noise_std']:g} x trace peak, {pert['missing_traces']} muted receivers, seed {pert['seed']}",
+             f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32",
              f"{'':24s}{'MAE':>9s}{'RMSE':>9s}{'SSIM':>9s}{'MAE m/s':>10s}{'RMSE m/s':>10s}",
              f"{'model':24s}{m['mae']:9.4f}{m['rmse']:9.4f}{m['ssim']:9.4f}{m['mae_ms']:10.1f}{m['rmse_ms']:10.1f}",
              f"{'baseline (mean map)':24s}{b['mae']:9.4f}{b['rmse']:9.4f}{b['ssim']:9.4f}{b['mae_ms']:10.1f}{b['rmse_ms']:10.1f}",
@@ -283,14 +294,15 @@ def main(cli):
     perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
     cfg = T.LoaderConfig(kind=cli.loader, batch_size=cli.batch_size, num_workers=cli.num_workers, seed=cli.seed)
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
-    amp_dtype = T.AMP_DTYPES[cli.amp]
-    metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, per_sample=True, progress=cli.progress)
+    amp_dtype, channels_last = forward_settings(cli, model, device)
+    metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=cli.progress)
     scale = (normalizer.label_max - normalizer.label_min) / 2
     rows = gather_rows(metrics["per_sample"], rank, world, scale)
     if rank != 0:
         return 0
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
     result = result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base)
+    result["forward"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32", "channels_last": channels_last}
     write_results(out, result, rows)
     if cli.vis:
         draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, cli.vis, amp_dtype)

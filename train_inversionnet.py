@@ -78,10 +78,12 @@ def get_args_parser(add_help=True):
     g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="normalisation constants from OpenFWI's table; default: DATA_ROOT/dataset.json if present, else flatvel-a")
     g.add_argument("--stats", default=None, help="JSON with data_min/data_max/label_min/label_max (simulate_openfwi.py writes one)")
-    g.add_argument("--loader", default="map", choices=["map", "iterable", "gpu"],
-                   help="map: random access over mmaps; iterable: whole files sharded over ranks and workers; gpu: split held on the device")
-    g.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="storage dtype of the --loader gpu cache")
+    g.add_argument("--loader", default=None, choices=["map", "iterable", "gpu"],
+                   help="map: random access over mmaps; iterable: whole files sharded over ranks and workers; gpu: the normalised "
+                        "split cached on the training device (in RAM on a CPU). Unset: map, or with --fast gpu when the split "
+                        "takes at most half the free device memory")
+    g.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="storage dtype of the --loader gpu cache. Unset: the autocast dtype, else float32")
     g.add_argument("--normalize", default="device", choices=["device", "workers"],
                    help="where the log/min-max normalisation runs (OpenFWI: in workers)")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank")
@@ -98,7 +100,7 @@ def get_args_parser(add_help=True):
     g.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=True, help="multiply --lr by the world size (OpenFWI)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="Adam betas")
-    g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None, help="fused Adam(W) kernel (default: on with CUDA)")
+    g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None, help="fused Adam(W) kernel. Unset: on with CUDA")
     g.add_argument("--lambda-l1", type=float, default=1.0, help="weight of the L1 loss (paper benchmark: pure L1)")
     g.add_argument("--lambda-l2", type=float, default=0.0, help="weight of the MSE loss")
     g.add_argument("--lr-scheduler", default="warmup-multistep", choices=["warmup-multistep", "step", "cosine", "none"],
@@ -113,13 +115,19 @@ def get_args_parser(add_help=True):
     g.add_argument("--parallel", default="auto", choices=["auto", "none", "dp", "ddp"],
                    help="auto: DDP under torchrun, DataParallel with several CUDA devices, else none")
     g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=False, help="SyncBatchNorm under DDP (CUDA only)")
-    g.add_argument("--amp", default="off", choices=list(AMP_DTYPES), help="autocast dtype; fp16 adds a GradScaler")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    g.add_argument("--amp", default=None, choices=list(AMP_DTYPES),
+                   help="autocast dtype; fp16 adds a GradScaler. Unset: off, or with --fast bf16 where the device computes it "
+                        "natively (CUDA with bf16; CPUs with AVX512-BF16, AMX or Arm BF16)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model. Unset: off, or with --fast on CUDA")
     g.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile mode")
-    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False, help="channels-last memory format")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels-last memory format. Unset: off, or with --fast on CUDA and CPU")
     g.add_argument("--fast", action="store_true",
-                   help="preset for one GPU: --loader gpu --cache-dtype bfloat16 --amp bf16 --compile --channels-last --fused-adam")
+                   help="the fastest combination measured for this device (bench/RESULTS.md), filling in only the speed flags "
+                        "not given: CUDA bf16 autocast, channels-last, compile, fused AdamW, device cache; CPU bf16 autocast "
+                        "where native, channels-last, device cache, no compile. The run's log and args.json say what it chose")
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy, torch (plus the rank) and the file split")
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms, cudnn.benchmark off")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cudnn autotuner (off with --deterministic)")
@@ -139,12 +147,8 @@ def get_args_parser(add_help=True):
 
 
 def check_args(args):
-    """Validate and resolve arguments right after parsing; raises InputError."""
-    if args.fast:
-        args.loader, args.cache_dtype, args.amp = "gpu", "bfloat16", "bf16"
-        args.compile, args.channels_last = True, True
-        if args.fused_adam is None:
-            args.fused_adam = True
+    """Validate and resolve arguments right after parsing (the speed flags wait for the device: resolve_speed);
+    raises InputError."""
     for name in ("epochs", "batch_size", "log_every", "prefetch_factor"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -290,6 +294,68 @@ def resolve_device(name, local_rank=0):
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise InputError("--device mps: MPS is not available on this machine")
     return torch.device(name)
+
+
+def cpu_has_native_bf16():
+    """Whether this CPU does bf16 arithmetic in hardware (x86 AVX512-BF16 or AMX, Arm BF16), read from
+    /proc/cpuinfo (False where there is none). Without it oneDNN emulates bf16, slower than fp32."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return bool(re.search(r"\b(avx512_bf16|amx_bf16|bf16)\b", fh.read()))
+    except OSError:
+        return False
+
+
+def free_memory(device):
+    """Bytes a data cache may use on the device: CUDA's free memory, MPS's budget, the host's available RAM."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    try:
+        with open("/proc/meminfo") as fh:
+            return int(re.search(r"MemAvailable:\s+(\d+) kB", fh.read()).group(1)) * 1024
+    except (OSError, AttributeError):
+        return 0  # unknown: no cache
+
+
+SPEED_FLAGS = ("amp", "channels_last", "compile", "fused_adam", "loader", "cache_dtype")
+
+
+def fast_compute(device):
+    """The compute settings --fast picks for a device: the fastest combination measured in bench/."""
+    if device.type == "cuda":
+        return dict(amp="bf16" if torch.cuda.is_bf16_supported() else "fp16", channels_last=True, compile=True, fused_adam=True)
+    if device.type == "cpu":  # torch.compile: no gain on CPU after a ~40 s compilation
+        return dict(amp="bf16" if cpu_has_native_bf16() else "off", channels_last=True, compile=False, fused_adam=False)
+    return dict(amp="off", channels_last=False, compile=False, fused_adam=False)  # mps: nothing measured there yet
+
+
+def resolve_speed(args, device, cache_samples=0):
+    """Fill in the speed flags not given: --fast's choice for this device, or the plain defaults. The
+    device cache (--loader gpu) is chosen when the `cache_samples` this process would hold take at most
+    half the free device memory. Returns the line that tells the log what was chosen."""
+    given = [f"--{k.replace('_', '-')}" for k in SPEED_FLAGS if getattr(args, k) is not None]
+    choice = fast_compute(device) if args.fast else dict(amp="off", channels_last=False, compile=False,
+                                                         fused_adam=device.type == "cuda", loader="map")
+    amp = args.amp or choice["amp"]
+    if amp == "fp16" and device.type == "mps":
+        raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
+    cache_dtype = args.cache_dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
+    cache_gb = cache_samples * (math.prod(DATA_SHAPE) + math.prod(LABEL_SHAPE)) * torch.finfo(getattr(torch, cache_dtype)).bits / 8e9
+    if args.fast:  # ranks on one host share its RAM; each GPU has its own memory
+        share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
+        choice["loader"] = "gpu" if cache_gb * share * 1e9 <= free_memory(device) / 2 else "map"
+    choice.update(amp=amp, cache_dtype=cache_dtype)
+    for k in SPEED_FLAGS:
+        if getattr(args, k) is None:
+            setattr(args, k, choice[k])
+    onoff = lambda v: "on" if v else "off"
+    cache = f" ({args.cache_dtype} cache, {cache_gb:.2f} GB)" if args.loader == "gpu" else ""
+    why = f"--fast for {device.type}" + (f" (native bf16: {'yes' if cpu_has_native_bf16() else 'no'})" if device.type == "cpu" else "")
+    return (f"speed: amp {args.amp}, channels-last {onoff(args.channels_last)}, compile {onoff(args.compile)}, fused adam "
+            f"{onoff(args.fused_adam)}, loader {args.loader}{cache}; {why if args.fast else 'defaults'}"
+            f"{', given: ' + ' '.join(given) if given else ''}")
 
 
 def write_atomic(path, data):
@@ -1068,7 +1134,8 @@ def wrap_model(model, device, parallel, local, sync_bn):
 
 
 def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
-    """InversionNet, its wrappers, optimizer, schedule and scaler as the flags ask; returns (Run, parallel mode)."""
+    """InversionNet, its wrappers, optimizer, schedule and scaler as the flags ask (speed flags resolved by
+    resolve_speed); returns (Run, parallel mode)."""
     raw = InversionNet()
     if args.init_from:
         load_weights(raw, args.init_from)
@@ -1080,10 +1147,9 @@ def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
         raw = model.module  # the converted copy is the one that trains
     if args.compile:
         model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
-    fused = args.fused_adam if args.fused_adam is not None else device.type == "cuda"
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
     optimizer = opt_cls(raw.parameters(), lr=args.lr * (world if args.scale_lr else 1), betas=tuple(args.betas),
-                        weight_decay=args.weight_decay, **({"fused": True} if fused else {}))
+                        weight_decay=args.weight_decay, **({"fused": True} if args.fused_adam else {}))
     scaler = torch.amp.GradScaler(device.type if device.type != "mps" else "cpu", enabled=args.amp == "fp16")
     run = Run(model, raw, optimizer, build_scheduler(optimizer, args, iters_per_epoch), scaler, device, normalizer,
               AMP_DTYPES[args.amp], args.channels_last, (args.lambda_l1, args.lambda_l2), args.grad_clip, world)
@@ -1094,7 +1160,7 @@ def train_step(run, x, y):
     """One optimizer step on a batch already on the device; returns the detached loss (no host sync)."""
     try:
         with autocast(run.device, run.amp_dtype):
-            loss = loss_fn(run.model(x), y, *run.loss_weights)
+            loss = loss_fn(run.model(x if run.amp_dtype else x.float()), y, *run.loss_weights)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
     except RuntimeError as e:
@@ -1272,7 +1338,7 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
     batches = device_batches(loader, device, normalizer, channels_last)
     for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=not (progress and is_main())):
         with autocast(device, amp_dtype):
-            pred = model(x)
+            pred = model(x if amp_dtype else x.float())  # a bf16/fp16 cache feeds fp32 weights in fp32
         pred, y = pred.float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
         m = per_sample_metrics(pred, y)
         sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).double() * len(m))[None]])
@@ -1368,8 +1434,6 @@ def check_device_args(args, device):
         raise InputError("--parallel dp needs CUDA devices")
     if args.sync_bn and device.type != "cuda":
         raise InputError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
-    if args.amp == "fp16" and device.type == "mps":
-        raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
 
 
 def load_splits(args, world):
@@ -1471,6 +1535,7 @@ def main(args):
         torch.autograd.set_detect_anomaly(True)
     normalizer, stats_from = resolve_stats(args)
     data = load_splits(args, world)
+    speed_note = resolve_speed(args, device, (sum(data[1]) + sum(data[3])) // world)
     train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
     run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)
     resumed = restore(run, args, rank)
@@ -1479,8 +1544,8 @@ def main(args):
     if is_main():
         write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True))
     print0(f"InversionNet {sum(p.numel() for p in run.raw_model.parameters()):,} parameters on {device} ({parallel}, "
-           f"world {world}); {backend_note}; amp {args.amp}, compile {args.compile}, channels-last {args.channels_last}, "
-           f"fused adam {bool(run.optimizer.defaults.get('fused'))}")
+           f"world {world}); {backend_note}")
+    print0(speed_note)
     train_pairs, train_counts, val_pairs, val_counts = data
     dropped = train_loader.dropped
     print0(f"data: {len(train_pairs)} train files ({sum(train_counts)} samples), {len(val_pairs)} val files "

@@ -17,13 +17,15 @@ sys.path.insert(0, ROOT)
 SCALE = os.environ.get("BENCH_SCALE", "small")
 CPUS = os.cpu_count() or 1
 if SCALE == "gpu":
-    CFG = dict(files=8, per_file=64, batches=(64, 256), steps=10, rounds=3, workers=sorted({0, 1, 2, 4, 8, 16} & set(range(CPUS + 1))))
+    CFG = dict(files=8, per_file=64, batches=(64, 256), steps=10, rounds=3, whole_epochs=3,
+               workers=sorted({0, 1, 2, 4, 8, 16} & set(range(CPUS + 1))))
 else:
-    CFG = dict(files=4, per_file=16, batches=(4, 8), steps=2, rounds=2, workers=sorted({0, 1, 2, 4} & set(range(CPUS + 1))))
+    CFG = dict(files=4, per_file=16, batches=(4, 8), steps=2, rounds=2, whole_epochs=2,
+               workers=sorted({0, 1, 2, 4} & set(range(CPUS + 1))))
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LOADER_BATCH = CFG["batches"][-1]
 # per-worker-count figures collected by the benchmarks, printed as one table at the end
-RESULTS = {"loader": {}, "compute": {}, "e2e": {}, "sim": {}}
+RESULTS = {"loader": {}, "compute": {}, "e2e": {}, "whole": {}, "sim": {}}
 PEAK_TFLOPS = {"H100": (989.0, 3.35e12), "H200": (989.0, 4.8e12), "A100": (312.0, 2.0e12)}  # bf16 dense, HBM B/s
 
 
@@ -59,28 +61,55 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def report_lines():
-    loader, compute, e2e = RESULTS["loader"], RESULTS["compute"], RESULTS["e2e"]
-    if not (loader and compute):
-        return []
-    comp = compute.get(("fp32", LOADER_BATCH)) or max(compute.values())
     env = environment()
-    out = [f"device {env['device']}, torch {env['torch']}, {env['cpu_count']} CPUs, {env['threads']} threads, "
-           f"batch {LOADER_BATCH}, scale {SCALE}",
-           f"compute-only (fp32, batch {LOADER_BATCH}): {comp:.1f} samples/s",
+    out = [f"device {env['device']}, torch {env['torch']}, {env['cpu_count']} CPUs, {env['threads']} threads, scale {SCALE}"]
+    out += compute_lines(RESULTS["compute"]) + loader_lines(RESULTS["loader"], RESULTS["e2e"], RESULTS["compute"])
+    whole = RESULTS["whole"]
+    if len(whole) == 2:
+        out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "
+                   f"validation included): defaults {whole['plain']:.1f} s, --fast {whole['fast']:.1f} s: "
+                   f"{whole['plain'] / whole['fast']:.2f}x faster")
+    if RESULTS["sim"]:
+        out.append("simulator: " + ", ".join(f"{k} {v:.2f} samples/s" for k, v in RESULTS["sim"].items()))
+    return out
+
+
+def compute_lines(compute):
+    """One row per compute variant: samples/s per batch size and the ratio to fp32 at the largest batch."""
+    if not compute:
+        return []
+    batches = sorted({b for _, b in compute})
+    base = compute.get(("fp32", batches[-1]))
+    out = [f"compute-only samples/s, inputs on the device ({' / '.join(f'batch {b}' for b in batches)}; x fp32 at {batches[-1]}):"]
+    for mode in dict.fromkeys(m for m, _ in compute):
+        row = "".join(f"{compute[(mode, b)]:9.1f}" if (mode, b) in compute else f"{'-':>9s}" for b in batches)
+        ratio = f"{compute[(mode, batches[-1])] / base:6.2f}x" if base and (mode, batches[-1]) in compute else ""
+        out.append(f"  {mode:14s}{row}{ratio}{'   <- --fast on this device' if mode == 'fast' else ''}")
+    return out
+
+
+def loader_lines(loader, e2e, compute):
+    """Each loader against the --fast step's demand, end to end, and OpenFWI's configuration beside it."""
+    need = compute.get(("fast", LOADER_BATCH))
+    if not (loader and need):
+        return []
+    out = [f"loaders feeding the --fast step (batch {LOADER_BATCH}, {need:.1f} samples/s compute-only):",
            f"{'loader':9s}{'workers':>8s}{'pin':>5s}{'loader/s':>10s}{'GB/s':>7s}{'ratio':>7s}{'e2e/s':>8s}{'wait':>7s}  verdict"]
     best = None
     for (kind, workers, pin), (sps, gbs) in sorted(loader.items()):
-        e = e2e.get((kind, workers, pin))
-        ratio = sps / comp
-        e_sps, wait = (e if e else (float("nan"), float("nan")))
-        verdict = "compute-bound" if ratio >= 1.1 else "input-bound"
-        out.append(f"{kind:9s}{workers:8d}{'y' if pin else 'n':>5s}{sps:10.1f}{gbs:7.2f}{ratio:7.2f}{e_sps:8.1f}{100 * wait:6.0f}%  {verdict}")
+        e_sps, wait = e2e.get((kind, workers, DEVICE.type == "cuda"), (float("nan"), float("nan")))
+        verdict = "compute-bound" if sps / need >= 1.1 else "input-bound"
+        out.append(f"{kind:9s}{workers:8d}{'y' if pin else 'n':>5s}{sps:10.1f}{gbs:7.2f}{sps / need:7.2f}{e_sps:8.1f}"
+                   f"{100 * wait:6.0f}%  {verdict}")
         if verdict == "compute-bound" and (best is None or (workers, kind != "gpu") < (best[1], best[0] != "gpu")):
             best = (kind, workers)
-    if best:
-        out.append(f"recommendation: --loader {best[0]} --num-workers {best[1]} keeps the device fed (fewest workers with loader >= 1.1x compute)")
-    else:
-        out.append("recommendation: every loader is input-bound here; use --loader gpu if the split fits in device memory")
-    if RESULTS["sim"]:
-        out.append("simulator: " + ", ".join(f"{k} {v:.2f} samples/s" for k, v in RESULTS["sim"].items()))
+    out.append(f"recommendation: --loader {best[0]} --num-workers {best[1]} keeps the device fed (fewest workers with "
+               f"loader >= 1.1x compute)" if best else
+               "recommendation: every loader is input-bound here; use --loader gpu if the split fits in device memory")
+    openfwi = [(k, v) for k, v in e2e.items() if k[0] == "openfwi"]
+    fast = e2e.get(("gpu", 0, DEVICE.type == "cuda"))
+    if openfwi and fast:
+        (_, workers, _), (sps, wait) = openfwi[0]
+        out.append(f"OpenFWI-style (map, {workers} workers normalising, fp32): {sps:.1f} samples/s, data wait {100 * wait:.0f}%; "
+                   f"--fast with the device cache: {fast[0]:.1f} samples/s, wait {100 * fast[1]:.0f}%: {fast[0] / sps:.2f}x")
     return out

@@ -1,15 +1,20 @@
-"""Where the time goes: DataLoader throughput against compute, per worker count.
+"""Where the time goes: each compute variant, the loaders against the --fast step, end to end, a whole run.
 
     pytest bench --benchmark-only                      # about 5 minutes on a 2-core CPU
     BENCH_SCALE=gpu pytest bench --benchmark-only      # bigger batches and more workers on a GPU machine
     pytest bench --benchmark-only --benchmark-json=bench.json   # every figure also in extra_info
 
-Loaders are the ones train_inversionnet.py builds (imported, not copied). Every benchmark warms up
-outside the timed region, synchronises the device and repeats (pedantic rounds); figures are ratios
-taken in one run. With --benchmark-disable (as `bash run.sh test` runs it) each body runs once.
+Runs, steps and loaders are the ones train_inversionnet.py builds from its own flags (T.build_run,
+T.train_step, T.build_loader: imported, not copied), so each row is what a user of those flags gets.
+Every benchmark warms up outside the timed region, synchronises the device and repeats (pedantic
+rounds); figures are ratios taken in one run. With --benchmark-disable (as `bash run.sh test` runs it)
+each body runs once.
 """
+import functools
 import importlib.util
 import os
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -18,7 +23,7 @@ import torch
 
 import simulate_openfwi as S
 import train_inversionnet as T
-from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, environment
+from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, environment
 
 NORM = T.Normalizer(-26.95, 52.77)
 SAMPLE_BYTES = (5 * 1000 * 70 + 70 * 70) * 4
@@ -29,34 +34,46 @@ def sync():
         torch.cuda.synchronize()
 
 
+def make_args(*flags):
+    """Training arguments as `train_inversionnet.py FLAGS` resolves them on this device (batch LOADER_BATCH)."""
+    args = T.check_args(T.get_args_parser().parse_args(["--device", DEVICE.type, "--batch-size", str(LOADER_BATCH), *flags]))
+    T.resolve_speed(args, DEVICE)
+    return args
+
+
+def make_run(*flags):
+    """The Run that `train_inversionnet.py FLAGS` trains with, on this device; its step is T.train_step."""
+    torch.manual_seed(0)
+    return T.build_run(make_args(*flags), DEVICE, iters_per_epoch=1)[0]
+
+
+def make_loader(pairs, args):
+    """The training loader the script builds from these arguments."""
+    return T.build_loader(T.LoaderConfig.from_args(args, train=True), pairs, T.inspect_pairs(pairs), NORM, DEVICE)
+
+
+def loader_flags(kind, workers, pin):
+    return ["--fast", "--loader", kind, "--num-workers", str(workers), "--pin-memory" if pin else "--no-pin-memory",
+            "--persistent-workers" if workers else "--no-persistent-workers"]
 
 
 def loader_cases():
     pins = (False, True) if torch.cuda.is_available() else (False,)
-    cases = [("gpu", 0, False)]
-    for kind in ("map", "iterable"):
-        for w in CFG["workers"]:
-            for pin in pins:
-                cases.append((kind, w, pin))
-    return cases
-
-
-def make_loader(pairs, kind, workers, pin):
-    cfg = T.LoaderConfig(kind=kind, batch_size=LOADER_BATCH, num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
-    return T.build_loader(cfg, pairs, T.inspect_pairs(pairs), NORM, DEVICE)
+    return [("gpu", 0, False)] + [(kind, w, pin) for kind in ("map", "iterable") for w in CFG["workers"] for pin in pins]
 
 
 @pytest.mark.parametrize("kind, workers, pin", loader_cases(), ids=lambda v: str(v))
 def test_loader_throughput(benchmark, random_dataset, kind, workers, pin):
-    """Samples/s delivered on the device (copied and normalised), one epoch per round."""
-    loader = make_loader(random_dataset, kind, workers, pin)
+    """Samples/s delivered on the device (copied and normalised as the --fast step takes them), one epoch per round."""
+    args = make_args(*loader_flags(kind, workers, pin))
+    loader = make_loader(random_dataset, args)
     epoch = [0]
 
     def one_epoch():
         loader.set_epoch(epoch[0])
         epoch[0] += 1
         n = 0
-        for x, _ in T.device_batches(loader, DEVICE, NORM):
+        for x, _ in T.device_batches(loader, DEVICE, NORM, args.channels_last):
             n += len(x)
         sync()
         return n
@@ -71,6 +88,7 @@ def test_loader_throughput(benchmark, random_dataset, kind, workers, pin):
                                 gb_per_s=sps * SAMPLE_BYTES / 1e9, batch=LOADER_BATCH)
 
 
+@functools.lru_cache(maxsize=None)
 def flops_per_sample():
     from torch.utils.flop_counter import FlopCounterMode
     m = T.InversionNet()
@@ -80,27 +98,28 @@ def flops_per_sample():
     return fc.get_total_flops() / 2
 
 
-def make_run(*flags):
-    """The Run that `train_inversionnet.py FLAGS` trains with, on this device; its step is T.train_step."""
-    torch.manual_seed(0)
-    args = T.check_args(T.get_args_parser().parse_args(["--device", DEVICE.type, *flags]))
-    return T.build_run(args, DEVICE, iters_per_epoch=1)[0]
+def compute_modes():
+    """Name -> the training flags of each compute variant. `fast` is what --fast resolves to here."""
+    modes = {"fp32": [], "fp32-cl": ["--channels-last"], "bf16": ["--amp", "bf16"],
+             "bf16-cl": ["--amp", "bf16", "--channels-last", "--no-fused-adam"],
+             "bf16-cl-fused": ["--amp", "bf16", "--channels-last", "--fused-adam"]}
+    if DEVICE.type == "cuda":
+        modes["fp16-cl"] = ["--amp", "fp16", "--channels-last"]
+    modes["compile"] = ["--fast", "--compile"]
+    modes["fast"] = ["--fast"]
+    return modes
 
 
-def compute_cases():
-    modes = ["fp32", "bf16"] + (["fp16"] if DEVICE.type == "cuda" else [])
-    cases = [(m, b) for m in modes for b in CFG["batches"]]
-    cases.append(("compile", CFG["batches"][-1]))
-    return cases
-
-
-@pytest.mark.parametrize("mode, batch", compute_cases(), ids=lambda v: str(v))
+@pytest.mark.parametrize("mode, batch", [(m, b) for m in compute_modes() for b in CFG["batches"]], ids=lambda v: str(v))
 def test_compute_throughput(benchmark, mode, batch):
-    """Training-step samples/s (forward, backward, AdamW) on inputs already on the device."""
+    """Training-step samples/s (forward, backward, AdamW) on inputs already on the device, through the
+    script's own Run and train_step, for each precision / layout / compile variant."""
     if mode == "compile" and DEVICE.type == "cpu" and benchmark.enabled and not os.environ.get("BENCH_COMPILE"):
         pytest.skip("torch.compile on CPU costs ~40 s of compilation; set BENCH_COMPILE=1 to include it")
-    run = make_run(*{"compile": ["--compile"], "fp32": []}.get(mode, ["--amp", mode]))
+    run = make_run(*compute_modes()[mode])
     x = torch.randn(batch, 5, 1000, 70, device=DEVICE)
+    if run.channels_last:  # as device_batches hands batches to the step
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.rand(batch, 1, 70, 70, device=DEVICE) * 2 - 1
     T.train_step(run, x, y)  # warm-up (and compilation) outside the timed region
     sync()
@@ -119,28 +138,37 @@ def test_compute_throughput(benchmark, mode, batch):
     flops = flops_per_sample()
     tflops = sps * flops / 1e12
     RESULTS["compute"][(mode, batch)] = sps
-    info = dict(environment(), mode=mode, batch=batch, samples_per_s=sps, flops_per_sample=flops, achieved_tflops=tflops)
-    name = info["device"]
+    info = dict(environment(), mode=mode, flags=compute_modes()[mode], batch=batch, samples_per_s=sps, flops_per_sample=flops,
+                achieved_tflops=tflops)
     for key, (peak, _) in PEAK_TFLOPS.items():
-        if key in name:
+        if key in info["device"]:
             info["fraction_of_bf16_peak"] = tflops / peak
     benchmark.extra_info.update(info)
     assert 12e9 < flops < 13e9  # forward + backward: 12.49 GFLOP per sample (forward 4.19)
 
 
-@pytest.mark.parametrize("kind, workers", [("gpu", 0)] + [("map", w) for w in CFG["workers"]] + [("iterable", w) for w in CFG["workers"]],
-                         ids=lambda v: str(v))
-def test_end_to_end(benchmark, random_dataset, kind, workers):
+def e2e_cases():
+    """The --fast step fed by each loader, and OpenFWI's own configuration: map-style dataset, normalisation
+    in the workers, the most workers tried, fp32."""
+    cases = {(kind, w, DEVICE.type == "cuda"): loader_flags(kind, w, DEVICE.type == "cuda")
+             for kind, w, pin in loader_cases() if not pin}
+    cases[("openfwi", max(CFG["workers"]), DEVICE.type == "cuda")] = [
+        "--loader", "map", "--num-workers", str(max(CFG["workers"])), "--normalize", "workers", "--amp", "off",
+        "--no-channels-last", "--no-compile"]
+    return cases
+
+
+@pytest.mark.parametrize("case", list(e2e_cases()), ids=lambda v: "-".join(map(str, v)))
+def test_end_to_end(benchmark, random_dataset, case):
     """Training-step samples/s with the real loader feeding the model, and the share of time spent waiting."""
-    pin = DEVICE.type == "cuda"
-    loader = make_loader(random_dataset, kind, workers, pin)
-    run = make_run()
+    args = make_args(*e2e_cases()[case])
+    loader, run = make_loader(random_dataset, args), make_run(*e2e_cases()[case])
     limit = min(len(loader), CFG["steps"] + 1 if benchmark.enabled else 2)
     waits = []
 
     def run_epoch():
         wait, n = 0.0, 0
-        it = T.device_batches(loader, DEVICE, NORM)
+        it = T.device_batches(loader, DEVICE, NORM, args.channels_last)
         t_start = time.perf_counter()
         for i in range(limit):
             t0 = time.perf_counter()
@@ -159,9 +187,36 @@ def test_end_to_end(benchmark, random_dataset, kind, workers):
     secs = benchmark.stats.stats.median if benchmark.enabled else time.perf_counter() - t0
     sps = n / secs
     wait = sorted(waits)[len(waits) // 2]
-    RESULTS["e2e"][(kind, workers, pin)] = (sps, wait)
-    benchmark.extra_info.update(environment(), loader=kind, workers=workers, samples_per_s=sps, data_wait_share=wait)
+    RESULTS["e2e"][case] = (sps, wait)
+    benchmark.extra_info.update(environment(), loader=case[0], workers=case[1], flags=e2e_cases()[case], samples_per_s=sps,
+                                data_wait_share=wait)
     assert n == limit * LOADER_BATCH
+
+
+@pytest.mark.parametrize("mode", ["plain", "fast"])
+def test_whole_run(benchmark, random_dataset, tmp_path, mode):
+    """Wall-clock of a short real run of the script, start-up, loading and validation included: its
+    defaults against --fast, on the same files."""
+    lists = []
+    for name, part in (("train", random_dataset[:-1]), ("val", random_dataset[-1:])):
+        (tmp_path / f"{name}.txt").write_text("".join(f"{d}\t{m}\n" for d, m in part))
+        lists += [f"--{name}-list", str(tmp_path / f"{name}.txt")]
+    steps = ["--epochs", str(CFG["whole_epochs"])] if benchmark.enabled else ["--epochs", "1", "--max-steps", "2"]
+    argv = [sys.executable, os.path.join(ROOT, "train_inversionnet.py"), *lists, *steps, "--batch-size", str(LOADER_BATCH),
+            "--dataset", "flatvel-a", "--no-progress", "--no-tensorboard", *(["--fast"] if mode == "fast" else [])]
+
+    def whole_run():
+        out = tempfile.mkdtemp(dir=tmp_path)
+        r = subprocess.run([*argv, "--output-dir", out], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout
+
+    t0 = time.perf_counter()
+    stdout = benchmark.pedantic(whole_run, rounds=1, warmup_rounds=0)
+    secs = benchmark.stats.stats.median if benchmark.enabled else time.perf_counter() - t0
+    RESULTS["whole"][mode] = secs
+    benchmark.extra_info.update(environment(), mode=mode, seconds=secs, argv=argv[1:],
+                                speed=[line for line in stdout.splitlines() if line.startswith("speed:")])
 
 
 def test_simulator_throughput(benchmark):

@@ -13,6 +13,7 @@ dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
 args = T.check_args(T.get_args_parser().parse_args(["--device", "cpu", "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none"]))
+T.resolve_speed(args, torch.device("cpu"))
 run, parallel = T.build_run(args, torch.device("cpu"), iters_per_epoch=2, world=world)
 assert parallel == "ddp"
 init = {k: v.clone() for k, v in run.raw_model.state_dict().items()}

@@ -174,3 +174,19 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path):
                   "--no-progress", "--vis", "0"]) == 0
     assert results[0] == pytest.approx(results[1], rel=1e-5)
     assert results[0]["mae"] != json.loads((clean / "metrics.json").read_text())["model"]["mae"]
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
+def test_forward_pass_follows_fast_unless_amp_is_given(tiny_run, tmp_path, monkeypatch, native):
+    """--amp auto takes --fast's choice for the device; metrics still accumulate in float32 and stay close."""
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
+    results = {}
+    for amp in ("auto", "off"):
+        out = tmp_path / amp
+        assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
+                      "--no-progress", "--vis", "0", "--amp", amp, "--device", "cpu"]) == 0
+        results[amp] = json.loads((out / "metrics.json").read_text())
+    assert results["auto"]["forward"] == {"amp": "bfloat16" if native else "float32", "channels_last": True}
+    assert results["off"]["forward"] == {"amp": "float32", "channels_last": True}
+    for k in ("mae", "rmse", "ssim"):
+        assert results["auto"]["model"][k] == pytest.approx(results["off"]["model"][k], rel=0.02)

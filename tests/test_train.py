@@ -10,10 +10,13 @@ from helpers import TRAIN, run_script, write_ids_dataset, write_split_list
 
 
 def small_args(**kw):
+    """Training arguments as parsed and checked, with the speed flags resolved for the CPU."""
     args = T.get_args_parser().parse_args([])
     for k, v in kw.items():
         setattr(args, k, v)
-    return T.check_args(args)
+    T.check_args(args)
+    T.resolve_speed(args, torch.device("cpu"))
+    return args
 
 
 # ---- model ----
@@ -198,14 +201,21 @@ def test_schedulers_follow_their_definitions():
 
 # ---- training behaviour ----
 
-def test_overfits_one_batch():
-    """The script's own Run and train_step drive the loss of one simulated batch down tenfold."""
+@pytest.mark.parametrize("speed", [dict(amp="off", channels_last=False), dict(amp="bf16", channels_last=True)],
+                         ids=["fp32", "bf16-channels-last"])
+def test_overfits_one_batch(speed):
+    """The script's own Run and train_step drive the loss of one simulated batch down tenfold, in fp32 and
+    on the CPU fast path (bf16 autocast, channels-last)."""
     from simulate_openfwi import flatvel, simulate
     v = torch.from_numpy(flatvel(np.random.default_rng(0), 2))
     norm = T.Normalizer(-26.95, 52.77)
     x, y = norm.data(simulate(v)), norm.label(v[:, None])
+    if speed["channels_last"]:
+        x = x.contiguous(memory_format=torch.channels_last)
     torch.manual_seed(0)
-    run, _ = T.build_run(small_args(device="cpu", lr=3e-3, weight_decay=0.0, lr_scheduler="none"), torch.device("cpu"), 60)
+    args = small_args(device="cpu", lr=3e-3, weight_decay=0.0, lr_scheduler="none", **speed)
+    run, _ = T.build_run(args, torch.device("cpu"), 60)
+    assert run.amp_dtype == T.AMP_DTYPES[speed["amp"]]
     losses = [T.train_step(run, x, y).item() for _ in range(60)]
     assert run.step == 60 and min(losses[-5:]) < losses[0] / 10
 
@@ -303,3 +313,57 @@ def test_profile_writes_a_trace(tmp_path, ids_data):
     r = run_script(TRAIN, *lists, *COMMON, "--epochs", 1, "--max-steps", 3, "--profile", "--output-dir", out)
     assert r.returncode == 0, r.stderr[-3000:]
     assert list((out / "tb").glob("*.pt.trace.json*"))
+
+
+# ---- --fast ----
+
+def parsed(*flags):
+    return T.check_args(T.get_args_parser().parse_args(list(flags)))
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
+def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, native):
+    monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(T, "free_memory", lambda device: 10e9)
+    cpu = torch.device("cpu")
+    args = parsed("--fast")
+    line = T.resolve_speed(args, cpu, cache_samples=1000)  # 0.7-1.4 GB: fits in half of 10 GB
+    speed = {k: getattr(args, k) for k in T.SPEED_FLAGS}
+    assert speed == dict(amp="bf16" if native else "off", channels_last=True, compile=False, fused_adam=False,
+                         loader="gpu", cache_dtype="bfloat16" if native else "float32")
+    assert f"--fast for cpu (native bf16: {'yes' if native else 'no'})" in line and "given" not in line
+    args = parsed("--fast", "--amp", "off", "--no-channels-last", "--loader", "map")
+    line = T.resolve_speed(args, cpu, cache_samples=1000)
+    assert (args.amp, args.channels_last, args.loader, args.cache_dtype, args.compile) == ("off", False, "map", "float32", False)
+    assert line.endswith("given: --amp --channels-last --loader")
+    args = parsed("--fast")
+    T.resolve_speed(args, cpu, cache_samples=8000)  # 5.6-11.2 GB: more than half the free memory
+    assert args.loader == "map"
+    args = parsed()
+    assert T.resolve_speed(args, cpu, cache_samples=10).endswith("; defaults")
+    assert {k: getattr(args, k) for k in T.SPEED_FLAGS} == dict(amp="off", channels_last=False, compile=False,
+                                                                 fused_adam=False, loader="map", cache_dtype="float32")
+
+
+def test_fast_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(T, "free_memory", lambda device: 80e9)
+    args = parsed("--fast")
+    T.resolve_speed(args, torch.device("cuda", 0), cache_samples=30000)  # OpenFWI's FlatVel-A in bf16: 21 GB
+    assert {k: getattr(args, k) for k in T.SPEED_FLAGS} == dict(amp="bf16", channels_last=True, compile=True, fused_adam=True,
+                                                                 loader="gpu", cache_dtype="bfloat16")
+
+
+def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_data, capsys):
+    _, lists = ids_data
+    out = tmp_path / "run"
+    argv = [*map(str, lists), "--batch-size", "2", "--epochs", "1", "--no-progress", "--dataset", "flatvel-a",
+            "--output-dir", str(out), "--fast", "--amp", "off", "--max-steps", "2"]
+    assert T.cli(argv) == 0
+    saved = json.loads((out / "args.json").read_text())
+    assert (saved["amp"], saved["channels_last"], saved["loader"], saved["cache_dtype"], saved["compile"]) == (
+        "off", True, "gpu", "float32", False)
+    assert "speed: amp off, channels-last on, compile off, fused adam off, loader gpu (float32 cache, 0.02 GB); " \
+           "--fast for cpu" in capsys.readouterr().out
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert ck["args"]["amp"] == "off" and ck["step"] == 2
