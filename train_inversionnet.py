@@ -26,10 +26,12 @@ import multiprocessing as mp
 import os
 import random
 import re
+import platform
 import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -53,7 +55,12 @@ AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class InputError(Exception):
-    """Bad flag, file or value: printed as one line, exit code 2."""
+    """Bad flag, file or value: one line on stderr, exit code 2. Under torchrun every rank meets the same
+    bad input and rank 0 alone prints it; a `local` one (a bad sample only this rank read) prints where it is met."""
+
+    def __init__(self, message, local=False):
+        super().__init__(message)
+        self.local = local
 
 
 class DataError(InputError):
@@ -66,9 +73,9 @@ class NonFiniteLoss(Exception):
 
 # ---- arguments ----
 
-def get_args_parser(add_help=True):
+def get_args_parser(add_help=True, exit_on_error=True):
     p = argparse.ArgumentParser(description="Train InversionNet on OpenFWI-format data.", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, exit_on_error=exit_on_error)
     g = p.add_argument_group("data")
     g.add_argument("--data-root", default="data/flatvel",
                    help="OpenFWI layout: data/data*.npy + model/model*.npy (or seis*/vel*), split by file")
@@ -124,26 +131,73 @@ def get_args_parser(add_help=True):
                    help="torch.compile mode")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels-last memory format. Unset: off, or with --fast on CUDA and CPU")
-    g.add_argument("--fast", action="store_true",
+    g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
                    help="the fastest combination measured for this device (bench/RESULTS.md), filling in only the speed flags "
                         "not given: CUDA bf16 autocast, channels-last, compile, fused AdamW, device cache; CPU bf16 autocast "
                         "where native, channels-last, device cache, no compile. The run's log and args.json say what it chose")
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy, torch (plus the rank) and the file split")
-    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms, cudnn.benchmark off")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
+                   help="deterministic algorithms, cudnn.benchmark off: a repeated run gives the same weights")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cudnn autotuner (off with --deterministic)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", default="runs/inversionnet", help="checkpoints, args.json, train.log and tb/")
-    g.add_argument("--resume", default=None, help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path")
+    g.add_argument("--config", default=None,
+                   help="a run's args.json: its arguments become the defaults and the flags given here win, so "
+                        "--config RUN/args.json --output-dir NEW repeats RUN (--resume and --overwrite are never taken from it)")
+    g.add_argument("--resume", default=None,
+                   help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader or "
+                        "the training split differ from the checkpoint's; a different world size restarts the current epoch")
     g.add_argument("--overwrite", action="store_true", help="allow writing into an output directory that holds a run")
     g.add_argument("--init-from", default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
+    g.add_argument("--init-strict", default="yes", choices=["yes", "no"],
+                   help="no: load only the --init-from tensors whose names and shapes match the model, and log the rest")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never)")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines / host syncs")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs in OUTPUT_DIR/tb")
-    g.add_argument("--profile", action="store_true", help="torch.profiler trace of a few steps into OUTPUT_DIR/tb (torch-tb-profiler)")
-    g.add_argument("--detect-anomaly", action="store_true", help="autograd anomaly detection (slow; for debugging)")
-    g.add_argument("--overfit-batch", action="store_true", help="sanity mode: train on one fixed batch, no validation")
+    g.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False, help="torch.profiler trace of a few steps into OUTPUT_DIR/tb (torch-tb-profiler)")
+    g.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, default=False, help="autograd anomaly detection (slow; for debugging)")
+    g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help="sanity mode: train on one fixed batch, no validation")
     return p
+
+
+CONFIG_SKIP = ("config", "resume", "overwrite")  # a repeated run must not continue or replace the one it repeats
+
+
+def config_argv(path):
+    """The arguments saved in a run's args.json as command-line flags, checked by the parser itself."""
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)
+        assert isinstance(saved, dict)
+    except (OSError, ValueError, AssertionError):
+        raise InputError(f"--config {path}: not a readable args.json") from None
+    known = vars(get_args_parser().parse_args([]))
+    argv = []
+    for key, value in saved.items():
+        flag = "--" + key.replace("_", "-")
+        if key not in known:
+            raise InputError(f"--config {path}: unknown setting {key!r}")
+        if key in CONFIG_SKIP or value is None:
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    try:
+        get_args_parser(exit_on_error=False).parse_args(argv)
+    except (argparse.ArgumentError, SystemExit) as e:
+        raise InputError(f"--config {path}: {e}") from None
+    return argv
+
+
+def parse_args(argv=None):
+    """The command line; with --config, the saved flags come first, so the ones given here win."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = get_args_parser().parse_args(argv)
+    return get_args_parser().parse_args(config_argv(args.config) + argv) if args.config else args
 
 
 def check_args(args):
@@ -152,6 +206,8 @@ def check_args(args):
     for name in ("epochs", "batch_size", "log_every", "prefetch_factor"):
         if getattr(args, name) <= 0:
             raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.batch_size == 1:
+        raise InputError("--batch-size must be at least 2: BatchNorm cannot train on one sample")
     for name in ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_warmup_epochs"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
@@ -169,7 +225,7 @@ def check_args(args):
         raise InputError("--val-list needs --train-list")
     if args.train_list and not args.val_list and args.val_every:
         raise InputError("--train-list needs --val-list (or --val-every 0 to train without validation)")
-    for flag in ("train_list", "val_list", "stats", "init_from"):
+    for flag in ("train_list", "val_list", "stats", "init_from", "config"):
         path = getattr(args, flag)
         if path is not None and not os.path.isfile(path):
             raise InputError(f"--{flag.replace('_', '-')} {path}: no such file")
@@ -358,6 +414,34 @@ def resolve_speed(args, device, cache_samples=0):
             f"{', given: ' + ' '.join(given) if given else ''}")
 
 
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            model = re.search(r"model name\s*:\s*(.+)", fh.read())
+    except OSError:
+        model = None
+    return f"{device.type}: {model.group(1).strip() if model else platform.processor() or platform.machine()}"
+
+
+def provenance(device, argv, world=1):
+    """What made a run or a result: the code's git commit (and whether its tracked files had changes), the
+    library versions, the device, the command line and the start time."""
+    def git(*cmd):
+        try:
+            r = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *cmd], capture_output=True,
+                               text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+    commit = git("rev-parse", "HEAD")
+    return {"git_commit": commit, "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+            "device": device_name(device), "world_size": world, "command": list(argv),
+            "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
 def write_atomic(path, data):
     """Write bytes or text to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact.
     One write call of ours, so a failure raises its own error (ENOSPC, EFBIG, or the KeyboardInterrupt of
@@ -444,7 +528,8 @@ def find_pairs(data_root):
     """(data, label) paths under DATA_ROOT/data and DATA_ROOT/model, paired by the name after the prefix."""
     ddir, mdir = os.path.join(data_root, "data"), os.path.join(data_root, "model")
     if not os.path.isdir(data_root):
-        raise DataError(f"--data-root {data_root}: no such directory (make one with: bash run.sh, or "
+        run_sh = "bash run.sh" + ("" if os.path.normpath(data_root) == os.path.join("data", "flatvel") else f" --data {data_root}")
+        raise DataError(f"--data-root {data_root}: no such directory ({run_sh} makes one, or "
                         f"python simulate_openfwi.py --out {data_root})")
     if not os.path.isdir(ddir) or not os.path.isdir(mdir):
         raise DataError(f"--data-root {data_root}: expected subdirectories data/ and model/ (OpenFWI layout)")
@@ -529,7 +614,7 @@ def check_finite(x, y, where):
     """Raise DataError naming `where` (file and sample) if x or y holds NaN/Inf."""
     for arr, kind in ((x, "data"), (y, "label")):
         if not np.isfinite(arr).all():
-            raise DataError(f"{where}: NaN or Inf in the {kind}")
+            raise DataError(f"{where}: NaN or Inf in the {kind}", local=True)
 
 
 class MapDataset(torch.utils.data.Dataset):
@@ -992,8 +1077,8 @@ def clean_state_dict(sd):
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
 
 
-def load_weights(model, path):
-    """Load our checkpoint, an OpenFWI checkpoint (dict with 'model') or a bare state_dict, strictly."""
+def read_state_dict(path):
+    """(the checkpoint as stored, its model state_dict without wrapper prefixes)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickle garbage, ...
@@ -1001,12 +1086,34 @@ def load_weights(model, path):
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{path}: holds no model state_dict")
+    return ckpt, clean_state_dict(sd)
+
+
+def load_weights(model, path):
+    """Load our checkpoint, an OpenFWI checkpoint (dict with 'model') or a bare state_dict, strictly;
+    returns the checkpoint."""
+    ckpt, sd = read_state_dict(path)
     try:
-        model.load_state_dict(clean_state_dict(sd), strict=True)
+        model.load_state_dict(sd, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
         raise InputError(f"{path}: incompatible with InversionNet ({' '.join(first[:2])[:200]})") from None
     return ckpt
+
+
+def load_matching(model, path):
+    """--init-strict no: load the tensors whose names and shapes match the model, for fine-tuning a changed
+    model; returns the line that says what was skipped and what stays freshly initialised."""
+    _, sd = read_state_dict(path)
+    own = model.state_dict()
+    take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(take, strict=False)
+    skipped = [f"{k} {tuple(v.shape)}" + (f" vs {tuple(own[k].shape)}" if k in own else " not in the model")
+               for k, v in sd.items() if k not in take]
+    fresh = [k for k in own if k not in take]
+    listed = lambda names: ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    return (f"--init-from {path}: loaded {len(take)} of the model's {len(own)} tensors; skipped {len(skipped)}"
+            f"{': ' + listed(skipped) if skipped else ''}; freshly initialised {len(fresh)}{': ' + listed(fresh) if fresh else ''}")
 
 
 # ---- metrics (OpenFWI test.py definitions; eval_inversionnet.py uses these) ----
@@ -1078,8 +1185,9 @@ def loss_fn(pred, target, l1=1.0, l2=0.0):
     return loss
 
 
-def build_scheduler(optimizer, args, iters_per_epoch):
-    """Every schedule as a per-iteration LambdaLR, so it is stepped (and resumed) the same way."""
+def build_scheduler(optimizer, args, iters_per_epoch, start=0):
+    """Every schedule as a per-iteration LambdaLR, so it is stepped (and resumed) the same way; `start`:
+    the iteration it begins at (the optimizer's param groups then carry their 'initial_lr')."""
     ipe = max(iters_per_epoch, 1)
     warm = args.lr_warmup_epochs * ipe
     total = args.epochs * ipe if args.max_steps is None else min(args.epochs * ipe, args.max_steps)
@@ -1096,7 +1204,7 @@ def build_scheduler(optimizer, args, iters_per_epoch):
         fn = lambda it: warmup(it) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, it - warm) / max(1, total - warm))))
     else:
         fn = lambda it: 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=start - 1)
 
 
 @dataclass
@@ -1118,6 +1226,7 @@ class Run:
     epoch: int = 0                    # the epoch under way, or the next to start
     batch_in_epoch: int = 0           # batches of `epoch` already trained
     best_loss: float = math.inf       # lowest validation loss so far
+    meta: dict = field(default_factory=dict)  # what checkpoints carry besides the state: split, provenance
 
 
 def wrap_model(model, device, parallel, local, sync_bn):
@@ -1137,8 +1246,10 @@ def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
     """InversionNet, its wrappers, optimizer, schedule and scaler as the flags ask (speed flags resolved by
     resolve_speed); returns (Run, parallel mode)."""
     raw = InversionNet()
-    if args.init_from:
+    if args.init_from and args.init_strict == "yes":
         load_weights(raw, args.init_from)
+    elif args.init_from:
+        print0(load_matching(raw, args.init_from))
     raw.to(device)
     if args.channels_last:
         raw.to(memory_format=torch.channels_last)
@@ -1378,21 +1489,38 @@ def save_checkpoint(run, args, *names):
     ckpt = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_loss": run.best_loss,
-            "args": vars(args), "normalization": run.normalizer.as_dict(), "rng": rng_state(),
-            "format": "inversionnet-harness-1"}
+            "world": run.world, "args": vars(args), "normalization": run.normalizer.as_dict(), "rng": rng_state(),
+            **run.meta, "format": "inversionnet-harness-2"}
     for name in names:
         atomic_torch_save(ckpt, os.path.join(args.output_dir, name))
 
 
-def restore(run, args, rank):
+def check_resumable(ckpt, path, args, split):
+    """Refuse a resume whose position inside the epoch would mean something else."""
+    saved = ckpt.get("args", {})
+    for key in ("batch_size", "loader"):
+        if key in saved and saved[key] != getattr(args, key):
+            flag = "--" + key.replace("_", "-")
+            raise InputError(f"{flag} {getattr(args, key)} differs from the {saved[key]} that {path} was trained with: the "
+                             f"position inside the epoch would mean something else; resume with {flag} {saved[key]} or start a new run")
+    if "split" in ckpt and ckpt["split"] != split:
+        was, now = ckpt["split"], split
+        raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
+                         f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples); resume with that "
+                         f"split or start a new run")
+
+
+def restore(run, args, rank, iters_per_epoch):
     """Continue from --resume (or OUTPUT_DIR/last.pt with 'auto'): weights, optimizer, schedule, scaler,
-    counters and RNG. Returns the line to log."""
+    counters and RNG. A different world size restarts the current epoch with the step count and the
+    schedule rebased to it (its batches would otherwise be split another way). Returns the line to log."""
     path = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
     if not path or not os.path.isfile(path):
         return f"--resume auto: no {path} yet, starting a new run" if args.resume == "auto" else None
     ckpt = load_weights(run.raw_model, path)
     if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for weights)")
+    check_resumable(ckpt, path, args, run.meta["split"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     run.scaler.load_state_dict(ckpt["scaler"])
@@ -1400,8 +1528,17 @@ def restore(run, args, rank):
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     if ckpt.get("rng") and rank == 0:
         set_rng_state(ckpt["rng"])
+    rebased = ""
+    if ckpt.get("world", run.world) != run.world:
+        lr = args.lr * (run.world if args.scale_lr else 1)
+        for g in run.optimizer.param_groups:
+            g["initial_lr"] = lr
+        run.step, run.batch_in_epoch = run.epoch * iters_per_epoch, 0
+        run.scheduler = build_scheduler(run.optimizer, args, iters_per_epoch, start=run.step)
+        rebased = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
+                   f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")
     where = f"epoch {run.epoch}, batch {run.batch_in_epoch}" if run.batch_in_epoch else f"the start of epoch {run.epoch}"
-    return f"resuming from {path}: step {run.step}, continuing at {where}"
+    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}"
 
 
 # ---- main ----
@@ -1519,7 +1656,32 @@ def fit(run, train_loader, val_loader, monitor, args):
     return 0
 
 
-def main(args):
+def record_run(args, prov):
+    """OUTPUT_DIR/args.json (the resolved arguments: --config repeats the run from it) and, appended to
+    OUTPUT_DIR/provenance.json, what made this start of the run."""
+    if not is_main():
+        return
+    write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True))
+    path, starts = os.path.join(args.output_dir, "provenance.json"), []
+    if args.resume and os.path.isfile(path):
+        try:
+            with open(path) as fh:
+                starts = list(json.load(fh))
+        except (OSError, ValueError, TypeError):
+            starts = []
+    write_atomic(path, json.dumps(starts + [prov], indent=2))
+
+
+def describe_data(data, train_loader, args, stats_from):
+    train_pairs, train_counts, val_pairs, val_counts = data
+    dropped = train_loader.dropped
+    return (f"data: {len(train_pairs)} train files ({sum(train_counts)} samples), {len(val_pairs)} val files "
+            f"({sum(val_counts)} samples); loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
+            f"{f', {dropped} samples dropped per epoch so all ranks step together' if dropped else ''}; "
+            f"normalisation from {stats_from}")
+
+
+def main(args, argv=()):
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.resume is None:
         args.resume = "auto"  # torchrun --max-restarts: a restarted group continues the run it was part of
     rank, world, local = setup_distributed(args.parallel, args.device)
@@ -1538,39 +1700,45 @@ def main(args):
     speed_note = resolve_speed(args, device, (sum(data[1]) + sum(data[3])) // world)
     train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
     run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)
-    resumed = restore(run, args, rank)
+    run.meta = {"split": [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(data[0], data[1])],
+                "provenance": provenance(device, argv, world)}
+    resumed = restore(run, args, rank, len(train_loader))
     if resumed:
         print0(resumed)
-    if is_main():
-        write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True))
+    record_run(args, run.meta["provenance"])
     print0(f"InversionNet {sum(p.numel() for p in run.raw_model.parameters()):,} parameters on {device} ({parallel}, "
            f"world {world}); {backend_note}")
     print0(speed_note)
-    train_pairs, train_counts, val_pairs, val_counts = data
-    dropped = train_loader.dropped
-    print0(f"data: {len(train_pairs)} train files ({sum(train_counts)} samples), {len(val_pairs)} val files "
-           f"({sum(val_counts)} samples); loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
-           f"{f', {dropped} samples dropped per epoch so all ranks step together' if dropped else ''}; "
-           f"normalisation from {stats_from}")
+    print0(describe_data(data, train_loader, args, stats_from))
     return fit(run, train_loader, val_loader, open_monitor(args, device), args)
 
 
-def cli(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        check_args(args)
-        return main(args)
-    except InputError as e:
-        msg = str(e).strip().splitlines()[-1] if "\n" in str(e) else str(e)
-        msg = re.sub(r"^\S*(DataError|InputError): ", "", msg)
-        print(f"train_inversionnet.py: error: {msg}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:  # DataError raised inside a DataLoader worker comes back wrapped
+def report_input_error(script, e):
+    """Print the one line of an InputError, or of a DataError that a loader worker raised (it arrives
+    wrapped in a RuntimeError); False for any other error. Rank 0 alone prints what every rank meets."""
+    if isinstance(e, InputError):
+        msg, local = re.sub(r"^\S*(DataError|InputError): ", "", str(e).strip().splitlines()[-1]), e.local
+    else:
         m = re.search(r"DataError: (.+)$", str(e).strip())
-        if m:
-            print(f"train_inversionnet.py: error: {m.group(1)}", file=sys.stderr)
-            return 2
-        raise
+        if not m:
+            return False
+        msg, local = m.group(1), True
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0 or local:
+        print(f"{script}: error: {f'[rank {rank}] ' if local and world > 1 else ''}{msg}", file=sys.stderr, flush=True)
+    return True
+
+
+def cli(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = parse_args(argv)
+        check_args(args)
+        return main(args, ["train_inversionnet.py", *argv])
+    except (InputError, RuntimeError) as e:
+        if not report_input_error("train_inversionnet.py", e):
+            raise
+        return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         print("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous "
               "complete checkpoint", file=sys.stderr)

@@ -55,3 +55,29 @@ def test_train_script_under_torchrun(tmp_path):
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["epoch"] == 1 and ck["step"] == 3  # 12 train samples / (2 per rank x 2 ranks)
     assert ck["args"]["scale_lr"] and ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
+
+
+def test_bad_input_under_torchrun_is_printed_once(tmp_path):
+    r = run_script(TRAIN, "--data-root", tmp_path / "nowhere", "--output-dir", tmp_path / "run", nproc=2)
+    assert r.returncode != 0
+    assert r.stderr.count("train_inversionnet.py: error:") == 1, r.stderr[-3000:]
+    assert f"train_inversionnet.py: error: --data-root {tmp_path / 'nowhere'}: no such directory" in r.stderr
+
+
+def test_resume_with_another_world_size_restarts_the_epoch(tmp_path, capsys):
+    data = tmp_path / "d"
+    write_ids_dataset(data, (4, 4, 4, 4, 4))  # 16 train samples: 4 steps per epoch on 2 ranks of 2, 8 on one process
+    out = tmp_path / "run"
+    common = ["--data-root", data, "--output-dir", out, "--batch-size", 2, "--num-workers", 0, "--no-progress",
+              "--dataset", "flatvel-a", "--lr-scheduler", "cosine", "--epochs", 2]
+    r = run_script(TRAIN, *common, "--max-steps", 3, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert (ck["world"], ck["epoch"], ck["batch_in_epoch"], ck["step"]) == (2, 0, 3, 3)
+    assert T.cli([*map(str, common), "--resume", "auto"]) == 0
+    assert ("resuming from " + str(out / "last.pt") + ": step 0, continuing at the start of epoch 0; world size 2 -> 1: "
+            "epoch 0 restarts from its first batch") in capsys.readouterr().out
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert (ck["world"], ck["epoch"], ck["step"]) == (1, 2, 16)
+    assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-4)  # --scale-lr on one process
+    assert ck["scheduler"]["last_epoch"] == 16

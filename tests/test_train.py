@@ -367,3 +367,102 @@ def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_d
            "--fast for cpu" in capsys.readouterr().out
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["args"]["amp"] == "off" and ck["step"] == 2
+
+
+# ---- repeatable runs, provenance, guards ----
+
+BASE_RUN = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--dataset", "flatvel-a", "--lr", "1e-3"]
+
+
+@pytest.mark.slow
+def test_config_repeats_a_run_bit_for_bit_and_records_provenance(tmp_path, ids_data, capsys):
+    _, lists = ids_data
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = run_script(TRAIN, *lists, *BASE_RUN, "--epochs", 1, "--deterministic", "--seed", 5, "--output-dir", a)
+    assert r.returncode == 0, r.stderr
+    r = run_script(TRAIN, "--config", a / "args.json", "--output-dir", b)
+    assert r.returncode == 0, r.stderr
+    wa, wb = (torch.load(d / "last.pt", weights_only=False) for d in (a, b))
+    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"]) and wa["step"] == wb["step"] == 4
+    saved_a, saved_b = (json.loads((d / "args.json").read_text()) for d in (a, b))
+    same = lambda saved: {k: v for k, v in saved.items() if k not in ("output_dir", "config")}
+    assert same(saved_a) == same(saved_b) and saved_b["config"] == str(a / "args.json")
+    prov = json.loads((b / "provenance.json").read_text())
+    assert len(prov) == 1 and prov[0] == wb["provenance"]
+    assert prov[0]["command"] == ["train_inversionnet.py", "--config", str(a / "args.json"), "--output-dir", str(b)]
+    assert set(prov[0]) >= {"git_commit", "git_dirty", "python", "torch", "numpy", "device", "start_time"}
+    assert prov[0]["torch"] == torch.__version__ and prov[0]["device"].startswith("cpu")
+    # flags given beside --config win; --resume and --overwrite never come from it
+    c = tmp_path / "c"
+    assert T.cli(["--config", str(a / "args.json"), "--output-dir", str(c), "--no-deterministic", "--max-steps", "1"]) == 0
+    saved_c = json.loads((c / "args.json").read_text())
+    assert (saved_c["deterministic"], saved_c["max_steps"], saved_c["seed"], saved_c["resume"]) == (False, 1, 5, None)
+
+
+@pytest.mark.parametrize("content, needle", [
+    ({"lr": 1e-3, "nonsense": 1}, "unknown setting 'nonsense'"),
+    ({"amp": "fp64"}, "argument --amp: invalid choice: 'fp64'"),
+    ("not json", "not a readable args.json"),
+])
+def test_bad_config_is_one_line(tmp_path, capsys, content, needle):
+    path = tmp_path / "args.json"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train_inversionnet.py: error: --config {path}: ") and needle in err and err.count("\n") == 1
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, ids_data):
+    """One epoch (4 steps) of a run to resume."""
+    _, lists = ids_data
+    out = tmp_path_factory.mktemp("short") / "run"
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("change, needle", [
+    (["--batch-size", "4"], "--batch-size 4 differs from the 2 that"),
+    (["--loader", "gpu"], "--loader gpu differs from the map that"),
+    (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one"),
+])
+def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path, capsys, change, needle):
+    root, lists = ids_data
+    three = write_split_list(tmp_path / "three.txt", [(root / "data" / f"data{i}.npy", root / "model" / f"model{i}.npy")
+                                                      for i in (1, 2, 3)])
+    before = (short_run / "last.pt").read_bytes()
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(short_run), "--resume", "auto",
+            *[str(three) if c == "THREE" else c for c in change]]
+    capsys.readouterr()
+    assert T.cli(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "start a new run" in err and err.count("\n") == 1, err
+    assert (short_run / "last.pt").read_bytes() == before
+
+
+def test_batch_size_one_is_refused(capsys):
+    assert T.cli(["--batch-size", "1"]) == 2
+    assert capsys.readouterr().err == "train_inversionnet.py: error: --batch-size must be at least 2: BatchNorm cannot train on one sample\n"
+
+
+def test_init_strict_no_loads_what_matches_and_says_what_it_skipped(tmp_path, ids_data, capsys):
+    torch.manual_seed(1)
+    src = T.InversionNet().state_dict()
+    changed = dict(src)
+    changed["deconv6.layers.0.weight"] = torch.zeros(2, 32, 3, 3)  # a model with two output channels
+    del changed["deconv6.layers.0.bias"]
+    changed["extra.head.weight"] = torch.zeros(3)
+    torch.save({"model": changed}, tmp_path / "other.pth")
+    model = T.InversionNet()
+    note = T.load_matching(model, str(tmp_path / "other.pth"))
+    assert note.startswith(f"--init-from {tmp_path / 'other.pth'}: loaded 173 of the model's 175 tensors; skipped 2: ")
+    assert "deconv6.layers.0.weight (2, 32, 3, 3) vs (1, 32, 3, 3)" in note and "extra.head.weight (3,) not in the model" in note
+    assert note.endswith("freshly initialised 2: deconv6.layers.0.weight, deconv6.layers.0.bias")
+    mine = model.state_dict()
+    assert all(torch.equal(mine[k], v) for k, v in changed.items() if k in mine and mine[k].shape == v.shape)
+    _, lists = ids_data
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--init-from", str(tmp_path / "other.pth")]
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "strict")]) == 2
+    assert "incompatible with InversionNet" in capsys.readouterr().err
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "loose"), "--init-strict", "no"]) == 0
+    assert "loaded 173 of the model's 175 tensors" in capsys.readouterr().out
