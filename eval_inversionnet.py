@@ -4,10 +4,14 @@
     python eval_inversionnet.py --checkpoint fva_l1.pth --val-list split/flatvel_a_val.txt --dataset flatvel-a
     python eval_inversionnet.py --checkpoint runs/inversionnet/best.pt --noise-std 0.1 --missing-traces 5
     torchrun --nproc_per_node=2 eval_inversionnet.py --checkpoint runs/inversionnet/best.pt
+    python eval_inversionnet.py --checkpoint runs/inversionnet/best.pt --predict field_shots.npy   # no labels needed
+    python eval_inversionnet.py --checkpoint runs/inversionnet/best.pt --export inversionnet.pt2
 
 The model, split and normalisation come from the checkpoint's saved arguments (so train and eval
 cannot drift); flags given here override them. Writes OUT/metrics.json, OUT/result.txt,
 OUT/per_sample.csv and, with --vis N, PNGs of the best, median and worst samples by MAE.
+--predict writes velocity maps in m/s for shot gathers without labels; --export writes the model as a
+torch.export program for use outside this repository.
 Metrics (OpenFWI test.py): MAE, MSE, RMSE = sqrt(MSE) and SSIM on the normalised [-1, 1] scale
 (SSIM on (x+1)/2, Gaussian 11x11 window, sigma 1.5), plus MAE and RMSE in m/s.
 """
@@ -42,8 +46,14 @@ def get_args_parser():
     p.add_argument("--split", default="val", choices=["val", "train"], help="which split of --data-root to evaluate")
     p.add_argument("--dataset", default=None, choices=sorted(T.DATASETS), help="normalisation constants (needed for OpenFWI checkpoints)")
     p.add_argument("--stats", default=None, help="normalisation JSON (as written by simulate_openfwi.py)")
-    p.add_argument("--output-dir", default=None, help="where results go (default: CHECKPOINT_DIR/eval)")
-    p.add_argument("--overwrite", action="store_true", help="replace the results already in --output-dir")
+    p.add_argument("--predict", default=None,
+                   help="a .npy of shot gathers (N, 5, 1000, 70), or a directory of them: writes OUTPUT_DIR/<stem>_velocity.npy "
+                        "(N, 1, 70, 70) float32 in m/s and a picture of the first --vis predictions; no labels, no metrics")
+    p.add_argument("--export", default=None,
+                   help="write the model (eval mode, dynamic batch) as a torch.export program to this .pt2 file, with its "
+                        "normalisation constants as the extra file normalization.json, and stop")
+    p.add_argument("--output-dir", default=None, help="where results go (default: CHECKPOINT_DIR/eval, or CHECKPOINT_DIR/predict)")
+    p.add_argument("--overwrite", action="store_true", help="replace the results (or --export file) already there")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
     p.add_argument("--amp", default="auto", choices=["auto", *T.AMP_DTYPES],
@@ -69,6 +79,10 @@ def check_cli(cli):
         raise T.InputError(f"--missing-traces must be in [0, 70], got {cli.missing_traces}")
     if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
         raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
+    if cli.predict and cli.export:
+        raise T.InputError("--predict and --export are separate jobs: give one of them")
+    if not os.path.isfile(cli.checkpoint):
+        raise T.InputError(f"--checkpoint {cli.checkpoint}: no such file")
 
 
 # ---- robustness perturbations ----
@@ -114,8 +128,6 @@ def train_args_from(ckpt, cli):
 
 def load_model(cli, device):
     """The model in eval mode on the device, the training arguments and the normaliser (and its source)."""
-    if not os.path.isfile(cli.checkpoint):
-        raise T.InputError(f"--checkpoint {cli.checkpoint}: no such file")
     model = T.InversionNet()
     ckpt = T.load_weights(model, cli.checkpoint)
     targs, ours = train_args_from(ckpt, cli)
@@ -126,7 +138,7 @@ def load_model(cli, device):
         normalizer, stats_from = T.Normalizer(n["data_min"], n["data_max"], n["label_min"], n["label_max"]), "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
-    return model.to(device).eval(), targs, normalizer, stats_from
+    return model.to(device).eval(), ckpt, targs, normalizer, stats_from
 
 
 def forward_settings(cli, model, device):
@@ -275,22 +287,18 @@ def draw_shots(plt, gather, path):
     plt.close(fig)
 
 
-def main(cli):
-    check_cli(cli)
+def run_evaluation(cli, argv):
+    """Metrics, per-sample table, baseline and pictures of the checkpoint on its validation split."""
     out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "eval")
     if os.path.exists(os.path.join(out, "metrics.json")) and not cli.overwrite:
         raise T.InputError(f"--output-dir {out} already holds results (metrics.json); pass --overwrite to replace "
                            f"them or choose another --output-dir")
     rank, world, local = T.setup_distributed("auto", cli.device)
     device = T.resolve_device(cli.device, local)
-    model, targs, normalizer, stats_from = load_model(cli, device)
+    model, ckpt, targs, normalizer, stats_from = load_model(cli, device)
     pairs, train_pairs = evaluation_pairs(cli, targs)
     counts = T.inspect_pairs(pairs)
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
+    make_output_dir(out, rank)
     perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
     cfg = T.LoaderConfig(kind=cli.loader, batch_size=cli.batch_size, num_workers=cli.num_workers, seed=cli.seed)
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
@@ -303,6 +311,8 @@ def main(cli):
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
     result = result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base)
     result["forward"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32", "channels_last": channels_last}
+    result["provenance"] = {"evaluation": T.provenance(device, argv, world),
+                            "training": ckpt.get("provenance") if isinstance(ckpt, dict) else None}
     write_results(out, result, rows)
     if cli.vis:
         draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, cli.vis, amp_dtype)
@@ -311,19 +321,148 @@ def main(cli):
     return 0
 
 
+def make_output_dir(out, rank=0):
+    if rank == 0:
+        try:
+            os.makedirs(out, exist_ok=True)
+        except OSError as e:
+            raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
+
+
+# ---- inference on unlabelled data, and export ----
+
+def prediction_inputs(path):
+    """The shot-gather files of --predict, each opened as a read-only memory map and checked."""
+    if os.path.isdir(path):
+        names = sorted((n for n in os.listdir(path) if n.endswith(".npy")),
+                       key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+        if not names:
+            raise T.InputError(f"--predict {path}: no .npy files in this directory")
+        files = [os.path.join(path, n) for n in names]
+    elif os.path.isfile(path):
+        files = [path]
+    else:
+        raise T.InputError(f"--predict {path}: no such file or directory")
+    maps = []
+    for f in files:
+        try:
+            a = np.load(f, mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:
+            raise T.DataError(f"{f}: unreadable or truncated .npy ({e})") from None
+        if not np.issubdtype(a.dtype, np.floating):
+            raise T.DataError(f"{f}: dtype {a.dtype}, expected floating-point shot gathers (float32)")
+        if a.ndim != 4 or tuple(a.shape[1:]) != T.DATA_SHAPE or len(a) == 0:
+            raise T.DataError(f"{f}: shape {tuple(a.shape)}, expected shot gathers (N, 5, 1000, 70) with N >= 1")
+        maps.append((f, a))
+    return maps
+
+
+def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, batch_size):
+    """Velocity maps in m/s for every sample of one file, batch by batch from its memory map into a
+    memory-mapped .npy under a temporary name, renamed when complete: memory stays bounded by the batch."""
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    try:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(gathers), *T.LABEL_SHAPE))
+        for s in range(0, len(gathers), batch_size):
+            x = np.array(gathers[s:s + batch_size], dtype=np.float32)  # a copy: the map stays read-only
+            bad = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))
+            if len(bad):
+                raise T.DataError(f"{path} sample {s + int(bad[0])}: NaN or Inf in the shot gathers")
+            x = normalizer.data(torch.from_numpy(x).to(device))
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.no_grad(), T.autocast(device, amp_dtype):
+                pred = model(x if amp_dtype else x.float())
+            out[s:s + len(x)] = normalizer.label_to_velocity(pred.float()).cpu().numpy()
+        out.flush()
+        del out
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def predict(cli):
+    """--predict: velocity maps for unlabelled shot gathers, with the checkpoint's normalisation."""
+    files = prediction_inputs(cli.predict)
+    out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "predict")
+    dests = [os.path.join(out, os.path.splitext(os.path.basename(f))[0] + "_velocity.npy") for f, _ in files]
+    for d in dests:
+        if os.path.exists(d) and not cli.overwrite:
+            raise T.InputError(f"{d} already exists; pass --overwrite to replace it or choose another --output-dir")
+    device = T.resolve_device(cli.device)
+    model, _, _, normalizer, stats_from = load_model(cli, device)
+    amp_dtype, channels_last = forward_settings(cli, model, device)
+    make_output_dir(out)
+    for (path, gathers), dest in zip(files, dests):
+        predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, cli.batch_size)
+        print(f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}")
+    if cli.vis:
+        picture = os.path.join(out, os.path.splitext(os.path.basename(files[0][0]))[0] + "_predictions.png")
+        draw_predictions(files[0][1], np.load(dests[0], mmap_mode="r"), min(cli.vis, len(files[0][1])), picture, normalizer)
+        print(f"the first {min(cli.vis, len(files[0][1]))} of {files[0][0]} beside their shot gathers: {picture}")
+    print(f"normalisation from {stats_from}; forward pass {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}")
+    return 0
+
+
+def draw_predictions(gathers, velocity, n, path, normalizer):
+    """n samples, one row each: the middle shot gather and the predicted velocity map."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(n, 2, figsize=(9, 3.6 * n), squeeze=False)
+    for i in range(n):
+        g = np.asarray(gathers[i, 2], dtype=np.float32)
+        clip = np.percentile(np.abs(g), 99)
+        axs[i, 0].imshow(g, cmap="gray", aspect="auto", vmin=-clip, vmax=clip, extent=[0, 700, 1.0, 0])
+        axs[i, 0].set(title=f"sample {i}: shot 3", xlabel="receiver x (m)", ylabel="time (s)")
+        im = axs[i, 1].imshow(velocity[i, 0], cmap="jet", vmin=normalizer.label_min, vmax=normalizer.label_max,
+                              extent=[0, 700, 700, 0])
+        axs[i, 1].set(title="predicted velocity", xlabel="x (m)", ylabel="depth (m)")
+        fig.colorbar(im, ax=axs[i, 1], label="m/s")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def export(cli):
+    """--export: the model in eval mode as a torch.export program, batch dimension dynamic. Its input is
+    normalised shot gathers (B, 5, 1000, 70), its output velocity in [-1, 1]; the normalisation constants
+    travel with it as the extra file normalization.json."""
+    if os.path.exists(cli.export) and not cli.overwrite:
+        raise T.InputError(f"--export {cli.export} already exists; pass --overwrite to replace it")
+    model, _, _, normalizer, _ = load_model(cli, torch.device("cpu"))
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.export.export(model, (torch.zeros(2, *T.DATA_SHAPE),), dynamic_shapes={"x": {0: batch}})
+    buf = io.BytesIO()
+    torch.export.save(program, buf, extra_files={"normalization.json": json.dumps(normalizer.as_dict())})
+    try:
+        T.write_atomic(cli.export, buf.getbuffer())
+    except OSError as e:
+        raise T.InputError(f"--export {cli.export}: {e.strerror}") from None
+    print(f"exported InversionNet to {cli.export}: torch.export.load(path).module() maps normalised shot gathers "
+          f"(B, 5, 1000, 70) to velocity in [-1, 1]; normalisation {normalizer.as_dict()}")
+    return 0
+
+
+def main(cli, argv=()):
+    check_cli(cli)
+    if cli.export:
+        return export(cli)
+    if cli.predict:
+        return predict(cli)
+    return run_evaluation(cli, argv)
+
+
 def cli(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
     try:
-        return main(args)
-    except T.InputError as e:
-        print(f"eval_inversionnet.py: error: {e}", file=sys.stderr)
+        return main(args, ["eval_inversionnet.py", *argv])
+    except (T.InputError, RuntimeError) as e:
+        if not T.report_input_error("eval_inversionnet.py", e):
+            raise
         return 2
-    except RuntimeError as e:  # DataError raised inside a DataLoader worker comes back wrapped
-        m = re.search(r"DataError: (.+)$", str(e).strip())
-        if m:
-            print(f"eval_inversionnet.py: error: {m.group(1)}", file=sys.stderr)
-            return 2
-        raise
     finally:
         T.cleanup_distributed()
 

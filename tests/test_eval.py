@@ -190,3 +190,112 @@ def test_forward_pass_follows_fast_unless_amp_is_given(tiny_run, tmp_path, monke
     assert results["off"]["forward"] == {"amp": "float32", "channels_last": True}
     for k in ("mae", "rmse", "ssim"):
         assert results["auto"]["model"][k] == pytest.approx(results["off"]["model"][k], rel=0.02)
+
+
+# ---- inference on unlabelled data, export ----
+
+def model_of(checkpoint):
+    model = T.InversionNet()
+    ckpt = T.load_weights(model, str(checkpoint))
+    n = ckpt["normalization"]
+    return model.eval(), T.Normalizer(n["data_min"], n["data_max"], n["label_min"], n["label_max"])
+
+
+def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run, tmp_path, capsys):
+    ck = tiny_run / "run" / "best.pt"
+    shots = np.load(tiny_run / "d" / "data" / "data1.npy")  # no labels are read
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "line7.npy", shots[:3])
+    np.save(tmp_path / "in" / "line12.npy", shots[1:].astype(np.float64))  # other float dtypes are converted
+    out = tmp_path / "out"
+    assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(out), "--amp", "off",
+                  "--batch-size", "2", "--vis", "2"]) == 0
+    model, norm = model_of(ck)
+    with torch.no_grad():
+        expected = norm.label_to_velocity(model(norm.data(torch.from_numpy(shots)))).numpy()
+    v7, v12 = np.load(out / "line7_velocity.npy"), np.load(out / "line12_velocity.npy")
+    assert v7.dtype == np.float32 and v7.shape == (3, 1, 70, 70) and v12.shape == (3, 1, 70, 70)
+    np.testing.assert_allclose(v7, expected[:3], atol=0.05)  # m/s
+    np.testing.assert_allclose(v12, expected[1:], atol=0.05)
+    assert (out / "line7_predictions.png").stat().st_size > 10_000  # the first file in natural order
+    assert not list(out.glob("*.tmp-*"))
+    assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out)]) == 2
+    assert "line7_velocity.npy already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
+    """A file of 24 samples (34 MB) predicted 2 at a time never holds more than a few batches in numpy memory."""
+    import tracemalloc
+    big = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(24, 5, 1000, 70))
+    big[:] = np.load(tiny_run / "d" / "data" / "data1.npy")[np.arange(24) % 4]
+    big.flush()
+    del big
+    tracemalloc.start()
+    try:
+        assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--predict", str(tmp_path / "big.npy"),
+                      "--output-dir", str(tmp_path / "o"), "--batch-size", "2", "--vis", "0", "--amp", "off"]) == 0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8e6, peak  # a batch of 2 is 2.8 MB; the whole file 34 MB
+    assert np.load(tmp_path / "o" / "big_velocity.npy", mmap_mode="r").shape == (24, 1, 70, 70)
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("shape", "shape (2, 5, 999, 70), expected shot gathers (N, 5, 1000, 70)"),
+    ("dtype", "dtype int16, expected floating-point shot gathers"),
+    ("nan", "bad.npy sample 1: NaN or Inf in the shot gathers"),
+    ("garbage", "unreadable or truncated .npy"),
+    ("missing", "--predict MISSING: no such file or directory"),
+    ("empty_dir", "no .npy files in this directory"),
+])
+def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle):
+    bad = tmp_path / "bad.npy"
+    if case == "shape":
+        np.save(bad, np.zeros((2, 5, 999, 70), np.float32))
+    elif case == "dtype":
+        np.save(bad, np.zeros((2, 5, 1000, 70), np.int16))
+    elif case == "nan":
+        x = np.zeros((3, 5, 1000, 70), np.float32)
+        x[1, 2, 500, 7] = np.nan
+        np.save(bad, x)
+    elif case == "garbage":
+        bad.write_bytes(b"\x93NUMPY garbage")
+    elif case == "missing":
+        bad = tmp_path / "missing.npy"
+        needle = needle.replace("MISSING", str(bad))
+    else:
+        bad = tmp_path / "nothing"
+        bad.mkdir()
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--predict", str(bad), "--output-dir",
+                  str(tmp_path / "o"), "--batch-size", "1"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):
+    ck = tiny_run / "run" / "best.pt"
+    path = tmp_path / "inversionnet.pt2"
+    assert E.cli(["--checkpoint", str(ck), "--export", str(path)]) == 0
+    extra = {"normalization.json": ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    model, norm = model_of(ck)
+    assert json.loads(extra["normalization.json"]) == norm.as_dict()
+    for batch in (1, 3):
+        x = torch.randn(batch, 5, 1000, 70)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    assert E.cli(["--checkpoint", str(ck), "--export", str(path)]) == 2
+    assert "already exists; pass --overwrite" in capsys.readouterr().err
+
+
+def test_metrics_carry_the_provenance_of_training_and_evaluation(tiny_run, tmp_path):
+    out = tmp_path / "ev"
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
+                  "--no-progress", "--vis", "0"]) == 0
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    training = torch.load(tiny_run / "run" / "best.pt", weights_only=False)["provenance"]
+    assert prov["training"] == training and training["command"][0] == "train_inversionnet.py"
+    assert prov["evaluation"]["command"][:2] == ["eval_inversionnet.py", "--checkpoint"]
+    assert prov["evaluation"]["git_commit"] == training["git_commit"]
