@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bash run.sh [options]   simulate a FlatVel-style dataset, train InversionNet, evaluate it
-# bash run.sh test [pytest args]   install, then run tests/ and the bench suite in test mode
+# bash run.sh test [pytest args]   install, then run the checks, tests/ and the bench suite in test mode
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}
@@ -8,17 +8,20 @@ PY=${PYTHON:-python3}
 usage() {
   cat <<'USAGE'
 Usage: bash run.sh [--profile auto|cpu|gpu] [--family flatvel|curvevel|flatfault|curvefault]
-                   [--out DIR] [--sim-args "..."] [--train-args "..."] [--eval-args "..."]
+                   [--data DIR] [--run DIR] [--sim-args "..."] [--train-args "..."] [--eval-args "..."]
        bash run.sh test [pytest arguments]
 
 Main job: install what is missing, simulate data with simulate_openfwi.py (reused when already
 there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, print a summary.
-  --profile    cpu: 160 samples and 15 short epochs, under 10 minutes on 2 cores;
-               gpu: 30 files x 500 samples (OpenFWI's FlatVel size: 24 train, 6 val) and the --fast training preset;
+  --profile    cpu: 900 samples, the --fast path and a recipe measured to finish within 10 minutes on 2 cores;
+               gpu: 15,000 samples (OpenFWI's FlatVel size: 12,000 train, 3,000 val) and the --fast path;
                auto (default): gpu when CUDA is available, else cpu
   --family     velocity-model family to simulate (default flatvel)
-  --out DIR    where data/ and run/ go (default out/<family>-<profile>)
+  --data DIR   the simulated data (default data/<family>: train_inversionnet.py's default --data-root for
+               flatvel, so a bare `torchrun --nproc_per_node=2 train_inversionnet.py` trains on it next)
+  --run DIR    checkpoints, logs and evaluation (default runs/<family>-<profile>)
   --*-args     extra flags passed to the simulator, the trainer and the evaluator
+Both profiles write files of 100 samples, so either one extends the other's data set.
 test: the same install step, then ruff's pyflakes checks and pytest over tests/ and bench/ (--benchmark-disable).
 USAGE
 }
@@ -36,13 +39,14 @@ if [[ "${1:-}" == "test" ]]; then
   exec "$PY" -m pytest tests bench --benchmark-disable -p no:cacheprovider "$@"
 fi
 
-profile=auto family=flatvel out="" sim_args="" train_args="" eval_args=""
+profile=auto family=flatvel data="" run="" sim_args="" train_args="" eval_args=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --profile) profile=${2:?--profile needs a value}; shift 2 ;;
     --family) family=${2:?--family needs a value}; shift 2 ;;
-    --out) out=${2:?--out needs a value}; shift 2 ;;
+    --data) data=${2:?--data needs a value}; shift 2 ;;
+    --run) run=${2:?--run needs a value}; shift 2 ;;
     --sim-args) sim_args=${2-}; shift 2 ;;
     --train-args) train_args=${2-}; shift 2 ;;
     --eval-args) eval_args=${2-}; shift 2 ;;
@@ -55,36 +59,38 @@ install
 if [[ "$profile" == auto ]]; then
   profile=$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
 fi
-out=${out:-out/$family-$profile}
+data=${data:-data/$family}
+run=${run:-runs/$family-$profile}
 if [[ "$profile" == gpu ]]; then
-  sim=(--files 30 --samples-per-file 500 --val-files 6)
+  sim=(--files 150 --samples-per-file 100 --val-files 30)
   train=(--fast --epochs 60 --batch-size 256 --lr 1e-3 --lr-scheduler cosine --lr-warmup-epochs 1 --num-workers 4)
 else
-  sim=(--files 5 --samples-per-file 32 --val-files 1 --batch-size 8)
-  train=(--epochs 15 --batch-size 8 --lr 1e-3 --num-workers 1 --log-every 16 --no-progress)
+  sim=(--files 9 --samples-per-file 100 --val-files 1)
+  train=(--fast --epochs 9 --batch-size 16 --lr 1e-3 --lr-scheduler cosine --lr-warmup-epochs 1 --log-every 16 --no-progress)
 fi
 
 step() { echo; echo "== $1"; }
-step "1/3 simulate ($family, profile $profile) -> $out/data"
+step "1/3 simulate ($family, profile $profile) -> $data"
 # shellcheck disable=SC2086
-"$PY" simulate_openfwi.py --family "$family" --out "$out/data" "${sim[@]}" $sim_args \
+"$PY" simulate_openfwi.py --family "$family" --out "$data" "${sim[@]}" $sim_args \
   || { echo "run.sh: simulation failed" >&2; exit 1; }
-step "2/3 train -> $out/run"
+step "2/3 train -> $run"
 resume=()
-[[ -f "$out/run/last.pt" ]] && resume=(--resume auto)
+[[ -f "$run/last.pt" ]] && resume=(--resume auto)
 # shellcheck disable=SC2086
-"$PY" train_inversionnet.py --train-list "$out/data/train.txt" --val-list "$out/data/val.txt" \
-  --output-dir "$out/run" "${train[@]}" "${resume[@]}" $train_args \
+"$PY" train_inversionnet.py --train-list "$data/train.txt" --val-list "$data/val.txt" \
+  --output-dir "$run" "${train[@]}" "${resume[@]}" $train_args \
   || { echo "run.sh: training failed" >&2; exit 1; }
-step "3/3 evaluate -> $out/run/eval"
+step "3/3 evaluate -> $run/eval"
 # shellcheck disable=SC2086
-"$PY" eval_inversionnet.py --checkpoint "$out/run/best.pt" --vis 3 --overwrite $eval_args \
+"$PY" eval_inversionnet.py --checkpoint "$run/best.pt" --vis 3 --overwrite $eval_args \
   || { echo "run.sh: evaluation failed" >&2; exit 1; }
 cat <<SUMMARY
 
 == done
-checkpoints   $out/run/best.pt, $out/run/last.pt
-metrics       $out/run/eval/metrics.json, result.txt, per_sample.csv
-pictures      $out/run/eval/*.png
-TensorBoard   tensorboard --logdir $out/run/tb
+data          $data (next: torchrun --nproc_per_node=2 train_inversionnet.py$([[ "$data" == data/flatvel ]] || echo " --data-root $data"))
+checkpoints   $run/best.pt, $run/last.pt
+metrics       $run/eval/metrics.json, result.txt, per_sample.csv
+pictures      $run/eval/*.png
+TensorBoard   tensorboard --logdir $run/tb
 SUMMARY
