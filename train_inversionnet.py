@@ -76,7 +76,14 @@ class NonFiniteLoss(Exception):
 def get_args_parser(add_help=True, exit_on_error=True):
     p = argparse.ArgumentParser(description="Train InversionNet on OpenFWI-format data.", add_help=add_help,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter, exit_on_error=exit_on_error)
-    g = p.add_argument_group("data")
+    add_data_args(p.add_argument_group("data"))
+    add_optimisation_args(p.add_argument_group("optimisation"))
+    add_speed_args(p.add_argument_group("devices and speed"))
+    add_run_args(p.add_argument_group("run"))
+    return p
+
+
+def add_data_args(g):
     g.add_argument("--data-root", default="data/flatvel",
                    help="OpenFWI layout: data/data*.npy + model/model*.npy (or seis*/vel*), split by file")
     g.add_argument("--train-list", default=None, help="OpenFWI split file (data<TAB>label per line); overrides --data-root")
@@ -97,7 +104,10 @@ def get_args_parser(add_help=True, exit_on_error=True):
     g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None, help="pinned host batches (default: on with CUDA)")
     g.add_argument("--prefetch-factor", type=int, default=2, help="batches prefetched per worker")
     g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=False, help="keep workers between epochs")
-    g = p.add_argument_group("optimisation")
+
+
+
+def add_optimisation_args(g):
     g.add_argument("--epochs", type=int, default=10, help="epochs to train")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
     g.add_argument("--batch-size", type=int, default=32, help="samples per step per process")
@@ -117,7 +127,10 @@ def get_args_parser(add_help=True, exit_on_error=True):
     g.add_argument("--lr-step-size", type=float, default=30, help="StepLR period in epochs")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of warmup-multistep and step")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
-    g = p.add_argument_group("devices and speed")
+
+
+
+def add_speed_args(g):
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="training device")
     g.add_argument("--parallel", default="auto", choices=["auto", "none", "dp", "ddp"],
                    help="auto: DDP under torchrun, DataParallel with several CUDA devices, else none")
@@ -139,7 +152,10 @@ def get_args_parser(add_help=True, exit_on_error=True):
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="deterministic algorithms, cudnn.benchmark off: a repeated run gives the same weights")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cudnn autotuner (off with --deterministic)")
-    g = p.add_argument_group("run")
+
+
+
+def add_run_args(g):
     g.add_argument("--output-dir", default="runs/inversionnet", help="checkpoints, args.json, train.log and tb/")
     g.add_argument("--config", default=None,
                    help="a run's args.json: its arguments become the defaults and the flags given here win, so "
@@ -158,7 +174,6 @@ def get_args_parser(add_help=True, exit_on_error=True):
     g.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False, help="torch.profiler trace of a few steps into OUTPUT_DIR/tb (torch-tb-profiler)")
     g.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, default=False, help="autograd anomaly detection (slow; for debugging)")
     g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help="sanity mode: train on one fixed batch, no validation")
-    return p
 
 
 CONFIG_SKIP = ("config", "resume", "overwrite")  # a repeated run must not continue or replace the one it repeats
