@@ -126,6 +126,19 @@ def test_family_maps(family):
         assert sum(laterally_constant) <= 2
 
 
+REFERENCE = os.path.join(ROOT, "tests", "data", "simulate_reference.npz")
+
+
+def test_matches_stored_reference():
+    """Traces equal those stored from the simulator as of commit aa8a4ea (a flatfault and a curvevel
+    map from default_rng(2024), all 5 shots, receivers at columns 0, 34 and 69, all 1000 samples):
+    any change to the solver must keep them within 1e-5 relative L2."""
+    ref = np.load(REFERENCE)
+    traces = so.simulate(torch.from_numpy(ref["velocity"]))[..., ref["receiver_cols"]].numpy()
+    for ours, stored in zip(traces, ref["traces"]):
+        assert np.linalg.norm(ours - stored) / np.linalg.norm(stored) <= 1e-5
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepwave") is None, reason="deepwave is not installed")
 def test_agrees_with_deepwave():
     import deepwave
