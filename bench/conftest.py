@@ -69,8 +69,11 @@ def report_lines():
         out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "
                    f"validation included): defaults {whole['plain']:.1f} s, --fast {whole['fast']:.1f} s: "
                    f"{whole['plain'] / whole['fast']:.2f}x faster")
-    if RESULTS["sim"]:
-        out.append("simulator: " + ", ".join(f"{k} {v:.2f} samples/s" for k, v in RESULTS["sim"].items()))
+    sim = RESULTS["sim"]
+    if sim:
+        deepwave = max((v for k, v in sim.items() if k.startswith("deepwave")), default=None)
+        out.append("simulator samples/s (median of the rounds, same process): " + ", ".join(f"{k} {v:.2f}" for k, v in sim.items())
+                   + (f"; ours / deepwave {sim['ours'] / deepwave:.2f}x" if deepwave else ""))
     return out
 
 

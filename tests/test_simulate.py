@@ -3,6 +3,8 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -128,6 +130,51 @@ def test_family_maps(family):
         assert increasing >= 0.5  # mostly increasing with depth
     else:
         assert sum(laterally_constant) <= 2
+
+
+REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "simulate_reference.npz")
+
+
+@pytest.mark.parametrize("engine", ["auto", "torch"])  # auto: the C++ kernel on CPU, where it builds
+def test_matches_stored_reference(engine):
+    """Traces equal those stored from the simulator as of commit aa8a4ea (a flatfault and a curvevel
+    map from default_rng(2024), all 5 shots, receivers at columns 0, 34 and 69, all 1000 samples):
+    any change to the solver must keep them within 1e-5 relative L2."""
+    ref = np.load(REFERENCE)
+    traces = so.simulate(torch.from_numpy(ref["velocity"]), engine=engine)[..., ref["receiver_cols"]].numpy()
+    for ours, stored in zip(traces, ref["traces"]):
+        assert np.linalg.norm(ours - stored) / np.linalg.norm(stored) <= 1e-5
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None,
+                    reason="no C++ compiler or no ninja")
+def test_cpu_kernel_builds_where_there_is_a_compiler():
+    assert so.cpu_kernel() is not None  # else every CPU run silently takes the slow PyTorch loop
+
+
+@pytest.mark.parametrize("shape, pml, src_cols, src_row, rec_row", [
+    ((2, 40, 90), 0, (0, 45, 89), 3, 7),
+    ((1, 40, 90), 1, (10,), 0, 39),
+    ((2, 33, 21), 5, (20, 3), 32, 0),
+    ((1, 3, 40), 5, (39, 0), 1, 2),  # strips clipped to half the padded grid
+    ((1, 70, 70), 30, (0, 69), 1, 1),
+])
+def test_kernel_equals_torch_loop(shape, pml, src_cols, src_row, rec_row):
+    v = torch.from_numpy(np.random.default_rng(4).uniform(1500, 4500, shape).astype(np.float32))
+    kw = dict(nt=300, pml_width=pml, src_cols=src_cols, src_row=src_row, rec_row=rec_row)
+    loop = so.simulate(v, engine="torch", **kw)
+    kernel = so.simulate(v, **kw)
+    assert kernel.shape == loop.shape == (shape[0], len(src_cols), 300, shape[2])
+    assert ((kernel - loop).norm() / loop.norm()).item() <= 1e-5
+
+
+def test_without_compiler_falls_back_with_one_line(tmp_path):
+    env = {"CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    r = run_script(SIMULATE, "--no-progress", "--out", tmp_path / "o", "--files", 1, "--samples-per-file", 1, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [f"simulate_openfwi: C++ kernel unavailable (no C++ compiler "
+                                             f"{tmp_path / 'no-such-c++'}); using the slower PyTorch loop"]
+    assert np.load(tmp_path / "o" / "data" / "data1.npy").shape == (1, 5, 1000, 70)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepwave") is None, reason="deepwave is not installed")
