@@ -127,6 +127,9 @@ def add_optimisation_args(g):
     g.add_argument("--lr-step-size", type=float, default=30, help="StepLR period in epochs")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of warmup-multistep and step")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--precise-bn", type=int, default=0,
+                   help="after each epoch, replace the BatchNorm running statistics (validated and saved) by their average "
+                        "over this many training batches with the epoch's final weights (0: keep the running averages)")
 
 
 
@@ -226,6 +229,8 @@ def check_args(args):
     for name in ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_warmup_epochs"):
         if getattr(args, name) < 0:
             raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.precise_bn < 0:
+        raise InputError(f"--precise-bn must be >= 0, got {args.precise_bn}")
     if args.max_steps is not None and args.max_steps <= 0:
         raise InputError(f"--max-steps must be positive, got {args.max_steps}")
     if args.val_batch_size is None:
@@ -1453,6 +1458,30 @@ def train_one_epoch(run, loader, monitor, stop):
 
 
 @torch.no_grad()
+def precise_bn(run, loader, n_batches):
+    """--precise-bn: BatchNorm statistics recomputed as the plain average over n training batches of the
+    current weights (train-mode forward passes, no gradient). The momentum-0.1 running averages lag a
+    model whose weights move fast, so validation swings from epoch to epoch (measured on the CPU recipe:
+    val MAE 0.13-0.82 with them, a steady decline with these). Averaged over ranks under DDP, so every
+    rank validates and saves the same statistics."""
+    bns = [m for m in run.raw_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    run.raw_model.train()
+    loader.set_epoch(run.epoch)
+    for _, (x, _) in zip(range(n_batches), device_batches(loader, run.device, run.normalizer, run.channels_last)):
+        with autocast(run.device, run.amp_dtype):
+            run.raw_model(x if run.amp_dtype else x.float())
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+        for t in (m.running_mean, m.running_var) if dist.is_initialized() else ():
+            dist.all_reduce(t)
+            t /= dist.get_world_size()
+
+
+@torch.no_grad()
 def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_last=False, loss_weights=(1.0, 0.0),
              per_sample=False, progress=False):
     """Loss and metrics over a split, reduced exactly over ranks as (sum, count); `first` holds the first
@@ -1652,6 +1681,8 @@ def fit(run, train_loader, val_loader, monitor, args):
                 save_checkpoint(run, args, "last.pt")
                 break
             line, improved = f"epoch {run.epoch} train loss {train_loss:.5f} ({time.perf_counter() - t0:.1f} s)", False
+            if args.precise_bn:
+                precise_bn(run, train_loader, args.precise_bn)
             if val_loader is not None and (run.epoch + 1) % args.val_every == 0:
                 text, improved = validate(run, val_loader, monitor)
                 line += text

@@ -220,6 +220,19 @@ def test_overfits_one_batch(speed):
     assert run.step == 60 and min(losses[-5:]) < losses[0] / 10
 
 
+def test_precise_bn_replaces_running_statistics_by_the_batches_average():
+    torch.manual_seed(0)
+    run, _ = T.build_run(small_args(device="cpu", lr_scheduler="none"), torch.device("cpu"), 1)
+    x, y = torch.randn(3, 5, 1000, 70), torch.zeros(3, 1, 70, 70)
+    T.precise_bn(run, T.RepeatedBatch(x, y, 5), 2)  # two passes over the same batch: its own statistics
+    bn = run.raw_model.convblock1.layers[1]
+    with torch.no_grad():
+        h = run.raw_model.convblock1.layers[0](x)
+    torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, h.var((0, 2, 3)), rtol=1e-4, atol=1e-6)
+    assert bn.momentum == 0.1 and bn.num_batches_tracked.item() == 2
+
+
 @pytest.mark.parametrize("kind, workers", [("map", 0), ("map", 2), ("iterable", 0), ("iterable", 2), ("gpu", 0)])
 def test_loaders_start_an_epoch_at_a_given_batch(tmp_path, kind, workers):
     """A mid-epoch resume continues with exactly the batches the interrupted epoch had left."""
@@ -358,7 +371,7 @@ def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_d
     _, lists = ids_data
     out = tmp_path / "run"
     argv = [*map(str, lists), "--batch-size", "2", "--epochs", "1", "--no-progress", "--dataset", "flatvel-a",
-            "--output-dir", str(out), "--fast", "--amp", "off", "--max-steps", "2"]
+            "--output-dir", str(out), "--fast", "--amp", "off", "--precise-bn", "2"]
     assert T.cli(argv) == 0
     saved = json.loads((out / "args.json").read_text())
     assert (saved["amp"], saved["channels_last"], saved["loader"], saved["cache_dtype"], saved["compile"]) == (
@@ -366,7 +379,8 @@ def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_d
     assert "speed: amp off, channels-last on, compile off, fused adam off, loader gpu (float32 cache, 0.02 GB); " \
            "--fast for cpu" in capsys.readouterr().out
     ck = torch.load(out / "last.pt", weights_only=False)
-    assert ck["args"]["amp"] == "off" and ck["step"] == 2
+    assert ck["args"]["amp"] == "off" and ck["step"] == 4
+    assert ck["model"]["convblock1.layers.1.num_batches_tracked"].item() == 2  # the statistics of --precise-bn 2
 
 
 # ---- repeatable runs, provenance, guards ----
