@@ -127,7 +127,8 @@ def train_args_from(ckpt, cli):
 
 
 def load_model(cli, device):
-    """The model in eval mode on the device, the training arguments and the normaliser (and its source)."""
+    """(the model in eval mode on the device, the checkpoint, its training arguments, the normaliser, where
+    the normaliser came from)."""
     model = T.InversionNet()
     ckpt = T.load_weights(model, cli.checkpoint)
     targs, ours = train_args_from(ckpt, cli)

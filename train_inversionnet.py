@@ -418,16 +418,16 @@ def resolve_speed(args, device, cache_samples=0):
     if amp == "fp16" and device.type == "mps":
         raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
     cache_dtype = args.cache_dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
-    cache_gb = cache_samples * (math.prod(DATA_SHAPE) + math.prod(LABEL_SHAPE)) * torch.finfo(getattr(torch, cache_dtype)).bits / 8e9
+    cache_bytes = cache_samples * (math.prod(DATA_SHAPE) + math.prod(LABEL_SHAPE)) * torch.finfo(getattr(torch, cache_dtype)).bits // 8
     if args.fast:  # ranks on one host share its RAM; each GPU has its own memory
         share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
-        choice["loader"] = "gpu" if cache_gb * share * 1e9 <= free_memory(device) / 2 else "map"
+        choice["loader"] = "gpu" if cache_bytes * share <= free_memory(device) / 2 else "map"
     choice.update(amp=amp, cache_dtype=cache_dtype)
     for k in SPEED_FLAGS:
         if getattr(args, k) is None:
             setattr(args, k, choice[k])
     onoff = lambda v: "on" if v else "off"
-    cache = f" ({args.cache_dtype} cache, {cache_gb:.2f} GB)" if args.loader == "gpu" else ""
+    cache = f" ({args.cache_dtype} cache, {cache_bytes / 1e9:.2f} GB)" if args.loader == "gpu" else ""
     why = f"--fast for {device.type}" + (f" (native bf16: {'yes' if cpu_has_native_bf16() else 'no'})" if device.type == "cpu" else "")
     return (f"speed: amp {args.amp}, channels-last {onoff(args.channels_last)}, compile {onoff(args.compile)}, fused adam "
             f"{onoff(args.fused_adam)}, loader {args.loader}{cache}; {why if args.fast else 'defaults'}"
