@@ -262,6 +262,15 @@ def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(dat
     assert not list(out.glob("*.tmp-*"))
 
 
+def test_one_serialisation_writes_last_and_best_alike(tmp_path, monkeypatch):
+    calls = []
+    real_save = torch.save
+    monkeypatch.setattr(T.torch, "save", lambda *a: calls.append(1) or real_save(*a))
+    T.atomic_torch_save({"w": torch.arange(5.0)}, str(tmp_path / "last.pt"), str(tmp_path / "best.pt"))
+    assert len(calls) == 1 and digest(tmp_path / "last.pt") == digest(tmp_path / "best.pt")
+    assert torch.equal(torch.load(tmp_path / "best.pt")["w"], torch.arange(5.0))
+
+
 def test_interrupt_inside_a_checkpoint_write_is_an_interrupt_not_a_storage_error(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     T.atomic_torch_save({"w": torch.zeros(10)}, str(path))
