@@ -1722,7 +1722,10 @@ def record_run(args, prov):
 def describe_data(data, train_loader, args, stats_from):
     train_pairs, train_counts, val_pairs, val_counts = data
     dropped = train_loader.dropped
-    return (f"data: {len(train_pairs)} train files ({sum(train_counts)} samples), {len(val_pairs)} val files "
+
+    def files(pairs):
+        return f"{len(pairs)} file{'s' * (len(pairs) != 1)}"
+    return (f"data: train {files(train_pairs)} ({sum(train_counts)} samples), val {files(val_pairs)} "
             f"({sum(val_counts)} samples); loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
             f"{f', {dropped} samples dropped per epoch so all ranks step together' if dropped else ''}; "
             f"normalisation from {stats_from}")
