@@ -335,7 +335,11 @@ def seed_everything(seed):
 
 
 def seed_worker(worker_id):
-    """DataLoader worker_init_fn: numpy/random streams derived from the worker's torch seed."""
+    """DataLoader worker_init_fn: numpy/random streams derived from the worker's torch seed. Workers ignore
+    SIGINT and SIGTERM: torchrun, SLURM and a terminal's Ctrl-C signal the whole process group, and a
+    worker killed under the step would abort the run before Stop can finish the step and save last.pt."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
     random.seed(s)
