@@ -342,7 +342,7 @@ def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, na
     args = parsed("--fast")
     line = T.resolve_speed(args, cpu, cache_samples=1000)  # 0.7-1.4 GB: fits in half of 10 GB
     speed = {k: getattr(args, k) for k in T.SPEED_FLAGS}
-    assert speed == dict(amp="bf16" if native else "off", channels_last=True, compile=False, fused_adam=False,
+    assert speed == dict(amp="bf16" if native else "off", channels_last=True, compile=False, fused_adam=True,
                          loader="gpu", cache_dtype="bfloat16" if native else "float32")
     assert f"--fast for cpu (native bf16: {'yes' if native else 'no'})" in line and "given" not in line
     args = parsed("--fast", "--amp", "off", "--no-channels-last", "--loader", "map")
@@ -376,7 +376,7 @@ def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_d
     saved = json.loads((out / "args.json").read_text())
     assert (saved["amp"], saved["channels_last"], saved["loader"], saved["cache_dtype"], saved["compile"]) == (
         "off", True, "gpu", "float32", False)
-    assert "speed: amp off, channels-last on, compile off, fused adam off, loader gpu (float32 cache, 0.02 GB); " \
+    assert "speed: amp off, channels-last on, compile off, fused adam on, loader gpu (float32 cache, 0.02 GB); " \
            "--fast for cpu" in capsys.readouterr().out
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["args"]["amp"] == "off" and ck["step"] == 4
