@@ -69,7 +69,7 @@ else
   # recomputed BatchNorm statistics keep the validation curve settled
   sim=(--files 8 --samples-per-file 100 --val-files 1)
   train=(--fast --epochs 13 --batch-size 16 --lr 5e-4 --lambda-l2 1 --lr-scheduler cosine --lr-warmup-epochs 1
-         --precise-bn 4 --log-every 22 --no-progress)
+         --precise-bn 16 --log-every 22 --no-progress)
 fi
 
 step() { echo; echo "== $1"; }
