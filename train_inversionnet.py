@@ -24,9 +24,9 @@ import json
 import math
 import multiprocessing as mp
 import os
+import platform
 import random
 import re
-import platform
 import signal
 import subprocess
 import sys
@@ -106,7 +106,6 @@ def add_data_args(g):
     g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=False, help="keep workers between epochs")
 
 
-
 def add_optimisation_args(g):
     g.add_argument("--epochs", type=int, default=10, help="epochs to train")
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
@@ -132,7 +131,6 @@ def add_optimisation_args(g):
                         "over this many training batches with the epoch's final weights (0: keep the running averages)")
 
 
-
 def add_speed_args(g):
     g.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="training device")
     g.add_argument("--parallel", default="auto", choices=["auto", "none", "dp", "ddp"],
@@ -155,7 +153,6 @@ def add_speed_args(g):
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="deterministic algorithms, cudnn.benchmark off: a repeated run gives the same weights")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cudnn autotuner (off with --deterministic)")
-
 
 
 def add_run_args(g):
@@ -406,8 +403,8 @@ def fast_compute(device):
     """The compute settings --fast picks for a device: the fastest combination measured in bench/."""
     if device.type == "cuda":
         return dict(amp="bf16" if torch.cuda.is_bf16_supported() else "fp16", channels_last=True, compile=True, fused_adam=True)
-    if device.type == "cpu":  # torch.compile: no gain on CPU after a ~40 s compilation; fused AdamW: 6-10 % faster
-        cpu_fused = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)  # steps, on CPU since torch 2.4
+    if device.type == "cpu":  # torch.compile: no gain after a ~40 s compilation; fused AdamW: 6-10 % faster steps
+        cpu_fused = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 4)  # fused on CPU since torch 2.4
         return dict(amp="bf16" if cpu_has_native_bf16() else "off", channels_last=True, compile=False, fused_adam=cpu_fused)
     return dict(amp="off", channels_last=False, compile=False, fused_adam=False)  # mps: nothing measured there yet
 
