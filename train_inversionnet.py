@@ -153,6 +153,9 @@ def add_speed_args(g):
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="deterministic algorithms, cudnn.benchmark off: a repeated run gives the same weights")
     g.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="cudnn autotuner (off with --deterministic)")
+    g.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                   help="TF32 tensor cores for float32 convolutions and matmuls on CUDA (10-bit mantissa products, "
+                        "float32 sums); --no-tf32: full float32")
 
 
 def add_run_args(g):
@@ -263,6 +266,10 @@ def setup_distributed(parallel="auto", device="auto"):
         if parallel == "auto" and world == 1:
             return 0, 1, 0
         cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if cuda and per_node > torch.cuda.device_count():  # NCCL runs one process per GPU
+            raise InputError(f"torchrun started {per_node} processes on this node, which has {torch.cuda.device_count()} "
+                             f"CUDA device(s): use --nproc_per_node={torch.cuda.device_count()}, or --device cpu")
         if cuda:
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(minutes=30)
@@ -344,17 +351,16 @@ def seed_worker(worker_id):
 
 def configure_backends(args, device):
     """The one place that chooses cudnn autotuning vs determinism; returns a line for the log."""
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+    tf32 = f"TF32 {('on' if args.tf32 else 'off') if device.type == 'cuda' else 'n/a'}"
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        return "deterministic algorithms on, cudnn.benchmark off"
+        return f"deterministic algorithms on, cudnn.benchmark off, {tf32}"
     torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return f"cudnn.benchmark {'on' if args.cudnn_benchmark else 'off'}, TF32 {'on' if device.type == 'cuda' else 'n/a'}"
+    return f"cudnn.benchmark {'on' if args.cudnn_benchmark else 'off'}, {tf32}"
 
 
 def resolve_device(name, local_rank=0):
