@@ -49,7 +49,7 @@ def test_train_script_under_torchrun(tmp_path):
     write_ids_dataset(data, (4, 4, 4, 3))
     out = tmp_path / "run"
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--batch-size", 2, "--epochs", 1, "--num-workers", 0,
-                 "--no-progress", "--log-every", 1, "--dataset", "flatvel-a", "--loader", "iterable", nproc=2)
+                 "--no-progress", "--log-every", 1, "--dataset", "flatvel-a", "--loader", "iterable", "--device", "cpu", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(ddp, world 2)" in r.stdout and r.stdout.count("InversionNet") == 1  # only rank 0 prints
     ck = torch.load(out / "last.pt", weights_only=False)
@@ -58,7 +58,7 @@ def test_train_script_under_torchrun(tmp_path):
 
 
 def test_bad_input_under_torchrun_is_printed_once(tmp_path):
-    r = run_script(TRAIN, "--data-root", tmp_path / "nowhere", "--output-dir", tmp_path / "run", nproc=2)
+    r = run_script(TRAIN, "--data-root", tmp_path / "nowhere", "--output-dir", tmp_path / "run", "--device", "cpu", nproc=2)
     assert r.returncode != 0
     assert r.stderr.count("train_inversionnet.py: error:") == 1, r.stderr[-3000:]
     assert f"train_inversionnet.py: error: --data-root {tmp_path / 'nowhere'}: no such directory" in r.stderr
@@ -69,7 +69,7 @@ def test_resume_with_another_world_size_restarts_the_epoch(tmp_path, capsys):
     write_ids_dataset(data, (4, 4, 4, 4, 4))  # 16 train samples: 4 steps per epoch on 2 ranks of 2, 8 on one process
     out = tmp_path / "run"
     common = ["--data-root", data, "--output-dir", out, "--batch-size", 2, "--num-workers", 0, "--no-progress",
-              "--dataset", "flatvel-a", "--lr-scheduler", "cosine", "--epochs", 2]
+              "--dataset", "flatvel-a", "--lr-scheduler", "cosine", "--epochs", 2, "--device", "cpu"]
     r = run_script(TRAIN, *common, "--max-steps", 3, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(out / "last.pt", weights_only=False)
@@ -81,3 +81,17 @@ def test_resume_with_another_world_size_restarts_the_epoch(tmp_path, capsys):
     assert (ck["world"], ck["epoch"], ck["step"]) == (1, 2, 16)
     assert ck["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(1e-4)  # --scale-lr on one process
     assert ck["scheduler"]["last_epoch"] == 16
+
+
+def test_more_processes_than_gpus_is_refused_before_the_group_forms(monkeypatch):
+    """torchrun --nproc_per_node=2 on a one-GPU machine: one line saying what to do, not NCCL's 'invalid device ordinal'."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(T.InputError, match=r"started 2 processes on this node, which has 1 CUDA device\(s\): "
+                                           r"use --nproc_per_node=1, or --device cpu"):
+        T.setup_distributed("auto", "auto")
+    assert not torch.distributed.is_initialized()

@@ -214,7 +214,7 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     np.save(tmp_path / "in" / "line12.npy", shots[1:].astype(np.float64))  # other float dtypes are converted
     out = tmp_path / "out"
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(out), "--amp", "off",
-                  "--batch-size", "2", "--vis", "2"]) == 0
+                  "--batch-size", "2", "--vis", "2", "--device", "cpu"]) == 0
     model, norm = model_of(ck)
     with torch.no_grad():
         expected = norm.label_to_velocity(model(norm.data(torch.from_numpy(shots)))).numpy()

@@ -15,7 +15,7 @@ import train_inversionnet as T
 from helpers import TRAIN, run_script, start, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
-BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a"]
+BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a", "--device", "cpu"]
 EXACT = [*BASE, "--deterministic", "--seed", "3"]  # the runs whose weights are compared bit for bit
 
 

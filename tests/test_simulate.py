@@ -170,7 +170,8 @@ def test_kernel_equals_torch_loop(shape, pml, src_cols, src_row, rec_row):
 
 def test_without_compiler_falls_back_with_one_line(tmp_path):
     env = {"CXX": str(tmp_path / "no-such-c++"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
-    r = run_script(SIMULATE, "--no-progress", "--out", tmp_path / "o", "--files", 1, "--samples-per-file", 1, env=env)
+    r = run_script(SIMULATE, "--no-progress", "--out", tmp_path / "o", "--files", 1, "--samples-per-file", 1,
+                   "--device", "cpu", env=env)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == [f"simulate_openfwi: C++ kernel unavailable (no C++ compiler "
                                              f"{tmp_path / 'no-such-c++'}); using the slower PyTorch loop"]

@@ -310,7 +310,7 @@ def test_amp_and_compile_on_cpu(tmp_path, ids_data, extra):
     _, lists = ids_data
     out = tmp_path / "run"
     r = run_script(TRAIN, *lists, "--batch-size", "2", "--num-workers", "0", "--no-progress", "--epochs", 1,
-                   "--output-dir", out, *extra)
+                   "--output-dir", out, "--device", "cpu", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     ck = torch.load(out / "last.pt", weights_only=False)
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in ck["model"])
@@ -323,7 +323,7 @@ def test_amp_and_compile_on_cpu(tmp_path, ids_data, extra):
 def test_profile_writes_a_trace(tmp_path, ids_data):
     _, lists = ids_data
     out = tmp_path / "run"
-    r = run_script(TRAIN, *lists, *COMMON, "--epochs", 1, "--max-steps", 3, "--profile", "--output-dir", out)
+    r = run_script(TRAIN, *lists, *COMMON, "--epochs", 1, "--max-steps", 3, "--profile", "--output-dir", out, "--device", "cpu")
     assert r.returncode == 0, r.stderr[-3000:]
     assert list((out / "tb").glob("*.pt.trace.json*"))
 
@@ -371,7 +371,7 @@ def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_d
     _, lists = ids_data
     out = tmp_path / "run"
     argv = [*map(str, lists), "--batch-size", "2", "--epochs", "1", "--no-progress", "--dataset", "flatvel-a",
-            "--output-dir", str(out), "--fast", "--amp", "off", "--precise-bn", "2"]
+            "--output-dir", str(out), "--fast", "--amp", "off", "--precise-bn", "2", "--device", "cpu"]
     assert T.cli(argv) == 0
     saved = json.loads((out / "args.json").read_text())
     assert (saved["amp"], saved["channels_last"], saved["loader"], saved["cache_dtype"], saved["compile"]) == (
@@ -405,7 +405,7 @@ def test_config_repeats_a_run_bit_for_bit_and_records_provenance(tmp_path, ids_d
     assert len(prov) == 1 and prov[0] == wb["provenance"]
     assert prov[0]["command"] == ["train_inversionnet.py", "--config", str(a / "args.json"), "--output-dir", str(b)]
     assert set(prov[0]) >= {"git_commit", "git_dirty", "python", "torch", "numpy", "device", "start_time"}
-    assert prov[0]["torch"] == torch.__version__ and prov[0]["device"].startswith("cpu")
+    assert prov[0]["torch"] == torch.__version__ and prov[0]["device"] == T.device_name(T.resolve_device("auto"))
     # flags given beside --config win; --resume and --overwrite never come from it
     c = tmp_path / "c"
     assert T.cli(["--config", str(a / "args.json"), "--output-dir", str(c), "--no-deterministic", "--max-steps", "1"]) == 0
