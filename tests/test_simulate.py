@@ -278,3 +278,9 @@ def test_cli_never_replaces_other_data(tmp_path):
     assert code == 2 and "did not make (no simulate.json)" in err
     assert (foreign / "data" / "data1.npy").read_bytes() == theirs and not (foreign / "model" / "model1.npy").exists()
     assert (foreign / "data" / "data2.npy.tmp-7").read_bytes() == b"theirs too"
+
+
+@pytest.mark.skipif(so.triton is not None, reason="triton is installed here")
+def test_triton_engine_without_triton_is_refused_in_one_line():
+    with pytest.raises(so.SimulationError, match="engine 'triton' needs the triton package"):
+        so.simulate(torch.full((1, 10, 10), 2000.0), nt=5, engine="triton")
