@@ -174,9 +174,10 @@ def simulate(velocity, device=None, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_CO
     velocity: float tensor (B, nz, nx) in m/s. Returns float32 (B, len(src_cols), nt, nx) on the
     velocity's device (or `device`), receivers at every column of row `rec_row`. The PML strength
     uses max(pml_vmax, v.max()) so that a sample's traces do not depend on which other samples
-    share its batch. engine "auto": on CPU the C++ kernel (cpu_kernel()) where it can be built,
-    otherwise, and on CUDA, the PyTorch loop; "torch": always the PyTorch loop. The two agree to
-    about 1e-6 relative L2 (float32 rounding in another order).
+    share its batch. engine "auto": on CPU the C++ kernel (cpu_kernel()) where it can be built, on
+    CUDA the Triton kernels where triton is installed, otherwise the PyTorch loop; "torch": always the
+    PyTorch loop; "triton": the Triton kernels (on CPU only under TRITON_INTERPRET=1). The engines
+    agree to about 1e-6 relative L2 (float32 rounding in another order).
     """
     if engine not in ("auto", "torch", "triton"):
         raise SimulationError(f"engine must be 'auto', 'torch' or 'triton', got {engine!r}")
@@ -262,8 +263,8 @@ def _simulate_torch(v2, coeffs, wavelet, src_cols, src_row, rec_row, pml, sw, nx
 
 
 # ---- the CUDA kernel ----
-# On CUDA the PyTorch loop is bound by its ~60 launches and passes over memory per time step (about 100
-# samples/s on an H100). Two Triton kernels per time step do the same scheme in two passes: the psi
+# On CUDA the PyTorch loop is bound by its ~60 launches and passes over memory per time step (about 200
+# samples/s on an H100 at batch 256). Two Triton kernels per time step do the same scheme in two passes: the psi
 # update on the boundary strips, then one sweep that reads each wavefield once and writes u(t + dt),
 # the source and the receivers' row. Triton comes with PyTorch's CUDA builds; without it the loop runs.
 try:
