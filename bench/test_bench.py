@@ -42,15 +42,19 @@ def make_args(*flags):
     return args
 
 
-@functools.lru_cache(maxsize=None)
 def make_run(*flags):
     """The Run that `train_inversionnet.py FLAGS` trains with, on this device, with the backend settings
-    (TF32, cudnn.benchmark) the script makes; its step is T.train_step. One per set of flags, so that a
-    compiled model is compiled once for all the benchmarks that use it."""
+    (TF32, cudnn.benchmark) the script makes, applied at every call since they are process-wide; its
+    step is T.train_step."""
+    T.configure_backends(make_args(*flags), DEVICE)
+    return _build_run(*flags)
+
+
+@functools.lru_cache(maxsize=None)
+def _build_run(*flags):
+    """One Run per set of flags, so that a compiled model is compiled once for all the benchmarks that use it."""
     torch.manual_seed(0)
-    args = make_args(*flags)
-    T.configure_backends(args, DEVICE)
-    return T.build_run(args, DEVICE, iters_per_epoch=1)[0]
+    return T.build_run(make_args(*flags), DEVICE, iters_per_epoch=1)[0]
 
 
 def make_loader(pairs, args):
