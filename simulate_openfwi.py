@@ -274,6 +274,8 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    _C0, _C1, _C2, _D1, _D2 = (tl.constexpr(c) for c in (C0, C1, C2, D1, D2))  # what a @triton.jit body can read
+
     @triton.jit
     def _tap(ptr, z, x, H, W, mask):
         """ptr[z, x] of an (H, W) plane, 0 outside it (the zero halo of the other engines)."""
@@ -297,15 +299,15 @@ if triton is not None:
         for_x = inside & ((x < sw) | (x >= W - sw))
         kx = tl.where(x < sw, x, x - (W - 2 * sw))  # index into the (2, sw) coefficients
         a, b = tl.load(ax + kx, mask=for_x, other=0.0), tl.load(bx + kx, mask=for_x, other=0.0)
-        du = ((_tap(u, z, x + 1, H, W, for_x) - _tap(u, z, x - 1, H, W, for_x)) * 0.6666666666666666
-              + -0.08333333333333333 * (_tap(u, z, x + 2, H, W, for_x) - _tap(u, z, x - 2, H, W, for_x)))
+        du = ((_tap(u, z, x + 1, H, W, for_x) - _tap(u, z, x - 1, H, W, for_x)) * _D1
+              + _D2 * (_tap(u, z, x + 2, H, W, for_x) - _tap(u, z, x - 2, H, W, for_x)))
         p = tl.load(psi_x + z * W + x, mask=for_x, other=0.0)
         tl.store(psi_x + z * W + x, p * b + a * du, mask=for_x)
         for_z = inside & ((z < sw) | (z >= H - sw))
         kz = tl.where(z < sw, z, z - (H - 2 * sw))
         a, b = tl.load(az + kz, mask=for_z, other=0.0), tl.load(bz + kz, mask=for_z, other=0.0)
-        du = ((_tap(u, z + 1, x, H, W, for_z) - _tap(u, z - 1, x, H, W, for_z)) * 0.6666666666666666
-              + -0.08333333333333333 * (_tap(u, z + 2, x, H, W, for_z) - _tap(u, z - 2, x, H, W, for_z)))
+        du = ((_tap(u, z + 1, x, H, W, for_z) - _tap(u, z - 1, x, H, W, for_z)) * _D1
+              + _D2 * (_tap(u, z + 2, x, H, W, for_z) - _tap(u, z - 2, x, H, W, for_z)))
         p = tl.load(psi_z + z * W + x, mask=for_z, other=0.0)
         tl.store(psi_z + z * W + x, p * b + a * du, mask=for_z)
 
@@ -325,16 +327,16 @@ if triton is not None:
         ux2 = _tap(u, z, x - 2, H, W, inside) + _tap(u, z, x + 2, H, W, inside)
         uz1 = _tap(u, z - 1, x, H, W, inside) + _tap(u, z + 1, x, H, W, inside)
         uz2 = _tap(u, z - 2, x, H, W, inside) + _tap(u, z + 2, x, H, W, inside)
-        lap = (ux1 + uz1) * 1.3333333333333333 + -0.08333333333333333 * (ux2 + uz2) + -5.0 * c
+        lap = (ux1 + uz1) * _C1 + _C2 * (ux2 + uz2) + 2.0 * _C0 * c
         # x strips: lap += d(psi_x)/dx + zeta_x, zeta_x <- b zeta_x + a (d2u/dx2 + d(psi_x)/dx)
         on = inside & ((x < sw) | (x >= W - sw))
         side = (x >= sw).to(tl.int32)
         k = tl.where(x < sw, x, x - (W - 2 * sw))
         dpsi = ((_strip_tap(psi_x, z, x + 1, H, W, sw, x + 1, side, W, on)
-                 - _strip_tap(psi_x, z, x - 1, H, W, sw, x - 1, side, W, on)) * 0.6666666666666666
-                + -0.08333333333333333 * (_strip_tap(psi_x, z, x + 2, H, W, sw, x + 2, side, W, on)
+                 - _strip_tap(psi_x, z, x - 1, H, W, sw, x - 1, side, W, on)) * _D1
+                + _D2 * (_strip_tap(psi_x, z, x + 2, H, W, sw, x + 2, side, W, on)
                                           - _strip_tap(psi_x, z, x - 2, H, W, sw, x - 2, side, W, on)))
-        d2 = ux1 * 1.3333333333333333 + -0.08333333333333333 * ux2 + -2.5 * c
+        d2 = ux1 * _C1 + _C2 * ux2 + _C0 * c
         zeta = (tl.load(zeta_x + z * W + x, mask=on, other=0.0) * tl.load(bx + k, mask=on, other=0.0)
                 + tl.load(ax + k, mask=on, other=0.0) * (d2 + dpsi))
         tl.store(zeta_x + z * W + x, zeta, mask=on)
@@ -344,10 +346,10 @@ if triton is not None:
         side = (z >= sw).to(tl.int32)
         k = tl.where(z < sw, z, z - (H - 2 * sw))
         dpsi = ((_strip_tap(psi_z, z + 1, x, H, W, sw, z + 1, side, H, on)
-                 - _strip_tap(psi_z, z - 1, x, H, W, sw, z - 1, side, H, on)) * 0.6666666666666666
-                + -0.08333333333333333 * (_strip_tap(psi_z, z + 2, x, H, W, sw, z + 2, side, H, on)
+                 - _strip_tap(psi_z, z - 1, x, H, W, sw, z - 1, side, H, on)) * _D1
+                + _D2 * (_strip_tap(psi_z, z + 2, x, H, W, sw, z + 2, side, H, on)
                                           - _strip_tap(psi_z, z - 2, x, H, W, sw, z - 2, side, H, on)))
-        d2 = uz1 * 1.3333333333333333 + -0.08333333333333333 * uz2 + -2.5 * c
+        d2 = uz1 * _C1 + _C2 * uz2 + _C0 * c
         zeta = (tl.load(zeta_z + z * W + x, mask=on, other=0.0) * tl.load(bz + k, mask=on, other=0.0)
                 + tl.load(az + k, mask=on, other=0.0) * (d2 + dpsi))
         tl.store(zeta_z + z * W + x, zeta, mask=on)
