@@ -266,10 +266,10 @@ def setup_distributed(parallel="auto", device="auto"):
         if parallel == "auto" and world == 1:
             return 0, 1, 0
         cuda = device in ("auto", "cuda") and torch.cuda.is_available()
-        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        if cuda and per_node > torch.cuda.device_count():  # NCCL runs one process per GPU
-            raise InputError(f"torchrun started {per_node} processes on this node, which has {torch.cuda.device_count()} "
-                             f"CUDA device(s): use --nproc_per_node={torch.cuda.device_count()}, or --device cpu")
+        per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count() if cuda else 0
+        if cuda and per_node > gpus:  # NCCL runs one process per GPU
+            raise InputError(f"torchrun started {per_node} processes on this node, which has {gpus} CUDA device(s): "
+                             f"use --nproc_per_node={gpus}, or --device cpu")
         if cuda:
             torch.cuda.set_device(local)
         timeout = datetime.timedelta(minutes=30)

@@ -221,7 +221,7 @@ def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):
     lists = ["--train-list", str(write_split_list(root / "train.txt", pairs[:2])),
              "--val-list", str(write_split_list(root / "val.txt", pairs[2:]))]
     out = tmp_path / "run"
-    argv = [*lists, "--output-dir", str(out), "--device", DEVICE.type, "--fast", "--no-compile", "--batch-size", "2",
+    argv = [*lists, "--output-dir", str(out), "--device", DEVICE.type, "--fast", "--no-compile", "--no-tf32", "--batch-size", "2",
             "--num-workers", "0", "--no-progress", "--no-tensorboard", "--dataset", "flatvel-a"]
     assert T.cli([*argv, "--epochs", "2"]) == 0
     log = capsys.readouterr().out
@@ -237,7 +237,6 @@ def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):
     ck = torch.load(out / "last.pt", weights_only=False)
     assert (ck["epoch"], ck["step"]) == (3, 12)
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # main() turned TF32 on
     metrics = {}
     for name, device, amp in (("trained", DEVICE.type, "auto"), ("gpu", DEVICE.type, "off"), ("cpu", "cpu", "off")):
         assert E.cli(["--checkpoint", str(out / "best.pt"), "--output-dir", str(tmp_path / name), "--device", device,
