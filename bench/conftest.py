@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 SCALE = os.environ.get("BENCH_SCALE", "small")
 CPUS = os.cpu_count() or 1
 if SCALE == "gpu":
-    CFG = dict(files=12, per_file=64, batches=(64, 128, 256), steps=6, rounds=3, whole_epochs=3,
+    CFG = dict(files=16, per_file=128, batches=(64, 128, 256), steps=6, rounds=3, whole_epochs=3,
                workers=sorted({0, 4, 16} & set(range(CPUS + 1))))
 else:
     CFG = dict(files=4, per_file=16, batches=(4, 8), steps=2, rounds=2, whole_epochs=2,
