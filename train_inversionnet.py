@@ -30,6 +30,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -486,18 +487,43 @@ def write_atomic(path, data):
             os.remove(tmp)
 
 
-def atomic_torch_save(obj, *paths):
-    """torch.save through write_atomic, serialised once for all PATHS (last.pt and best.pt: a 293 MB
-    checkpoint costs about a second to serialise on a CPU). In memory first: torch.save writing into a
-    file that hits a full disk reports only "unexpected pos", not the cause."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    for path in paths:
+class CheckpointWriter:
+    """Checkpoints serialised on the caller's thread and written (write_atomic: fsync, rename) on a
+    background one, so training goes on while a 293 MB file reaches the disk: on the 2-core CPU machine
+    serialising takes 0.35 s and each file 0.3-0.9 s, against 1.5 s for a whole epoch on an H100.
+    Serialised once for all PATHS (last.pt and best.pt), in memory first: torch.save writing into a file
+    that hits a full disk reports only "unexpected pos", not the cause. One write at a time: save() and
+    wait() first finish the one in flight and raise its error. The thread is not a daemon, so an exit
+    still completes a write that has begun."""
+
+    def __init__(self):
+        self._thread, self._error = None, None
+
+    def save(self, obj, *paths):
+        buf = io.BytesIO()
+        torch.save(obj, buf)
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(buf.getbuffer(), paths), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, data, paths):
         try:
-            write_atomic(path, buf.getbuffer())
-        except OSError as e:
-            kept = "; the previous one is intact" if os.path.exists(path) else ""
-            raise InputError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+            for path in paths:
+                try:
+                    write_atomic(path, data)
+                except OSError as e:
+                    kept = "; the previous one is intact" if os.path.exists(path) else ""
+                    raise InputError(f"cannot write checkpoint {path}: {e.strerror or e}{kept}") from None
+        except BaseException as e:  # handed to the training thread by wait()
+            self._error = e
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 # ---- data ----
@@ -1536,8 +1562,8 @@ def set_rng_state(st):
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def save_checkpoint(run, args, *names):
-    """last.pt / best.pt of the run's current state, written by rank 0 through write_atomic."""
+def save_checkpoint(run, args, writer, *names):
+    """last.pt / best.pt of the run's current state, written by rank 0 through the CheckpointWriter."""
     if not is_main():
         return
     ckpt = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -1545,7 +1571,7 @@ def save_checkpoint(run, args, *names):
             "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_loss": run.best_loss,
             "world": run.world, "args": vars(args), "normalization": run.normalizer.as_dict(), "rng": rng_state(),
             **run.meta, "format": "inversionnet-harness-2"}
-    atomic_torch_save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
+    writer.save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
 
 
 def check_resumable(ckpt, path, args, split):
@@ -1680,25 +1706,29 @@ def validate(run, loader, monitor):
 
 def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
-    stop = Stop(args.max_steps)
+    stop, writer = Stop(args.max_steps), CheckpointWriter()
     stop.install()
     try:
         while run.epoch < args.epochs and not stop.check(run):
             t0 = time.perf_counter()
             train_loss = train_one_epoch(run, train_loader, monitor, stop)
             if run.batch_in_epoch < len(train_loader):  # stopped inside the epoch: last.pt records where
-                save_checkpoint(run, args, "last.pt")
+                save_checkpoint(run, args, writer, "last.pt")
                 break
-            line, improved = f"epoch {run.epoch} train loss {train_loss:.5f} ({time.perf_counter() - t0:.1f} s)", False
+            line, improved, t1 = f"epoch {run.epoch} train loss {train_loss:.5f}", False, time.perf_counter()
             if args.precise_bn:
                 precise_bn(run, train_loader, args.precise_bn)
             if val_loader is not None and (run.epoch + 1) % args.val_every == 0:
                 text, improved = validate(run, val_loader, monitor)
                 line += text
-            print0(line)
-            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-            save_checkpoint(run, args, "last.pt", *(["best.pt"] if improved or val_loader is None else []))
+            run.epoch, run.batch_in_epoch, t2 = run.epoch + 1, 0, time.perf_counter()
+            save_checkpoint(run, args, writer, "last.pt", *(["best.pt"] if improved or val_loader is None else []))
+            times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
+            monitor.scalars("epoch_seconds", times, run.step)
+            print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
+        writer.wait()
     except NonFiniteLoss as e:
+        writer.wait()
         last_pt = os.path.join(args.output_dir, "last.pt")
         error0(f"{e}; {last_pt + ' keeps the last good state' if os.path.isfile(last_pt) else 'no checkpoint was written before it'}")
         return 3

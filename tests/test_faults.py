@@ -5,6 +5,7 @@ import re
 import resource
 import signal
 import subprocess
+import threading
 import time
 
 import numpy as np
@@ -49,6 +50,14 @@ def read_until(proc, pattern, timeout=300):
 
 def load(path):
     return torch.load(path, weights_only=False)
+
+
+def wait_for_file(path, timeout=120):
+    """Until PATH exists: checkpoints are written on a background thread, shortly after the epoch's line."""
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert time.time() - t0 < timeout, f"{path} was not written"
+        time.sleep(0.05)
 
 
 def assert_same_weights(a, b):
@@ -102,7 +111,8 @@ def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
 def test_sigkill_leaves_a_loadable_last_and_resume_matches_straight_run(data, straight, tmp_path):
     out = tmp_path / "run"
     p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
-    read_until(p, r"epoch 1 step 7 ")  # epoch 0's last.pt is on disk; epoch 1 is two steps in
+    read_until(p, r"epoch 1 step 7 ")  # epoch 1 is two steps in
+    wait_for_file(out / "last.pt")  # epoch 0's, written in the background
     p.kill()
     p.communicate()
     assert p.returncode == -signal.SIGKILL
@@ -125,7 +135,8 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_resumes(tmp_pa
     out = tmp_path / "run"
     p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 3, "--loader", "iterable", *BASE,
               nproc=2, torchrun=("--max-restarts=1", "--monitor-interval=0.5"))
-    read_until(p, r"epoch 1 step 5 ")  # one epoch done and saved
+    read_until(p, r"epoch 1 step 5 ")  # one epoch done
+    wait_for_file(out / "last.pt")  # and saved
     workers = subprocess.run(["pgrep", "-f", "-P", str(p.pid), "train_inversionnet.py"], capture_output=True, text=True)
     pids = [int(x) for x in workers.stdout.split()]
     assert len(pids) == 2, workers
@@ -266,18 +277,44 @@ def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(dat
     assert not list(out.glob("*.tmp-*"))
 
 
+def save_now(obj, *paths):
+    writer = T.CheckpointWriter()
+    writer.save(obj, *map(str, paths))
+    writer.wait()
+
+
 def test_one_serialisation_writes_last_and_best_alike(tmp_path, monkeypatch):
     calls = []
     real_save = torch.save
     monkeypatch.setattr(T.torch, "save", lambda *a: calls.append(1) or real_save(*a))
-    T.atomic_torch_save({"w": torch.arange(5.0)}, str(tmp_path / "last.pt"), str(tmp_path / "best.pt"))
+    save_now({"w": torch.arange(5.0)}, tmp_path / "last.pt", tmp_path / "best.pt")
     assert len(calls) == 1 and digest(tmp_path / "last.pt") == digest(tmp_path / "best.pt")
     assert torch.equal(torch.load(tmp_path / "best.pt")["w"], torch.arange(5.0))
 
 
+def test_checkpoint_writes_go_on_behind_training_and_report_their_errors(tmp_path, monkeypatch):
+    """save() returns once the checkpoint is serialised: later changes to the tensors do not reach the
+    file, the write finishes on its own thread, and a failed write raises at the next save() or wait(),
+    which then starts no write of its own."""
+    gate, real_write = threading.Event(), T.write_atomic
+    monkeypatch.setattr(T, "write_atomic", lambda path, data: gate.wait(30) and real_write(path, data))
+    w, writer = torch.zeros(4), T.CheckpointWriter()
+    writer.save({"w": w}, str(tmp_path / "last.pt"))
+    w += 1  # the next training step, while the file is still being written
+    assert not (tmp_path / "last.pt").exists()
+    gate.set()
+    writer.wait()
+    assert torch.equal(load(tmp_path / "last.pt")["w"], torch.zeros(4))
+    writer.save({"w": w}, str(tmp_path / "no-such-dir" / "last.pt"))  # fails on the thread, reported later
+    with pytest.raises(T.InputError, match=r"cannot write checkpoint \S*no-such-dir/last.pt: No such file or directory$"):
+        writer.save({"w": w}, str(tmp_path / "last.pt"))
+    writer.wait()  # raised once
+    assert torch.equal(load(tmp_path / "last.pt")["w"], torch.zeros(4))  # the save that raised wrote nothing
+
+
 def test_interrupt_inside_a_checkpoint_write_is_an_interrupt_not_a_storage_error(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
-    T.atomic_torch_save({"w": torch.zeros(10)}, str(path))
+    save_now({"w": torch.zeros(10)}, path)
     before = digest(path)
     real_open = open
 
@@ -299,7 +336,7 @@ def test_interrupt_inside_a_checkpoint_write_is_an_interrupt_not_a_storage_error
 
     monkeypatch.setattr(T, "open", lambda p, mode: CtrlCDuringWrite(real_open(p, mode)), raising=False)
     with pytest.raises(KeyboardInterrupt):  # not "cannot write checkpoint": the cli turns it into exit 130
-        T.atomic_torch_save({"w": torch.ones(10)}, str(path))
+        save_now({"w": torch.ones(10)}, path)
     assert digest(path) == before and not list(tmp_path.glob("*.tmp-*"))
 
 
