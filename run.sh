@@ -83,10 +83,15 @@ step "1/3 simulate ($family, profile $profile) -> $data"
 step "2/3 train -> $run"
 resume=()
 [[ -f "$run/last.pt" ]] && resume=(--resume auto)
+rc=0
 # shellcheck disable=SC2086
 "$PY" train_inversionnet.py --train-list "$data/train.txt" --val-list "$data/val.txt" \
-  --output-dir "$run" "${train[@]}" "${resume[@]}" $train_args \
-  || { echo "run.sh: training failed" >&2; exit 1; }
+  --output-dir "$run" "${train[@]}" "${resume[@]}" $train_args || rc=$?
+if (( rc == 130 || rc == 143 )); then  # SIGINT / SIGTERM: the trainer saved last.pt and exited cleanly
+  echo "run.sh: training stopped by a signal; the same bash run.sh command continues it from $run/last.pt" >&2
+  exit "$rc"
+fi
+(( rc == 0 )) || { echo "run.sh: training failed (exit $rc)" >&2; exit 1; }
 step "3/3 evaluate -> $run/eval"
 # shellcheck disable=SC2086
 "$PY" eval_inversionnet.py --checkpoint "$run/best.pt" --vis 3 --overwrite $eval_args \

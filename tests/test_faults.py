@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import TRAIN, run_script, start, write_ids_dataset, write_split_list
+from helpers import ROOT, TRAIN, run_script, start, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a", "--device", "cpu"]
@@ -90,6 +90,27 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert f"continuing at epoch 0, batch {k}" in r.stdout
     assert f"epoch 0 step {k + 1} batch {k + 1}/5" in r.stdout  # the batches already trained are skipped
     assert_same_weights(load(out / "last.pt"), straight)
+
+
+def test_ctrl_c_under_run_sh_stops_with_a_resume_hint_and_the_same_command_continues(tmp_path):
+    """Ctrl-C signals run.sh and the trainer alike: the trainer saves last.pt, run.sh says how to go on
+    (not "training failed") and exits 130; the same command then resumes, finishes and evaluates."""
+    cmd = ["bash", os.path.join(ROOT, "run.sh"), "--profile", "cpu", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"),
+           "--sim-args", "--files 3 --samples-per-file 4 --val-files 1",
+           "--train-args", "--epochs 2 --batch-size 2 --log-every 1 --precise-bn 1"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    read_until(p, r"epoch 0 step 1 ")
+    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground process group
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 130, stdout + stderr
+    assert "stopped by signal 2" in stdout and "training failed" not in stderr
+    assert stderr.strip().endswith(f"run.sh: training stopped by a signal; the same bash run.sh command continues it from "
+                                   f"{tmp_path / 'r'}/last.pt"), stderr
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "resuming from" in r.stdout and "== done" in r.stdout
+    assert load(tmp_path / "r" / "last.pt")["epoch"] == 2 and (tmp_path / "r" / "eval" / "metrics.json").exists()
 
 
 def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
