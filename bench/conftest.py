@@ -26,6 +26,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LOADER_BATCH = CFG["batches"][-1]
 # per-worker-count figures collected by the benchmarks, printed as one table at the end
 RESULTS = {"loader": {}, "compute": {}, "e2e": {}, "whole": {}, "sim": {}}
+SAMPLE_BYTES = (5 * 1000 * 70 + 70 * 70) * 4  # one float32 shot-gather set and its velocity map
 PEAK_TFLOPS = {"H100": (989.0, 3.35e12), "H200": (989.0, 4.8e12), "A100": (312.0, 2.0e12)}  # bf16 dense, HBM B/s
 
 
@@ -64,6 +65,9 @@ def report_lines():
     env = environment()
     out = [f"device {env['device']}, torch {env['torch']}, {env['cpu_count']} CPUs, {env['threads']} threads, scale {SCALE}"]
     out += compute_lines(RESULTS["compute"]) + loader_lines(RESULTS["loader"], RESULTS["e2e"], RESULTS["compute"])
+    if "fill" in RESULTS:
+        n, secs = RESULTS["fill"]
+        out.append(f"device cache fill (--loader gpu): {n} samples in {secs:.2f} s, {n * SAMPLE_BYTES / secs / 1e9:.2f} GB/s of float32 files")
     whole = RESULTS["whole"]
     if len(whole) == 2:
         out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "

@@ -24,10 +24,9 @@ import torch
 
 import simulate_openfwi as S
 import train_inversionnet as T
-from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, environment
+from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, SAMPLE_BYTES, environment
 
 NORM = T.Normalizer(-26.95, 52.77)
-SAMPLE_BYTES = (5 * 1000 * 70 + 70 * 70) * 4
 
 
 def sync():
@@ -102,6 +101,24 @@ def test_loader_throughput(benchmark, random_dataset, kind, workers, pin):
     RESULTS["loader"][(kind, workers, pin)] = (sps, sps * SAMPLE_BYTES / 1e9)
     benchmark.extra_info.update(environment(), loader=kind, workers=workers, pin_memory=pin, samples_per_s=sps,
                                 gb_per_s=sps * SAMPLE_BYTES / 1e9, batch=LOADER_BATCH)
+
+
+def test_device_cache_fill(benchmark, random_dataset):
+    """Seconds to fill the --loader gpu cache from the files (read, checked, copied, normalised): the part of a
+    --fast run's start-up that grows with the data."""
+    args = make_args("--fast", "--loader", "gpu")
+
+    def fill():
+        loader = make_loader(random_dataset, args)
+        sync()
+        return len(loader.x)
+
+    t0 = time.perf_counter()
+    n = benchmark.pedantic(fill, rounds=CFG["rounds"], warmup_rounds=1 if benchmark.enabled else 0)
+    assert n == CFG["files"] * CFG["per_file"]
+    secs = benchmark.stats.stats.median if benchmark.enabled else time.perf_counter() - t0
+    RESULTS["fill"] = (n, secs)
+    benchmark.extra_info.update(environment(), samples=n, seconds=secs, gb_per_s=n * SAMPLE_BYTES / secs / 1e9)
 
 
 @functools.lru_cache(maxsize=None)

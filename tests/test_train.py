@@ -154,6 +154,19 @@ def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
     assert len(set(world_seen)) == 8
 
 
+def test_device_cache_reads_the_kept_samples_in_order(tmp_path):
+    """read_samples, which fills the device cache on several threads, yields exactly the samples asked for,
+    in order, across files and chunk boundaries."""
+    pairs = write_ids_dataset(tmp_path, (5, 4, 6))
+    x_all = np.concatenate([np.load(d) for d, _ in pairs])
+    y_all = np.concatenate([np.load(m) for _, m in pairs])
+    keep = np.array([0, 2, 3, 4, 5, 8, 9, 11, 12, 14])  # leaves out samples of every file
+    chunks = list(T.read_samples(pairs, [5, 4, 6], keep, chunk=2))
+    assert all(len(x) <= 2 for x, _ in chunks)
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in chunks]), x_all[keep])
+    np.testing.assert_array_equal(np.concatenate([y for _, y in chunks]), y_all[keep])
+
+
 def test_split_pairs_by_file_is_seeded():
     pairs = [(f"d{i}", f"m{i}") for i in range(10)]
     tr, va = T.split_pairs(pairs, 0.8, seed=1)
