@@ -84,11 +84,16 @@ step "2/3 train -> $run"
 resume=()
 [[ -f "$run/last.pt" ]] && resume=(--resume auto)
 rc=0
+# Ctrl-C (SIGINT) or a SIGTERM to the whole process group (timeout, docker stop, a batch scheduler) reaches the
+# trainer too, which saves last.pt and exits 130 / 143; the trap keeps this shell alive to say how to go on
+trap : TERM
 # shellcheck disable=SC2086
 "$PY" train_inversionnet.py --train-list "$data/train.txt" --val-list "$data/val.txt" \
   --output-dir "$run" "${train[@]}" "${resume[@]}" $train_args || rc=$?
-if (( rc == 130 || rc == 143 )); then  # SIGINT / SIGTERM: the trainer saved last.pt and exited cleanly
-  echo "run.sh: training stopped by a signal; the same bash run.sh command continues it from $run/last.pt" >&2
+trap - TERM
+if (( rc == 130 || rc == 143 )); then
+  [[ -f "$run/last.pt" ]] && hint="; the same bash run.sh command continues it from $run/last.pt" || hint=""
+  echo "run.sh: training stopped by a signal$hint" >&2
   exit "$rc"
 fi
 (( rc == 0 )) || { echo "run.sh: training failed (exit $rc)" >&2; exit 1; }

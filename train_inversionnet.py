@@ -527,6 +527,14 @@ class CheckpointWriter:
             error, self._error = self._error, None
             raise error
 
+    def close(self):
+        """wait() on the way out of an error: its own failure becomes a line of its own, so it neither
+        hides the error under way nor goes unreported."""
+        try:
+            self.wait()
+        except InputError as e:
+            error0(str(e))
+
 
 # ---- data ----
 
@@ -879,9 +887,10 @@ def read_samples(pairs, counts, keep, chunk=64):
     """The samples numbered KEEP (ascending, over the files in order) as checked float32 arrays, in chunks of
     at most CHUNK, in order. Threads read and check the chunks ahead of the caller (numpy releases the GIL
     for both): one thread reads a page-cached file at about 2 GB/s, so on a GPU machine filling the
-    device cache is otherwise bound by that read. At most 2 x threads chunks are held at once."""
+    device cache is otherwise bound by that read. At most 2 x threads + 1 chunks are held at once."""
     def read(dpath, lpath, idx):
-        x, y = np.array(np.load(dpath, mmap_mode="r")[idx]), np.array(np.load(lpath, mmap_mode="r")[idx])
+        # indexing a memory map with an index array already copies: asarray takes that copy as it is
+        x, y = np.asarray(np.load(dpath, mmap_mode="r")[idx]), np.asarray(np.load(lpath, mmap_mode="r")[idx])
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             for k, j in enumerate(idx):
                 check_finite(x[k], y[k], f"{dpath} sample {int(j)}")
@@ -891,7 +900,8 @@ def read_samples(pairs, counts, keep, chunk=64):
     jobs = [(dpath, lpath, mine[s:s + chunk])
             for (dpath, lpath), lo, hi in zip(pairs, starts, starts[1:])
             for mine in [keep[(keep >= lo) & (keep < hi)] - lo] for s in range(0, len(mine), chunk)]
-    threads = min(4, os.cpu_count() or 1)  # 4 x 2 GB/s is past what a pageable copy to a GPU takes
+    # 4 x 2 GB/s is past what a pageable copy to a GPU takes; the ranks on a node share its cores
+    threads = max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         ahead = collections.deque()
         for job in jobs:
@@ -1740,19 +1750,22 @@ def fit(run, train_loader, val_loader, monitor, args):
                 text, improved = validate(run, val_loader, monitor)
                 line += text
             run.epoch, run.batch_in_epoch, t2 = run.epoch + 1, 0, time.perf_counter()
-            save_checkpoint(run, args, writer, "last.pt", *(["best.pt"] if improved or val_loader is None else []))
-            times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
-            monitor.scalars("epoch_seconds", times, run.step)
-            print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
+            try:  # the epoch's line is printed even when the previous checkpoint's write turns out to have failed
+                save_checkpoint(run, args, writer, "last.pt", *(["best.pt"] if improved or val_loader is None else []))
+            finally:
+                times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
+                monitor.scalars("epoch_seconds", times, run.step)
+                print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
         writer.wait()
     except NonFiniteLoss as e:
-        writer.wait()
+        writer.close()
         last_pt = os.path.join(args.output_dir, "last.pt")
         error0(f"{e}; {last_pt + ' keeps the last good state' if os.path.isfile(last_pt) else 'no checkpoint was written before it'}")
         return 3
     finally:
         stop.restore()
         monitor.close()
+        writer.close()  # whatever ends the loop, a write under way lands (or says why not) first
     if stop.signum is not None:
         print0(f"stopped by signal {stop.signum} at step {run.step}; last.pt written, resume with --resume auto")
         return 128 + stop.signum

@@ -5,6 +5,7 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -92,19 +93,21 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert_same_weights(load(out / "last.pt"), straight)
 
 
-def test_ctrl_c_under_run_sh_stops_with_a_resume_hint_and_the_same_command_continues(tmp_path):
-    """Ctrl-C signals run.sh and the trainer alike: the trainer saves last.pt, run.sh says how to go on
-    (not "training failed") and exits 130; the same command then resumes, finishes and evaluates."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_signal_under_run_sh_stops_with_a_resume_hint_and_the_same_command_continues(tmp_path, sig):
+    """Ctrl-C, or a SIGTERM to the process group (timeout, docker stop, a scheduler), signals run.sh and the
+    trainer alike: the trainer saves last.pt, run.sh says how to go on (not "training failed") and exits
+    with the trainer's 130 / 143; the same command then resumes, finishes and evaluates."""
     cmd = ["bash", os.path.join(ROOT, "run.sh"), "--profile", "cpu", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"),
            "--sim-args", "--files 3 --samples-per-file 4 --val-files 1",
            "--train-args", "--epochs 2 --batch-size 2 --log-every 1 --precise-bn 1"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2", PYTHON=sys.executable)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     read_until(p, r"epoch 0 step 1 ")
-    os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground process group
+    os.killpg(p.pid, sig)  # the whole process group, as a terminal's Ctrl-C or a scheduler's stop does
     stdout, stderr = p.communicate(timeout=300)
-    assert p.returncode == 130, stdout + stderr
-    assert "stopped by signal 2" in stdout and "training failed" not in stderr
+    assert p.returncode == 128 + sig, stdout + stderr
+    assert f"stopped by signal {int(sig)}" in stdout and "training failed" not in stderr
     assert stderr.strip().endswith(f"run.sh: training stopped by a signal; the same bash run.sh command continues it from "
                                    f"{tmp_path / 'r'}/last.pt"), stderr
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -331,6 +334,17 @@ def test_checkpoint_writes_go_on_behind_training_and_report_their_errors(tmp_pat
         writer.save({"w": w}, str(tmp_path / "last.pt"))
     writer.wait()  # raised once
     assert torch.equal(load(tmp_path / "last.pt")["w"], torch.zeros(4))  # the save that raised wrote nothing
+
+
+def test_a_failed_write_found_on_the_way_out_is_one_more_line_not_a_replacement(tmp_path, capsys):
+    """close(), which fit() calls whatever ends the loop, reports a failed background write as a line of its
+    own instead of raising over the error that is ending the run."""
+    writer = T.CheckpointWriter()
+    writer.save({"w": torch.zeros(2)}, str(tmp_path / "missing" / "last.pt"))
+    writer.close()
+    assert capsys.readouterr().err.strip() == (f"train_inversionnet.py: error: cannot write checkpoint "
+                                                f"{tmp_path / 'missing' / 'last.pt'}: No such file or directory")
+    writer.close()  # reported once
 
 
 def test_interrupt_inside_a_checkpoint_write_is_an_interrupt_not_a_storage_error(tmp_path, monkeypatch):
