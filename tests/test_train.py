@@ -1,5 +1,6 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -290,6 +291,14 @@ def test_resume_gives_identical_weights(tmp_path, ids_data):
     a, b = tmp_path / "straight", tmp_path / "resumed"
     r = run_script(TRAIN, *lists, *COMMON, "--epochs", 2, "--output-dir", a)
     assert r.returncode == 0, r.stderr
+    # each epoch's line ends with where its time went, and TensorBoard has the same three figures
+    split = r"\| \d+\.\d s train, \d+\.\d s val, \d+\.\d s checkpoint$"
+    assert len(re.findall(rf"^epoch \d train loss \S+ \| val loss .* SSIM \S+ {split}", r.stdout, flags=re.M)) == 2, r.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(a / "tb"))
+    events.Reload()
+    for part in ("train", "val", "checkpoint"):
+        assert [e.step for e in events.Scalars(f"epoch_seconds/{part}")] == [4, 8]
     r = run_script(TRAIN, *lists, *COMMON, "--epochs", 1, "--output-dir", b)
     assert r.returncode == 0, r.stderr
     r = run_script(TRAIN, *lists, *COMMON, "--epochs", 2, "--output-dir", b, "--resume", "auto")
