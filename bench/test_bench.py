@@ -27,6 +27,7 @@ import train_inversionnet as T
 from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, SAMPLE_BYTES, environment
 
 NORM = T.Normalizer(-26.95, 52.77)
+SAMPLES = CFG["files"] * CFG["per_file"]  # in random_dataset
 
 
 def sync():
@@ -71,9 +72,8 @@ def loader_cases():
     loader splits each epoch's samples over its workers: a count that leaves a worker less than one batch
     would time short batches (and recompile a compiled step), so it is left out."""
     pins = (False, True) if torch.cuda.is_available() else (False,)
-    samples = CFG["files"] * CFG["per_file"]
     return [("gpu", 0, False)] + [(kind, w, pin) for kind in ("map", "iterable") for w in CFG["workers"] for pin in pins
-                                  if kind == "map" or samples // max(w, 1) >= LOADER_BATCH]
+                                  if kind == "map" or SAMPLES // max(w, 1) >= LOADER_BATCH]
 
 
 @pytest.mark.parametrize("kind, workers, pin", loader_cases(), ids=lambda v: str(v))
@@ -95,7 +95,7 @@ def test_loader_throughput(benchmark, random_dataset, kind, workers, pin):
     t0 = time.perf_counter()
     n = benchmark.pedantic(one_epoch, rounds=CFG["rounds"], warmup_rounds=1 if benchmark.enabled else 0)
     # map: whole batches; iterable: every sample, a worker's last batch short when its shard is not a multiple
-    assert n == (len(loader) * LOADER_BATCH if kind != "iterable" else CFG["files"] * CFG["per_file"])
+    assert n == (len(loader) * LOADER_BATCH if kind != "iterable" else SAMPLES)
     secs = benchmark.stats.stats.median if benchmark.enabled else time.perf_counter() - t0
     sps = n / secs
     RESULTS["loader"][(kind, workers, pin)] = (sps, sps * SAMPLE_BYTES / 1e9)
@@ -115,7 +115,7 @@ def test_device_cache_fill(benchmark, random_dataset):
 
     t0 = time.perf_counter()
     n = benchmark.pedantic(fill, rounds=CFG["rounds"], warmup_rounds=1 if benchmark.enabled else 0)
-    assert n == CFG["files"] * CFG["per_file"]
+    assert n == SAMPLES
     secs = benchmark.stats.stats.median if benchmark.enabled else time.perf_counter() - t0
     RESULTS["fill"] = (n, secs)
     benchmark.extra_info.update(environment(), samples=n, seconds=secs, gb_per_s=n * SAMPLE_BYTES / secs / 1e9)
