@@ -19,10 +19,15 @@ def test_ddp_ranks_agree_and_first_update_matches_mean_gradient(tmp_path):
     model = T.InversionNet()
     model.load_state_dict(saved["init"])
     grads = []
-    for x, y in saved["batches"]:  # BatchNorm statistics are per rank, so each batch runs alone
-        model.zero_grad()
-        T.loss_fn(model(x), y).backward()
-        grads.append([p.grad.clone() for p in model.parameters()])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank (torchrun's OMP_NUM_THREADS=1): other thread counts round differently
+    try:
+        for x, y in saved["batches"]:  # BatchNorm statistics are per rank, so each batch runs alone
+            model.zero_grad()
+            T.loss_fn(model(x), y).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
     model.load_state_dict(saved["init"])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
     mean_grads = {}
