@@ -68,6 +68,10 @@ def report_lines():
     if "fill" in RESULTS:
         n, secs = RESULTS["fill"]
         out.append(f"device cache fill (--loader gpu): {n} samples in {secs:.2f} s, {n * SAMPLE_BYTES / secs / 1e9:.2f} GB/s of float32 files")
+    if "checkpoint" in RESULTS:
+        size, stall, whole = RESULTS["checkpoint"]
+        out.append(f"checkpoint of the model and AdamW state ({size / 1e6:.0f} MB): {stall:.3f} s on the training thread, "
+                   f"{whole:.2f} s in all, the rest beside training")
     whole = RESULTS["whole"]
     if len(whole) == 2:
         out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "

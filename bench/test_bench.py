@@ -121,6 +121,34 @@ def test_device_cache_fill(benchmark, random_dataset):
     benchmark.extra_info.update(environment(), samples=n, seconds=secs, gb_per_s=n * SAMPLE_BYTES / secs / 1e9)
 
 
+def test_checkpoint_stall(benchmark, tmp_path):
+    """Seconds a checkpoint of the model and AdamW's moments takes from the training thread
+    (T.CheckpointWriter.save: a copy on the CPU), against the whole write that goes on beside training."""
+    run = make_run()
+    T.train_step(run, torch.randn(2, 5, 1000, 70, device=DEVICE), torch.rand(2, 1, 70, 70, device=DEVICE))  # the moments
+    state = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict()}
+    writer, path, stalls = T.CheckpointWriter(), str(tmp_path / "last.pt"), []
+
+    def after_the_last_write():
+        writer.wait()
+        sync()
+
+    def save():
+        t = time.perf_counter()
+        writer.save(state, path)
+        stalls.append(time.perf_counter() - t)
+
+    t0 = time.perf_counter()
+    writer.save(state, path)
+    writer.wait()
+    whole = time.perf_counter() - t0
+    benchmark.pedantic(save, setup=after_the_last_write, rounds=CFG["rounds"], warmup_rounds=0)
+    writer.wait()
+    stall = statistics.median(stalls)
+    RESULTS["checkpoint"] = (os.path.getsize(path), stall, whole)
+    benchmark.extra_info.update(environment(), bytes=os.path.getsize(path), training_thread_s=stall, whole_write_s=whole)
+
+
 @functools.lru_cache(maxsize=None)
 def flops_per_sample():
     from torch.utils.flop_counter import FlopCounterMode

@@ -1,4 +1,5 @@
 """Faults and bad input, triggered for real: signals, kills, non-finite losses, bad files, failing storage."""
+import collections
 import hashlib
 import os
 import re
@@ -334,6 +335,22 @@ def test_checkpoint_writes_go_on_behind_training_and_report_their_errors(tmp_pat
         writer.save({"w": w}, str(tmp_path / "last.pt"))
     writer.wait()  # raised once
     assert torch.equal(load(tmp_path / "last.pt")["w"], torch.zeros(4))  # the save that raised wrote nothing
+
+
+Pair = collections.namedtuple("Pair", "a b")
+
+
+def test_the_written_snapshot_keeps_the_checkpoint_structure(tmp_path):
+    """save() copies the tensors before the thread serialises them (cpu_copy); dict types and a
+    state_dict's _metadata (module versions, which load_state_dict reads) survive the copy."""
+    sd = T.InversionNet().state_dict()
+    copied = T.cpu_copy({"rng": (1, [torch.ones(2)], Pair(torch.zeros(1), "x"))})["rng"]
+    assert copied[0] == 1 and torch.equal(copied[1][0], torch.ones(2))
+    assert type(copied[2]) is Pair and copied[2].b == "x" and torch.equal(copied[2].a, torch.zeros(1))
+    save_now({"model": sd}, tmp_path / "last.pt")
+    saved = load(tmp_path / "last.pt")["model"]
+    assert type(saved) is type(sd) and saved._metadata == sd._metadata
+    assert saved.keys() == sd.keys() and all(torch.equal(saved[k], v) for k, v in sd.items())
 
 
 def test_a_failed_write_found_on_the_way_out_is_one_more_line_not_a_replacement(tmp_path, capsys):
