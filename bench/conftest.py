@@ -1,6 +1,6 @@
 """Shared fixtures and the end-of-run report of the bench suite.
 
-Sizes: BENCH_SCALE=small (default; 2-core CPU, about 5 minutes) or BENCH_SCALE=gpu (bigger batches,
+Sizes: BENCH_SCALE=small (default; 2-core CPU, about 2.5 minutes) or BENCH_SCALE=gpu (bigger batches,
 more samples, more workers). BENCH_TRACE_DIR: where the profiler trace goes (default a temp dir).
 """
 import os

@@ -1,6 +1,6 @@
 """Where the time goes: each compute variant, the loaders against the --fast step, end to end, a whole run.
 
-    pytest bench --benchmark-only                      # about 5 minutes on a 2-core CPU
+    pytest bench --benchmark-only                      # about 2.5 minutes on a 2-core CPU
     BENCH_SCALE=gpu pytest bench --benchmark-only      # bigger batches and more workers on a GPU machine
     pytest bench --benchmark-only --benchmark-json=bench.json   # every figure also in extra_info
 
