@@ -71,7 +71,7 @@ def report_lines():
     if "checkpoint" in RESULTS:
         size, stall, whole = RESULTS["checkpoint"]
         out.append(f"checkpoint of the model and AdamW state ({size / 1e6:.0f} MB): {stall:.3f} s on the training thread, "
-                   f"{whole:.2f} s in all, the rest beside training")
+                   f"{whole:.2f} s for the whole write timed alone (the rest goes on beside training)")
     whole = RESULTS["whole"]
     if len(whole) == 2:
         out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "

@@ -123,7 +123,8 @@ def test_device_cache_fill(benchmark, random_dataset):
 
 def test_checkpoint_stall(benchmark, tmp_path):
     """Seconds a checkpoint of the model and AdamW's moments takes from the training thread
-    (T.CheckpointWriter.save: a copy on the CPU), against the whole write that goes on beside training."""
+    (T.CheckpointWriter.save: a copy on the CPU), against the whole write (copy, serialise, fsync, rename)
+    timed alone: the part that goes on beside training in a run."""
     run = make_run()
     T.train_step(run, torch.randn(2, 5, 1000, 70, device=DEVICE), torch.rand(2, 1, 70, 70, device=DEVICE))  # the moments
     state = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict()}

@@ -318,14 +318,14 @@ def test_one_serialisation_writes_last_and_best_alike(tmp_path, monkeypatch):
 
 
 def test_checkpoint_writes_go_on_behind_training_and_report_their_errors(tmp_path, monkeypatch):
-    """save() returns once the checkpoint is serialised: later changes to the tensors do not reach the
-    file, the write finishes on its own thread, and a failed write raises at the next save() or wait(),
-    which then starts no write of its own."""
-    gate, real_write = threading.Event(), T.write_atomic
-    monkeypatch.setattr(T, "write_atomic", lambda path, data: gate.wait(30) and real_write(path, data))
+    """save() returns once the checkpoint is copied: later changes to the tensors do not reach the file,
+    it is serialised and written on its own thread, and a failed write raises at the next save() or
+    wait(), which then starts no write of its own."""
+    gate, real_save = threading.Event(), torch.save
+    monkeypatch.setattr(T.torch, "save", lambda obj, f: gate.wait(30) and real_save(obj, f))
     w, writer = torch.zeros(4), T.CheckpointWriter()
     writer.save({"w": w}, str(tmp_path / "last.pt"))
-    w += 1  # the next training step, while the file is still being written
+    w += 1  # the next training step, before the thread has serialised anything
     assert not (tmp_path / "last.pt").exists()
     gate.set()
     writer.wait()
@@ -362,6 +362,18 @@ def test_a_failed_write_found_on_the_way_out_is_one_more_line_not_a_replacement(
     assert capsys.readouterr().err.strip() == (f"train_inversionnet.py: error: cannot write checkpoint "
                                                 f"{tmp_path / 'missing' / 'last.pt'}: No such file or directory")
     writer.close()  # reported once
+
+
+def test_a_checkpoint_that_cannot_be_serialised_is_one_line(tmp_path, monkeypatch, capsys):
+    def no_memory(obj, f):
+        raise MemoryError("cannot allocate 293 MB")
+    monkeypatch.setattr(T.torch, "save", no_memory)
+    writer = T.CheckpointWriter()
+    writer.save({"w": torch.zeros(2)}, str(tmp_path / "last.pt"), str(tmp_path / "best.pt"))
+    writer.close()
+    assert capsys.readouterr().err.strip() == (f"train_inversionnet.py: error: cannot serialise checkpoint "
+                                                f"{tmp_path / 'last.pt'}: MemoryError: cannot allocate 293 MB")
+    assert not list(tmp_path.iterdir())
 
 
 def test_interrupt_inside_a_checkpoint_write_is_an_interrupt_not_a_storage_error(tmp_path, monkeypatch):
