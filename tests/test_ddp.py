@@ -43,7 +43,7 @@ def test_ddp_ranks_agree_and_first_update_matches_mean_gradient(tmp_path):
         if name.endswith("layers.0.bias"):
             continue
         live = mean_grads[name].abs() > 1e-6
-        torch.testing.assert_close(p.detach()[live], ddp_p[live], rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(p.detach()[live], ddp_p[live], rtol=0, atol=2e-5, msg=lambda m: f"{name}: {m}")
         compared += int(live.sum())
         total += p.numel()
     assert compared > 0.7 * total  # about 76% of all weights carry gradients above 1e-6 here
