@@ -38,6 +38,7 @@ Velocity families (70 x 70 cells, 1500-4500 m/s), each drawn from a numpy Genera
   up or down.
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -616,6 +617,27 @@ def generate_file(args, i, device, progress=lambda k: None):
     return data, vel[:, None]
 
 
+def make_files(args, todo, device, progress):
+    """Simulate the files numbered in TODO, each written (fsync, rename) on a background thread while the
+    next one is simulated: a file of 100 samples is 140 MB. One write in flight, so memory holds two
+    files at most; a failed write raises here, at the next file. Leaving early, by an error or Ctrl-C,
+    first finishes the write under way, so every file is whole or absent."""
+    def write(i, data, model):
+        data_path, model_path = pair_paths(args.out, i)
+        save_npy_atomic(model_path, model)
+        save_npy_atomic(data_path, data)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="npy-writer") as writer:
+        pending = None
+        for i in todo:
+            data, model = generate_file(args, i, device, progress)
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write, i, data, model)
+        if pending is not None:
+            pending.result()
+
+
 def main(args):
     check_args(args)
     device = resolve_device(args.device)
@@ -636,11 +658,7 @@ def main(args):
           f"{n - len(todo)} complete, {len(todo)} to make")
     t0 = time.time()
     bar = tqdm(total=len(todo) * N, unit="sample", disable=not args.progress or not todo, dynamic_ncols=True)
-    for i in todo:
-        data, model = generate_file(args, i, device, bar.update)
-        data_path, model_path = pair_paths(args.out, i)
-        save_npy_atomic(model_path, model)
-        save_npy_atomic(data_path, data)
+    make_files(args, todo, device, bar.update)
     bar.close()
     if todo:
         rate = len(todo) * N / max(time.time() - t0, 1e-9)

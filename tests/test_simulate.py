@@ -1,10 +1,12 @@
 """Physics and file behaviour of simulate_openfwi.py, checked against independent expectations."""
 import contextlib
+import errno
 import importlib.util
 import io
 import json
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -217,6 +219,60 @@ def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
     assert meta["data_min"] == pytest.approx(float(every.min())) and meta["data_max"] == pytest.approx(float(every.max()))
     assert meta["label_min"] == 1500 and meta["label_max"] == 4500 and meta["nt"] == 1000
     assert not list(a.rglob("*.tmp-*"))
+
+
+def fake_generation(monkeypatch, simulated):
+    """generate_file replaced by constant arrays (file i holds i), recording which files were simulated:
+    these tests are about files, not physics."""
+    def generate(args, i, device, progress=lambda k: None):
+        simulated.append(i)
+        n = args.samples_per_file
+        return np.full((n, 5, 1000, 70), i, np.float32), np.full((n, 1, 70, 70), 1500.0 + i, np.float32)
+    monkeypatch.setattr(so, "generate_file", generate)
+
+
+def test_cli_writes_each_file_while_simulating_the_next(tmp_path, monkeypatch):
+    simulated, overlapped, real_save = [], [], so.save_npy_atomic
+    fake_generation(monkeypatch, simulated)
+
+    def save(path, array):
+        if os.path.basename(path) == "data1.npy":  # held until file 2's simulation has begun
+            overlapped.append(any(i == 2 for i in simulated) or wait_for(lambda: 2 in simulated, 10))
+        real_save(path, array)
+    monkeypatch.setattr(so, "save_npy_atomic", save)
+    code, _, err = run_cli("--out", tmp_path, "--files", "3", "--samples-per-file", "2")
+    assert code == 0, err
+    assert overlapped == [True] and simulated == [1, 2, 3]
+    for i in (1, 2, 3):
+        assert np.all(np.load(tmp_path / "data" / f"data{i}.npy") == i)
+        assert np.all(np.load(tmp_path / "model" / f"model{i}.npy") == 1500 + i)
+
+
+def test_cli_failed_write_is_one_line_and_stops_at_the_next_file(tmp_path, monkeypatch):
+    simulated, real_save = [], so.save_npy_atomic
+    fake_generation(monkeypatch, simulated)
+
+    def save(path, array):
+        if os.path.basename(path) == "data1.npy":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, array)
+    monkeypatch.setattr(so, "save_npy_atomic", save)
+    code, _, err = run_cli("--out", tmp_path, "--files", "3", "--samples-per-file", "2")
+    assert code == 2 and err == f"simulate_openfwi.py: error: {tmp_path / 'data' / 'data1.npy'}: No space left on device\n"
+    assert simulated == [1, 2]  # the error surfaces once file 2 is simulated, before file 2 is written
+    assert sorted(p.name for p in tmp_path.rglob("*.npy")) == ["model1.npy"]
+    monkeypatch.setattr(so, "save_npy_atomic", real_save)  # space freed: the same command completes the set
+    code, out, err = run_cli("--out", tmp_path, "--files", "3", "--samples-per-file", "2")
+    assert code == 0 and "0 complete, 3 to make" in out, err
+
+
+def wait_for(cond, seconds):
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_cli_resumes_interrupted_generation(tmp_path):
