@@ -2,6 +2,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -56,3 +57,13 @@ def run_script(script, *args, timeout=600, **kw):
         p.kill()
         raise
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def wait_until(cond, seconds):
+    """Poll COND until it holds (True) or SECONDS pass (False): for work that finishes on another thread."""
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN, run_script, start, write_ids_dataset, write_split_list
+from helpers import ROOT, TRAIN, run_script, start, wait_until, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a", "--device", "cpu"]
@@ -56,10 +56,7 @@ def load(path):
 
 def wait_for_file(path, timeout=120):
     """Until PATH exists: checkpoints are written on a background thread, shortly after the epoch's line."""
-    t0 = time.time()
-    while not os.path.exists(path):
-        assert time.time() - t0 < timeout, f"{path} was not written"
-        time.sleep(0.05)
+    assert wait_until(lambda: os.path.exists(path), timeout), f"{path} was not written"
 
 
 def assert_same_weights(a, b):

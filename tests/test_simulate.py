@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import time
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import simulate_openfwi as so
-from helpers import SIMULATE, run_script
+from helpers import SIMULATE, run_script, wait_until
 
 
 def run_cli(*args):
@@ -237,7 +236,7 @@ def test_cli_writes_each_file_while_simulating_the_next(tmp_path, monkeypatch):
 
     def save(path, array):
         if os.path.basename(path) == "data1.npy":  # held until file 2's simulation has begun
-            overlapped.append(any(i == 2 for i in simulated) or wait_for(lambda: 2 in simulated, 10))
+            overlapped.append(wait_until(lambda: 2 in simulated, 10))
         real_save(path, array)
     monkeypatch.setattr(so, "save_npy_atomic", save)
     code, _, err = run_cli("--out", tmp_path, "--files", "3", "--samples-per-file", "2")
@@ -264,15 +263,6 @@ def test_cli_failed_write_is_one_line_and_stops_at_the_next_file(tmp_path, monke
     monkeypatch.setattr(so, "save_npy_atomic", real_save)  # space freed: the same command completes the set
     code, out, err = run_cli("--out", tmp_path, "--files", "3", "--samples-per-file", "2")
     assert code == 0 and "0 complete, 3 to make" in out, err
-
-
-def wait_for(cond, seconds):
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_cli_resumes_interrupted_generation(tmp_path):
