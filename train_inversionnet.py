@@ -520,17 +520,17 @@ class CheckpointWriter:
     def save(self, obj, *paths):
         self.wait()
         snapshot = cpu_copy(obj)  # the next training step changes the weights and AdamW's moments in place
-        self._thread = threading.Thread(target=self._write, args=(snapshot, paths), name="checkpoint-writer")
+        # in a list that _write empties: the Thread keeps its args until it ends, which would hold the copy
+        self._thread = threading.Thread(target=self._write, args=([snapshot], paths), name="checkpoint-writer")
         self._thread.start()
 
-    def _write(self, snapshot, paths):
+    def _write(self, box, paths):
         try:
             buf = io.BytesIO()
-            try:
-                torch.save(snapshot, buf)
+            try:  # popped: once serialised the copy is freed, not held beside buf while the file is written
+                torch.save(box.pop(), buf)
             except Exception as e:  # e.g. MemoryError: one line through wait() or close(), as a failed write
                 raise InputError(f"cannot serialise checkpoint {paths[0]}: {type(e).__name__}: {e}") from None
-            del snapshot  # the tensors now live in buf: do not hold them twice while the file is written
             data = buf.getbuffer()
             for path in paths:
                 try:

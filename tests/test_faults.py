@@ -1,5 +1,6 @@
 """Faults and bad input, triggered for real: signals, kills, non-finite losses, bad files, failing storage."""
 import collections
+import gc
 import hashlib
 import os
 import re
@@ -359,6 +360,19 @@ def test_a_failed_write_found_on_the_way_out_is_one_more_line_not_a_replacement(
     assert capsys.readouterr().err.strip() == (f"train_inversionnet.py: error: cannot write checkpoint "
                                                 f"{tmp_path / 'missing' / 'last.pt'}: No such file or directory")
     writer.close()  # reported once
+
+
+def test_the_copy_is_freed_once_serialised(tmp_path, monkeypatch):
+    """While the file is written only the serialised bytes are held, not the CPU copy beside them."""
+    alive, real_write, n = [], T.write_atomic, 123457
+    def write(path, data):
+        gc.collect()
+        alive.append(sum(isinstance(o, torch.Tensor) and o.numel() == n for o in gc.get_objects()))
+        real_write(path, data)
+    monkeypatch.setattr(T, "write_atomic", write)
+    w = torch.zeros(n)
+    save_now({"w": w}, tmp_path / "last.pt")
+    assert alive == [1]  # w itself
 
 
 def test_a_checkpoint_that_cannot_be_serialised_is_one_line(tmp_path, monkeypatch, capsys):
