@@ -27,8 +27,10 @@ USAGE
 }
 
 install() {
-  # torch first and pinned: an unpinned torch on a CPU-only machine pulls GBs of CUDA packages
-  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+  # torch first and pinned: an unpinned torch on a CPU-only machine pulls GBs of CUDA packages. A torch
+  # before 2.3 lacks torch.amp.GradScaler, which the trainer uses, so it is replaced by the pinned one too
+  "$PY" -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 3))" 2>/dev/null \
+    || "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
   "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
 }
 
@@ -39,19 +41,21 @@ if [[ "${1:-}" == "test" ]]; then
   exec "$PY" -m pytest tests bench --benchmark-disable -p no:cacheprovider "$@"
 fi
 
+need() { (( $2 >= 2 )) || { echo "run.sh: error: $1 needs a value (see bash run.sh --help)" >&2; exit 2; }; }
 profile=auto family=flatvel data="" run="" sim_args="" train_args="" eval_args=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     -h|--help) usage; exit 0 ;;
-    --profile) profile=${2:?--profile needs a value}; shift 2 ;;
-    --family) family=${2:?--family needs a value}; shift 2 ;;
-    --data) data=${2:?--data needs a value}; shift 2 ;;
-    --run) run=${2:?--run needs a value}; shift 2 ;;
-    --sim-args) sim_args=${2-}; shift 2 ;;
-    --train-args) train_args=${2-}; shift 2 ;;
-    --eval-args) eval_args=${2-}; shift 2 ;;
+    --profile) need "$1" $#; profile=$2 ;;
+    --family) need "$1" $#; family=$2 ;;
+    --data) need "$1" $#; data=$2 ;;
+    --run) need "$1" $#; run=$2 ;;
+    --sim-args) need "$1" $#; sim_args=$2 ;;
+    --train-args) need "$1" $#; train_args=$2 ;;
+    --eval-args) need "$1" $#; eval_args=$2 ;;
     *) echo "run.sh: error: unknown option $1 (see bash run.sh --help)" >&2; exit 2 ;;
   esac
+  shift 2
 done
 case "$profile" in auto|cpu|gpu) ;; *) echo "run.sh: error: --profile must be auto, cpu or gpu, got $profile" >&2; exit 2 ;; esac
 
@@ -81,15 +85,15 @@ step "1/3 simulate ($family, profile $profile) -> $data"
 "$PY" simulate_openfwi.py --family "$family" --out "$data" "${sim[@]}" $sim_args \
   || { echo "run.sh: simulation failed" >&2; exit 1; }
 step "2/3 train -> $run"
-resume=()
-[[ -f "$run/last.pt" ]] && resume=(--resume auto)
 rc=0
-# Ctrl-C (SIGINT) or a SIGTERM to the whole process group (timeout, docker stop, a batch scheduler) reaches the
-# trainer too, which saves last.pt and exits 130 / 143; the trap keeps this shell alive to say how to go on
+# --resume auto continues the run in $run if there is one and starts a new one otherwise, so the same command
+# goes on after any stop, even a kill before the first checkpoint. Ctrl-C (SIGINT) or a SIGTERM to the whole
+# process group (timeout, docker stop, a batch scheduler) reaches the trainer too, which saves last.pt and exits
+# 130 / 143; the trap keeps this shell alive to say how to go on
 trap : TERM
 # shellcheck disable=SC2086
 "$PY" train_inversionnet.py --train-list "$data/train.txt" --val-list "$data/val.txt" \
-  --output-dir "$run" "${train[@]}" "${resume[@]}" $train_args || rc=$?
+  --output-dir "$run" "${train[@]}" --resume auto $train_args || rc=$?
 trap - TERM
 if (( rc == 130 || rc == 143 )); then
   [[ -f "$run/last.pt" ]] && hint="; the same bash run.sh command continues it from $run/last.pt" || hint=""

@@ -30,6 +30,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -222,39 +223,49 @@ def parse_args(argv=None):
     return get_args_parser().parse_args(config_argv(args.config) + argv) if args.config else args
 
 
+POSITIVE = ("epochs", "batch_size", "val_batch_size", "log_every", "prefetch_factor", "max_steps", "lr_step_size", "lr_gamma")
+NON_NEGATIVE = ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_warmup_epochs", "precise_bn", "seed",
+                "lambda_l1", "lambda_l2")
+
+
 def check_args(args):
     """Validate and resolve arguments right after parsing (the speed flags wait for the device: resolve_speed);
-    raises InputError."""
-    for name in ("epochs", "batch_size", "log_every", "prefetch_factor"):
-        if getattr(args, name) <= 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    raises InputError naming the flag. NaN fails every range test below, so it is refused too."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+    for name in POSITIVE:
+        value = getattr(args, name)
+        if value is not None and not 0 < value < math.inf:  # None: not given
+            raise InputError(f"{flag(name)} must be positive, got {value}")
+    for name in NON_NEGATIVE:
+        if not 0 <= getattr(args, name) < math.inf:
+            raise InputError(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
     if args.batch_size == 1:
         raise InputError("--batch-size must be at least 2: BatchNorm cannot train on one sample")
-    for name in ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_warmup_epochs"):
-        if getattr(args, name) < 0:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.precise_bn < 0:
-        raise InputError(f"--precise-bn must be >= 0, got {args.precise_bn}")
-    if args.max_steps is not None and args.max_steps <= 0:
-        raise InputError(f"--max-steps must be positive, got {args.max_steps}")
     if args.val_batch_size is None:
         args.val_batch_size = args.batch_size
     if not 0 < args.lr <= 10:  # beyond 10, Adam's first step overflows float32 long before it means anything
         raise InputError(f"--lr must be in (0, 10], got {args.lr}")
+    if not all(0 <= b < 1 for b in args.betas):
+        raise InputError(f"--betas must both be in [0, 1), got {' '.join(map(str, args.betas))}")
+    if not all(0 <= m < math.inf for m in args.lr_milestones):
+        raise InputError(f"--lr-milestones must be epochs >= 0, got {' '.join(map(str, args.lr_milestones))}")
     if not 0 < args.train_size < 1:
         raise InputError(f"--train-size must be in (0, 1), got {args.train_size}")
-    if args.lambda_l1 < 0 or args.lambda_l2 < 0 or args.lambda_l1 + args.lambda_l2 == 0:
-        raise InputError("--lambda-l1 and --lambda-l2 must be >= 0 and not both 0")
+    if args.lambda_l1 + args.lambda_l2 == 0:
+        raise InputError("--lambda-l1 and --lambda-l2 must not both be 0")
     if args.val_list and not args.train_list:
         raise InputError("--val-list needs --train-list")
     if args.train_list and not args.val_list and args.val_every:
         raise InputError("--train-list needs --val-list (or --val-every 0 to train without validation)")
-    for flag in ("train_list", "val_list", "stats", "init_from", "config"):
-        path = getattr(args, flag)
+    for name in ("train_list", "val_list", "stats", "init_from"):  # parse_args has read --config already
+        path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
-            raise InputError(f"--{flag.replace('_', '-')} {path}: no such file")
+            raise InputError(f"{flag(name)} {path}: no such file")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise InputError(f"--resume {args.resume}: no such file")
+    if args.overwrite and args.resume == "auto":
+        raise InputError("--overwrite replaces the run in --output-dir and --resume auto continues it: give one of them")
     if args.deterministic:
         args.cudnn_benchmark = False
     return args
@@ -264,6 +275,10 @@ def check_args(args):
 
 def setup_distributed(parallel="auto", device="auto"):
     """Init the process group when launched by torchrun; returns (rank, world, local_rank)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and parallel in ("none", "dp"):  # each process would train alone into the same --output-dir
+        raise InputError(f"--parallel {parallel} under torchrun would start {launched} separate runs writing to one "
+                         f"--output-dir: use --parallel ddp (or auto), or launch with python")
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) >= 1 and parallel in ("auto", "ddp"):
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
@@ -1625,13 +1640,19 @@ def save_checkpoint(run, args, writer, *names):
 
 
 def check_resumable(ckpt, path, args, split):
-    """Refuse a resume whose position inside the epoch would mean something else."""
+    """Refuse a resume that would mean something other than the flags say, naming what changed: the
+    position inside the epoch depends on the batch size and loader, and the optimizer state it restores
+    carries the optimizer's own settings."""
+    def shown(v):
+        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     saved = ckpt.get("args", {})
-    for key in ("batch_size", "loader"):
-        if key in saved and saved[key] != getattr(args, key):
+    for key in ("batch_size", "loader", "optimizer", "lr", "weight_decay", "betas"):
+        if key in saved and shown(saved[key]) != shown(getattr(args, key)):
             flag = "--" + key.replace("_", "-")
-            raise InputError(f"{flag} {getattr(args, key)} differs from the {saved[key]} that {path} was trained with: the "
-                             f"position inside the epoch would mean something else; resume with {flag} {saved[key]} or start a new run")
+            why = "the position inside the epoch" if key in ("batch_size", "loader") else "the optimizer state"
+            raise InputError(f"{flag} {shown(getattr(args, key))} differs from the {shown(saved[key])} that {path} was "
+                             f"trained with: {why} would mean something else; resume with {flag} {shown(saved[key])} "
+                             f"or start a new run")
     if "split" in ckpt and ckpt["split"] != split:
         was, now = ckpt["split"], split
         raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
@@ -1647,12 +1668,16 @@ def restore(run, args, rank, iters_per_epoch):
     if not path or not os.path.isfile(path):
         return f"--resume auto: no {path} yet, starting a new run" if args.resume == "auto" else None
     ckpt = load_weights(run.raw_model, path)
-    if not isinstance(ckpt, dict) or "optimizer" not in ckpt:
-        raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for weights)")
+    required = ("optimizer", "scheduler", "scaler", "epoch", "step", "best_loss")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required) or not isinstance(ckpt.get("args", {}), dict):
+        raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
     check_resumable(ckpt, path, args, run.meta["split"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scheduler.load_state_dict(ckpt["scheduler"])
-    run.scaler.load_state_dict(ckpt["scaler"])
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
     run.step, run.best_loss = ckpt["step"], ckpt["best_loss"]
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     if ckpt.get("rng") and rank == 0:
@@ -1672,16 +1697,33 @@ def restore(run, args, rank, iters_per_epoch):
 
 # ---- main ----
 
+RUN_FILES = ("last.pt", "best.pt", "args.json", "provenance.json", "train.log", "tb")  # what a run writes
+
+
 def prepare_output_dir(args, rank):
-    """Refuse to write into an existing run unless resuming or told to overwrite."""
+    """Refuse to write into an existing run unless continuing it (--resume auto, or --resume with one of its
+    own checkpoints) or told to replace it (--overwrite: its files go first, so nothing of it mixes in)."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--output-dir {out} exists and is not a directory")
     has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("args.json", "last.pt", "best.pt"))
-    if has_run and args.resume is None and not args.overwrite:
-        raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it or --overwrite to replace it")
+    in_out = args.resume not in (None, "auto") and os.path.isdir(out) and os.path.samefile(
+        os.path.dirname(os.path.abspath(args.resume)), out)  # one of this run's own checkpoints
+    if has_run and not (args.resume == "auto" or in_out or args.overwrite):
+        raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite to "
+                         f"replace it, or choose another --output-dir")
+    if args.overwrite and in_out:
+        raise InputError(f"--overwrite would delete the run that --resume {args.resume} continues: give one of them")
     if rank != 0:
         return
+    if has_run and args.overwrite:
+        for name in RUN_FILES:
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+        print0(f"--overwrite: removed the previous run's {', '.join(RUN_FILES)} from {out}")
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}")  # fail now, not at the first checkpoint
@@ -1700,6 +1742,9 @@ def check_device_args(args, device):
         raise InputError("--parallel dp needs CUDA devices")
     if args.sync_bn and device.type != "cuda":
         raise InputError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
+    if args.sync_bn and not dist.is_initialized():  # only the DDP wrapping converts the BatchNorms
+        raise InputError("--sync-bn works under DDP only: launch with torchrun --nproc_per_node=N (or pass "
+                         "--parallel ddp), or leave it out")
 
 
 def load_splits(args, world):
@@ -1824,7 +1869,7 @@ def describe_data(data, train_loader, args, stats_from):
 
 def main(args, argv=()):
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.resume is None:
-        args.resume = "auto"  # torchrun --max-restarts: a restarted group continues the run it was part of
+        args.resume, args.overwrite = "auto", False  # torchrun --max-restarts: a restarted group continues its run
     rank, world, local = setup_distributed(args.parallel, args.device)
     device = resolve_device(args.device, local)
     check_device_args(args, device)

@@ -461,6 +461,9 @@ def short_run(tmp_path_factory, ids_data):
     (["--batch-size", "4"], "--batch-size 4 differs from the 2 that"),
     (["--loader", "gpu"], "--loader gpu differs from the map that"),
     (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one"),
+    (["--lr", "3e-4"], "--lr 0.0003 differs from the 0.001 that"),  # the restored optimizer state would keep 1e-3
+    (["--betas", "0.8", "0.999"], "--betas 0.8 0.999 differs from the 0.9 0.999 that"),
+    (["--optimizer", "adam"], "--optimizer adam differs from the adamw that"),
 ])
 def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path, capsys, change, needle):
     root, lists = ids_data
@@ -474,6 +477,66 @@ def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path
     err = capsys.readouterr().err
     assert needle in err and "start a new run" in err and err.count("\n") == 1, err
     assert (short_run / "last.pt").read_bytes() == before
+
+
+def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys):
+    """OpenFWI's training checkpoints (args as a Namespace, 'lr_scheduler') and bare weight files hold no state
+    this script can continue from: one line pointing at --init-from, no traceback."""
+    _, lists = ids_data
+    model = T.InversionNet().state_dict()
+    for name, ckpt in (("openfwi.pth", {"model": model, "optimizer": {}, "lr_scheduler": {}, "epoch": 3, "step": 9,
+                                        "args": __import__("argparse").Namespace(lr=1e-4)}),
+                       ("weights.pth", {"model": model, "optimizer": {}})):
+        torch.save(ckpt, tmp_path / name)
+        argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--resume", str(tmp_path / name), "--output-dir", str(tmp_path / name[:-4])]
+        assert T.cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err == f"train_inversionnet.py: error: {tmp_path / name}: not a training checkpoint of this script (use --init-from for its weights)\n"
+
+
+def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_path, capsys):
+    """--overwrite replaces a run whole: its best.pt, log and TensorBoard events go, so nothing of it can be
+    mistaken for the new run's; files that are not the run's stay."""
+    _, lists = ids_data
+    out = tmp_path / "run"
+    (out / "tb").mkdir(parents=True)
+    for name in ("best.pt", "last.pt", "args.json", "train.log", "tb/events.out.tfevents.old", "notes.txt"):
+        (out / name).write_text("old run")
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--val-every", "0", "--no-tensorboard",
+                  "--output-dir", str(out), "--overwrite"]) == 0
+    assert "--overwrite: removed the previous run's" in capsys.readouterr().out
+    assert not (out / "tb").exists() and "old run" not in (out / "train.log").read_text()
+    assert not (out / "best.pt").exists()  # the old run's best is not passed off as this one's
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 1
+    assert json.loads((out / "args.json").read_text())["overwrite"] is True
+    assert (out / "notes.txt").read_text() == "old run"
+
+
+def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
+    """--resume PATH continues in --output-dir: into a directory holding another run only with --overwrite, and
+    --overwrite never deletes the checkpoint it is asked to resume."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "last.pt").write_bytes(d.name.encode())
+    common = ["--data-root", str(tmp_path / "never-read"), "--epochs", "1"]
+    assert T.cli([*common, "--resume", str(a / "last.pt"), "--output-dir", str(b)]) == 2
+    assert f"--output-dir {b} already holds a run" in capsys.readouterr().err
+    assert T.cli([*common, "--resume", str(b / "last.pt"), "--output-dir", str(b), "--overwrite"]) == 2
+    assert f"--overwrite would delete the run that --resume {b / 'last.pt'} continues" in capsys.readouterr().err
+    assert (a / "last.pt").read_bytes() == b"a" and (b / "last.pt").read_bytes() == b"b"
+
+
+def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
+    """--parallel none/dp under a multi-process torchrun would make N separate runs share one directory, and
+    --sync-bn means nothing outside DDP (it is checked against a CUDA device without needing one)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert T.cli(["--parallel", "none", "--output-dir", "never-made"]) == 2
+    assert capsys.readouterr().err == ("train_inversionnet.py: error: --parallel none under torchrun would start 2 separate "
+                                       "runs writing to one --output-dir: use --parallel ddp (or auto), or launch with python\n")
+    with pytest.raises(T.InputError, match="--sync-bn works under DDP only"):
+        T.check_device_args(small_args(sync_bn=True), torch.device("cuda"))
 
 
 def test_batch_size_one_is_refused(capsys):
