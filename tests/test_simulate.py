@@ -77,7 +77,9 @@ def test_reflection_arrives_at_two_way_time():
     assert abs(t_reflection - expected) < 6  # 2-D line-source pulses peak a few ms late
 
 
-def test_boundary_reflections_below_one_percent():
+def test_boundary_reflections_below_a_tenth_of_a_percent():
+    """The 12-cell C-PML against a grid so large that its edges are never reached: 0.037 % relative L2 when
+    measured; the bar sits at 0.1 %, and a 1-cell PML must miss it."""
     v = torch.full((1, 70, 70), 2000.0)
     v[:, 40:] = 3500.0
     pad = 150  # far enough that nothing comes back from its edges within 1 s
@@ -85,9 +87,9 @@ def test_boundary_reflections_below_one_percent():
     ref = so.simulate(big, src_cols=(pad + 17,), src_row=pad + 1, rec_row=pad + 1)[..., pad:pad + 70]
     ours = so.simulate(v, src_cols=(17,))
     err = ((ours - ref).norm() / ref.norm()).item()
-    assert err < 0.01
+    assert err < 1e-3, err
     thin = so.simulate(v, src_cols=(17,), pml_width=1)  # no real absorber: must fail the same bar
-    assert ((thin - ref).norm() / ref.norm()).item() > 0.01
+    assert ((thin - ref).norm() / ref.norm()).item() > 1e-3
 
 
 def test_stable_at_max_velocity():
@@ -285,10 +287,14 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     (["--files", "0"], "--files must be positive"),
     (["--samples-per-file", "-3"], "--samples-per-file must be positive"),
     (["--files", "2", "--val-files", "2"], "--val-files"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    pytest.param(["--device", "cuda"], "--device cuda requested but CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
 def test_cli_bad_arguments(tmp_path, args, needle):
     code, _, err = run_cli("--out", tmp_path / "o", *args)
     assert code == 2 and needle in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()  # a run that cannot start leaves nothing behind
 
 
 def test_cli_out_is_a_file(tmp_path):
@@ -303,7 +309,7 @@ def test_cli_out_cannot_be_created(tmp_path):
     blocker = tmp_path / "afile"
     blocker.write_text("x")  # a directory cannot be made under a file, even by root
     code, _, err = run_cli("--out", blocker / "sub", "--files", "1", "--samples-per-file", "1")
-    assert code == 2 and "cannot create" in err and str(blocker / "sub") in err
+    assert code == 2 and "cannot write into --out" in err and str(blocker / "sub") in err
 
 
 def test_cli_never_replaces_other_data(tmp_path):
@@ -324,6 +330,18 @@ def test_cli_never_replaces_other_data(tmp_path):
     assert code == 2 and "did not make (no simulate.json)" in err
     assert (foreign / "data" / "data1.npy").read_bytes() == theirs and not (foreign / "model" / "model1.npy").exists()
     assert (foreign / "data" / "data2.npy.tmp-7").read_bytes() == b"theirs too"
+
+
+def test_cli_never_replaces_split_lists_or_stats_it_did_not_write(tmp_path):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    for name in ("train.txt", "val.txt", "dataset.json"):
+        (out / name).write_text(f"their {name}")
+    code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "1")
+    assert code == 2 and err.strip() == (f"simulate_openfwi.py: error: --out {out} already holds train.txt, val.txt, "
+                                         "dataset.json that simulate_openfwi.py did not make (no simulate.json); choose another --out")
+    assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train.txt", "val.txt"]
+    assert all((out / n).read_text() == f"their {n}" for n in ("train.txt", "val.txt", "dataset.json"))
 
 
 @pytest.mark.skipif(so.triton is not None, reason="triton is installed here")

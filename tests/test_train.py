@@ -512,6 +512,19 @@ def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_
     assert (out / "notes.txt").read_text() == "old run"
 
 
+def test_resume_auto_starts_over_after_a_kill_before_the_first_checkpoint(ids_data, tmp_path, capsys):
+    """What a kill during the first epoch leaves (args.json and a log, no last.pt) does not block the command
+    that run.sh repeats: --resume auto starts the run again."""
+    _, lists = ids_data
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "args.json").write_text("{}")
+    (out / "train.log").write_text("killed\n")
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--output-dir", str(out), "--resume", "auto"]) == 0
+    assert f"--resume auto: no {out / 'last.pt'} yet, starting a new run" in capsys.readouterr().out
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 1
+
+
 def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
     """--resume PATH continues in --output-dir: into a directory holding another run only with --overwrite, and
     --overwrite never deletes the checkpoint it is asked to resume."""
