@@ -44,7 +44,8 @@ def get_args_parser():
     p.add_argument("--data-root", default=None, help="OpenFWI layout; the val split is made as in training (default: from the checkpoint)")
     p.add_argument("--val-list", default=None, help="OpenFWI split file to evaluate instead")
     p.add_argument("--split", default="val", choices=["val", "train"], help="which split of --data-root to evaluate")
-    p.add_argument("--dataset", default=None, choices=sorted(T.DATASETS), help="normalisation constants (needed for OpenFWI checkpoints)")
+    p.add_argument("--dataset", default=None, choices=sorted(T.DATASETS),
+                   help="the OpenFWI set: its normalisation constants (unless --stats; needed for OpenFWI checkpoints) and paper row")
     p.add_argument("--stats", default=None, help="normalisation JSON (as written by simulate_openfwi.py)")
     p.add_argument("--predict", default=None,
                    help="a .npy of shot gathers (N, 5, 1000, 70), or a directory of them: writes OUTPUT_DIR/<stem>_velocity.npy "
@@ -75,14 +76,17 @@ def check_cli(cli):
     for flag, value in (("--noise-std", cli.noise_std), ("--vis", cli.vis), ("--num-workers", cli.num_workers)):
         if value < 0:
             raise T.InputError(f"{flag} must be >= 0, got {value}")
+    if cli.seed < 0:  # numpy's seed streams take non-negative integers only
+        raise T.InputError(f"--seed must be >= 0, got {cli.seed}")
     if not 0 <= cli.missing_traces <= 70:
         raise T.InputError(f"--missing-traces must be in [0, 70], got {cli.missing_traces}")
     if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
         raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
     if cli.predict and cli.export:
         raise T.InputError("--predict and --export are separate jobs: give one of them")
-    if not os.path.isfile(cli.checkpoint):
-        raise T.InputError(f"--checkpoint {cli.checkpoint}: no such file")
+    for flag, path in (("--checkpoint", cli.checkpoint), ("--val-list", cli.val_list), ("--stats", cli.stats)):
+        if path is not None and not os.path.isfile(path):
+            raise T.InputError(f"{flag} {path}: no such file")
 
 
 # ---- robustness perturbations ----
@@ -109,21 +113,26 @@ class Perturb:
 
 # ---- checkpoint, normalisation and split ----
 
+def saved_args(ckpt):
+    """The training arguments our checkpoint saved (a dict); None for an OpenFWI one."""
+    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    return saved if isinstance(saved, dict) else None
+
+
 def train_args_from(ckpt, cli):
     """The training arguments saved in our checkpoint (a Namespace), or defaults for an OpenFWI one."""
     base = T.get_args_parser().parse_args([])
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
-    if isinstance(saved, dict):
-        for k, v in saved.items():
-            setattr(base, k, v)
+    saved = saved_args(ckpt)
+    for k, v in (saved or {}).items():
+        setattr(base, k, v)
     for k in ("dataset", "stats"):
         if getattr(cli, k) is not None:
             setattr(base, k, getattr(cli, k))
-    if cli.dataset is not None:
+    if cli.dataset is not None and cli.stats is None:  # named here, it replaces the run's stats file; --stats wins, as in training
         base.stats = None
     if cli.data_root is not None:
         base.data_root, base.train_list = cli.data_root, None
-    return base, isinstance(saved, dict)
+    return base, saved is not None
 
 
 def load_model(cli, device):
@@ -152,10 +161,17 @@ def forward_settings(cli, model, device, targs):
     return T.AMP_DTYPES[(targs.amp or "off") if cli.amp == "auto" else cli.amp], channels_last
 
 
-def evaluation_pairs(cli, targs):
-    """The pairs to evaluate and the training pairs (for the mean-map baseline; None with --val-list)."""
+def evaluation_pairs(cli, targs, ours):
+    """The pairs to evaluate, and the training pairs whose mean velocity map is the trivial baseline (None
+    where no training split is known: an OpenFWI checkpoint with --val-list, or one whose files are gone)."""
     if cli.val_list:
         pairs, train = T.read_split_list(cli.val_list), None
+        if ours:
+            try:
+                train = T.splits(targs)[0]
+                T.inspect_pairs(train)
+            except T.InputError:
+                train = None
     else:
         train, val = T.splits(targs)
         pairs = val if cli.split == "val" else train
@@ -165,7 +181,7 @@ def evaluation_pairs(cli, targs):
 
 
 def baseline_sums(train_pairs, pairs, normalizer):
-    """Metric sums of the trivial baseline, the mean training velocity map, on the evaluated labels.
+    """Metric sums of the trivial baseline, the mean velocity map of TRAIN_PAIRS, on the evaluated labels.
     Labels only: no shot gather is read."""
     total, n = 0.0, 0
     for _, lpath in train_pairs:
@@ -195,31 +211,51 @@ def gather_rows(per_sample, rank, world, scale):
 
 # ---- results ----
 
+def paper_reference(cli, targs):
+    """The paper's row for the data: the OpenFWI set named by --dataset (here or in training), else the A row of
+    the family that a simulated set's dataset.json names (indicative only: that data comes from
+    simulate_openfwi.py, not OpenFWI's generator); None when neither says."""
+    name, source = cli.dataset or targs.dataset, "OpenFWI"
+    if name is None:
+        try:
+            with open(T.stats_path(targs)) as fh:
+                name, source = f"{json.load(fh)['family']}-a", "simulate_openfwi.py (indicative)"
+        except (TypeError, OSError, ValueError, KeyError):
+            return None
+    if name not in PAPER:
+        return None
+    return dict(zip(("dataset", "mae", "rmse", "ssim"), (name, *PAPER[name])), data=source)
+
+
 def result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base):
     scale = (normalizer.label_max - normalizer.label_min) / 2
     m = {k: metrics[k] for k in ("mae", "mse", "rmse", "ssim", "count")}
     for d in (m, base):
         d["mae_ms"], d["rmse_ms"] = d["mae"] * scale, d["rmse"] * scale  # the map is linear in velocity
-    family = cli.dataset or getattr(targs, "dataset", None) or "flatvel-a"
     return {"checkpoint": os.path.abspath(cli.checkpoint), "samples": m["count"], "files": len(pairs),
             "split": "list" if cli.val_list else cli.split,
             "normalization": normalizer.as_dict(), "normalization_from": stats_from,
             "perturbation": {"noise_std": cli.noise_std, "missing_traces": cli.missing_traces, "seed": cli.seed},
-            "model": m, "baseline_mean_map": base,
-            "paper_reference": dict(zip(("dataset", "mae", "rmse", "ssim"), (family, *PAPER[family])))}
+            "model": m, "baseline_mean_map": base, "paper_reference": paper_reference(cli, targs)}
 
 
 def report(r):
     m, b, p = r["model"], r["baseline_mean_map"], r["paper_reference"]
     pert = r["perturbation"]
+    baseline = "baseline (train mean)" if b["from"] == "training split" else "baseline (eval mean)"
     lines = [f"InversionNet evaluation: {r['samples']} samples from {r['files']} files ({r['checkpoint']})",
              f"perturbation: noise {pert['noise_std']:g} x trace peak, {pert['missing_traces']} muted receivers, seed {pert['seed']}",
              f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32",
              f"{'':24s}{'MAE':>9s}{'RMSE':>9s}{'SSIM':>9s}{'MAE m/s':>10s}{'RMSE m/s':>10s}",
              f"{'model':24s}{m['mae']:9.4f}{m['rmse']:9.4f}{m['ssim']:9.4f}{m['mae_ms']:10.1f}{m['rmse_ms']:10.1f}",
-             f"{'baseline (mean map)':24s}{b['mae']:9.4f}{b['rmse']:9.4f}{b['ssim']:9.4f}{b['mae_ms']:10.1f}{b['rmse_ms']:10.1f}",
-             f"{'paper ' + p['dataset']:24s}{p['mae']:9.4f}{p['rmse']:9.4f}{p['ssim']:9.4f}",
-             f"beats the baseline: MAE {'yes' if m['mae'] < b['mae'] else 'NO'}, SSIM {'yes' if m['ssim'] > b['ssim'] else 'NO'}"]
+             f"{baseline:24s}{b['mae']:9.4f}{b['rmse']:9.4f}{b['ssim']:9.4f}{b['mae_ms']:10.1f}{b['rmse_ms']:10.1f}"]
+    if p:
+        lines.append(f"{'paper ' + p['dataset']:24s}{p['mae']:9.4f}{p['rmse']:9.4f}{p['ssim']:9.4f}")
+    lines.append(f"beats the baseline: MAE {'yes' if m['mae'] < b['mae'] else 'NO'}, SSIM {'yes' if m['ssim'] > b['ssim'] else 'NO'}")
+    if b["from"] != "training split":
+        lines.append("baseline: the mean of the evaluated maps themselves (no training split known), so it knows their mean")
+    if p and p["data"] != "OpenFWI":
+        lines.append(f"paper row: OpenFWI's {p['dataset']}; this data was drawn by {p['data']}")
     return "\n".join(lines) + "\n"
 
 
@@ -264,17 +300,28 @@ def draw(model, device, normalizer, dataset, rows, out, n, amp_dtype):
         fig.colorbar(axs[2].imshow(vp - vt, cmap="seismic", vmin=-lim, vmax=lim, extent=extent), ax=axs[2], label="m/s")
         axs[2].set(title=f"prediction - truth (MAE {row[4]:.0f} m/s)", xlabel="x (m)")
         fig.suptitle(f"sample {idx} ({tag}): MAE {row[1]:.4f}, SSIM {row[3]:.4f}")
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"sample_{idx}_{tag}.png"), dpi=90)
-        plt.close(fig)
+        save_figure(plt, fig, os.path.join(out, f"sample_{idx}_{tag}.png"), dpi=90)
         if i == 0:
             draw_shots(plt, x.numpy(), os.path.join(out, f"sample_{idx}_shots.png"))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.hist([r[3] for r in rows], bins=30)
     ax.set(xlabel="SSIM per sample", ylabel="samples")
+    save_figure(plt, fig, os.path.join(out, "ssim_histogram.png"), dpi=90)
+
+
+def save_figure(plt, fig, path, dpi):
+    """The figure as a PNG under a temporary name, then renamed: a picture is whole or absent."""
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "ssim_histogram.png"), dpi=90)
-    plt.close(fig)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        fig.savefig(tmp, dpi=dpi, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise T.InputError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def draw_shots(plt, gather, path):
@@ -285,9 +332,7 @@ def draw_shots(plt, gather, path):
         ax.imshow(gather[s], cmap="gray", aspect="auto", vmin=-clip, vmax=clip, extent=[0, 700, 1.0, 0])
         ax.set(title=f"shot {s + 1}", xlabel="receiver x (m)")
     axs[0].set_ylabel("time (s)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(plt, fig, path, dpi=80)
 
 
 def run_evaluation(cli, argv):
@@ -299,7 +344,7 @@ def run_evaluation(cli, argv):
     rank, world, local = T.setup_distributed("auto", cli.device)
     device = T.resolve_device(cli.device, local)
     model, ckpt, targs, normalizer, stats_from = load_model(cli, device)
-    pairs, train_pairs = evaluation_pairs(cli, targs)
+    pairs, train_pairs = evaluation_pairs(cli, targs, saved_args(ckpt) is not None)
     counts = T.inspect_pairs(pairs)
     make_output_dir(out, rank)
     perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
@@ -312,6 +357,7 @@ def run_evaluation(cli, argv):
     if rank != 0:
         return 0
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
+    base["from"] = "training split" if train_pairs else "evaluated maps"
     result = result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base)
     result["forward"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32", "channels_last": channels_last}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
@@ -423,9 +469,7 @@ def draw_predictions(gathers, velocity, n, path, normalizer):
                               extent=[0, 700, 700, 0])
         axs[i, 1].set(title="predicted velocity", xlabel="x (m)", ylabel="depth (m)")
         fig.colorbar(im, ax=axs[i, 1], label="m/s")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    save_figure(plt, fig, path, dpi=80)
 
 
 def export(cli):

@@ -600,19 +600,22 @@ class Normalizer:
         return {"data_min": self.data_min, "data_max": self.data_max, "label_min": self.label_min, "label_max": self.label_max}
 
 
+def stats_path(args):
+    """The stats JSON of a run: --stats, else (without --dataset) the dataset.json beside the split lists or in
+    DATA_ROOT, as simulate_openfwi.py writes it; None when there is none."""
+    if args.stats or args.dataset:
+        return args.stats
+    base = os.path.dirname(os.path.abspath(args.train_list)) if args.train_list else args.data_root
+    path = os.path.join(base, "dataset.json")
+    return path if os.path.isfile(path) else None
+
+
 def resolve_stats(args):
     """Normalisation constants and where they came from: --stats, --dataset, DATA_ROOT/dataset.json, flatvel-a."""
-    if args.stats:
-        path = args.stats
-    elif args.dataset:
-        lo, hi = DATASETS[args.dataset]
-        return Normalizer(lo, hi), f"--dataset {args.dataset}"
-    else:
-        base = os.path.dirname(os.path.abspath(args.train_list)) if args.train_list else args.data_root
-        path = os.path.join(base, "dataset.json")
-        if not os.path.isfile(path):
-            lo, hi = DATASETS["flatvel-a"]
-            return Normalizer(lo, hi), "OpenFWI flatvel-a (default)"
+    path = stats_path(args)
+    if path is None:
+        lo, hi = DATASETS[args.dataset or "flatvel-a"]
+        return Normalizer(lo, hi), f"--dataset {args.dataset}" if args.dataset else "OpenFWI flatvel-a (default)"
     try:
         with open(path) as fh:
             meta = json.load(fh)
@@ -661,14 +664,18 @@ def read_split_list(path):
     """OpenFWI split file: `data_path<TAB>label_path` per line; relative paths are taken from the file's folder."""
     base = os.path.dirname(os.path.abspath(path))
     pairs = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            parts = line.split()
-            if len(parts) != 2:
-                raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
-            pairs.append(tuple(p if os.path.isabs(p) else os.path.join(base, p) for p in parts))
+    try:
+        with open(path) as fh:
+            lines = fh.readlines()
+    except (OSError, UnicodeDecodeError) as e:  # a checkpoint's saved list may have moved since
+        raise DataError(f"{path}: cannot read this split list ({getattr(e, 'strerror', None) or e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2:
+            raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
+        pairs.append(tuple(p if os.path.isabs(p) else os.path.join(base, p) for p in parts))
     if not pairs:
         raise DataError(f"{path}: empty split list")
     return pairs

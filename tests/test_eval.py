@@ -94,7 +94,8 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     assert len(rows) == 4
     assert np.mean([float(r["mae"]) for r in rows]) == pytest.approx(metrics["model"]["mae"])
     assert float(rows[0]["mae_ms"]) == pytest.approx(float(rows[0]["mae"]) * 1500)
-    assert "baseline (mean map)" in (out / "result.txt").read_text() and "beats the baseline" in r.stdout
+    assert "baseline (train mean)" in (out / "result.txt").read_text() and "beats the baseline" in r.stdout
+    assert metrics["paper_reference"] == {"dataset": "flatvel-a", "mae": 0.0131, "rmse": 0.0211, "ssim": 0.9895, "data": "OpenFWI"}
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert len([p for p in pngs if p.startswith("sample_") and not p.endswith("shots.png")]) == 3
     assert any(p.endswith("_shots.png") for p in pngs) and "ssim_histogram.png" in pngs
@@ -139,8 +140,11 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--missing-traces", "71"], "--missing-traces must be in [0, 70], got 71"),
     (["--noise-std", "-0.1"], "--noise-std must be >= 0, got -0.1"),
+    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--val-list", "/nonexistent/val.txt"], "--val-list /nonexistent/val.txt: no such file"),
 ])
 def test_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
+    (tmp_path / "never-read.pt").touch()  # there, so the flag's own check is the one that fails
     assert E.cli(["--checkpoint", str(tmp_path / "never-read.pt"), *args]) == 2
     assert capsys.readouterr().err.strip() == f"eval_inversionnet.py: error: {needle}"
 
@@ -197,6 +201,109 @@ def test_forward_pass_takes_the_precision_the_checkpoint_was_trained_in(tiny_run
     assert results["fp32"]["model"] == results["off"]["model"]
     for k in ("mae", "rmse", "ssim"):
         assert results["bf16"]["model"][k] == pytest.approx(results["off"]["model"][k], rel=0.02)
+
+
+def evaluate_to(out, checkpoint, *flags):
+    """E.cli without pictures or workers; returns metrics.json."""
+    assert E.cli(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--num-workers", "0", "--no-progress",
+                  "--vis", "0", "--device", "cpu", *map(str, flags)]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_baseline_is_the_training_mean_map_scored_independently(tiny_run, tmp_path, capsys):
+    """The trivial baseline, recomputed in float64 numpy: the mean velocity map of the run's training files,
+    scored on the validation maps with the paper's MAE, RMSE and SSIM. --val-list keeps the training mean for
+    our checkpoints; only where no training split is known (an OpenFWI checkpoint) it is the evaluated maps'
+    own mean, and the results say so."""
+    train, val = T.split_pairs(T.find_pairs(str(tiny_run / "d")), 0.67, 0)  # tiny_run's split
+    labels = [np.load(m).astype(np.float64) for _, m in train]
+    mean = np.concatenate(labels).mean(axis=0)[0]
+    y = np.load(val[0][1]).astype(np.float64)[:, 0]
+
+    def norm(v):
+        return (v - 1500) / 3000 * 2 - 1
+
+    def expected(mean_map):
+        err = norm(mean_map)[None] - norm(y)
+        return {"mae": np.abs(err).mean(), "rmse": np.sqrt((err ** 2).mean()),
+                "ssim": np.mean([ssim_reference(norm(mean_map).astype(np.float32), norm(t).astype(np.float32)) for t in y])}
+
+    ck = tiny_run / "run" / "best.pt"
+    want = expected(mean)
+    lst = tmp_path / "val.txt"
+    lst.write_text(f"{val[0][0]}\t{val[0][1]}\n")
+    for name, flags in (("split", []), ("list", ["--val-list", lst])):
+        base = evaluate_to(tmp_path / name, ck, *flags)["baseline_mean_map"]
+        assert base["from"] == "training split" and base["count"] == 4
+        for k in ("mae", "rmse", "ssim"):
+            assert base[k] == pytest.approx(want[k], rel=1e-4), (name, k)
+    torch.save({"model": torch.load(ck, weights_only=False)["model"]}, tmp_path / "openfwi.pth")
+    capsys.readouterr()
+    base = evaluate_to(tmp_path / "openfwi", tmp_path / "openfwi.pth", "--val-list", lst, "--dataset", "flatvel-a")["baseline_mean_map"]
+    assert base["from"] == "evaluated maps" and base["mae"] == pytest.approx(expected(y.mean(axis=0))["mae"], rel=1e-4)
+    assert "baseline: the mean of the evaluated maps themselves" in capsys.readouterr().out
+
+
+def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
+    """--dataset names OpenFWI's row; a simulated set's dataset.json names its family's A row (marked indicative);
+    stats without a family give no paper row at all rather than a wrong one."""
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    stats = {"data_min": -30.0, "data_max": 60.0, "label_min": 1500.0, "label_max": 4500.0}
+    for name, extra in (("curvevel", {"family": "curvevel"}), ("unknown", {})):
+        (tmp_path / f"{name}.json").write_text(json.dumps({**stats, **extra}))
+        ck["args"].update(dataset=None, stats=str(tmp_path / f"{name}.json"))
+        torch.save(ck, tmp_path / f"{name}.pt")
+    capsys.readouterr()
+    paper = evaluate_to(tmp_path / "c", tmp_path / "curvevel.pt")["paper_reference"]
+    assert paper == {"dataset": "curvevel-a", "mae": 0.0685, "rmse": 0.1273, "ssim": 0.8074, "data": "simulate_openfwi.py (indicative)"}
+    assert "paper row: OpenFWI's curvevel-a; this data was drawn by simulate_openfwi.py" in capsys.readouterr().out
+    assert evaluate_to(tmp_path / "u", tmp_path / "unknown.pt")["paper_reference"] is None
+    assert not [line for line in (tmp_path / "u" / "result.txt").read_text().splitlines() if line.startswith("paper")]
+    assert evaluate_to(tmp_path / "f", tmp_path / "unknown.pt", "--dataset", "flatfault-a")["paper_reference"]["dataset"] == "flatfault-a"
+
+
+def test_split_stats_and_dataset_flags(tiny_run, tmp_path):
+    """--split train evaluates the training files; --stats replaces the checkpoint's constants; --dataset names
+    OpenFWI's, and --stats wins over it, as in training."""
+    ck = tiny_run / "run" / "best.pt"
+    m = evaluate_to(tmp_path / "train", ck, "--split", "train")
+    assert (m["samples"], m["files"], m["split"]) == (8, 2, "train")
+    stats = {"data_min": -3.0, "data_max": 9.0, "label_min": 1000.0, "label_max": 5000.0}
+    (tmp_path / "s.json").write_text(json.dumps(stats))
+    for name, flags in (("stats", ["--stats", tmp_path / "s.json"]),
+                        ("both", ["--stats", tmp_path / "s.json", "--dataset", "curvevel-a"])):
+        m = evaluate_to(tmp_path / name, ck, *flags)
+        assert m["normalization"] == stats and m["normalization_from"] == str(tmp_path / "s.json"), name
+    m = evaluate_to(tmp_path / "ds", ck, "--dataset", "curvevel-a")
+    lo, hi = T.DATASETS["curvevel-a"]
+    assert (m["normalization"]["data_min"], m["normalization"]["data_max"]) == (lo, hi)
+
+
+def test_a_checkpoint_whose_split_lists_moved_is_one_line(tiny_run, tmp_path, capsys):
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    ck["args"].update(train_list=str(tmp_path / "moved" / "train.txt"), val_list=str(tmp_path / "moved" / "val.txt"))
+    torch.save(ck, tmp_path / "moved.pt")
+    assert E.cli(["--checkpoint", str(tmp_path / "moved.pt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'moved' / 'train.txt'}: cannot read this "
+                                       "split list (No such file or directory)\n")
+
+
+@pytest.mark.slow
+def test_torchrun_evaluation_matches_one_process(tiny_run, tmp_path):
+    """Two ranks each evaluate every other sample; rank 0 gathers the rows into the same table and metrics."""
+    ck = tiny_run / "run" / "best.pt"
+    one = evaluate_to(tmp_path / "one", ck, "--split", "train")
+    r = run_script(EVAL, "--checkpoint", ck, "--output-dir", tmp_path / "two", "--num-workers", 0, "--no-progress", "--vis", 0,
+                   "--device", "cpu", "--split", "train", nproc=2)
+    assert r.returncode == 0, r.stderr
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    rows = [(tmp_path / d / "per_sample.csv").read_text().splitlines() for d in ("one", "two")]
+    assert len(rows[0]) == 9 and [r.split(",")[0] for r in rows[1]] == ["index", *map(str, range(8))]
+    for a, b in zip(rows[0][1:], rows[1][1:]):
+        assert np.allclose([float(v) for v in a.split(",")], [float(v) for v in b.split(",")], rtol=1e-5)
+    for k in ("mae", "rmse", "ssim", "count"):
+        assert two["model"][k] == pytest.approx(one["model"][k], rel=1e-5)
+    assert two["provenance"]["evaluation"]["world_size"] == 2
 
 
 # ---- inference on unlabelled data, export ----
