@@ -1726,10 +1726,13 @@ def prepare_output_dir(args, rank):
     if has_run and args.overwrite:
         for name in RUN_FILES:
             path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+            try:
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
+            except OSError as e:
+                raise InputError(f"--overwrite: cannot remove {path}: {e.strerror}") from None
         print0(f"--overwrite: removed the previous run's {', '.join(RUN_FILES)} from {out}")
     try:
         os.makedirs(out, exist_ok=True)
