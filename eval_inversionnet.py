@@ -180,6 +180,20 @@ def evaluation_pairs(cli, targs, ours):
     return pairs, train
 
 
+def split_change(ckpt, train_pairs):
+    """A line saying so when the training split read now is not the one the checkpoint recorded (files added
+    to a simulated set since, say): the validation split and the baseline then come from other files."""
+    saved = ckpt.get("split") if isinstance(ckpt, dict) else None
+    if not saved or not train_pairs:
+        return None
+    now = [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(train_pairs, T.inspect_pairs(train_pairs))]
+    if now == saved:
+        return None
+    return (f"the training split now has {len(now)} files ({sum(n for *_, n in now)} samples), the checkpoint was "
+            f"trained on {len(saved)} ({sum(n for *_, n in saved)} samples): the evaluated split and the baseline "
+            f"come from today's files")
+
+
 def baseline_sums(train_pairs, pairs, normalizer):
     """Metric sums of the trivial baseline, the mean velocity map of TRAIN_PAIRS, on the evaluated labels.
     Labels only: no shot gather is read."""
@@ -212,16 +226,16 @@ def gather_rows(per_sample, rank, world, scale):
 # ---- results ----
 
 def paper_reference(cli, targs):
-    """The paper's row for the data: the OpenFWI set named by --dataset (here or in training), else the A row of
-    the family that a simulated set's dataset.json names (indicative only: that data comes from
-    simulate_openfwi.py, not OpenFWI's generator); None when neither says."""
-    name, source = cli.dataset or targs.dataset, "OpenFWI"
+    """The paper's row for the data: the OpenFWI set named by --dataset here; else the A row of the family that the
+    stats file in use names (a simulated set's dataset.json: indicative only, as that data comes from
+    simulate_openfwi.py, not OpenFWI's generator); else the set named in training; None when nothing says."""
+    name, source = cli.dataset, "OpenFWI"
     if name is None:
         try:
             with open(T.stats_path(targs)) as fh:
                 name, source = f"{json.load(fh)['family']}-a", "simulate_openfwi.py (indicative)"
         except (TypeError, OSError, ValueError, KeyError):
-            return None
+            name = targs.dataset
     if name not in PAPER:
         return None
     return dict(zip(("dataset", "mae", "rmse", "ssim"), (name, *PAPER[name])), data=source)
@@ -256,6 +270,8 @@ def report(r):
         lines.append("baseline: the mean of the evaluated maps themselves (no training split known): an easier bar than a training mean")
     if p and p["data"] != "OpenFWI":
         lines.append(f"paper row: OpenFWI's {p['dataset']}; this data was drawn by {p['data']}")
+    if r["split_changed_since_training"]:
+        lines.append(f"warning: {r['split_changed_since_training']}")
     return "\n".join(lines) + "\n"
 
 
@@ -359,6 +375,7 @@ def run_evaluation(cli, argv):
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
     base["from"] = "training split" if train_pairs else "evaluated maps"
     result = result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base)
+    result["split_changed_since_training"] = split_change(ckpt, train_pairs)
     result["forward"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32", "channels_last": channels_last}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance") if isinstance(ckpt, dict) else None}

@@ -169,9 +169,12 @@ def add_run_args(g):
                    help="a run's args.json: its arguments become the defaults and the flags given here win, so "
                         "--config RUN/args.json --output-dir NEW repeats RUN (--resume and --overwrite are never taken from it)")
     g.add_argument("--resume", default=None,
-                   help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader or "
-                        "the training split differ from the checkpoint's; a different world size restarts the current epoch")
-    g.add_argument("--overwrite", action="store_true", help="allow writing into an output directory that holds a run")
+                   help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader, "
+                        "the training split, --optimizer, --lr, --weight-decay or --betas differ from the checkpoint's; a "
+                        "different world size restarts the current epoch")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log and tb/ "
+                        "are removed once the new run's checks pass")
     g.add_argument("--init-from", default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
     g.add_argument("--init-strict", default="yes", choices=["yes", "no"],
                    help="no: load only the --init-from tensors whose names and shapes match the model, and log the rest")
@@ -265,7 +268,14 @@ def check_args(args):
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise InputError(f"--resume {args.resume}: no such file")
     if args.overwrite and args.resume == "auto":
-        raise InputError("--overwrite replaces the run in --output-dir and --resume auto continues it: give one of them")
+        raise InputError("--overwrite replaces the run in --output-dir and --resume auto continues it: give one of them "
+                         "(bash run.sh passes --resume auto: remove its --run directory to start over)")
+    if args.overwrite and (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+                           or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1):
+        # torchrun re-runs the command on a restart, or when nodes join or leave, without a sign on every path
+        raise InputError("--overwrite in a torchrun launch that can restart (--max-restarts, or several nodes) would "
+                         "delete the run a restarted group has to continue: remove the old run first, or choose another "
+                         "--output-dir")
     if args.deterministic:
         args.cudnn_benchmark = False
     return args
@@ -1723,17 +1733,6 @@ def prepare_output_dir(args, rank):
         raise InputError(f"--overwrite would delete the run that --resume {args.resume} continues: give one of them")
     if rank != 0:
         return
-    if has_run and args.overwrite:
-        for name in RUN_FILES:
-            path = os.path.join(out, name)
-            try:
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                elif os.path.exists(path):
-                    os.remove(path)
-            except OSError as e:
-                raise InputError(f"--overwrite: cannot remove {path}: {e.strerror}") from None
-        print0(f"--overwrite: removed the previous run's {', '.join(RUN_FILES)} from {out}")
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}")  # fail now, not at the first checkpoint
@@ -1745,6 +1744,28 @@ def prepare_output_dir(args, rank):
         if re.fullmatch(r"(last|best)\.pt\.tmp-\d+", name):
             os.remove(os.path.join(out, name))
             print0(f"removed {name} (the partial write of a run killed while saving; the checkpoint itself is intact)")
+
+
+def remove_previous_run(args):
+    """--overwrite, once every check has passed: the old run's files go before the new run writes any, so
+    nothing of it (a better best.pt, its log, its TensorBoard curves) mixes into the new one."""
+    if not args.overwrite or not is_main():
+        return
+    removed = []
+    for name in RUN_FILES:
+        path = os.path.join(args.output_dir, name)
+        try:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
+            else:
+                continue
+        except OSError as e:
+            raise InputError(f"--overwrite: cannot remove {path}: {e.strerror}") from None
+        removed.append(name)
+    if removed:
+        print0(f"--overwrite: removed the previous run's {', '.join(removed)} from {args.output_dir}")
 
 
 def check_device_args(args, device):
@@ -1879,7 +1900,7 @@ def describe_data(data, train_loader, args, stats_from):
 
 def main(args, argv=()):
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.resume is None:
-        args.resume, args.overwrite = "auto", False  # torchrun --max-restarts: a restarted group continues its run
+        args.resume = "auto"  # torchrun --max-restarts: a restarted group continues the run it was part of
     rank, world, local = setup_distributed(args.parallel, args.device)
     device = resolve_device(args.device, local)
     check_device_args(args, device)
@@ -1899,6 +1920,7 @@ def main(args, argv=()):
     run.meta = {"split": [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(data[0], data[1])],
                 "provenance": provenance(device, argv, world)}
     resumed = restore(run, args, rank, len(train_loader))
+    remove_previous_run(args)
     if resumed:
         print0(resumed)
     record_run(args, run.meta["provenance"])

@@ -260,6 +260,9 @@ def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
     assert evaluate_to(tmp_path / "u", tmp_path / "unknown.pt")["paper_reference"] is None
     assert not [line for line in (tmp_path / "u" / "result.txt").read_text().splitlines() if line.startswith("paper")]
     assert evaluate_to(tmp_path / "f", tmp_path / "unknown.pt", "--dataset", "flatfault-a")["paper_reference"]["dataset"] == "flatfault-a"
+    # trained with --dataset flatvel-a, evaluated on simulated curvevel data with its stats: the data's family counts
+    paper = evaluate_to(tmp_path / "s", tiny_run / "run" / "best.pt", "--stats", tmp_path / "curvevel.json")["paper_reference"]
+    assert (paper["dataset"], paper["data"]) == ("curvevel-a", "simulate_openfwi.py (indicative)")
 
 
 def test_split_stats_and_dataset_flags(tiny_run, tmp_path):
@@ -277,6 +280,33 @@ def test_split_stats_and_dataset_flags(tiny_run, tmp_path):
     m = evaluate_to(tmp_path / "ds", ck, "--dataset", "curvevel-a")
     lo, hi = T.DATASETS["curvevel-a"]
     assert (m["normalization"]["data_min"], m["normalization"]["data_max"]) == (lo, hi)
+
+
+def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_path, capsys):
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    assert evaluate_to(tmp_path / "same", tiny_run / "run" / "best.pt")["split_changed_since_training"] is None
+    ck["split"] = ck["split"][:1]  # as if a file had been added to the set since
+    torch.save(ck, tmp_path / "grown.pt")
+    capsys.readouterr()
+    note = evaluate_to(tmp_path / "grown", tmp_path / "grown.pt")["split_changed_since_training"]
+    assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 1 (4 samples)")
+    assert f"warning: {note}" in capsys.readouterr().out
+
+
+def test_a_picture_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import matplotlib.figure
+
+    def full_disk(self, path, **kw):
+        open(path, "wb").write(b"\x89PNG partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    out = tmp_path / "ev"
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
+                  "--no-progress", "--vis", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eval_inversionnet.py: error: cannot write {out}/sample_") and err.endswith(".png: No space left on device\n")
+    assert not list(out.glob("*.png*"))
 
 
 def test_a_checkpoint_whose_split_lists_moved_is_one_line(tiny_run, tmp_path, capsys):

@@ -496,14 +496,20 @@ def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys)
 
 def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_path, capsys):
     """--overwrite replaces a run whole: its best.pt, log and TensorBoard events go, so nothing of it can be
-    mistaken for the new run's; files that are not the run's stay."""
+    mistaken for the new run's; files that are not the run's stay. A new run that its checks refuse removes
+    nothing."""
     _, lists = ids_data
     out = tmp_path / "run"
     (out / "tb").mkdir(parents=True)
-    for name in ("best.pt", "last.pt", "args.json", "train.log", "tb/events.out.tfevents.old", "notes.txt"):
+    old = ("best.pt", "last.pt", "args.json", "train.log", "tb/events.out.tfevents.old", "notes.txt")
+    for name in old:
         (out / name).write_text("old run")
-    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--val-every", "0", "--no-tensorboard",
-                  "--output-dir", str(out), "--overwrite"]) == 0
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--val-every", "0", "--no-tensorboard",
+            "--output-dir", str(out), "--overwrite"]
+    assert T.cli([*argv, "--batch-size", "16"]) == 2  # 8 training samples: refused after the output-dir checks
+    assert "fewer than one global batch" in capsys.readouterr().err
+    assert all((out / name).read_text() == "old run" for name in old)
+    assert T.cli(argv) == 0
     assert "--overwrite: removed the previous run's" in capsys.readouterr().out
     assert not (out / "tb").exists() and "old run" not in (out / "train.log").read_text()
     assert not (out / "best.pt").exists()  # the old run's best is not passed off as this one's
@@ -540,6 +546,20 @@ def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, 
     assert (a / "last.pt").read_bytes() == b"a" and (b / "last.pt").read_bytes() == b"b"
 
 
+def test_another_runs_checkpoint_continues_into_a_replaced_run(short_run, ids_data, tmp_path, capsys):
+    _, lists = ids_data
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "best.pt").write_text("run b")
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "2", "--resume", str(short_run / "last.pt"), "--output-dir", str(out)]
+    assert T.cli([*argv, "--overwrite"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert last["epoch"] == 2 and last["step"] == 8
+    # run b's best.pt is gone; a new one exists only if epoch 1 beat the validation loss carried over from run a
+    assert not (out / "best.pt").exists() or torch.load(out / "best.pt", weights_only=False)["epoch"] == 2
+
+
 def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
     """--parallel none/dp under a multi-process torchrun would make N separate runs share one directory, and
     --sync-bn means nothing outside DDP (it is checked against a CUDA device without needing one)."""
@@ -550,6 +570,9 @@ def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
                                        "runs writing to one --output-dir: use --parallel ddp (or auto), or launch with python\n")
     with pytest.raises(T.InputError, match="--sync-bn works under DDP only"):
         T.check_device_args(small_args(sync_bn=True), torch.device("cuda"))
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")  # a restarted group re-runs the command, --overwrite included
+    with pytest.raises(T.InputError, match="--overwrite in a torchrun launch that can restart"):
+        small_args(overwrite=True)
 
 
 def test_batch_size_one_is_refused(capsys):
