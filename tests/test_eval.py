@@ -282,6 +282,13 @@ def test_split_stats_and_dataset_flags(tiny_run, tmp_path):
     assert (m["normalization"]["data_min"], m["normalization"]["data_max"]) == (lo, hi)
 
 
+def test_device_cache_loader_gives_the_map_loaders_metrics(tiny_run, tmp_path):
+    ck = tiny_run / "run" / "best.pt"
+    cached, mapped = (evaluate_to(tmp_path / k, ck, "--loader", k)["model"] for k in ("gpu", "map"))
+    for k in ("mae", "rmse", "ssim", "count"):
+        assert cached[k] == pytest.approx(mapped[k], rel=1e-6), k
+
+
 def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_path, capsys):
     ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
     assert evaluate_to(tmp_path / "same", tiny_run / "run" / "best.pt")["split_changed_since_training"] is None
