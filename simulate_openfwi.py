@@ -661,10 +661,14 @@ def main(args):
 SETTINGS = ("family", "seed", "samples_per_file", "pml_width")  # what decides the content of file i
 
 
+def settings_of(args):
+    return {k: getattr(args, k) for k in SETTINGS}
+
+
 def check_existing(args):
     """Resume only our own files made with the same settings; never replace anyone else's data: .npy files,
     split lists or a dataset.json in --out that no simulate.json of ours accounts for stop the run."""
-    ours = {k: getattr(args, k) for k in SETTINGS}
+    ours = settings_of(args)
     npys = [n for sub in ("data", "model") if os.path.isdir(os.path.join(args.out, sub))
             for n in os.listdir(os.path.join(args.out, sub)) if n.endswith(".npy")]
     others = [n for n in ("train.txt", "val.txt", "dataset.json") if os.path.exists(os.path.join(args.out, n))]
@@ -697,7 +701,7 @@ def prepare_out(args):
             for name in os.listdir(d):
                 if ".npy.tmp-" in name:
                     os.remove(os.path.join(d, name))
-        write_text_atomic(os.path.join(args.out, "simulate.json"), json.dumps({k: getattr(args, k) for k in SETTINGS}, indent=2) + "\n")
+        write_text_atomic(os.path.join(args.out, "simulate.json"), json.dumps(settings_of(args), indent=2) + "\n")
     except OSError as e:
         raise SimulationError(f"cannot write into --out {args.out}: {e.strerror}") from None
 

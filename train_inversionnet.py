@@ -187,6 +187,11 @@ def add_run_args(g):
     g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help="sanity mode: train on one fixed batch, no validation")
 
 
+def flag_of(dest):
+    """The command-line spelling of an argument's name: batch_size -> --batch-size."""
+    return "--" + dest.replace("_", "-")
+
+
 CONFIG_SKIP = ("config", "resume", "overwrite")  # a repeated run must not continue or replace the one it repeats
 
 
@@ -201,7 +206,7 @@ def config_argv(path):
     known = vars(get_args_parser().parse_args([]))
     argv = []
     for key, value in saved.items():
-        flag = "--" + key.replace("_", "-")
+        flag = flag_of(key)
         if key not in known:
             raise InputError(f"--config {path}: unknown setting {key!r}")
         if key in CONFIG_SKIP or value is None:
@@ -234,15 +239,13 @@ NON_NEGATIVE = ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_war
 def check_args(args):
     """Validate and resolve arguments right after parsing (the speed flags wait for the device: resolve_speed);
     raises InputError naming the flag. NaN fails every range test below, so it is refused too."""
-    def flag(name):
-        return "--" + name.replace("_", "-")
     for name in POSITIVE:
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:  # None: not given
-            raise InputError(f"{flag(name)} must be positive, got {value}")
+            raise InputError(f"{flag_of(name)} must be positive, got {value}")
     for name in NON_NEGATIVE:
         if not 0 <= getattr(args, name) < math.inf:
-            raise InputError(f"{flag(name)} must be >= 0, got {getattr(args, name)}")
+            raise InputError(f"{flag_of(name)} must be >= 0, got {getattr(args, name)}")
     if args.batch_size == 1:
         raise InputError("--batch-size must be at least 2: BatchNorm cannot train on one sample")
     if args.val_batch_size is None:
@@ -264,7 +267,7 @@ def check_args(args):
     for name in ("train_list", "val_list", "stats", "init_from"):  # parse_args has read --config already
         path = getattr(args, name)
         if path is not None and not os.path.isfile(path):
-            raise InputError(f"{flag(name)} {path}: no such file")
+            raise InputError(f"{flag_of(name)} {path}: no such file")
     if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
         raise InputError(f"--resume {args.resume}: no such file")
     if args.overwrite and args.resume == "auto":
@@ -448,7 +451,7 @@ def resolve_speed(args, device, cache_samples=0):
     """Fill in the speed flags not given: --fast's choice for this device, or the plain defaults. The
     device cache (--loader gpu) is chosen when the `cache_samples` this process would hold take at most
     half the free device memory. Returns the line that tells the log what was chosen."""
-    given = [f"--{k.replace('_', '-')}" for k in SPEED_FLAGS if getattr(args, k) is not None]
+    given = [flag_of(k) for k in SPEED_FLAGS if getattr(args, k) is not None]
     choice = fast_compute(device) if args.fast else dict(amp="off", channels_last=False, compile=False,
                                                          fused_adam=device.type == "cuda", loader="map")
     amp = args.amp or choice["amp"]
@@ -1665,7 +1668,7 @@ def check_resumable(ckpt, path, args, split):
     saved = ckpt.get("args", {})
     for key in ("batch_size", "loader", "optimizer", "lr", "weight_decay", "betas"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
-            flag = "--" + key.replace("_", "-")
+            flag = flag_of(key)
             why = "the position inside the epoch" if key in ("batch_size", "loader") else "the optimizer state"
             raise InputError(f"{flag} {shown(getattr(args, key))} differs from the {shown(saved[key])} that {path} was "
                              f"trained with: {why} would mean something else; resume with {flag} {shown(saved[key])} "
