@@ -186,7 +186,7 @@ def split_change(ckpt, train_pairs):
     saved = ckpt.get("split") if isinstance(ckpt, dict) else None
     if not saved or not train_pairs:
         return None
-    now = [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(train_pairs, T.inspect_pairs(train_pairs))]
+    now = T.split_record(train_pairs, T.inspect_pairs(train_pairs))
     if now == saved:
         return None
     return (f"the training split now has {len(now)} files ({sum(n for *_, n in now)} samples), the checkpoint was "
@@ -326,18 +326,15 @@ def draw(model, device, normalizer, dataset, rows, out, n, amp_dtype):
 
 
 def save_figure(plt, fig, path, dpi):
-    """The figure as a PNG under a temporary name, then renamed: a picture is whole or absent."""
+    """The figure as a PNG, rendered in memory and written by write_atomic: a picture is whole or absent."""
     fig.tight_layout()
-    tmp = f"{path}.tmp-{os.getpid()}"
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=dpi, format="png")
+    plt.close(fig)
     try:
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
+        T.write_atomic(path, buf.getbuffer())
     except OSError as e:
         raise T.InputError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def draw_shots(plt, gather, path):

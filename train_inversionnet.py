@@ -694,6 +694,11 @@ def read_split_list(path):
     return pairs
 
 
+def split_record(pairs, counts):
+    """A split as checkpoints record it: [data file name, label file name, samples] per file."""
+    return [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(pairs, counts)]
+
+
 def split_pairs(pairs, train_size, seed):
     """File-level split: a seeded shuffle, then the first round(train_size * n) files train."""
     order = np.random.default_rng(seed).permutation(len(pairs))
@@ -1920,7 +1925,7 @@ def main(args, argv=()):
     speed_note = resolve_speed(args, device, (sum(data[1]) + sum(data[3])) // world)
     train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
     run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)
-    run.meta = {"split": [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(data[0], data[1])],
+    run.meta = {"split": split_record(data[0], data[1]),
                 "provenance": provenance(device, argv, world)}
     resumed = restore(run, args, rank, len(train_loader))
     remove_previous_run(args)

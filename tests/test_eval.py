@@ -302,12 +302,14 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
 
 def test_a_picture_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch):
     import errno
-    import matplotlib.figure
+    import os
+    real_fsync = os.fsync
 
-    def full_disk(self, path, **kw):
-        open(path, "wb").write(b"\x89PNG partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", full_disk)
+    def full_disk(fd):  # the disk fills while a picture is written, after its bytes went to the temporary file
+        if ".png.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
     out = tmp_path / "ev"
     assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
                   "--no-progress", "--vis", "1", "--device", "cpu"]) == 2
