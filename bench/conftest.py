@@ -1,11 +1,10 @@
 """Shared fixtures and the end-of-run report of the bench suite.
 
 Sizes: BENCH_SCALE=small (default; 2-core CPU, about 2.5 minutes) or BENCH_SCALE=gpu (bigger batches,
-more samples, more workers). BENCH_TRACE_DIR: where the profiler trace goes (default a temp dir).
+more samples, more workers). BENCH_TRACE_DIR: where the profiler trace is kept (by default it goes with pytest's temporary folders).
 """
 import os
 import sys
-import tempfile
 
 import numpy as np
 import pytest
@@ -36,9 +35,9 @@ def environment():
 
 
 @pytest.fixture(scope="session")
-def random_dataset():
+def random_dataset(tmp_path_factory):
     """OpenFWI-layout files of random float32 data (loader cost does not depend on the values)."""
-    d = tempfile.mkdtemp(prefix="bench-data-")
+    d = str(tmp_path_factory.mktemp("bench-data"))
     rng = np.random.default_rng(0)
     os.makedirs(os.path.join(d, "data"))
     os.makedirs(os.path.join(d, "model"))

@@ -358,10 +358,10 @@ def test_simulator_throughput(benchmark):
     benchmark.extra_info.update(info)
 
 
-def test_profiler_trace(benchmark):
+def test_profiler_trace(benchmark, tmp_path):
     """A torch.profiler trace of a few training steps for the torch-tb-profiler TensorBoard plugin."""
     from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-    out = os.environ.get("BENCH_TRACE_DIR") or tempfile.mkdtemp(prefix="bench-trace-")
+    out = os.environ.get("BENCH_TRACE_DIR") or str(tmp_path)
     run = make_run()
     x = torch.randn(2, 5, 1000, 70, device=DEVICE)
     y = torch.rand(2, 1, 70, 70, device=DEVICE)

@@ -1,5 +1,7 @@
 """Small OpenFWI-layout datasets for tests, and the one way tests start a script in its own process."""
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -10,6 +12,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train_inversionnet.py")
 EVAL = os.path.join(ROOT, "eval_inversionnet.py")
 SIMULATE = os.path.join(ROOT, "simulate_openfwi.py")
+
+
+@contextlib.contextmanager
+def module_dir(tmp_path_factory, name):
+    """A folder shared by one module's tests and removed when the module is done: a run in it holds about 600 MB
+    of checkpoints, which pytest's own clean-up would keep until the session ends."""
+    path = tmp_path_factory.mktemp(name)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def write_ids_dataset(root, counts, seed=0):

@@ -8,7 +8,7 @@ import torch
 
 import eval_inversionnet as E
 import train_inversionnet as T
-from helpers import EVAL, TRAIN, run_script, write_ids_dataset
+from helpers import EVAL, TRAIN, module_dir, run_script, write_ids_dataset
 
 
 def ssim_reference(a, b):
@@ -73,12 +73,12 @@ def test_perturbations_are_seeded_per_sample_and_do_what_they_say():
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    base = tmp_path_factory.mktemp("evalrun")
-    write_ids_dataset(base / "d", (4, 4, 4))
-    r = run_script(TRAIN, "--data-root", base / "d", "--output-dir", base / "run", "--epochs", 1, "--batch-size", 2,
-                   "--num-workers", 0, "--no-progress", "--dataset", "flatvel-a", "--train-size", 0.67)
-    assert r.returncode == 0, r.stderr
-    return base
+    with module_dir(tmp_path_factory, "evalrun") as base:
+        write_ids_dataset(base / "d", (4, 4, 4))
+        r = run_script(TRAIN, "--data-root", base / "d", "--output-dir", base / "run", "--epochs", 1, "--batch-size", 2,
+                       "--num-workers", 0, "--no-progress", "--dataset", "flatvel-a", "--train-size", 0.67)
+        assert r.returncode == 0, r.stderr
+        yield base
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN, run_script, start, wait_until, write_ids_dataset, write_split_list
+from helpers import ROOT, TRAIN, module_dir, run_script, start, wait_until, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a", "--device", "cpu"]
@@ -34,10 +34,10 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
     """The uninterrupted two-epoch run that interrupted-and-resumed runs must reproduce exactly."""
-    out = tmp_path_factory.mktemp("straight") / "run"
-    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
-    assert r.returncode == 0, r.stderr
-    return torch.load(out / "last.pt", weights_only=False)
+    with module_dir(tmp_path_factory, "straight") as base:
+        r = run_script(TRAIN, "--data-root", data, "--output-dir", base / "run", "--epochs", 2, *EXACT)
+        assert r.returncode == 0, r.stderr
+        return torch.load(base / "run" / "last.pt", weights_only=False)
 
 
 def read_until(proc, pattern, timeout=300):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import TRAIN, run_script, write_ids_dataset, write_split_list
+from helpers import TRAIN, module_dir, run_script, write_ids_dataset, write_split_list
 
 
 def small_args(**kw):
@@ -148,8 +148,8 @@ def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
         assert len(batches) == len(loader) == 2 and loader.dropped == 1
         x, y = batches[0]
         assert x.shape == (2, 5, 1000, 70) and y.min() >= -1 and y.max() <= 1  # normalised on the device
-        world_seen += [int(round(float(v))) for x, _ in batches for v in
-                       np.sign(x[:, 0, 0, 0]) * np.expm1(np.abs((x[:, 0, 0, 0] + 1) / 2 * (np.log1p(60) + np.log1p(30)) - np.log1p(30)))]
+        world_seen += [int(round(float(v))) for x, _ in batches for c in [x[:, 0, 0, 0].numpy()] for v in
+                       np.sign(c) * np.expm1(np.abs((c + 1) / 2 * (np.log1p(60) + np.log1p(30)) - np.log1p(30)))]
         val = T.build_loader(T.LoaderConfig.from_args(args, False), pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=False)
         assert sum(len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm)) == len(range(rank, 9, 2))
     assert len(set(world_seen)) == 8
@@ -452,9 +452,10 @@ def test_bad_config_is_one_line(tmp_path, capsys, content, needle):
 def short_run(tmp_path_factory, ids_data):
     """One epoch (4 steps) of a run to resume."""
     _, lists = ids_data
-    out = tmp_path_factory.mktemp("short") / "run"
-    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(out)]) == 0
-    return out
+    with module_dir(tmp_path_factory, "short") as base:
+        out = base / "run"
+        assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(out)]) == 0
+        yield out
 
 
 @pytest.mark.parametrize("change, needle", [
