@@ -59,6 +59,8 @@ while [[ $# -gt 0 ]]; do
   shift 2
 done
 case "$profile" in auto|cpu|gpu) ;; *) echo "run.sh: error: --profile must be auto, cpu or gpu, got $profile" >&2; exit 2 ;; esac
+case "$family" in flatvel|curvevel|flatfault|curvefault) ;;
+  *) echo "run.sh: error: --family must be flatvel, curvevel, flatfault or curvefault, got $family" >&2; exit 2 ;; esac
 
 install
 if [[ "$profile" == auto ]]; then

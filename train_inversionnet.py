@@ -384,15 +384,17 @@ def seed_worker(worker_id):
 def configure_backends(args, device):
     """The one place that chooses cudnn autotuning vs determinism; returns a line for the log."""
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
-    tf32 = f"TF32 {('on' if args.tf32 else 'off') if device.type == 'cuda' else 'n/a'}"
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
-        return f"deterministic algorithms on, cudnn.benchmark off, {tf32}"
-    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
-    return f"cudnn.benchmark {'on' if args.cudnn_benchmark else 'off'}, {tf32}"
+    else:
+        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    note = f"deterministic algorithms {'on' if args.deterministic else 'off'}"
+    if device.type != "cuda":  # cudnn and TF32 are CUDA's: naming them on a CPU would mislead
+        return note
+    return f"{note}, cudnn.benchmark {'on' if torch.backends.cudnn.benchmark else 'off'}, TF32 {'on' if args.tf32 else 'off'}"
 
 
 def resolve_device(name, local_rank=0):
@@ -866,7 +868,9 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
 
     @property
     def dropped(self):
-        return sum(self.counts) % self.world if self.drop_remainder else 0
+        """Samples an epoch leaves out, over all ranks (every rank holds as many)."""
+        kept = sum(sum(self.sizes(hi - lo)) for lo, hi in self.worker_ranges())
+        return sum(self.counts) - kept * self.world if self.drop_remainder else 0
 
     def rank_range(self):
         n = sum(self.counts)
@@ -997,7 +1001,7 @@ class DeviceLoader:
             filled += len(x)
         self.batch, self.seed, self.train, self.device = batch_size, seed, train, device
         self.epoch, self.start = 0, 0
-        self.dropped = total - per * world if train else 0
+        self.dropped = total - per // batch_size * batch_size * world if train else 0  # the partial batch too
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -1725,7 +1729,7 @@ def restore(run, args, rank, iters_per_epoch):
 RUN_FILES = ("last.pt", "best.pt", "args.json", "provenance.json", "train.log", "tb")  # what a run writes
 
 
-def prepare_output_dir(args, rank):
+def check_output_dir(args):
     """Refuse to write into an existing run unless continuing it (--resume auto, or --resume with one of its
     own checkpoints) or told to replace it (--overwrite: its files go first, so nothing of it mixes in)."""
     out = args.output_dir
@@ -1739,8 +1743,13 @@ def prepare_output_dir(args, rank):
                          f"replace it, or choose another --output-dir")
     if args.overwrite and in_out:
         raise InputError(f"--overwrite would delete the run that --resume {args.resume} continues: give one of them")
+
+
+def make_output_dir(args, rank):
+    """The output directory, made by rank 0 once every check has passed, and proved writable."""
     if rank != 0:
         return
+    out = args.output_dir
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}")  # fail now, not at the first checkpoint
@@ -1841,6 +1850,8 @@ def validate(run, loader, monitor):
 def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
     stop, writer = Stop(args.max_steps), CheckpointWriter()
+    if run.epoch >= args.epochs:
+        print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
     stop.install()
     try:
         while run.epoch < args.epochs and not stop.check(run):
@@ -1875,6 +1886,8 @@ def fit(run, train_loader, val_loader, monitor, args):
     if stop.signum is not None:
         print0(f"stopped by signal {stop.signum} at step {run.step}; last.pt written, resume with --resume auto")
         return 128 + stop.signum
+    if stop.reached_max(run) and run.epoch < args.epochs:
+        print0(f"stopped at --max-steps {args.max_steps} (epoch {run.epoch}, batch {run.batch_in_epoch}); last.pt written")
     return 0
 
 
@@ -1894,15 +1907,16 @@ def record_run(args, prov):
     write_atomic(path, json.dumps(starts + [prov], indent=2))
 
 
-def describe_data(data, train_loader, args, stats_from):
+def describe_data(data, train_loader, args, world, stats_from):
     train_pairs, train_counts, val_pairs, val_counts = data
     dropped = train_loader.dropped
+    left_out = "partial batches" + (f" and the remainder that would leave the {world} ranks uneven" if world > 1 else "")
 
     def files(pairs):
         return f"{len(pairs)} file{'s' * (len(pairs) != 1)}"
     return (f"data: train {files(train_pairs)} ({sum(train_counts)} samples), val {files(val_pairs)} "
             f"({sum(val_counts)} samples); loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
-            f"{f', {dropped} samples dropped per epoch so all ranks step together' if dropped else ''}; "
+            f"{f', {dropped} samples left out of each epoch ({left_out})' if dropped else ''}; "
             f"normalisation from {stats_from}")
 
 
@@ -1912,7 +1926,10 @@ def main(args, argv=()):
     rank, world, local = setup_distributed(args.parallel, args.device)
     device = resolve_device(args.device, local)
     check_device_args(args, device)
-    prepare_output_dir(args, rank)
+    check_output_dir(args)
+    normalizer, stats_from = resolve_stats(args)
+    data = load_splits(args, world)  # before the output directory exists: bad data leaves nothing behind
+    make_output_dir(args, rank)
     if dist.is_initialized():
         dist.barrier()
     set_log_file(os.path.join(args.output_dir, "train.log"))
@@ -1920,8 +1937,6 @@ def main(args, argv=()):
     backend_note = configure_backends(args, device)
     if args.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
-    normalizer, stats_from = resolve_stats(args)
-    data = load_splits(args, world)
     speed_note = resolve_speed(args, device, (sum(data[1]) + sum(data[3])) // world)
     train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
     run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)
@@ -1935,7 +1950,7 @@ def main(args, argv=()):
     print0(f"InversionNet {sum(p.numel() for p in run.raw_model.parameters()):,} parameters on {device} ({parallel}, "
            f"world {world}); {backend_note}")
     print0(speed_note)
-    print0(describe_data(data, train_loader, args, stats_from))
+    print0(describe_data(data, train_loader, args, world, stats_from))
     return fit(run, train_loader, val_loader, open_monitor(args, device), args)
 
 

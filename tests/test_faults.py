@@ -488,6 +488,17 @@ def make(tmp_path, token):
 
 
 @pytest.mark.parametrize("args, needle", [
+    (["--profile", "tpu"], "--profile must be auto, cpu or gpu, got tpu"),
+    (["--family", "flatvell"], "--family must be flatvel, curvevel, flatfault or curvefault, got flatvell"),
+    (["--famly", "flatvel"], "unknown option --famly"),
+    (["--run"], "--run needs a value"),
+])
+def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, needle):
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and needle in one_line_error(r.stderr)
+
+
+@pytest.mark.parametrize("args, needle", [
     (["--data-root", "/nonexistent/fwi"], "no such directory"),
     (["--data-root", "EMPTY"], "expected subdirectories"),
     (["--resume", "/nonexistent.pt"], "--resume /nonexistent.pt: no such file"),
@@ -512,3 +523,5 @@ def test_bad_arguments_one_line_exit_2(data, tmp_path, capsys, args, needle):
     defaults = ["--data-root", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "1", *BASE]
     code = T.cli(defaults + [make(tmp_path, a) for a in args])  # the case's flags come last, so they win
     assert code == 2 and needle in one_line_error(capsys.readouterr().err)
+    if "--init-from" not in args:  # refused before the output directory is made (a checkpoint is read after)
+        assert not (tmp_path / "o").exists()

@@ -101,7 +101,7 @@ def test_iterable_loader_sees_every_sample_once_with_exact_batch_count(tmp_path,
             assert len(batches) == len(dl) == len(ds)  # the progress bar and LR schedule rely on this
             assert all(len(x) >= 2 for x, _ in batches)
             seen += ids_of(batches)
-        assert len(seen) == len(set(seen)) == total - total % world
+        assert len(seen) == len(set(seen)) == total - total % world == total - ds.dropped
         assert total % world < batch * world  # dropped less than one global batch
         seen_by_epoch.append(seen)
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled per epoch
@@ -153,6 +153,11 @@ def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
         val = T.build_loader(T.LoaderConfig.from_args(args, False), pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=False)
         assert sum(len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm)) == len(range(rank, 9, 2))
     assert len(set(world_seen)) == 8
+    one = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [5, 4], norm, torch.device("cpu"))
+    assert len(one) == 4 and one.dropped == 1  # one process: the partial last batch is what is left out
+    data = (pairs, [5, 4], [], [])
+    assert "1 samples left out of each epoch (partial batches);" in T.describe_data(data, one, args, 1, "x")
+    assert "(partial batches and the remainder that would leave the 2 ranks uneven)" in T.describe_data(data, loader, args, 2, "x")
 
 
 def test_device_cache_reads_the_kept_samples_in_order(tmp_path):
@@ -527,9 +532,17 @@ def test_resume_auto_starts_over_after_a_kill_before_the_first_checkpoint(ids_da
     out.mkdir()
     (out / "args.json").write_text("{}")
     (out / "train.log").write_text("killed\n")
-    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--output-dir", str(out), "--resume", "auto"]) == 0
-    assert f"--resume auto: no {out / 'last.pt'} yet, starting a new run" in capsys.readouterr().out
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--val-every", "0", "--output-dir", str(out), "--resume", "auto"]
+    assert T.cli([*argv, "--max-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--resume auto: no {out / 'last.pt'} yet, starting a new run" in printed
+    assert "stopped at --max-steps 1 (epoch 0, batch 1); last.pt written" in printed
+    assert "world 1); deterministic algorithms off\n" in printed  # no cudnn or TF32 setting named on a CPU
+    assert "4 batches/epoch of 2; normalisation" in printed  # 8 samples: nothing left out, nothing said
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 1
+    assert T.cli(argv) == 0 and torch.load(out / "last.pt", weights_only=False)["step"] == 4  # the epoch's 3 other steps
+    assert T.cli(argv) == 0 and "the run is complete: 1 of --epochs 1 trained" in capsys.readouterr().out
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
 
 
 def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
