@@ -97,7 +97,8 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     assert "baseline (train mean)" in (out / "result.txt").read_text() and "beats the baseline" in r.stdout
     assert metrics["paper_reference"] == {"dataset": "flatvel-a", "mae": 0.0131, "rmse": 0.0211, "ssim": 0.9895, "data": "OpenFWI"}
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert len([p for p in pngs if p.startswith("sample_") and not p.endswith("shots.png")]) == 3
+    tags = sorted(p.rsplit("_", 1)[1] for p in pngs if p.startswith("sample_") and not p.endswith("shots.png"))
+    assert tags == ["best.png", "p50.png", "worst.png"]  # p50: the median sample by MAE
     assert any(p.endswith("_shots.png") for p in pngs) and "ssim_histogram.png" in pngs
 
 
@@ -442,6 +443,15 @@ def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):
             torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
     assert E.cli(["--checkpoint", str(ck), "--export", str(path)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
+    # a model trained in bf16 is exported under bf16 autocast: the same numbers as eval's forward pass
+    assert E.cli(["--checkpoint", str(ck), "--export", str(path), "--overwrite", "--amp", "bf16"]) == 0
+    assert "(torch.bfloat16 autocast)" in capsys.readouterr().out
+    x = torch.randn(3, 5, 1000, 70)
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        expected = model(x).float()
+    with torch.no_grad():
+        got, in_float32 = torch.export.load(str(path)).module()(x), model(x)
+    assert got.dtype == torch.float32 and torch.equal(got, expected) and not torch.equal(got, in_float32)
 
 
 def test_metrics_carry_the_provenance_of_training_and_evaluation(tiny_run, tmp_path):
