@@ -38,8 +38,8 @@ PAPER = {"flatvel-a": (0.0131, 0.0211, 0.9895), "flatvel-b": (0.0351, 0.0876, 0.
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Evaluate InversionNet on OpenFWI-format data.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = T.ArgumentParser(description="Evaluate InversionNet on OpenFWI-format data.",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="last.pt / best.pt of train_inversionnet.py, or an OpenFWI checkpoint")
     p.add_argument("--data-root", default=None, help="OpenFWI layout; the val split is made as in training (default: from the checkpoint)")
     p.add_argument("--val-list", default=None, help="OpenFWI split file to evaluate instead")
@@ -541,9 +541,8 @@ def main(cli, argv=()):
 
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = get_args_parser().parse_args(argv)
     try:
-        return main(args, ["eval_inversionnet.py", *argv])
+        return main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
     except (T.InputError, RuntimeError) as e:
         if not T.report_input_error("eval_inversionnet.py", e):
             raise

@@ -70,9 +70,16 @@ class SimulationError(ValueError):
     """Bad input to the simulator; the CLI prints it on one line and exits 2."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are SimulationErrors: one line instead of the usage text, exit 2."""
+
+    def error(self, message):
+        raise SimulationError(f"{message} (--help lists the flags)")
+
+
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Make OpenFWI-format data by acoustic FD modelling.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Make OpenFWI-format data by acoustic FD modelling.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--family", default="flatvel", choices=sorted(FAMILIES),
                    help="velocity-model family")
     p.add_argument("--out", default="data/flatvel", help="output directory")
@@ -729,9 +736,8 @@ def write_metadata(args):
 
 
 def cli(argv=None):
-    parser = get_args_parser()
-    args = parser.parse_args(argv)
     try:
+        args = get_args_parser().parse_args(argv)
         return main(args)
     except SimulationError as e:
         print(f"simulate_openfwi.py: error: {e}", file=sys.stderr)

@@ -78,9 +78,17 @@ class NonFiniteLoss(Exception):
 
 # ---- arguments ----
 
-def get_args_parser(add_help=True, exit_on_error=True):
-    p = argparse.ArgumentParser(description="Train InversionNet on OpenFWI-format data.", add_help=add_help,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter, exit_on_error=exit_on_error)
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are InputErrors: one line instead of a page of usage, exit 2, and under
+    torchrun printed by rank 0 alone."""
+
+    def error(self, message):
+        raise InputError(f"{message} (--help lists the flags)")
+
+
+def get_args_parser():
+    p = ArgumentParser(description="Train InversionNet on OpenFWI-format data.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_args(p.add_argument_group("data"))
     add_optimisation_args(p.add_argument_group("optimisation"))
     add_speed_args(p.add_argument_group("devices and speed"))
@@ -218,8 +226,8 @@ def config_argv(path):
         else:
             argv += [flag, str(value)]
     try:
-        get_args_parser(exit_on_error=False).parse_args(argv)
-    except (argparse.ArgumentError, SystemExit) as e:
+        get_args_parser().parse_args(argv)
+    except InputError as e:
         raise InputError(f"--config {path}: {e}") from None
     return argv
 

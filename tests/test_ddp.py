@@ -62,11 +62,17 @@ def test_train_script_under_torchrun(tmp_path):
     assert ck["args"]["scale_lr"] and ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
 
 
-def test_bad_input_under_torchrun_is_printed_once(tmp_path):
-    r = run_script(TRAIN, "--data-root", tmp_path / "nowhere", "--output-dir", tmp_path / "run", "--device", "cpu", nproc=2)
+@pytest.mark.parametrize("flags, needle", [
+    (["--data-root", "NOWHERE"], "--data-root NOWHERE: no such directory"),
+    (["--amp", "fp64"], "argument --amp: invalid choice: 'fp64'"),  # argparse's own errors too
+])
+def test_bad_input_under_torchrun_is_printed_once(tmp_path, flags, needle):
+    flags = [str(f).replace("NOWHERE", str(tmp_path / "nowhere")) for f in flags]
+    r = run_script(TRAIN, *flags, "--output-dir", tmp_path / "run", "--device", "cpu", nproc=2)
     assert r.returncode != 0
     assert r.stderr.count("train_inversionnet.py: error:") == 1, r.stderr[-3000:]
-    assert f"train_inversionnet.py: error: --data-root {tmp_path / 'nowhere'}: no such directory" in r.stderr
+    assert "train_inversionnet.py: error: " + needle.replace("NOWHERE", str(tmp_path / "nowhere")) in r.stderr
+    assert "usage:" not in r.stderr
 
 
 def test_resume_with_another_world_size_restarts_the_epoch(tmp_path, capsys):

@@ -143,11 +143,19 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     (["--noise-std", "-0.1"], "--noise-std must be >= 0, got -0.1"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     (["--val-list", "/nonexistent/val.txt"], "--val-list /nonexistent/val.txt: no such file"),
+    (["--split", "test"], "argument --split: invalid choice: 'test' (choose from 'val', 'train') (--help lists the flags)"),
+    (["--vis"], "argument --vis: expected one argument (--help lists the flags)"),
 ])
 def test_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
     (tmp_path / "never-read.pt").touch()  # there, so the flag's own check is the one that fails
     assert E.cli(["--checkpoint", str(tmp_path / "never-read.pt"), *args]) == 2
     assert capsys.readouterr().err.strip() == f"eval_inversionnet.py: error: {needle}"
+
+
+def test_a_missing_checkpoint_flag_is_one_line(capsys):
+    assert E.cli([]) == 2
+    assert capsys.readouterr().err == ("eval_inversionnet.py: error: the following arguments are required: --checkpoint "
+                                       "(--help lists the flags)\n")
 
 
 def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys):

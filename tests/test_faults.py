@@ -518,6 +518,10 @@ def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, nee
     (["--data-root", "ONEFILE"], "the validation split is empty"),
     (["--val-list", "AFILE"], "--val-list needs --train-list"),
     (["--train-list", "AFILE"], "--train-list needs --val-list (or --val-every 0"),
+    # argparse's own errors: one line too, not the page of usage text argparse prints by default
+    (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x' (--help lists the flags)"),
+    (["--amp", "fp64"], "argument --amp: invalid choice: 'fp64'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_arguments_one_line_exit_2(data, tmp_path, capsys, args, needle):
     defaults = ["--data-root", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "1", *BASE]
