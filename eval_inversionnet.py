@@ -366,7 +366,7 @@ def run_evaluation(cli, argv):
     model, ckpt, targs, normalizer, stats_from = load_model(cli, device)
     pairs, train_pairs = evaluation_pairs(cli, targs, saved_args(ckpt) is not None)
     counts = T.inspect_pairs(pairs)
-    make_output_dir(out, rank)
+    T.on_rank0(rank, make_output_dir, out)
     perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
     cfg = T.LoaderConfig(kind=cli.loader, batch_size=cli.batch_size, num_workers=cli.num_workers, seed=cli.seed)
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
@@ -391,12 +391,11 @@ def run_evaluation(cli, argv):
     return 0
 
 
-def make_output_dir(out, rank=0):
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-        except OSError as e:
-            raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
+def make_output_dir(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
 
 
 # ---- inference on unlabelled data, and export ----

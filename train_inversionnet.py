@@ -1753,11 +1753,22 @@ def check_output_dir(args):
         raise InputError(f"--overwrite would delete the run that --resume {args.resume} continues: give one of them")
 
 
-def make_output_dir(args, rank):
-    """The output directory, made by rank 0 once every check has passed, and proved writable."""
-    if rank != 0:
-        return
-    out = args.output_dir
+def on_rank0(rank, fn, *fn_args):
+    """fn on rank 0 alone, which every rank waits for and learns the outcome of: an InputError there stops
+    every rank with rank 0's one line, not with a traceback from the next collective on the others."""
+    failure = None
+    if rank == 0:
+        try:
+            fn(*fn_args)
+        except InputError as e:
+            failure = e
+    if all_reduce_sum(torch.tensor([int(failure is not None)])).item():
+        raise failure or InputError(f"rank 0 failed in {fn.__name__}")  # rank 0 alone prints
+
+
+def make_output_dir(out):
+    """Made once every check has passed, proved writable, and cleared of what a kill during a checkpoint
+    write left."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}")  # fail now, not at the first checkpoint
@@ -1774,7 +1785,7 @@ def make_output_dir(args, rank):
 def remove_previous_run(args):
     """--overwrite, once every check has passed: the old run's files go before the new run writes any, so
     nothing of it (a better best.pt, its log, its TensorBoard curves) mixes into the new one."""
-    if not args.overwrite or not is_main():
+    if not args.overwrite:
         return
     removed = []
     for name in RUN_FILES:
@@ -1937,9 +1948,7 @@ def main(args, argv=()):
     check_output_dir(args)
     normalizer, stats_from = resolve_stats(args)
     data = load_splits(args, world)  # before the output directory exists: bad data leaves nothing behind
-    make_output_dir(args, rank)
-    if dist.is_initialized():
-        dist.barrier()
+    on_rank0(rank, make_output_dir, args.output_dir)
     set_log_file(os.path.join(args.output_dir, "train.log"))
     seed_everything(args.seed + rank)
     backend_note = configure_backends(args, device)
@@ -1951,7 +1960,7 @@ def main(args, argv=()):
     run.meta = {"split": split_record(data[0], data[1]),
                 "provenance": provenance(device, argv, world)}
     resumed = restore(run, args, rank, len(train_loader))
-    remove_previous_run(args)
+    on_rank0(rank, remove_previous_run, args)
     if resumed:
         print0(resumed)
     record_run(args, run.meta["provenance"])

@@ -354,6 +354,17 @@ def test_torchrun_evaluation_matches_one_process(tiny_run, tmp_path):
     assert two["provenance"]["evaluation"]["world_size"] == 2
 
 
+@pytest.mark.slow
+def test_torchrun_evaluation_that_cannot_write_is_one_line(tiny_run, tmp_path):
+    """Rank 0 makes the output directory; when it cannot, the other rank stops with it, not in a collective."""
+    (tmp_path / "afile").touch()
+    r = run_script(EVAL, "--checkpoint", tiny_run / "run" / "best.pt", "--output-dir", tmp_path / "afile" / "ev",
+                   "--num-workers", 0, "--no-progress", "--device", "cpu", nproc=2)
+    assert r.returncode != 0 and "[rank1]" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.count("eval_inversionnet.py: error:") == 1
+    assert f"eval_inversionnet.py: error: --output-dir {tmp_path / 'afile' / 'ev'}: Not a directory" in r.stderr
+
+
 # ---- inference on unlabelled data, export ----
 
 def model_of(checkpoint):
