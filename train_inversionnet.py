@@ -479,9 +479,12 @@ def resolve_speed(args, device, cache_samples=0):
     onoff = lambda v: "on" if v else "off"
     cache = f" ({args.cache_dtype} cache, {cache_bytes / 1e9:.2f} GB)" if args.loader == "gpu" else ""
     why = f"--fast for {device.type}" + (f" (native bf16: {'yes' if cpu_has_native_bf16() else 'no'})" if device.type == "cpu" else "")
+    # PyTorch's CPU convolution backward has no fast fp16 kernel (the forward has): measured in bench/RESULTS.md
+    warn = ("; note: fp16 training on a CPU is far slower than fp32 (PyTorch's fp16 convolution backward "
+            "is a slow generic kernel there): bf16 or off trains faster") if args.amp == "fp16" and device.type == "cpu" else ""
     return (f"speed: amp {args.amp}, channels-last {onoff(args.channels_last)}, compile {onoff(args.compile)}, fused adam "
             f"{onoff(args.fused_adam)}, loader {args.loader}{cache}; {why if args.fast else 'defaults'}"
-            f"{', given: ' + ' '.join(given) if given else ''}")
+            f"{', given: ' + ' '.join(given) if given else ''}{warn}")
 
 
 def device_name(device):

@@ -379,6 +379,9 @@ def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, na
     args = parsed("--fast")
     T.resolve_speed(args, cpu, cache_samples=8000)  # 5.6-11.2 GB: more than half the free memory
     assert args.loader == "map"
+    line = T.resolve_speed(parsed("--amp", "fp16"), cpu, cache_samples=10)
+    assert line.endswith("given: --amp; note: fp16 training on a CPU is far slower than fp32 (PyTorch's fp16 convolution "
+                         "backward is a slow generic kernel there): bf16 or off trains faster")
     args = parsed()
     assert T.resolve_speed(args, cpu, cache_samples=10).endswith("; defaults")
     assert {k: getattr(args, k) for k in T.SPEED_FLAGS} == dict(amp="off", channels_last=False, compile=False,
