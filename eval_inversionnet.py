@@ -40,20 +40,20 @@ PAPER = {"flatvel-a": (0.0131, 0.0211, 0.9895), "flatvel-b": (0.0351, 0.0876, 0.
 def get_args_parser():
     p = T.ArgumentParser(description="Evaluate InversionNet on OpenFWI-format data.",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="last.pt / best.pt of train_inversionnet.py, or an OpenFWI checkpoint")
-    p.add_argument("--data-root", default=None, help="OpenFWI layout; the val split is made as in training (default: from the checkpoint)")
-    p.add_argument("--val-list", default=None, help="OpenFWI split file to evaluate instead")
+    p.add_argument("--checkpoint", type=T.path_arg, required=True, help="last.pt / best.pt of train_inversionnet.py, or an OpenFWI checkpoint")
+    p.add_argument("--data-root", type=T.path_arg, default=None, help="OpenFWI layout; the val split is made as in training (default: from the checkpoint)")
+    p.add_argument("--val-list", type=T.path_arg, default=None, help="OpenFWI split file to evaluate instead")
     p.add_argument("--split", default="val", choices=["val", "train"], help="which split of --data-root to evaluate")
     p.add_argument("--dataset", default=None, choices=sorted(T.DATASETS),
                    help="the OpenFWI set: its normalisation constants (unless --stats; needed for OpenFWI checkpoints) and paper row")
-    p.add_argument("--stats", default=None, help="normalisation JSON (as written by simulate_openfwi.py)")
-    p.add_argument("--predict", default=None,
+    p.add_argument("--stats", type=T.path_arg, default=None, help="normalisation JSON (as written by simulate_openfwi.py)")
+    p.add_argument("--predict", type=T.path_arg, default=None,
                    help="a .npy of shot gathers (N, 5, 1000, 70), or a directory of them: writes OUTPUT_DIR/<stem>_velocity.npy "
                         "(N, 1, 70, 70) float32 in m/s and a picture of the first --vis predictions; no labels, no metrics")
-    p.add_argument("--export", default=None,
+    p.add_argument("--export", type=T.path_arg, default=None,
                    help="write the model (eval mode, dynamic batch) as a torch.export program to this .pt2 file, with its "
                         "normalisation constants as the extra file normalization.json, and stop")
-    p.add_argument("--output-dir", default=None, help="where results go (default: CHECKPOINT_DIR/eval, or CHECKPOINT_DIR/predict)")
+    p.add_argument("--output-dir", type=T.path_arg, default=None, help="where results go (default: CHECKPOINT_DIR/eval, or CHECKPOINT_DIR/predict)")
     p.add_argument("--overwrite", action="store_true", help="replace the results (or --export file) already there")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
@@ -73,11 +73,13 @@ def get_args_parser():
 def check_cli(cli):
     if cli.batch_size <= 0:
         raise T.InputError(f"--batch-size must be positive, got {cli.batch_size}")
-    for flag, value in (("--noise-std", cli.noise_std), ("--vis", cli.vis), ("--num-workers", cli.num_workers)):
+    for flag, value in (("--vis", cli.vis), ("--num-workers", cli.num_workers)):
         if value < 0:
             raise T.InputError(f"{flag} must be >= 0, got {value}")
-    if cli.seed < 0:  # numpy's seed streams take non-negative integers only
-        raise T.InputError(f"--seed must be >= 0, got {cli.seed}")
+    if not 0 <= cli.noise_std <= 10:  # NaN fails this too
+        raise T.InputError(f"--noise-std must be in [0, 10] (times each trace's peak), got {cli.noise_std}")
+    if not 0 <= cli.seed <= T.MAX_SEED:  # numpy's seed streams take non-negative integers only
+        raise T.InputError(f"--seed must be in [0, {T.MAX_SEED}], got {cli.seed}")
     if not 0 <= cli.missing_traces <= 70:
         raise T.InputError(f"--missing-traces must be in [0, 70], got {cli.missing_traces}")
     if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
@@ -85,8 +87,8 @@ def check_cli(cli):
     if cli.predict and cli.export:
         raise T.InputError("--predict and --export are separate jobs: give one of them")
     for flag, path in (("--checkpoint", cli.checkpoint), ("--val-list", cli.val_list), ("--stats", cli.stats)):
-        if path is not None and not os.path.isfile(path):
-            raise T.InputError(f"{flag} {path}: no such file")
+        if path is not None:
+            T.require_file(flag, path)
 
 
 # ---- robustness perturbations ----
@@ -205,7 +207,10 @@ def baseline_sums(train_pairs, pairs, normalizer):
     total, n = 0.0, 0
     for _, lpath in train_pairs:
         y = np.load(lpath, mmap_mode="r")
-        total, n = total + y.sum(axis=0, dtype=np.float64), n + len(y)
+        file_sum = y.sum(axis=0, dtype=np.float64)
+        if not np.isfinite(file_sum).all():  # the training labels are read here only, so checked here
+            raise T.DataError(f"{lpath}: NaN or Inf in the labels (read for the mean-map baseline)")
+        total, n = total + file_sum, n + len(y)
     mean_map = normalizer.label(torch.from_numpy((total / n).astype(np.float32)))
     sums = torch.zeros(4, dtype=torch.float64)
     for _, lpath in pairs:
@@ -392,6 +397,8 @@ def run_evaluation(cli, argv):
 
 
 def make_output_dir(out):
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise T.InputError(f"--output-dir {out} exists and is not a directory")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
@@ -414,10 +421,7 @@ def prediction_inputs(path):
         raise T.InputError(f"--predict {path}: no such file or directory")
     maps = []
     for f in files:
-        try:
-            a = np.load(f, mmap_mode="r")
-        except (ValueError, OSError, EOFError) as e:
-            raise T.DataError(f"{f}: unreadable or truncated .npy ({e})") from None
+        a = T.open_npy(f)
         if not np.issubdtype(a.dtype, np.floating):
             raise T.DataError(f"{f}: dtype {a.dtype}, expected floating-point shot gathers (float32)")
         if a.ndim != 4 or tuple(a.shape[1:]) != T.DATA_SHAPE or len(a) == 0:
@@ -433,7 +437,8 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(gathers), *T.LABEL_SHAPE))
         for s in range(0, len(gathers), batch_size):
-            x = np.array(gathers[s:s + batch_size], dtype=np.float32)  # a copy: the map stays read-only
+            with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused just below
+                x = np.array(gathers[s:s + batch_size], dtype=np.float32)  # a copy: the map stays read-only
             bad = np.flatnonzero(~np.isfinite(x).reshape(len(x), -1).all(1))
             if len(bad):
                 raise T.DataError(f"{path} sample {s + int(bad[0])}: NaN or Inf in the shot gathers")
@@ -459,6 +464,7 @@ def predict(cli):
     for d in dests:
         if os.path.exists(d) and not cli.overwrite:
             raise T.InputError(f"{d} already exists; pass --overwrite to replace it or choose another --output-dir")
+        T.refuse_non_file(d)
     device = T.resolve_device(cli.device)
     model, _, targs, normalizer, stats_from = load_model(cli, device)
     amp_dtype, channels_last = forward_settings(cli, model, device, targs)
@@ -511,6 +517,7 @@ def export(cli):
     in [-1, 1]; the normalisation constants travel with it as the extra file normalization.json."""
     if os.path.exists(cli.export) and not cli.overwrite:
         raise T.InputError(f"--export {cli.export} already exists; pass --overwrite to replace it")
+    T.refuse_non_file(cli.export)  # before the minute of tracing, not after
     model, _, targs, normalizer, _ = load_model(cli, torch.device("cpu"))
     dtype = forward_dtype(cli, targs)
     if dtype is not None:
@@ -542,7 +549,7 @@ def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
-    except (T.InputError, RuntimeError) as e:
+    except (T.InputError, RuntimeError, OSError) as e:
         if not T.report_input_error("eval_inversionnet.py", e):
             raise
         return 2

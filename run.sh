@@ -30,9 +30,10 @@ USAGE
 install() {
   # torch first and pinned: an unpinned torch on a CPU-only machine pulls GBs of CUDA packages. A torch
   # before 2.3 lacks torch.amp.GradScaler, which the trainer uses, so it is replaced by the pinned one too
+  # pip's warning about running as root (containers, CI) would be a stray line on every run
   "$PY" -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 3))" 2>/dev/null \
-    || "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
-  "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
+    || PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
 }
 
 if [[ "${1:-}" == "test" ]]; then
@@ -83,10 +84,12 @@ else
 fi
 
 step() { echo; echo "== $1"; }
+# a stage's exit code is run.sh's; an input error (exit 2) has already said what is wrong, in one line
+failed() { (( $1 == 2 )) || echo "run.sh: $2 failed (exit $1)" >&2; exit "$1"; }
 step "1/3 simulate ($family, profile $profile) -> $data"
 # shellcheck disable=SC2086
 "$PY" simulate_openfwi.py --family "$family" --out "$data" "${sim[@]}" $sim_args \
-  || { echo "run.sh: simulation failed" >&2; exit 1; }
+  || failed $? simulation
 step "2/3 train -> $run"
 rc=0
 # --resume auto continues the run in $run if there is one and starts a new one otherwise, so the same command
@@ -103,11 +106,11 @@ if (( rc == 130 || rc == 143 )); then
   echo "run.sh: training stopped by a signal$hint" >&2
   exit "$rc"
 fi
-(( rc == 0 )) || { echo "run.sh: training failed (exit $rc)" >&2; exit 1; }
+(( rc == 0 )) || failed "$rc" training
 step "3/3 evaluate -> $run/eval"
 # shellcheck disable=SC2086
 "$PY" eval_inversionnet.py --checkpoint "$run/best.pt" --vis 3 --overwrite $eval_args \
-  || { echo "run.sh: evaluation failed" >&2; exit 1; }
+  || failed $? evaluation
 cat <<SUMMARY
 
 == done

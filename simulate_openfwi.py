@@ -550,8 +550,15 @@ FAMILIES = {"flatvel": flatvel, "curvevel": curvevel, "flatfault": flatfault, "c
 
 # ---- files ----
 
+def refuse_non_file(path):
+    """Renaming onto a directory fails only after the write, and onto a device replaces it: refuse first."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise SimulationError(f"{path} exists and is not a regular file")
+
+
 def save_npy_atomic(path, array):
     """np.save to a temporary name in the same directory, fsync, then rename over `path`."""
+    refuse_non_file(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
@@ -566,6 +573,7 @@ def save_npy_atomic(path, array):
 
 def write_text_atomic(path, text):
     """Temporary name, then rename: the file is either the old one or the whole new one."""
+    refuse_non_file(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", newline="") as fh:
@@ -595,8 +603,10 @@ def check_args(args):
             raise SimulationError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise SimulationError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.pml_width < 0:
-        raise SimulationError(f"--pml-width must be >= 0, got {args.pml_width}")
+    if not 0 <= args.pml_width <= 100:  # the model is 70 cells wide; the default is 12
+        raise SimulationError(f"--pml-width must be in [0, 100], got {args.pml_width}")
+    if not args.out.strip():
+        raise SimulationError("--out: an empty path")
     if args.seed < 0:  # numpy's seed streams take non-negative integers only
         raise SimulationError(f"--seed must be >= 0, got {args.seed}")
     if args.val_files is None:
@@ -710,7 +720,7 @@ def prepare_out(args):
                     os.remove(os.path.join(d, name))
         write_text_atomic(os.path.join(args.out, "simulate.json"), json.dumps(settings_of(args), indent=2) + "\n")
     except OSError as e:
-        raise SimulationError(f"cannot write into --out {args.out}: {e.strerror}") from None
+        raise SimulationError(f"cannot write into --out {args.out}: {e.filename}: {e.strerror}") from None
 
 
 def write_metadata(args):
@@ -743,7 +753,7 @@ def cli(argv=None):
         print(f"simulate_openfwi.py: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
-        print(f"simulate_openfwi.py: error: {e.filename or args.out}: {e.strerror}", file=sys.stderr)
+        print(f"simulate_openfwi.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)  # numpy's short write has no strerror
         return 2
     except KeyboardInterrupt:
         print("simulate_openfwi.py: interrupted; complete files are kept, re-run to resume", file=sys.stderr)

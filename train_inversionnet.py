@@ -21,6 +21,7 @@ import collections
 import concurrent.futures
 import copy
 import datetime
+import errno
 import io
 import itertools
 import json
@@ -57,6 +58,7 @@ DATASETS = {
 LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
 DATA_SHAPE, LABEL_SHAPE = (5, 1000, 70), (1, 70, 70)
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_SEED = 2**31 - 1  # seeds are offset by rank and epoch, and numpy's global seed takes 32 bits
 
 
 class InputError(Exception):
@@ -86,6 +88,13 @@ class ArgumentParser(argparse.ArgumentParser):
         raise InputError(f"{message} (--help lists the flags)")
 
 
+def path_arg(text):
+    """A path flag's value: an empty one (an unset shell variable, say) would silently mean "not given"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path")
+    return text
+
+
 def get_args_parser():
     p = ArgumentParser(description="Train InversionNet on OpenFWI-format data.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -97,14 +106,14 @@ def get_args_parser():
 
 
 def add_data_args(g):
-    g.add_argument("--data-root", default="data/flatvel",
+    g.add_argument("--data-root", type=path_arg, default="data/flatvel",
                    help="OpenFWI layout: data/data*.npy + model/model*.npy (or seis*/vel*), split by file")
-    g.add_argument("--train-list", default=None, help="OpenFWI split file (data<TAB>label per line); overrides --data-root")
-    g.add_argument("--val-list", default=None, help="OpenFWI split file for validation (with --train-list)")
+    g.add_argument("--train-list", type=path_arg, default=None, help="OpenFWI split file (data<TAB>label per line); overrides --data-root")
+    g.add_argument("--val-list", type=path_arg, default=None, help="OpenFWI split file for validation (with --train-list)")
     g.add_argument("--train-size", type=float, default=0.8, help="fraction of files for training with --data-root")
     g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="normalisation constants from OpenFWI's table; default: DATA_ROOT/dataset.json if present, else flatvel-a")
-    g.add_argument("--stats", default=None, help="JSON with data_min/data_max/label_min/label_max (simulate_openfwi.py writes one)")
+    g.add_argument("--stats", type=path_arg, default=None, help="JSON with data_min/data_max/label_min/label_max (simulate_openfwi.py writes one)")
     g.add_argument("--loader", default=None, choices=["map", "iterable", "gpu"],
                    help="map: random access over mmaps; iterable: whole files sharded over ranks and workers; gpu: the normalised "
                         "split cached on the training device (in RAM on a CPU). Unset: map, or with --fast gpu when the split "
@@ -172,18 +181,18 @@ def add_speed_args(g):
 
 
 def add_run_args(g):
-    g.add_argument("--output-dir", default="runs/inversionnet", help="checkpoints, args.json, train.log and tb/")
-    g.add_argument("--config", default=None,
+    g.add_argument("--output-dir", type=path_arg, default="runs/inversionnet", help="checkpoints, args.json, train.log and tb/")
+    g.add_argument("--config", type=path_arg, default=None,
                    help="a run's args.json: its arguments become the defaults and the flags given here win, so "
                         "--config RUN/args.json --output-dir NEW repeats RUN (--resume and --overwrite are never taken from it)")
-    g.add_argument("--resume", default=None,
+    g.add_argument("--resume", type=path_arg, default=None,
                    help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader, "
                         "the training split, --optimizer, --lr, --weight-decay or --betas differ from the checkpoint's; a "
                         "different world size restarts the current epoch")
     g.add_argument("--overwrite", action="store_true",
                    help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log and tb/ "
                         "are removed once the new run's checks pass")
-    g.add_argument("--init-from", default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
+    g.add_argument("--init-from", type=path_arg, default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
     g.add_argument("--init-strict", default="yes", choices=["yes", "no"],
                    help="no: load only the --init-from tensors whose names and shapes match the model, and log the rest")
     g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never)")
@@ -239,9 +248,14 @@ def parse_args(argv=None):
     return get_args_parser().parse_args(config_argv(args.config) + argv) if args.config else args
 
 
-POSITIVE = ("epochs", "batch_size", "val_batch_size", "log_every", "prefetch_factor", "max_steps", "lr_step_size", "lr_gamma")
+POSITIVE = ("epochs", "batch_size", "val_batch_size", "log_every", "prefetch_factor", "max_steps", "lr_step_size")
 NON_NEGATIVE = ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_warmup_epochs", "precise_bn", "seed",
                 "lambda_l1", "lambda_l2")
+
+
+def require_file(flag, path):
+    if not os.path.isfile(path):
+        raise InputError(f"{flag} {path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
 
 
 def check_args(args):
@@ -260,6 +274,10 @@ def check_args(args):
         args.val_batch_size = args.batch_size
     if not 0 < args.lr <= 10:  # beyond 10, Adam's first step overflows float32 long before it means anything
         raise InputError(f"--lr must be in (0, 10], got {args.lr}")
+    if not 0 < args.lr_gamma <= 1:
+        raise InputError(f"--lr-gamma must be in (0, 1] (the factor of each decay), got {args.lr_gamma}")
+    if args.seed > MAX_SEED:
+        raise InputError(f"--seed must be at most {MAX_SEED}, got {args.seed}")
     if not all(0 <= b < 1 for b in args.betas):
         raise InputError(f"--betas must both be in [0, 1), got {' '.join(map(str, args.betas))}")
     if not all(0 <= m < math.inf for m in args.lr_milestones):
@@ -272,12 +290,9 @@ def check_args(args):
         raise InputError("--val-list needs --train-list")
     if args.train_list and not args.val_list and args.val_every:
         raise InputError("--train-list needs --val-list (or --val-every 0 to train without validation)")
-    for name in ("train_list", "val_list", "stats", "init_from"):  # parse_args has read --config already
-        path = getattr(args, name)
-        if path is not None and not os.path.isfile(path):
-            raise InputError(f"{flag_of(name)} {path}: no such file")
-    if args.resume not in (None, "auto") and not os.path.isfile(args.resume):
-        raise InputError(f"--resume {args.resume}: no such file")
+    for name in ("train_list", "val_list", "stats", "init_from", "resume"):  # parse_args has read --config already
+        if getattr(args, name) not in (None, "auto"):
+            require_file(flag_of(name), getattr(args, name))
     if args.overwrite and args.resume == "auto":
         raise InputError("--overwrite replaces the run in --output-dir and --resume auto continues it: give one of them "
                          "(bash run.sh passes --resume auto: remove its --run directory to start over)")
@@ -515,10 +530,18 @@ def provenance(device, argv, world=1):
             "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
+def refuse_non_file(path):
+    """Renaming onto a directory fails only after the write, and onto a device (/dev/null) replaces the
+    device: an existing target that is not a regular file is refused first."""
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise OSError(errno.EEXIST, "exists and is not a regular file", path)
+
+
 def write_atomic(path, data):
     """Write bytes or text to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact.
     One write call of ours, so a failure raises its own error (ENOSPC, EFBIG, or the KeyboardInterrupt of
     a second Ctrl-C); the temporary file never outlives the call."""
+    refuse_non_file(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
@@ -648,6 +671,9 @@ def resolve_stats(args):
         norm = Normalizer(meta["data_min"], meta["data_max"], meta.get("label_min", LABEL_MIN), meta.get("label_max", LABEL_MAX))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: not a usable stats file ({type(e).__name__}: {e})") from None
+    values = (norm.data_min, norm.data_max, norm.label_min, norm.label_max)
+    if not all(math.isfinite(v) for v in values):
+        raise InputError(f"{path}: the constants must be finite numbers, got {', '.join(map(str, values))}")
     if not (norm.data_max > norm.data_min and norm.label_max > norm.label_min):
         raise InputError(f"{path}: min must be below max")
     return norm, path
@@ -659,6 +685,8 @@ _PAIR_RE = re.compile(r"^(data|seis|model|vel)(.*)\.npy$")
 def find_pairs(data_root):
     """(data, label) paths under DATA_ROOT/data and DATA_ROOT/model, paired by the name after the prefix."""
     ddir, mdir = os.path.join(data_root, "data"), os.path.join(data_root, "model")
+    if os.path.isfile(data_root):
+        raise DataError(f"--data-root {data_root} is a file: a split list goes to --train-list / --val-list")
     if not os.path.isdir(data_root):
         run_sh = "bash run.sh" + ("" if os.path.normpath(data_root) == os.path.join("data", "flatvel") else f" --data {data_root}")
         raise DataError(f"--data-root {data_root}: no such directory ({run_sh} makes one, or "
@@ -687,7 +715,8 @@ def find_pairs(data_root):
 
 
 def read_split_list(path):
-    """OpenFWI split file: `data_path<TAB>label_path` per line; relative paths are taken from the file's folder."""
+    """OpenFWI split file: `data_path<TAB>label_path` per line (a line without a tab splits at whitespace, so
+    paths with spaces need the tab); relative paths are taken from the file's folder."""
     base = os.path.dirname(os.path.abspath(path))
     pairs = []
     try:
@@ -698,8 +727,8 @@ def read_split_list(path):
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        parts = line.split()
-        if len(parts) != 2:
+        parts = [p.strip() for p in line.strip().split("\t")] if "\t" in line else line.split()
+        if len(parts) != 2 or not all(parts):
             raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
         pairs.append(tuple(p if os.path.isabs(p) else os.path.join(base, p) for p in parts))
     if not pairs:
@@ -726,6 +755,17 @@ def splits(args):
     return split_pairs(find_pairs(args.data_root), args.train_size, args.seed)
 
 
+def open_npy(path):
+    """A read-only memory map of one .npy file; anything else is a DataError naming the file."""
+    try:
+        a = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable or truncated .npy ({e})") from None
+    if not isinstance(a, np.ndarray):  # np.load opens a zip archive (.npz) whatever the file is called
+        raise DataError(f"{path}: an .npz archive, not a .npy array")
+    return a
+
+
 def inspect_pairs(pairs):
     """Check headers, dtypes, shapes and counts of every pair without reading the data; returns counts."""
     counts = []
@@ -734,10 +774,7 @@ def inspect_pairs(pairs):
         for path, shape in ((dpath, DATA_SHAPE), (lpath, LABEL_SHAPE)):
             if not os.path.isfile(path):
                 raise DataError(f"{path}: no such file")
-            try:
-                a = np.load(path, mmap_mode="r")
-            except (ValueError, OSError, EOFError) as e:
-                raise DataError(f"{path}: unreadable or truncated .npy ({e})") from None
+            a = open_npy(path)
             if a.dtype != np.float32:
                 raise DataError(f"{path}: dtype {a.dtype}, expected float32")
             if a.ndim != 4 or tuple(a.shape[1:]) != shape:
@@ -751,11 +788,11 @@ def inspect_pairs(pairs):
     return counts
 
 
-def check_finite(x, y, where):
-    """Raise DataError naming `where` (file and sample) if x or y holds NaN/Inf."""
-    for arr, kind in ((x, "data"), (y, "label")):
+def check_finite(x, y, pair, sample):
+    """Raise DataError naming the file (of the pair) and the sample if x or y holds NaN/Inf."""
+    for arr, path, kind in ((x, pair[0], "data"), (y, pair[1], "label")):
         if not np.isfinite(arr).all():
-            raise DataError(f"{where}: NaN or Inf in the {kind}", local=True)
+            raise DataError(f"{path} sample {sample}: NaN or Inf in the {kind}", local=True)
 
 
 class MapDataset(torch.utils.data.Dataset):
@@ -781,7 +818,7 @@ class MapDataset(torch.utils.data.Dataset):
             self._maps = [(np.load(d, mmap_mode="r"), np.load(m, mmap_mode="r")) for d, m in self.pairs]
         f, j = self.locate(idx)
         x, y = np.array(self._maps[f][0][j]), np.array(self._maps[f][1][j])
-        check_finite(x, y, f"{self.pairs[f][0]} sample {j}")
+        check_finite(x, y, self.pairs[f], j)
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         if self.transform is not None:
             x = self.transform(x, idx)
@@ -931,7 +968,7 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
             y = np.array(np.load(self.pairs[f][1], mmap_mode="r")[s:e])
             if not (np.isfinite(x).all() and np.isfinite(y).all()):
                 for j in range(len(x)):
-                    check_finite(x[j], y[j], f"{self.pairs[f][0]} sample {s + j}")
+                    check_finite(x[j], y[j], self.pairs[f], s + j)
             drop = max(0, skip_samples - (start - lo))  # the head of this slice that skipped batches took
             pieces.append((x[perm][drop:], y[perm][drop:]))
             have = sum(len(p[0]) for p in pieces)
@@ -970,7 +1007,7 @@ def read_samples(pairs, counts, keep, chunk=64):
         x, y = np.asarray(np.load(dpath, mmap_mode="r")[idx]), np.asarray(np.load(lpath, mmap_mode="r")[idx])
         if not (np.isfinite(x).all() and np.isfinite(y).all()):
             for k, j in enumerate(idx):
-                check_finite(x[k], y[k], f"{dpath} sample {int(j)}")
+                check_finite(x[k], y[k], (dpath, lpath), int(j))
         return x, y
 
     starts = np.cumsum([0, *counts])
@@ -1268,6 +1305,8 @@ def load_matching(model, path):
     _, sd = read_state_dict(path)
     own = model.state_dict()
     take = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if not take:
+        raise InputError(f"--init-from {path}: no tensor matches the model's names and shapes; nothing to fine-tune from")
     model.load_state_dict(take, strict=False)
     skipped = [f"{k} {tuple(v.shape)}" + (f" vs {tuple(own[k].shape)}" if k in own else " not in the model")
                for k, v in sd.items() if k not in take]
@@ -1360,7 +1399,7 @@ def build_scheduler(optimizer, args, iters_per_epoch, start=0):
         miles = sorted(m * ipe for m in args.lr_milestones)
         fn = lambda it: warmup(it) * args.lr_gamma ** sum(it >= m for m in miles)
     elif args.lr_scheduler == "step":
-        fn = lambda it: args.lr_gamma ** int(it // (args.lr_step_size * ipe))
+        fn = lambda it: args.lr_gamma ** (it // (args.lr_step_size * ipe))  # a float power: 0 (not an error) at inf
     elif args.lr_scheduler == "cosine":
         fn = lambda it: warmup(it) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, it - warm) / max(1, total - warm))))
     else:
@@ -1695,9 +1734,11 @@ def check_resumable(ckpt, path, args, split):
                              f"or start a new run")
     if "split" in ckpt and ckpt["split"] != split:
         was, now = ckpt["split"], split
+        i = next((i for i, (a, b) in enumerate(zip(now, was)) if a != b), None)  # None: one list is longer
+        first = f"; file {i + 1} is now {shown(now[i])}, was {shown(was[i])}" if i is not None else ""
         raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
-                         f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples); resume with that "
-                         f"split or start a new run")
+                         f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples{first}); resume "
+                         f"with that split or start a new run")
 
 
 def restore(run, args, rank, iters_per_epoch):
@@ -1822,7 +1863,8 @@ def load_splits(args, world):
     train_pairs, val_pairs = splits(args)
     train_counts, val_counts = inspect_pairs(train_pairs), inspect_pairs(val_pairs) if val_pairs else []
     if args.val_every and not val_pairs and not args.overfit_batch:
-        raise DataError("the validation split is empty: add files, lower --train-size, give --val-list, or pass --val-every 0")
+        raise DataError("the validation split is empty: the split is by file and --data-root holds one; add files, give "
+                        "--train-list and --val-list, or pass --val-every 0")
     if sum(train_counts) < args.batch_size * world:
         raise DataError(f"the training split has {sum(train_counts)} samples, fewer than one global batch "
                         f"({args.batch_size} x {world}); lower --batch-size")
@@ -1929,6 +1971,14 @@ def record_run(args, prov):
     write_atomic(path, json.dumps(starts + [prov], indent=2))
 
 
+def absolute_paths(args):
+    """The input paths made absolute once they have been read: args.json and the checkpoints then name the
+    same files from any working directory (eval, --config, --resume)."""
+    for name in ("data_root", "train_list", "val_list", "stats", "init_from"):
+        if getattr(args, name):
+            setattr(args, name, os.path.abspath(getattr(args, name)))
+
+
 def describe_data(data, train_loader, args, world, stats_from):
     train_pairs, train_counts, val_pairs, val_counts = data
     dropped = train_loader.dropped
@@ -1951,6 +2001,7 @@ def main(args, argv=()):
     check_output_dir(args)
     normalizer, stats_from = resolve_stats(args)
     data = load_splits(args, world)  # before the output directory exists: bad data leaves nothing behind
+    absolute_paths(args)
     on_rank0(rank, make_output_dir, args.output_dir)
     set_log_file(os.path.join(args.output_dir, "train.log"))
     seed_everything(args.seed + rank)
@@ -1976,7 +2027,10 @@ def main(args, argv=()):
 
 def report_input_error(script, e):
     """Print the one line of an InputError, or of a DataError that a loader worker raised (it arrives
-    wrapped in a RuntimeError); False for any other error. Rank 0 alone prints what every rank meets."""
+    wrapped in a RuntimeError), or of an OSError on a path the system refuses (a directory where a file goes,
+    a full disk); False for any other error. Rank 0 alone prints what every rank meets."""
+    if isinstance(e, OSError):
+        e = InputError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), local=True)
     if isinstance(e, InputError):
         msg, local = re.sub(r"^\S*(DataError|InputError): ", "", str(e).strip().splitlines()[-1]), e.local
     else:
@@ -1996,7 +2050,7 @@ def cli(argv=None):
         args = parse_args(argv)
         check_args(args)
         return main(args, ["train_inversionnet.py", *argv])
-    except (InputError, RuntimeError) as e:
+    except (InputError, RuntimeError, OSError) as e:
         if not report_input_error("train_inversionnet.py", e):
             raise
         return 2

@@ -49,16 +49,16 @@ def write_split_list(path, pairs):
     return path
 
 
-def start(script, *args, nproc=None, torchrun=(), env=None, **popen_kw):
-    """Start `python SCRIPT ARGS`, or with nproc the same under `torchrun --standalone` (torchrun flags
-    in `torchrun`), with unbuffered output and two threads per process in all (one per rank)."""
+def start(script, *args, nproc=None, torchrun=(), env=None, cwd=ROOT, **popen_kw):
+    """Start `python SCRIPT ARGS` in CWD, or with nproc the same under `torchrun --standalone` (torchrun
+    flags in `torchrun`), with unbuffered output and two threads per process in all (one per rank)."""
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun]
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc else "2")
     e.update(env or {})
     return subprocess.Popen([*launcher, script, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e, cwd=ROOT, **popen_kw)
+                            text=True, env=e, cwd=cwd, **popen_kw)
 
 
 def run_script(script, *args, timeout=600, **kw):

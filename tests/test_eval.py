@@ -1,6 +1,8 @@
 """eval_inversionnet.py: metric definitions, perturbations, files, bad input."""
 import csv
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -75,9 +77,12 @@ def test_perturbations_are_seeded_per_sample_and_do_what_they_say():
 def tiny_run(tmp_path_factory):
     with module_dir(tmp_path_factory, "evalrun") as base:
         write_ids_dataset(base / "d", (4, 4, 4))
-        r = run_script(TRAIN, "--data-root", base / "d", "--output-dir", base / "run", "--epochs", 1, "--batch-size", 2,
-                       "--num-workers", 0, "--no-progress", "--dataset", "flatvel-a", "--train-size", 0.67)
+        # relative paths, trained in another working directory than the tests evaluate from: the run records
+        # its inputs as absolute paths, so eval finds the training data from anywhere
+        r = run_script(TRAIN, "--data-root", "d", "--output-dir", "run", "--epochs", 1, "--batch-size", 2,
+                       "--num-workers", 0, "--no-progress", "--dataset", "flatvel-a", "--train-size", 0.67, cwd=base)
         assert r.returncode == 0, r.stderr
+        assert json.loads((base / "run" / "args.json").read_text())["data_root"] == str(base / "d")
         yield base
 
 
@@ -140,8 +145,11 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
 @pytest.mark.parametrize("args, needle", [
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--missing-traces", "71"], "--missing-traces must be in [0, 70], got 71"),
-    (["--noise-std", "-0.1"], "--noise-std must be >= 0, got -0.1"),
-    (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--noise-std", "-0.1"], "--noise-std must be in [0, 10] (times each trace's peak), got -0.1"),
+    (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),
+    (["--noise-std", "nan"], "--noise-std must be in [0, 10] (times each trace's peak), got nan"),
+    (["--noise-std", "inf"], "--noise-std must be in [0, 10] (times each trace's peak), got inf"),
+    (["--predict", ""], "argument --predict: an empty path (--help lists the flags)"),
     (["--val-list", "/nonexistent/val.txt"], "--val-list /nonexistent/val.txt: no such file"),
     (["--split", "test"], "argument --split: invalid choice: 'test' (choose from 'val', 'train') (--help lists the flags)"),
     (["--vis"], "argument --vis: expected one argument (--help lists the flags)"),
@@ -217,6 +225,15 @@ def evaluate_to(out, checkpoint, *flags):
     assert E.cli(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--num-workers", "0", "--no-progress",
                   "--vis", "0", "--device", "cpu", *map(str, flags)]) == 0
     return json.loads((out / "metrics.json").read_text())
+
+
+def test_a_training_label_with_inf_stops_the_baseline_naming_its_file(tmp_path):
+    pairs = write_ids_dataset(tmp_path / "d", (2, 2))
+    y = np.load(pairs[0][1])
+    y[1, 0, 3, 3] = np.inf
+    np.save(pairs[0][1], y)
+    with pytest.raises(T.DataError, match=r"model1\.npy: NaN or Inf in the labels \(read for the mean-map baseline\)"):
+        E.baseline_sums(pairs[:1], pairs[1:], T.Normalizer(*T.DATASETS["flatvel-a"]))
 
 
 def test_baseline_is_the_training_mean_map_scored_independently(tiny_run, tmp_path, capsys):
@@ -420,6 +437,8 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("dtype", "dtype int16, expected floating-point shot gathers"),
     ("nan", "bad.npy sample 1: NaN or Inf in the shot gathers"),
     ("garbage", "unreadable or truncated .npy"),
+    ("npz", "bad.npy: an .npz archive, not a .npy array"),
+    ("overflow", "bad.npy sample 2: NaN or Inf in the shot gathers"),  # float64 beyond float32's range, no numpy warning
     ("missing", "--predict MISSING: no such file or directory"),
     ("empty_dir", "no .npy files in this directory"),
 ])
@@ -435,6 +454,13 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
         np.save(bad, x)
     elif case == "garbage":
         bad.write_bytes(b"\x93NUMPY garbage")
+    elif case == "npz":
+        with open(bad, "wb") as fh:
+            np.savez(fh, np.zeros((2, 5, 1000, 70), np.float32))
+    elif case == "overflow":
+        x = np.zeros((3, 5, 1000, 70))
+        x[2, 0, 0, 0] = 1e300
+        np.save(bad, x)
     elif case == "missing":
         bad = tmp_path / "missing.npy"
         needle = needle.replace("MISSING", str(bad))
@@ -446,6 +472,21 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_outputs_that_are_not_regular_files_are_refused_even_with_overwrite(tiny_run, tmp_path, capsys):
+    ck = str(tiny_run / "run" / "best.pt")
+    fifo = tmp_path / "pipe.pt2"
+    os.mkfifo(fifo)  # as /dev/null would be: a rename would replace it
+    assert E.cli(["--checkpoint", ck, "--export", str(fifo), "--overwrite"]) == 2
+    assert capsys.readouterr().err == f"eval_inversionnet.py: error: {fifo}: exists and is not a regular file\n"
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    np.save(tmp_path / "shots.npy", np.zeros((2, 5, 1000, 70), np.float32))
+    (tmp_path / "o" / "shots_velocity.npy").mkdir(parents=True)
+    assert E.cli(["--checkpoint", ck, "--predict", str(tmp_path / "shots.npy"), "--output-dir", str(tmp_path / "o"),
+                  "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'o' / 'shots_velocity.npy'}: "
+                                       "exists and is not a regular file\n")
 
 
 def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):

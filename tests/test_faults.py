@@ -441,6 +441,15 @@ def corrupt(root, case):
     if case == "count_mismatch":
         np.save(m, np.load(m)[:3])
         return "data1.npy", "but"
+    if case == "npz":  # an archive saved under the .npy name: np.load hands back a zip reader
+        np.savez(d.with_suffix(".npz"), np.load(d))
+        d.with_suffix(".npz").replace(d)
+        return "data1.npy", "an .npz archive, not a .npy array"
+    if case == "nan_label":
+        y = np.load(m)
+        y[2, 0, 5, 5] = np.inf
+        np.save(m, y)
+        return "model1.npy sample 2", "NaN or Inf in the label"
     if case in ("nan_gpu", "nan_map", "nan_iterable"):
         x = np.load(d)
         x[:, 1, 10, 10] = np.nan
@@ -454,8 +463,8 @@ def one_line_error(err):
     return err
 
 
-@pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "wrong_shape", "unpaired", "count_mismatch", "nan_gpu", "nan_map",
-                                  "nan_iterable"])
+@pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "wrong_shape", "unpaired", "count_mismatch", "npz", "nan_label",
+                                  "nan_gpu", "nan_map", "nan_iterable"])
 def test_bad_data_one_line_exit_2(tmp_path, capsys, case):
     root = tmp_path / "d"
     write_ids_dataset(root, (4, 4))
@@ -482,6 +491,8 @@ def make(tmp_path, token):
         path.write_text("x")
     elif token == "ONEFILE":
         write_ids_dataset(path, (4,))
+    elif token == "INFSTATS":
+        path.write_text('{"data_min": -1, "data_max": Infinity}')
     else:
         return token
     return str(path)
@@ -498,6 +509,20 @@ def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, nee
     assert r.returncode == 2 and r.stdout == "" and needle in one_line_error(r.stderr)
 
 
+def test_a_run_file_name_taken_by_a_directory_is_one_line(data, tmp_path, capsys):
+    (tmp_path / "o" / "provenance.json").mkdir(parents=True)  # renaming onto it would fail only after the write
+    assert T.cli(["--data-root", str(data), "--output-dir", str(tmp_path / "o"), "--epochs", "1", *BASE]) == 2
+    assert one_line_error(capsys.readouterr().err) == (f"train_inversionnet.py: error: {tmp_path / 'o' / 'provenance.json'}: "
+                                                       "exists and is not a regular file\n")
+
+
+def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code(tmp_path):
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--data", tmp_path / "d", "--run", tmp_path / "r",
+                        "--sim-args", "--files 0"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHON=sys.executable))
+    assert (r.returncode, r.stderr) == (2, "simulate_openfwi.py: error: --files must be positive, got 0\n")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--data-root", "/nonexistent/fwi"], "no such directory"),
     (["--data-root", "EMPTY"], "expected subdirectories"),
@@ -512,10 +537,16 @@ def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, nee
     (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),
     (["--lambda-l2", "inf"], "--lambda-l2 must be >= 0, got inf"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--seed", "99999999999"], "--seed must be at most 2147483647, got 99999999999"),
+    (["--lr-gamma", "1e200"], "--lr-gamma must be in (0, 1] (the factor of each decay), got 1e+200"),
+    (["--stats", "INFSTATS"], "the constants must be finite numbers, got -1.0, inf, 1500.0, 4500.0"),
+    (["--config", ""], "argument --config: an empty path"),  # an unset shell variable must not mean "not given"
     (["--resume", "auto", "--overwrite"], "--overwrite replaces the run in --output-dir and --resume auto continues it"),
     (["--train-size", "1.0"], "--train-size must be in (0, 1), got 1.0"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),
-    (["--data-root", "ONEFILE"], "the validation split is empty"),
+    (["--data-root", "ONEFILE"], "the validation split is empty: the split is by file and --data-root holds one"),
+    (["--data-root", "AFILE"], "is a file: a split list goes to --train-list / --val-list"),
+    (["--stats", "EMPTY"], "empty: a directory, not a file"),
     (["--val-list", "AFILE"], "--val-list needs --train-list"),
     (["--train-list", "AFILE"], "--train-list needs --val-list (or --val-every 0"),
     # argparse's own errors: one line too, not the page of usage text argparse prints by default

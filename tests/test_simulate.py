@@ -284,6 +284,8 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     (["--files", "two"], "argument --files: invalid int value: 'two' (--help lists the flags)"),
     (["--files", "0"], "--files must be positive"),
     (["--samples-per-file", "-3"], "--samples-per-file must be positive"),
+    (["--pml-width", "101"], "--pml-width must be in [0, 100], got 101"),
+    (["--out", ""], "--out: an empty path"),
     (["--files", "2", "--val-files", "2"], "--val-files"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
     pytest.param(["--device", "cuda"], "--device cuda requested but CUDA is not available",
@@ -293,6 +295,15 @@ def test_cli_bad_arguments(tmp_path, args, needle):
     code, _, err = run_cli("--out", tmp_path / "o", *args)
     assert code == 2 and needle in err and err.count("\n") == 1, err  # one line, no traceback or usage text
     assert not (tmp_path / "o").exists()  # a run that cannot start leaves nothing behind
+
+
+def test_cli_refuses_to_replace_a_directory_with_a_file(tmp_path):
+    out = tmp_path / "o"
+    assert run_cli("--out", out, "--files", "2", "--samples-per-file", "2")[0] == 0
+    (out / "data" / "data2.npy").unlink()
+    (out / "data" / "data2.npy").mkdir()
+    code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+    assert (code, err) == (2, f"simulate_openfwi.py: error: {out / 'data' / 'data2.npy'} exists and is not a regular file\n")
 
 
 def test_cli_out_is_a_file(tmp_path):

@@ -216,6 +216,30 @@ def test_schedulers_follow_their_definitions():
         opt.step()
         s.step()
     assert lrs[0] == 1.0 and lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
+    # step: gamma per --lr-step-size epochs; a step size of almost nothing decays to 0, not to an OverflowError
+    for step_size, expected in ((1.5, [1.0] * 15 + [0.5] * 5), (1e-320, [1.0] + [0.0] * 19)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        s = T.build_scheduler(opt, small_args(lr_scheduler="step", lr_step_size=step_size, lr_gamma=0.5, epochs=2),
+                              iters_per_epoch=10)
+        lrs = []
+        for _ in range(20):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            s.step()
+        assert lrs == expected
+
+
+def test_split_lists_hold_paths_with_spaces(tmp_path):
+    d = tmp_path / "my data ü"
+    d.mkdir()
+    (d / "tab.txt").write_text(f"{d}/data/a b.npy\t{d}/model/a b.npy\n\nrel dir/x.npy\trel dir/y.npy\n")
+    assert T.read_split_list(str(d / "tab.txt")) == [(f"{d}/data/a b.npy", f"{d}/model/a b.npy"),
+                                                      (f"{d}/rel dir/x.npy", f"{d}/rel dir/y.npy")]
+    (d / "spaces.txt").write_text("x.npy   y.npy\n")  # a list separated by spaces, as some OpenFWI lists are
+    assert T.read_split_list(str(d / "spaces.txt")) == [(f"{d}/x.npy", f"{d}/y.npy")]
+    (d / "three.txt").write_text("a.npy\tb.npy\tc.npy\n")
+    with pytest.raises(T.DataError, match="three.txt:1: expected 'data_path<TAB>label_path'"):
+        T.read_split_list(str(d / "three.txt"))
 
 
 # ---- training behaviour ----
@@ -470,21 +494,23 @@ def short_run(tmp_path_factory, ids_data):
     (["--batch-size", "4"], "--batch-size 4 differs from the 2 that"),
     (["--loader", "gpu"], "--loader gpu differs from the map that"),
     (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one"),
+    (["--train-list", "OTHER"], "(2 files, 8 samples) differs from the one {last} was trained on (2 files, 8 samples; file 2 is "
+                                "now data3.npy model3.npy 4, was data2.npy model2.npy 4)"),  # same counts: the names differ
     (["--lr", "3e-4"], "--lr 0.0003 differs from the 0.001 that"),  # the restored optimizer state would keep 1e-3
     (["--betas", "0.8", "0.999"], "--betas 0.8 0.999 differs from the 0.9 0.999 that"),
     (["--optimizer", "adam"], "--optimizer adam differs from the adamw that"),
 ])
 def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path, capsys, change, needle):
     root, lists = ids_data
-    three = write_split_list(tmp_path / "three.txt", [(root / "data" / f"data{i}.npy", root / "model" / f"model{i}.npy")
-                                                      for i in (1, 2, 3)])
+    lists_of = {name: write_split_list(tmp_path / f"{name}.txt", [(root / "data" / f"data{i}.npy", root / "model" / f"model{i}.npy")
+                                                                 for i in files]) for name, files in (("THREE", (1, 2, 3)), ("OTHER", (1, 3)))}
     before = (short_run / "last.pt").read_bytes()
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(short_run), "--resume", "auto",
-            *[str(three) if c == "THREE" else c for c in change]]
+            *[str(lists_of.get(c, c)) for c in change]]
     capsys.readouterr()
     assert T.cli(argv) == 2
     err = capsys.readouterr().err
-    assert needle in err and "start a new run" in err and err.count("\n") == 1, err
+    assert needle.format(last=short_run / "last.pt") in err and "start a new run" in err and err.count("\n") == 1, err
     assert (short_run / "last.pt").read_bytes() == before
 
 
@@ -618,3 +644,8 @@ def test_init_strict_no_loads_what_matches_and_says_what_it_skipped(tmp_path, id
     assert "incompatible with InversionNet" in capsys.readouterr().err
     assert T.cli([*argv, "--output-dir", str(tmp_path / "loose"), "--init-strict", "no"]) == 0
     assert "loaded 173 of the model's 175 tensors" in capsys.readouterr().out
+    torch.save({"model": {"head.weight": torch.zeros(3)}}, tmp_path / "unrelated.pth")  # nothing to fine-tune from
+    unrelated = ["--init-from", str(tmp_path / "unrelated.pth"), "--init-strict", "no", "--output-dir", str(tmp_path / "none")]
+    assert T.cli([*argv, *unrelated]) == 2
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: --init-from {tmp_path / 'unrelated.pth'}: no tensor "
+                                       "matches the model's names and shapes; nothing to fine-tune from\n")
