@@ -147,7 +147,11 @@ def load_model(cli, device):
         raise T.InputError(f"{cli.checkpoint} carries no training arguments (OpenFWI checkpoint?): name the constants with --dataset or --stats")
     if ours and cli.dataset is None and cli.stats is None and "normalization" in ckpt:
         n = ckpt["normalization"]
-        normalizer, stats_from = T.Normalizer(n["data_min"], n["data_max"], n["label_min"], n["label_max"]), "the checkpoint"
+        try:
+            normalizer, stats_from = T.Normalizer(n["data_min"], n["data_max"], n["label_min"], n["label_max"]), "the checkpoint"
+        except (KeyError, TypeError, ValueError):
+            raise T.InputError(f"{cli.checkpoint}: its normalisation record is unreadable; name the constants with "
+                               f"--dataset or --stats") from None
     else:
         normalizer, stats_from = T.resolve_stats(targs)
     return model.to(device).eval(), ckpt, targs, normalizer, stats_from
@@ -436,6 +440,13 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
     tmp = f"{dest}.tmp-{os.getpid()}"
     try:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(gathers), *T.LABEL_SHAPE))
+        if hasattr(os, "posix_fallocate"):  # the blocks now: a full disk is ENOSPC here, not a SIGBUS mid-write
+            size = os.path.getsize(tmp)
+            with open(tmp, "r+b") as fh:
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, size)
+                except OSError as e:
+                    raise T.InputError(f"cannot write {dest} ({size / 1e6:.2f} MB): {e.strerror}") from None
         for s in range(0, len(gathers), batch_size):
             with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused just below
                 x = np.array(gathers[s:s + batch_size], dtype=np.float32)  # a copy: the map stays read-only

@@ -118,7 +118,7 @@ def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["samples"] == 4
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "empty_split"])
+@pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "no_normalization", "empty_split"])
 def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     ck = tiny_run / "run" / "best.pt"
     args = ["--num-workers", "0", "--no-progress", "--vis", "0", "--output-dir", str(tmp_path / "o")]
@@ -133,6 +133,12 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
         torch.save({"model": {"fc.weight": torch.zeros(2)}}, tmp_path / "i.pt")
         args += ["--checkpoint", str(tmp_path / "i.pt"), "--dataset", "flatvel-a"]
         needle = "incompatible"
+    elif case == "no_normalization":
+        ckpt = torch.load(ck, weights_only=False)
+        ckpt["normalization"] = {}
+        torch.save(ckpt, tmp_path / "n.pt")
+        args += ["--checkpoint", str(tmp_path / "n.pt")]
+        needle = "n.pt: its normalisation record is unreadable; name the constants with --dataset or --stats"
     else:
         (tmp_path / "empty.txt").write_text("\n")
         args += ["--checkpoint", str(ck), "--val-list", str(tmp_path / "empty.txt")]
@@ -472,6 +478,19 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate here")
+def test_predict_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", full)  # what a full disk does; without it, writing the map would SIGBUS
+    np.save(tmp_path / "shots.npy", np.zeros((2, 5, 1000, 70), np.float32))
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--predict", str(tmp_path / "shots.npy"),
+                  "--output-dir", str(tmp_path / "o"), "--vis", "0"]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: cannot write {tmp_path / 'o' / 'shots_velocity.npy'} "
+                                       "(0.04 MB): No space left on device\n")
+    assert list((tmp_path / "o").iterdir()) == []
 
 
 def test_outputs_that_are_not_regular_files_are_refused_even_with_overwrite(tiny_run, tmp_path, capsys):
