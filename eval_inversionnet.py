@@ -17,6 +17,7 @@ Metrics (OpenFWI test.py): MAE, MSE, RMSE = sqrt(MSE) and SSIM on the normalised
 """
 import argparse
 import csv
+import errno
 import io
 import json
 import os
@@ -148,10 +149,11 @@ def load_model(cli, device):
     if ours and cli.dataset is None and cli.stats is None and "normalization" in ckpt:
         n = ckpt["normalization"]
         try:
-            normalizer, stats_from = T.Normalizer(n["data_min"], n["data_max"], n["label_min"], n["label_max"]), "the checkpoint"
-        except (KeyError, TypeError, ValueError):
+            values = n["data_min"], n["data_max"], n["label_min"], n["label_max"]
+        except (KeyError, TypeError):
             raise T.InputError(f"{cli.checkpoint}: its normalisation record is unreadable; name the constants with "
                                f"--dataset or --stats") from None
+        normalizer, stats_from = T.checked_normalizer(f"{cli.checkpoint} (its normalisation)", *values), "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
     return model.to(device).eval(), ckpt, targs, normalizer, stats_from
@@ -184,7 +186,13 @@ def evaluation_pairs(cli, targs, ours):
             except T.InputError:
                 train = None
     else:
-        train, val = T.splits(targs)
+        try:
+            train, val = T.splits(targs)
+        except T.DataError as e:
+            if cli.data_root:
+                raise
+            raise T.DataError(f"the data the checkpoint was trained on: {e}; --data-root or --val-list names the data "
+                              f"to evaluate") from None
         pairs = val if cli.split == "val" else train
     if not pairs:
         raise T.DataError("the evaluation split is empty")
@@ -375,7 +383,7 @@ def run_evaluation(cli, argv):
     model, ckpt, targs, normalizer, stats_from = load_model(cli, device)
     pairs, train_pairs = evaluation_pairs(cli, targs, saved_args(ckpt) is not None)
     counts = T.inspect_pairs(pairs)
-    T.on_rank0(rank, make_output_dir, out)
+    T.on_rank0(rank, make_results_dir, out)
     perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
     cfg = T.LoaderConfig(kind=cli.loader, batch_size=cli.batch_size, num_workers=cli.num_workers, seed=cli.seed)
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
@@ -400,7 +408,7 @@ def run_evaluation(cli, argv):
     return 0
 
 
-def make_output_dir(out):
+def make_results_dir(out):
     if os.path.exists(out) and not os.path.isdir(out):
         raise T.InputError(f"--output-dir {out} exists and is not a directory")
     try:
@@ -445,8 +453,9 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
             with open(tmp, "r+b") as fh:
                 try:
                     os.posix_fallocate(fh.fileno(), 0, size)
-                except OSError as e:
-                    raise T.InputError(f"cannot write {dest} ({size / 1e6:.2f} MB): {e.strerror}") from None
+                except OSError as e:  # a file system without fallocate goes on writing into the sparse file
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise T.InputError(f"cannot write {dest} ({size / 1e6:.2f} MB): {e.strerror}") from None
         for s in range(0, len(gathers), batch_size):
             with np.errstate(over="ignore"):  # float64 beyond float32's range becomes Inf, refused just below
                 x = np.array(gathers[s:s + batch_size], dtype=np.float32)  # a copy: the map stays read-only
@@ -473,13 +482,13 @@ def predict(cli):
     out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "predict")
     dests = [os.path.join(out, os.path.splitext(os.path.basename(f))[0] + "_velocity.npy") for f, _ in files]
     for d in dests:
+        T.refuse_non_file(d)
         if os.path.exists(d) and not cli.overwrite:
             raise T.InputError(f"{d} already exists; pass --overwrite to replace it or choose another --output-dir")
-        T.refuse_non_file(d)
     device = T.resolve_device(cli.device)
     model, _, targs, normalizer, stats_from = load_model(cli, device)
     amp_dtype, channels_last = forward_settings(cli, model, device, targs)
-    make_output_dir(out)
+    make_results_dir(out)
     for (path, gathers), dest in zip(files, dests):
         predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, cli.batch_size)
         print(f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}")

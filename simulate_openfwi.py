@@ -71,7 +71,8 @@ class SimulationError(ValueError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are SimulationErrors: one line instead of the usage text, exit 2."""
+    """argparse whose errors are SimulationErrors: one line instead of the usage text, exit 2. (The trainer
+    has its own: this script imports nothing of it, so that it can be copied and used alone.)"""
 
     def error(self, message):
         raise SimulationError(f"{message} (--help lists the flags)")

@@ -58,7 +58,7 @@ DATASETS = {
 LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
 DATA_SHAPE, LABEL_SHAPE = (5, 1000, 70), (1, 70, 70)
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MAX_SEED = 2**31 - 1  # seeds are offset by rank and epoch, and numpy's global seed takes 32 bits
+MAX_SEED = 2**31 - 1  # offset by rank and epoch, a seed must stay well inside the 64 bits torch.manual_seed takes
 
 
 class InputError(Exception):
@@ -291,7 +291,7 @@ def check_args(args):
     if args.train_list and not args.val_list and args.val_every:
         raise InputError("--train-list needs --val-list (or --val-every 0 to train without validation)")
     for name in ("train_list", "val_list", "stats", "init_from", "resume"):  # parse_args has read --config already
-        if getattr(args, name) not in (None, "auto"):
+        if getattr(args, name) is not None and not (name == "resume" and args.resume == "auto"):
             require_file(flag_of(name), getattr(args, name))
     if args.overwrite and args.resume == "auto":
         raise InputError("--overwrite replaces the run in --output-dir and --resume auto continues it: give one of them "
@@ -668,15 +668,25 @@ def resolve_stats(args):
     try:
         with open(path) as fh:
             meta = json.load(fh)
-        norm = Normalizer(meta["data_min"], meta["data_max"], meta.get("label_min", LABEL_MIN), meta.get("label_max", LABEL_MAX))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        values = meta["data_min"], meta["data_max"], meta.get("label_min", LABEL_MIN), meta.get("label_max", LABEL_MAX)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(f"{path}: not a usable stats file ({type(e).__name__}: {e})") from None
+    return checked_normalizer(path, *values), path
+
+
+def checked_normalizer(where, data_min, data_max, label_min, label_max):
+    """A Normalizer from constants read from WHERE (a stats file, a checkpoint), refused in one line naming it
+    unless they are finite numbers with each min below its max."""
+    try:
+        norm = Normalizer(data_min, data_max, label_min, label_max)
+    except (TypeError, ValueError) as e:
+        raise InputError(f"{where}: the constants must be numbers ({e})") from None
     values = (norm.data_min, norm.data_max, norm.label_min, norm.label_max)
     if not all(math.isfinite(v) for v in values):
-        raise InputError(f"{path}: the constants must be finite numbers, got {', '.join(map(str, values))}")
+        raise InputError(f"{where}: the constants must be finite numbers, got {', '.join(map(str, values))}")
     if not (norm.data_max > norm.data_min and norm.label_max > norm.label_min):
-        raise InputError(f"{path}: min must be below max")
-    return norm, path
+        raise InputError(f"{where}: min must be below max")
+    return norm
 
 
 _PAIR_RE = re.compile(r"^(data|seis|model|vel)(.*)\.npy$")
@@ -727,7 +737,8 @@ def read_split_list(path):
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        parts = [p.strip() for p in line.strip().split("\t")] if "\t" in line else line.split()
+        text = line.strip()
+        parts = [p.strip() for p in re.split(r"\t+", text)] if "\t" in text else text.split()
         if len(parts) != 2 or not all(parts):
             raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
         pairs.append(tuple(p if os.path.isabs(p) else os.path.join(base, p) for p in parts))
@@ -1798,16 +1809,16 @@ def check_output_dir(args):
 
 
 def on_rank0(rank, fn, *fn_args):
-    """fn on rank 0 alone, which every rank waits for and learns the outcome of: an InputError there stops
-    every rank with rank 0's one line, not with a traceback from the next collective on the others."""
+    """fn on rank 0 alone, which every rank waits for and learns the outcome of: a failure there (rank 0
+    raises it as it came) stops the other ranks quietly, not with a traceback from their next collective."""
     failure = None
     if rank == 0:
         try:
             fn(*fn_args)
-        except InputError as e:
+        except BaseException as e:  # a Ctrl-C too: the other ranks are waiting below
             failure = e
     if all_reduce_sum(torch.tensor([int(failure is not None)])).item():
-        raise failure or InputError(f"rank 0 failed in {fn.__name__}")  # rank 0 alone prints
+        raise failure if failure is not None else InputError(f"rank 0 failed in {fn.__name__}")  # not printed
 
 
 def make_output_dir(out):
@@ -1957,10 +1968,8 @@ def fit(run, train_loader, val_loader, monitor, args):
 
 def record_run(args, prov):
     """OUTPUT_DIR/args.json (the resolved arguments: --config repeats the run from it) and, appended to
-    OUTPUT_DIR/provenance.json, what made this start of the run."""
-    if not is_main():
-        return
-    write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True))
+    OUTPUT_DIR/provenance.json, what made this start of the run. args.json goes last: it marks the directory
+    as holding a run, which a failed start should not leave behind."""
     path, starts = os.path.join(args.output_dir, "provenance.json"), []
     if args.resume and os.path.isfile(path):
         try:
@@ -1969,11 +1978,12 @@ def record_run(args, prov):
         except (OSError, ValueError, TypeError):
             starts = []
     write_atomic(path, json.dumps(starts + [prov], indent=2))
+    write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True))
 
 
 def absolute_paths(args):
     """The input paths made absolute once they have been read: args.json and the checkpoints then name the
-    same files from any working directory (eval, --config, --resume)."""
+    same files from any working directory (eval, --config)."""
     for name in ("data_root", "train_list", "val_list", "stats", "init_from"):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
@@ -2017,7 +2027,7 @@ def main(args, argv=()):
     on_rank0(rank, remove_previous_run, args)
     if resumed:
         print0(resumed)
-    record_run(args, run.meta["provenance"])
+    on_rank0(rank, record_run, args, run.meta["provenance"])
     print0(f"InversionNet {sum(p.numel() for p in run.raw_model.parameters()):,} parameters on {device} ({parallel}, "
            f"world {world}); {backend_note}")
     print0(speed_note)
@@ -2025,12 +2035,18 @@ def main(args, argv=()):
     return fit(run, train_loader, val_loader, open_monitor(args, device), args)
 
 
+PATH_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+               errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENAMETOOLONG}
+
+
 def report_input_error(script, e):
     """Print the one line of an InputError, or of a DataError that a loader worker raised (it arrives
     wrapped in a RuntimeError), or of an OSError on a path the system refuses (a directory where a file goes,
     a full disk); False for any other error. Rank 0 alone prints what every rank meets."""
     if isinstance(e, OSError):
-        e = InputError(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e), local=True)
+        if e.errno not in PATH_ERRNOS or not e.filename:  # out of memory, too many open files, a bug: its traceback
+            return False
+        e = InputError(f"{e.filename}: {e.strerror}", local=True)
     if isinstance(e, InputError):
         msg, local = re.sub(r"^\S*(DataError|InputError): ", "", str(e).strip().splitlines()[-1]), e.local
     else:

@@ -118,7 +118,7 @@ def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["samples"] == 4
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "no_normalization", "empty_split"])
+@pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "no_normalization", "inf_normalization", "empty_split"])
 def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     ck = tiny_run / "run" / "best.pt"
     args = ["--num-workers", "0", "--no-progress", "--vis", "0", "--output-dir", str(tmp_path / "o")]
@@ -139,6 +139,12 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
         torch.save(ckpt, tmp_path / "n.pt")
         args += ["--checkpoint", str(tmp_path / "n.pt")]
         needle = "n.pt: its normalisation record is unreadable; name the constants with --dataset or --stats"
+    elif case == "inf_normalization":
+        ckpt = torch.load(ck, weights_only=False)
+        ckpt["normalization"]["data_max"] = float("inf")
+        torch.save(ckpt, tmp_path / "inf.pt")
+        args += ["--checkpoint", str(tmp_path / "inf.pt")]
+        needle = "inf.pt (its normalisation): the constants must be finite numbers, got"
     else:
         (tmp_path / "empty.txt").write_text("\n")
         args += ["--checkpoint", str(ck), "--val-list", str(tmp_path / "empty.txt")]
@@ -355,8 +361,15 @@ def test_a_checkpoint_whose_split_lists_moved_is_one_line(tiny_run, tmp_path, ca
     ck["args"].update(train_list=str(tmp_path / "moved" / "train.txt"), val_list=str(tmp_path / "moved" / "val.txt"))
     torch.save(ck, tmp_path / "moved.pt")
     assert E.cli(["--checkpoint", str(tmp_path / "moved.pt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
-    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'moved' / 'train.txt'}: cannot read this "
-                                       "split list (No such file or directory)\n")
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: the data the checkpoint was trained on: "
+                                       f"{tmp_path / 'moved' / 'train.txt'}: cannot read this split list (No such file or "
+                                       "directory); --data-root or --val-list names the data to evaluate\n")
+    ck["args"].update(train_list=None, data_root=str(tmp_path / "gone"))  # a run copied from another machine
+    torch.save(ck, tmp_path / "gone.pt")
+    assert E.cli(["--checkpoint", str(tmp_path / "gone.pt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eval_inversionnet.py: error: the data the checkpoint was trained on: --data-root {tmp_path / 'gone'}: "
+                          "no such directory") and err.endswith("; --data-root or --val-list names the data to evaluate\n")
 
 
 @pytest.mark.slow

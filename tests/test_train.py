@@ -237,6 +237,8 @@ def test_split_lists_hold_paths_with_spaces(tmp_path):
                                                       (f"{d}/rel dir/x.npy", f"{d}/rel dir/y.npy")]
     (d / "spaces.txt").write_text("x.npy   y.npy\n")  # a list separated by spaces, as some OpenFWI lists are
     assert T.read_split_list(str(d / "spaces.txt")) == [(f"{d}/x.npy", f"{d}/y.npy")]
+    (d / "loose.txt").write_text("a b.npy\t\tc.npy\nd.npy e.npy\t\n")  # doubled tabs; a stray tab after spaces
+    assert T.read_split_list(str(d / "loose.txt")) == [(f"{d}/a b.npy", f"{d}/c.npy"), (f"{d}/d.npy", f"{d}/e.npy")]
     (d / "three.txt").write_text("a.npy\tb.npy\tc.npy\n")
     with pytest.raises(T.DataError, match="three.txt:1: expected 'data_path<TAB>label_path'"):
         T.read_split_list(str(d / "three.txt"))
