@@ -1784,7 +1784,9 @@ def restore(run, args, rank, iters_per_epoch):
         rebased = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
                    f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")
     where = f"epoch {run.epoch}, batch {run.batch_in_epoch}" if run.batch_in_epoch else f"the start of epoch {run.epoch}"
-    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}"
+    given, args.init_from = args.init_from, ckpt["args"].get("init_from")  # args.json: what the run began from
+    unused = f"; --init-from {given} not used (the weights are {path}'s)" if given and given != args.init_from else ""
+    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{unused}"
 
 
 # ---- main ----

@@ -1,6 +1,7 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -514,6 +515,18 @@ def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path
     err = capsys.readouterr().err
     assert needle.format(last=short_run / "last.pt") in err and "start a new run" in err and err.count("\n") == 1, err
     assert (short_run / "last.pt").read_bytes() == before
+
+
+def test_init_from_on_a_resume_is_said_unused_and_not_recorded(short_run, ids_data, tmp_path, capsys):
+    _, lists = ids_data
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    torch.save(T.InversionNet().state_dict(), tmp_path / "w.pth")
+    capsys.readouterr()
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(run), "--resume", "auto",
+                  "--init-from", str(tmp_path / "w.pth")]) == 0
+    assert f"--init-from {tmp_path / 'w.pth'} not used (the weights are {run / 'last.pt'}'s)" in capsys.readouterr().out
+    assert json.loads((run / "args.json").read_text())["init_from"] is None  # the run began from scratch
 
 
 def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys):
