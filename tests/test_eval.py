@@ -187,8 +187,11 @@ def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert E.cli(args + ["--noise-std", "0.5"]) == 2
     assert capsys.readouterr().err.strip() == (f"eval_inversionnet.py: error: --output-dir {out} already holds results "
-                                               "(metrics.json); pass --overwrite to replace them or choose another --output-dir")
+                                               "(metrics.json, per_sample.csv, result.txt); pass --overwrite to replace them "
+                                               "or choose another --output-dir")
     assert (out / "metrics.json").read_bytes() == first
+    (out / "metrics.json").unlink()  # any file an evaluation would replace is kept, not only metrics.json
+    assert E.cli(args) == 2 and "already holds results (per_sample.csv, result.txt); pass" in capsys.readouterr().err
     assert E.cli(args + ["--noise-std", "0.5", "--overwrite"]) == 0
     assert json.loads((out / "metrics.json").read_text())["perturbation"]["noise_std"] == 0.5
     assert not list(out.glob("*.tmp-*"))
