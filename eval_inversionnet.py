@@ -74,6 +74,7 @@ def get_args_parser():
 def check_cli(cli):
     if cli.batch_size <= 0:
         raise T.InputError(f"--batch-size must be positive, got {cli.batch_size}")
+    T.check_workers(cli.num_workers)
     for flag, value in (("--vis", cli.vis), ("--num-workers", cli.num_workers)):
         if value < 0:
             raise T.InputError(f"{flag} must be >= 0, got {value}")
@@ -430,9 +431,10 @@ def make_results_dir(out):
 # ---- inference on unlabelled data, and export ----
 
 def prediction_inputs(path):
-    """The shot-gather files of --predict, each opened as a read-only memory map and checked."""
+    """The shot-gather files of --predict, each opened as a read-only memory map and checked. In a directory,
+    the *_velocity.npy files that --predict writes are not inputs."""
     if os.path.isdir(path):
-        names = sorted((n for n in os.listdir(path) if n.endswith(".npy")),
+        names = sorted((n for n in os.listdir(path) if n.endswith(".npy") and not n.endswith("_velocity.npy")),
                        key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
         if not names:
             raise T.InputError(f"--predict {path}: no .npy files in this directory")
@@ -491,7 +493,10 @@ def predict(cli):
     files = prediction_inputs(cli.predict)
     out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "predict")
     dests = [os.path.join(out, os.path.splitext(os.path.basename(f))[0] + "_velocity.npy") for f, _ in files]
+    inputs = {os.path.realpath(f) for f, _ in files}
     for d in dests:
+        if os.path.realpath(d) in inputs:
+            raise T.InputError(f"{d} is one of the --predict inputs; choose another --output-dir")
         T.refuse_non_file(d)
         if os.path.exists(d) and not cli.overwrite:
             raise T.InputError(f"{d} already exists; pass --overwrite to replace it or choose another --output-dir")

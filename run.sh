@@ -62,6 +62,9 @@ done
 case "$profile" in auto|cpu|gpu) ;; *) echo "run.sh: error: --profile must be auto, cpu or gpu, got $profile" >&2; exit 2 ;; esac
 case "$family" in flatvel|curvevel|flatfault|curvefault) ;;
   *) echo "run.sh: error: --family must be flatvel, curvevel, flatfault or curvefault, got $family" >&2; exit 2 ;; esac
+# the eval stage runs with --overwrite (it re-evaluates its own run), which must not reach a user's --export file
+case " $eval_args " in *" --export"*|*" --predict"*)
+  echo "run.sh: error: --eval-args evaluates the run; --export and --predict are jobs of eval_inversionnet.py itself" >&2; exit 2 ;; esac
 
 install
 if [[ "$profile" == auto ]]; then

@@ -591,7 +591,7 @@ def npy_complete(path, shape):
         arr = np.load(path, mmap_mode="r")
     except (OSError, ValueError):
         return False
-    return arr.shape == tuple(shape) and arr.dtype == np.float32
+    return isinstance(arr, np.ndarray) and arr.shape == tuple(shape) and arr.dtype == np.float32  # not a zip archive
 
 
 def pair_paths(out, i):

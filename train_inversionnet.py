@@ -253,6 +253,13 @@ NON_NEGATIVE = ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_war
                 "lambda_l1", "lambda_l2")
 
 
+def check_workers(n):
+    """Beyond a few per CPU, worker processes only contend (and 100,000 of them take the machine down)."""
+    limit = 4 * (os.cpu_count() or 1)
+    if n > limit:
+        raise InputError(f"--num-workers {n} is more than 4 per CPU of this machine ({limit}); the loaders gain nothing beyond a few")
+
+
 def require_file(flag, path):
     if not os.path.isfile(path):
         raise InputError(f"{flag} {path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
@@ -268,6 +275,7 @@ def check_args(args):
     for name in NON_NEGATIVE:
         if not 0 <= getattr(args, name) < math.inf:
             raise InputError(f"{flag_of(name)} must be >= 0, got {getattr(args, name)}")
+    check_workers(args.num_workers)
     if args.batch_size == 1:
         raise InputError("--batch-size must be at least 2: BatchNorm cannot train on one sample")
     if args.val_batch_size is None:
@@ -1736,10 +1744,11 @@ def check_resumable(ckpt, path, args, split):
     def shown(v):
         return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     saved = ckpt.get("args", {})
-    for key in ("batch_size", "loader", "optimizer", "lr", "weight_decay", "betas"):
+    position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
+    for key in (*position, "optimizer", "lr", "weight_decay", "betas"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
             flag = flag_of(key)
-            why = "the position inside the epoch" if key in ("batch_size", "loader") else "the optimizer state"
+            why = "the position inside the epoch" if key in position else "the optimizer state"
             raise InputError(f"{flag} {shown(getattr(args, key))} differs from the {shown(saved[key])} that {path} was "
                              f"trained with: {why} would mean something else; resume with {flag} {shown(saved[key])} "
                              f"or start a new run")
@@ -1888,6 +1897,9 @@ def build_loaders(args, data, normalizer, device, rank, world):
     """(train, val) loaders; --overfit-batch swaps the train loader for one batch served --max-steps times."""
     train_pairs, train_counts, val_pairs, val_counts = data
     train = build_loader(LoaderConfig.from_args(args, True), train_pairs, train_counts, normalizer, device, rank, world)
+    if len(train) == 0:  # the iterable loader's shards (files split over ranks x workers) can each hold less than a batch
+        raise DataError(f"no full batch of {args.batch_size} per epoch: --loader {args.loader} splits {sum(train_counts)} "
+                        f"samples over {world} rank(s) x {args.num_workers} worker(s); lower --num-workers or --batch-size")
     if args.overfit_batch:  # one fixed batch, repeated for --max-steps (default 100) steps in one epoch
         x, y = next(iter(device_batches(train, device, normalizer)))
         args.epochs, args.val_every = 1, 0
@@ -2044,19 +2056,24 @@ PATH_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EA
 def report_input_error(script, e):
     """Print the one line of an InputError, or of a DataError that a loader worker raised (it arrives
     wrapped in a RuntimeError), or of an OSError on a path the system refuses (a directory where a file goes,
-    a full disk); False for any other error. Rank 0 alone prints what every rank meets."""
+    a full disk); False for any other error. Rank 0 alone prints what every rank meets. Under torchrun, a rank
+    whose peer stopped on such an error says so in one line instead of the collective's traceback."""
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset) by peer", str(e)):
+        print(f"{script}: error: [rank {rank}] stopped: another rank failed (its line says why)", file=sys.stderr, flush=True)
+        return True
     if isinstance(e, OSError):
         if e.errno not in PATH_ERRNOS or not e.filename:  # out of memory, too many open files, a bug: its traceback
             return False
         e = InputError(f"{e.filename}: {e.strerror}", local=True)
-    if isinstance(e, InputError):
-        msg, local = re.sub(r"^\S*(DataError|InputError): ", "", str(e).strip().splitlines()[-1]), e.local
+    if isinstance(e, InputError):  # a loader worker's DataError is re-raised with its text alone: local too
+        msg = re.sub(r"^\S*(DataError|InputError): ", "", str(e).strip().splitlines()[-1])
+        local = e.local or "DataLoader worker" in str(e)
     else:
         m = re.search(r"DataError: (.+)$", str(e).strip())
         if not m:
             return False
         msg, local = m.group(1), True
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if rank == 0 or local:
         print(f"{script}: error: {f'[rank {rank}] ' if local and world > 1 else ''}{msg}", file=sys.stderr, flush=True)
     return True

@@ -1,6 +1,8 @@
 """A real two-process torchrun DDP run on CPU (Gloo)."""
 import os
+import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,6 +89,23 @@ def test_bad_input_under_torchrun_is_printed_once(tmp_path, flags, needle):
     assert "train_inversionnet.py: error: " + real(needle) in r.stderr
     # no usage text, and no traceback but torchrun's own (ChildFailedError)
     assert "usage:" not in r.stderr and r.stderr.count("Traceback (most recent call last)") <= 1, r.stderr[-3000:]
+
+
+def test_a_bad_sample_under_torchrun_is_named_by_the_rank_that_read_it(tmp_path):
+    pairs = write_ids_dataset(tmp_path / "data", (4, 4, 4))
+    x = np.load(pairs[0][0])
+    x[:, 2, 100, 10] = np.nan  # every sample of the file: whichever rank reads one
+    np.save(pairs[0][0], x)
+    r = run_script(TRAIN, "--data-root", tmp_path / "data", "--output-dir", tmp_path / "run", "--device", "cpu",
+                   "--batch-size", 2, "--dataset", "flatvel-a", "--num-workers", 1, "--train-size", 0.67, "--seed", 0,
+                   "--no-progress", nproc=2)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("train_inversionnet.py: error: ")]
+    bad = re.escape(f"{pairs[0][0]} sample ") + r"\d: NaN or Inf in the data"
+    assert lines and all(re.fullmatch(rf"train_inversionnet\.py: error: \[rank \d\] ({bad}|stopped: another rank failed "
+                                      r"\(its line says why\))", line) for line in lines), r.stderr[-3000:]
+    assert any(re.search(bad, line) for line in lines)
+    assert r.stderr.count("Traceback (most recent call last)") <= 1, r.stderr[-3000:]  # torchrun's own only
 
 
 def test_resume_with_another_world_size_restarts_the_epoch(tmp_path, capsys):

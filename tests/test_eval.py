@@ -162,6 +162,8 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     (["--noise-std", "nan"], "--noise-std must be in [0, 10] (times each trace's peak), got nan"),
     (["--noise-std", "inf"], "--noise-std must be in [0, 10] (times each trace's peak), got inf"),
     (["--predict", ""], "argument --predict: an empty path (--help lists the flags)"),
+    (["--num-workers", "100000"], f"--num-workers 100000 is more than 4 per CPU of this machine ({4 * os.cpu_count()}); the "
+                                  "loaders gain nothing beyond a few"),
     (["--val-list", "/nonexistent/val.txt"], "--val-list /nonexistent/val.txt: no such file"),
     (["--split", "test"], "argument --split: invalid choice: 'test' (choose from 'val', 'train') (--help lists the flags)"),
     (["--vis"], "argument --vis: expected one argument (--help lists the flags)"),
@@ -433,6 +435,12 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     assert not list(out.glob("*.tmp-*"))
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out)]) == 2
     assert "line7_velocity.npy already exists; pass --overwrite" in capsys.readouterr().err
+    # predictions written beside their inputs, twice: the *_velocity.npy files are outputs, never inputs
+    again = ["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(tmp_path / "in"), "--vis", "0"]
+    assert E.cli(again) == 0 and E.cli([*again, "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["line12.npy", "line12_velocity.npy", "line7.npy",
+                                                                   "line7_velocity.npy"]
+    assert np.array_equal(np.load(tmp_path / "in" / "line7.npy"), shots[:3])
 
 
 def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):

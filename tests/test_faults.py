@@ -503,6 +503,7 @@ def make(tmp_path, token):
     (["--family", "flatvell"], "--family must be flatvel, curvevel, flatfault or curvefault, got flatvell"),
     (["--famly", "flatvel"], "unknown option --famly"),
     (["--run"], "--run needs a value"),
+    (["--eval-args", "--export m.pt2"], "--eval-args evaluates the run; --export and --predict are jobs of"),
 ])
 def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, needle):
     r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, timeout=60)
@@ -543,7 +544,8 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     (["--seed", "99999999999"], "--seed must be at most 2147483647, got 99999999999"),
     (["--lr-gamma", "1e200"], "--lr-gamma must be in (0, 1] (the factor of each decay), got 1e+200"),
     (["--stats", "INFSTATS"], "the constants must be finite numbers, got -1.0, inf, 1500.0, 4500.0"),
-    (["--config", ""], "argument --config: an empty path"),  # an unset shell variable must not mean "not given"
+    (["--config", ""], "argument --config: an empty path"),
+    (["--num-workers", "100000"], "--num-workers 100000 is more than 4 per CPU of this machine"),  # an unset shell variable must not mean "not given"
     (["--resume", "auto", "--overwrite"], "--overwrite replaces the run in --output-dir and --resume auto continues it"),
     (["--train-size", "1.0"], "--train-size must be in (0, 1), got 1.0"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),

@@ -277,6 +277,10 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     assert (out / "data" / "data2.npy").read_bytes() == first
     assert (out / "data" / "data1.npy").stat().st_mtime_ns == kept
     assert not list(out.rglob("*.tmp-*"))
+    np.savez(out / "data" / "zipped.npz", np.zeros(3))  # a zip archive where a .npy should be: remade, not a crash
+    (out / "data" / "zipped.npz").replace(out / "data" / "data2.npy")
+    code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+    assert code == 0 and "1 complete, 1 to make" in stdout and (out / "data" / "data2.npy").read_bytes() == first
 
 
 @pytest.mark.parametrize("args, needle", [

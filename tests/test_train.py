@@ -517,6 +517,24 @@ def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path
     assert (short_run / "last.pt").read_bytes() == before
 
 
+def test_an_epoch_without_a_full_batch_is_refused(tmp_path, capsys):
+    write_ids_dataset(tmp_path / "d", (4, 4, 4))  # 8 training samples in two files: one shard per worker, 8 workers
+    argv = ["--data-root", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o"), "--loader", "iterable", "--num-workers",
+            "8", "--batch-size", "2", "--dataset", "flatvel-a", "--no-progress", "--train-size", "0.67"]
+    assert T.cli(argv) == 2
+    assert capsys.readouterr().err == ("train_inversionnet.py: error: no full batch of 2 per epoch: --loader iterable splits 8 "
+                                       "samples over 1 rank(s) x 8 worker(s); lower --num-workers or --batch-size\n")
+
+
+def test_resume_of_the_iterable_loader_refuses_another_worker_count(tmp_path, ids_data, capsys):
+    _, lists = ids_data
+    argv = [*map(str, lists), *BASE_RUN, "--loader", "iterable", "--epochs", "1", "--output-dir", str(tmp_path / "run")]
+    assert T.cli([*argv, "--max-steps", "1"]) == 0
+    capsys.readouterr()
+    assert T.cli([*argv, "--resume", "auto", "--num-workers", "1"]) == 2
+    assert "--num-workers 1 differs from the 0 that" in capsys.readouterr().err
+
+
 def test_init_from_on_a_resume_is_said_unused_and_not_recorded(short_run, ids_data, tmp_path, capsys):
     _, lists = ids_data
     run = tmp_path / "run"
