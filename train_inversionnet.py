@@ -195,7 +195,7 @@ def add_run_args(g):
     g.add_argument("--init-from", type=path_arg, default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
     g.add_argument("--init-strict", default="yes", choices=["yes", "no"],
                    help="no: load only the --init-from tensors whose names and shapes match the model, and log the rest")
-    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs (0: never)")
+    g.add_argument("--val-every", type=int, default=1, help="validate every N epochs and after the last (0: never)")
     g.add_argument("--log-every", type=int, default=10, help="steps between log lines / host syncs")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs in OUTPUT_DIR/tb")
@@ -1952,7 +1952,8 @@ def fit(run, train_loader, val_loader, monitor, args):
             line, improved, t1 = f"epoch {run.epoch} train loss {train_loss:.5f}", False, time.perf_counter()
             if args.precise_bn:
                 precise_bn(run, train_loader, args.precise_bn)
-            if val_loader is not None and (run.epoch + 1) % args.val_every == 0:
+            # and after the last epoch, so a run with --val-every beyond --epochs still ends with a validated best.pt
+            if val_loader is not None and ((run.epoch + 1) % args.val_every == 0 or run.epoch + 1 == args.epochs):
                 text, improved = validate(run, val_loader, monitor)
                 line += text
             run.epoch, run.batch_in_epoch, t2 = run.epoch + 1, 0, time.perf_counter()

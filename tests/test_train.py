@@ -517,6 +517,15 @@ def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path
     assert (short_run / "last.pt").read_bytes() == before
 
 
+def test_the_last_epoch_is_always_validated(tmp_path, ids_data, capsys):
+    _, lists = ids_data
+    out = tmp_path / "run"
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--val-every", "3", "--output-dir", str(out)]) == 0
+    epochs = [line for line in capsys.readouterr().out.splitlines() if re.match(r"epoch \d train loss", line)]
+    assert len(epochs) == 2 and "val loss" not in epochs[0] and "val loss" in epochs[1]
+    assert torch.load(out / "best.pt", weights_only=False)["epoch"] == 2  # judged on validation, for eval to read
+
+
 def test_an_epoch_without_a_full_batch_is_refused(tmp_path, capsys):
     write_ids_dataset(tmp_path / "d", (4, 4, 4))  # 8 training samples in two files: one shard per worker, 8 workers
     argv = ["--data-root", str(tmp_path / "d"), "--output-dir", str(tmp_path / "o"), "--loader", "iterable", "--num-workers",
