@@ -44,7 +44,7 @@ def get_args_parser():
     p.add_argument("--checkpoint", type=T.path_arg, required=True, help="last.pt / best.pt of train_inversionnet.py, or an OpenFWI checkpoint")
     p.add_argument("--data-root", type=T.path_arg, default=None, help="OpenFWI layout; the val split is made as in training (default: from the checkpoint)")
     p.add_argument("--val-list", type=T.path_arg, default=None, help="OpenFWI split file to evaluate instead")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="which split of --data-root to evaluate")
+    p.add_argument("--split", default=None, choices=["val", "train"], help="which split of --data-root to evaluate (unset: val)")
     p.add_argument("--dataset", default=None, choices=sorted(T.DATASETS),
                    help="the OpenFWI set: its normalisation constants (unless --stats; needed for OpenFWI checkpoints) and paper row")
     p.add_argument("--stats", type=T.path_arg, default=None, help="normalisation JSON (as written by simulate_openfwi.py)")
@@ -88,6 +88,13 @@ def check_cli(cli):
         raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
     if cli.predict and cli.export:
         raise T.InputError("--predict and --export are separate jobs: give one of them")
+    if cli.val_list and cli.split:
+        raise T.InputError("--split chooses a split of --data-root and --val-list names its files: give one of them")
+    job = "--predict" if cli.predict else "--export" if cli.export else None
+    for flag, given in (("--data-root", cli.data_root), ("--val-list", cli.val_list), ("--split", cli.split),
+                        ("--noise-std", cli.noise_std), ("--missing-traces", cli.missing_traces)):
+        if job and given:  # they choose or perturb labelled data, which these jobs never read
+            raise T.InputError(f"{flag} belongs to an evaluation on labelled data; {job} does not read any: leave it out")
     for flag, path in (("--checkpoint", cli.checkpoint), ("--val-list", cli.val_list), ("--stats", cli.stats)):
         if path is not None:
             T.require_file(flag, path)
@@ -194,7 +201,7 @@ def evaluation_pairs(cli, targs, ours):
                 raise
             raise T.DataError(f"the data the checkpoint was trained on: {e}; --data-root or --val-list names the data "
                               f"to evaluate") from None
-        pairs = val if cli.split == "val" else train
+        pairs = train if cli.split == "train" else val
     if not pairs:
         raise T.DataError("the evaluation split is empty")
     return pairs, train
@@ -270,7 +277,7 @@ def result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base):
     for d in (m, base):
         d["mae_ms"], d["rmse_ms"] = d["mae"] * scale, d["rmse"] * scale  # the map is linear in velocity
     return {"checkpoint": os.path.abspath(cli.checkpoint), "samples": m["count"], "files": len(pairs),
-            "split": "list" if cli.val_list else cli.split,
+            "split": "list" if cli.val_list else cli.split or "val",
             "normalization": normalizer.as_dict(), "normalization_from": stats_from,
             "perturbation": {"noise_std": cli.noise_std, "missing_traces": cli.missing_traces, "seed": cli.seed},
             "model": m, "baseline_mean_map": base, "paper_reference": paper_reference(cli, targs)}

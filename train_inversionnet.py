@@ -130,7 +130,7 @@ def add_data_args(g):
 
 def add_optimisation_args(g):
     g.add_argument("--epochs", type=int, default=10, help="epochs to train")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total, validating the model there")
     g.add_argument("--batch-size", type=int, default=32, help="samples per step per process")
     g.add_argument("--val-batch-size", type=int, default=None, help="validation batch (default: --batch-size)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="optimizer")
@@ -290,6 +290,11 @@ def check_args(args):
         raise InputError(f"--betas must both be in [0, 1), got {' '.join(map(str, args.betas))}")
     if not all(0 <= m < math.inf for m in args.lr_milestones):
         raise InputError(f"--lr-milestones must be epochs >= 0, got {' '.join(map(str, args.lr_milestones))}")
+    if args.lr_milestones and args.lr_scheduler != "warmup-multistep":  # they would be dropped without a word
+        raise InputError(f"--lr-milestones apply to --lr-scheduler warmup-multistep, not {args.lr_scheduler} (an empty "
+                         f"--lr-milestones drops milestones that came with --config)")
+    if args.lr_warmup_epochs and args.lr_scheduler in ("step", "none"):
+        raise InputError(f"--lr-warmup-epochs applies to --lr-scheduler warmup-multistep and cosine, not {args.lr_scheduler}")
     if not 0 < args.train_size < 1:
         raise InputError(f"--train-size must be in (0, 1), got {args.train_size}")
     if args.lambda_l1 + args.lambda_l2 == 0:
@@ -1761,6 +1766,15 @@ def check_resumable(ckpt, path, args, split):
                          f"with that split or start a new run")
 
 
+def is_training_checkpoint(ckpt):
+    """What restore() reads, there and of the types it computes with (a crafted or foreign file fails here, in
+    one line, not in the middle of the resume)."""
+    counters = ("epoch", "step", "batch_in_epoch", "world")
+    return (isinstance(ckpt, dict) and all(k in ckpt for k in ("optimizer", "scheduler", "scaler", "epoch", "step", "best_loss"))
+            and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
+            and isinstance(ckpt["best_loss"], float) and isinstance(ckpt.get("args", {}), dict))
+
+
 def restore(run, args, rank, iters_per_epoch):
     """Continue from --resume (or OUTPUT_DIR/last.pt with 'auto'): weights, optimizer, schedule, scaler,
     counters and RNG. A different world size restarts the current epoch with the step count and the
@@ -1769,8 +1783,7 @@ def restore(run, args, rank, iters_per_epoch):
     if not path or not os.path.isfile(path):
         return f"--resume auto: no {path} yet, starting a new run" if args.resume == "auto" else None
     ckpt = load_weights(run.raw_model, path)
-    required = ("optimizer", "scheduler", "scaler", "epoch", "step", "best_loss")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in required) or not isinstance(ckpt.get("args", {}), dict):
+    if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
     check_resumable(ckpt, path, args, run.meta["split"])
     try:
@@ -1800,7 +1813,9 @@ def restore(run, args, rank, iters_per_epoch):
 
 # ---- main ----
 
-RUN_FILES = ("last.pt", "best.pt", "args.json", "provenance.json", "train.log", "tb")  # what a run writes
+# what a run writes, and eval_inversionnet.py's default result directories beside its checkpoints: results of a
+# model that --overwrite deletes would otherwise read as the new run's
+RUN_FILES = ("last.pt", "best.pt", "args.json", "provenance.json", "train.log", "tb", "eval", "predict")
 
 
 def check_output_dir(args):
@@ -1946,17 +1961,23 @@ def fit(run, train_loader, val_loader, monitor, args):
         while run.epoch < args.epochs and not stop.check(run):
             t0 = time.perf_counter()
             train_loss = train_one_epoch(run, train_loader, monitor, stop)
-            if run.batch_in_epoch < len(train_loader):  # stopped inside the epoch: last.pt records where
+            done = run.batch_in_epoch == len(train_loader)
+            if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
                 save_checkpoint(run, args, writer, "last.pt")
                 break
-            line, improved, t1 = f"epoch {run.epoch} train loss {train_loss:.5f}", False, time.perf_counter()
+            part = "" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"
+            line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
             if args.precise_bn:
                 precise_bn(run, train_loader, args.precise_bn)
-            # and after the last epoch, so a run with --val-every beyond --epochs still ends with a validated best.pt
-            if val_loader is not None and ((run.epoch + 1) % args.val_every == 0 or run.epoch + 1 == args.epochs):
+            # the run's last training is validated too (the last epoch, --max-steps), so a run whose --val-every
+            # does not divide it still ends with a validated best.pt: run.sh's eval stage reads it
+            final = run.epoch + 1 == args.epochs or stop.reached_max(run)
+            if val_loader is not None and (((run.epoch + 1) % args.val_every == 0 and done) or final):
                 text, improved = validate(run, val_loader, monitor)
                 line += text
-            run.epoch, run.batch_in_epoch, t2 = run.epoch + 1, 0, time.perf_counter()
+            if done:
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            t2 = time.perf_counter()
             try:  # the epoch's line is printed even when the previous checkpoint's write turns out to have failed
                 save_checkpoint(run, args, writer, "last.pt", *(["best.pt"] if improved or val_loader is None else []))
             finally:
@@ -2004,6 +2025,16 @@ def absolute_paths(args):
             setattr(args, name, os.path.abspath(getattr(args, name)))
 
 
+def settings_notes(args, n_batches):
+    """Settings that take no effect in this run as given, said once at the start (not refused: a short trial of
+    a longer recipe, or a run continued later with a larger --epochs, gives them on purpose)."""
+    beyond = [m for m in args.lr_milestones if m >= args.epochs]
+    notes = [f"--lr-milestones {' '.join(f'{m:g}' for m in beyond)} not reached within --epochs {args.epochs}"] if beyond else []
+    if args.precise_bn > n_batches:
+        notes.append(f"--precise-bn {args.precise_bn}: an epoch has {n_batches} batches, all of which are averaged")
+    return "; ".join(notes)
+
+
 def describe_data(data, train_loader, args, world, stats_from):
     train_pairs, train_counts, val_pairs, val_counts = data
     dropped = train_loader.dropped
@@ -2047,6 +2078,8 @@ def main(args, argv=()):
            f"world {world}); {backend_note}")
     print0(speed_note)
     print0(describe_data(data, train_loader, args, world, stats_from))
+    if notes := settings_notes(args, len(train_loader)):
+        print0(f"note: {notes}")
     return fit(run, train_loader, val_loader, open_monitor(args, device), args)
 
 

@@ -167,9 +167,17 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     (["--val-list", "/nonexistent/val.txt"], "--val-list /nonexistent/val.txt: no such file"),
     (["--split", "test"], "argument --split: invalid choice: 'test' (choose from 'val', 'train') (--help lists the flags)"),
     (["--vis"], "argument --vis: expected one argument (--help lists the flags)"),
+    (["--val-list", "VAL", "--split", "train"], "--split chooses a split of --data-root and --val-list names its files: "
+                                                "give one of them"),
+    (["--predict", "X.npy", "--val-list", "VAL"], "--val-list belongs to an evaluation on labelled data; --predict does not "
+                                                  "read any: leave it out"),
+    (["--export", "m.pt2", "--noise-std", "0.1"], "--noise-std belongs to an evaluation on labelled data; --export does not "
+                                                  "read any: leave it out"),
 ])
 def test_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
     (tmp_path / "never-read.pt").touch()  # there, so the flag's own check is the one that fails
+    (tmp_path / "val.txt").touch()
+    args = [str(tmp_path / "val.txt") if a == "VAL" else a for a in args]
     assert E.cli(["--checkpoint", str(tmp_path / "never-read.pt"), *args]) == 2
     assert capsys.readouterr().err.strip() == f"eval_inversionnet.py: error: {needle}"
 

@@ -537,6 +537,8 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     (["--lr", "1e38"], "--lr must be in (0, 10], got 1e+38"),
     (["--val-batch-size", "0"], "--val-batch-size must be positive, got 0"),
     (["--lr-scheduler", "step", "--lr-step-size", "0"], "--lr-step-size must be positive, got 0.0"),
+    (["--lr-scheduler", "cosine", "--lr-milestones", "5"], "--lr-milestones apply to --lr-scheduler warmup-multistep, not cosine"),
+    (["--lr-scheduler", "step", "--lr-warmup-epochs", "1"], "--lr-warmup-epochs applies to --lr-scheduler warmup-multistep and cosine"),
     (["--betas", "1.5", "0.9"], "--betas must both be in [0, 1), got 1.5 0.9"),
     (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),
     (["--lambda-l2", "inf"], "--lambda-l2 must be >= 0, got inf"),

@@ -1,5 +1,6 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import json
+import math
 import re
 import shutil
 
@@ -563,12 +564,36 @@ def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys)
     model = T.InversionNet().state_dict()
     for name, ckpt in (("openfwi.pth", {"model": model, "optimizer": {}, "lr_scheduler": {}, "epoch": 3, "step": 9,
                                         "args": __import__("argparse").Namespace(lr=1e-4)}),
-                       ("weights.pth", {"model": model, "optimizer": {}})):
+                       ("weights.pth", {"model": model, "optimizer": {}}),
+                       ("crafted.pth", {"model": model, "optimizer": {}, "scheduler": {}, "scaler": {}, "epoch": "3",
+                                        "step": 9, "best_loss": 0.5})):
         torch.save(ckpt, tmp_path / name)
         argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--resume", str(tmp_path / name), "--output-dir", str(tmp_path / name[:-4])]
         assert T.cli(argv) == 2
         err = capsys.readouterr().err
         assert err == f"train_inversionnet.py: error: {tmp_path / name}: not a training checkpoint of this script (use --init-from for its weights)\n"
+
+
+def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, capsys):
+    """A run that --max-steps ends, inside an epoch or at its end, is validated there whatever --val-every says,
+    so it ends with a best.pt (run.sh's eval stage reads it); the same command with a larger --max-steps goes on."""
+    _, lists = ids_data
+    out = tmp_path / "run"
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "3", "--val-every", "5", "--output-dir", str(out),
+            "--lr-milestones", "1", "4", "--precise-bn", "9"]
+    assert T.cli([*argv, "--max-steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: --lr-milestones 4 not reached within --epochs 3; --precise-bn 9: an epoch has 4 batches, all of which " \
+           "are averaged\n" in printed
+    assert re.search(r"^epoch 0 to batch 1/4 train loss [\d.]+ \| val loss [\d.]+ MAE", printed, re.M), printed
+    assert "stopped at --max-steps 1 (epoch 0, batch 1); last.pt written" in printed
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert (best["step"], best["epoch"], best["batch_in_epoch"]) == (1, 0, 1) and best["best_loss"] < math.inf
+    assert T.cli([*argv, "--max-steps", "8", "--resume", "auto"]) == 0  # the end of epoch 1: not a --val-every epoch
+    printed = capsys.readouterr().out
+    assert re.search(r"^epoch 0 train loss [\d.]+ \| [\d.]+ s train", printed, re.M), printed  # not validated
+    assert re.search(r"^epoch 1 train loss [\d.]+ \| val loss", printed, re.M), printed
+    assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
 
 
 def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_path, capsys):
@@ -577,8 +602,10 @@ def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_
     nothing."""
     _, lists = ids_data
     out = tmp_path / "run"
-    (out / "tb").mkdir(parents=True)
-    old = ("best.pt", "last.pt", "args.json", "train.log", "tb/events.out.tfevents.old", "notes.txt")
+    for d in ("tb", "eval", "predict"):
+        (out / d).mkdir(parents=True)
+    old = ("best.pt", "last.pt", "args.json", "train.log", "tb/events.out.tfevents.old", "eval/metrics.json",
+           "predict/a_velocity.npy", "notes.txt")
     for name in old:
         (out / name).write_text("old run")
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--val-every", "0", "--no-tensorboard",
@@ -589,8 +616,8 @@ def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_
     assert T.cli(argv) == 0
     assert "--overwrite: removed the previous run's" in capsys.readouterr().out
     assert not (out / "tb").exists() and "old run" not in (out / "train.log").read_text()
-    assert not (out / "best.pt").exists()  # the old run's best is not passed off as this one's
-    assert torch.load(out / "last.pt", weights_only=False)["step"] == 1
+    assert not (out / "eval").exists() and not (out / "predict").exists()  # the old model's results
+    assert all(torch.load(out / f, weights_only=False)["step"] == 1 for f in ("last.pt", "best.pt"))  # the new run's
     assert json.loads((out / "args.json").read_text())["overwrite"] is True
     assert (out / "notes.txt").read_text() == "old run"
 
