@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1509,7 +1510,11 @@ def train_step(run, x, y):
         nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    run.scheduler.step()
+    with warnings.catch_warnings():
+        # the schedule counts iterations, skipped or not; an fp16 step the GradScaler skipped is logged at the
+        # log step, and PyTorch's warning about the order of the two steps would read as a fault of the run
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        run.scheduler.step()
     run.step += 1
     return loss.detach()
 
