@@ -149,6 +149,9 @@ def add_optimisation_args(g):
     g.add_argument("--lr-step-size", type=float, default=30, help="StepLR period in epochs")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of warmup-multistep and step")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--ema-decay", type=float, default=0.0,
+                   help="validate, evaluate and save as the checkpoints' 'model' an exponential moving average of the weights "
+                        "with this decay per step (e.g. 0.999; 0: off, the trained weights themselves)")
     g.add_argument("--precise-bn", type=int, default=0,
                    help="after each epoch, replace the BatchNorm running statistics (validated and saved) by their average "
                         "over this many training batches with the epoch's final weights (0: keep the running averages)")
@@ -283,6 +286,8 @@ def check_args(args):
         args.val_batch_size = args.batch_size
     if not 0 < args.lr <= 10:  # beyond 10, Adam's first step overflows float32 long before it means anything
         raise InputError(f"--lr must be in (0, 10], got {args.lr}")
+    if not 0 <= args.ema_decay < 1:
+        raise InputError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     if not 0 < args.lr_gamma <= 1:
         raise InputError(f"--lr-gamma must be in (0, 1] (the factor of each decay), got {args.lr_gamma}")
     if args.seed > MAX_SEED:
@@ -1436,7 +1441,7 @@ def build_scheduler(optimizer, args, iters_per_epoch, start=0):
 class Run:
     """What a training step touches, and the counters a checkpoint records."""
     model: nn.Module                  # what the step calls: the DDP/DataParallel wrapper and/or torch.compile
-    raw_model: nn.Module              # the bare InversionNet under it: saved and validated, keys unprefixed
+    raw_model: nn.Module              # the bare InversionNet under it: trained and saved, keys unprefixed
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler      # enabled for fp16 only
@@ -1452,6 +1457,30 @@ class Run:
     batch_in_epoch: int = 0           # batches of `epoch` already trained
     best_loss: float = math.inf       # lowest validation loss so far
     meta: dict = field(default_factory=dict)  # what checkpoints carry besides the state: split, provenance
+    ema: "WeightEMA | None" = None    # --ema-decay
+
+    @property
+    def eval_model(self):
+        """The weights that are validated and saved as 'model': the EMA's with --ema-decay, else the trained ones."""
+        return self.raw_model if self.ema is None else self.ema.model
+
+
+class WeightEMA:
+    """--ema-decay: an exponential moving average of the weights and BatchNorm statistics, updated after every
+    step in one fused pass. The decay ramps up as (1 + t) / (10 + t) over the first steps t, so the average
+    does not hold on to the random initialisation."""
+
+    def __init__(self, model, decay):
+        self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
+        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # views of the live tensors
+        self.floats = tuple(map(list, zip(*[p for p in pairs if p[0].is_floating_point()])))
+        self.counters = [p for p in pairs if not p[0].is_floating_point()]  # BatchNorm's num_batches_tracked
+
+    @torch.no_grad()
+    def update(self, step):
+        torch._foreach_lerp_(*self.floats, 1 - min(self.decay, (1 + step) / (10 + step)))
+        for mine, theirs in self.counters:
+            mine.copy_(theirs)
 
 
 def wrap_model(model, device, parallel, local, sync_bn):
@@ -1488,7 +1517,8 @@ def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
                         weight_decay=args.weight_decay, **({"fused": True} if args.fused_adam else {}))
     scaler = torch.amp.GradScaler(device.type if device.type != "mps" else "cpu", enabled=args.amp == "fp16")
     run = Run(model, raw, optimizer, build_scheduler(optimizer, args, iters_per_epoch), scaler, device, normalizer,
-              AMP_DTYPES[args.amp], args.channels_last, (args.lambda_l1, args.lambda_l2), args.grad_clip, world)
+              AMP_DTYPES[args.amp], args.channels_last, (args.lambda_l1, args.lambda_l2), args.grad_clip, world,
+              ema=WeightEMA(raw, args.ema_decay) if args.ema_decay else None)
     return run, parallel
 
 
@@ -1516,6 +1546,8 @@ def train_step(run, x, y):
         warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
         run.scheduler.step()
     run.step += 1
+    if run.ema is not None:
+        run.ema.update(run.step)
     return loss.detach()
 
 
@@ -1673,16 +1705,17 @@ def precise_bn(run, loader, n_batches):
     model whose weights move fast, so validation swings from epoch to epoch (measured on the CPU recipe:
     val MAE 0.13-0.82 with them, a steady decline with these). Averaged over ranks under DDP, so every
     rank validates and saves the same statistics."""
-    bns = [m for m in run.raw_model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    model = run.eval_model  # the weights validation measures
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
-    run.raw_model.train()
+    model.train()
     loader.set_epoch(run.epoch)
     for _, (x, _) in zip(range(n_batches), device_batches(loader, run.device, run.normalizer, run.channels_last)):
         with autocast(run.device, run.amp_dtype):
-            run.raw_model(x if run.amp_dtype else x.float())
+            model(x if run.amp_dtype else x.float())
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
         for t in (m.running_mean, m.running_var) if dist.is_initialized() else ():
@@ -1739,7 +1772,8 @@ def save_checkpoint(run, args, writer, *names):
     """last.pt / best.pt of the run's current state, written by rank 0 through the CheckpointWriter."""
     if not is_main():
         return
-    ckpt = {"model": run.raw_model.state_dict(), "optimizer": run.optimizer.state_dict(),
+    weights = {"model": run.eval_model.state_dict()} | ({"train_model": run.raw_model.state_dict()} if run.ema else {})
+    ckpt = {**weights, "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_loss": run.best_loss,
             "world": run.world, "args": vars(args), "normalization": run.normalizer.as_dict(), "rng": rng_state(),
@@ -1774,10 +1808,12 @@ def check_resumable(ckpt, path, args, split):
 def is_training_checkpoint(ckpt):
     """What restore() reads, there and of the types it computes with (a crafted or foreign file fails here, in
     one line, not in the middle of the resume)."""
+    required = ("optimizer", "scheduler", "scaler", "epoch", "step", "best_loss")
     counters = ("epoch", "step", "batch_in_epoch", "world")
-    return (isinstance(ckpt, dict) and all(k in ckpt for k in ("optimizer", "scheduler", "scaler", "epoch", "step", "best_loss"))
+    return (isinstance(ckpt, dict) and all(k in ckpt for k in required)
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
-            and isinstance(ckpt["best_loss"], float) and isinstance(ckpt.get("args", {}), dict))
+            and isinstance(ckpt["best_loss"], float)
+            and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model")))
 
 
 def restore(run, args, rank, iters_per_epoch):
@@ -1791,6 +1827,10 @@ def restore(run, args, rank, iters_per_epoch):
     if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
     check_resumable(ckpt, path, args, run.meta["split"])
+    if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
+        run.ema.model.load_state_dict(run.raw_model.state_dict())
+    if "train_model" in ckpt:  # an --ema-decay run's trained weights
+        run.raw_model.load_state_dict(ckpt["train_model"])
     try:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -1947,8 +1987,9 @@ def open_monitor(args, device):
 
 
 def validate(run, loader, monitor):
-    """Validation metrics on the raw model; returns (log text, whether the loss improved)."""
-    m = evaluate(run.raw_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights)
+    """Validation metrics of run.eval_model (unwrapped, the average with --ema-decay); returns (log text, whether
+    the loss improved)."""
+    m = evaluate(run.eval_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights)
     monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
     monitor.image("val/prediction_vs_truth", *m["first"], run.step)
     improved = m["loss"] < run.best_loss

@@ -596,6 +596,48 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
 
 
+def test_weight_ema_averages_weights_and_statistics_with_a_ramped_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    ema = T.WeightEMA(model, 0.9)
+    start = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.add_(2.0)
+        model[1].num_batches_tracked += 3
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update(1000)  # past the ramp: the decay itself
+    for k, v in ema.model.state_dict().items():
+        want = new[k] if not v.is_floating_point() else start[k] + 0.1 * (new[k] - start[k])  # counters are copied
+        assert torch.allclose(v, want), k
+    before = {k: v.clone() for k, v in ema.model.state_dict().items()}
+    ema.update(0)  # the first step: decay (1 + 0) / (10 + 0) = 0.1, so the average mostly follows the weights
+    assert torch.allclose(ema.model[0].weight, before["0.weight"] + 0.9 * (new["0.weight"] - before["0.weight"]))
+    assert not any(p.requires_grad for p in ema.model.parameters()) and torch.equal(model[0].weight, new["0.weight"])
+
+
+def test_ema_run_validates_saves_and_resumes_the_average_exactly(ids_data, tmp_path, capsys):
+    """With --ema-decay the checkpoints' 'model' is the average (what validation measured and what eval, --predict
+    and --init-from read) and 'train_model' the trained weights; a run stopped inside an epoch and resumed ends
+    with the same both as one that ran straight through."""
+    import eval_inversionnet as E
+    _, lists = ids_data
+    argv = [*map(str, lists), *COMMON, "--epochs", "2", "--ema-decay", "0.5", "--precise-bn", "2"]
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "a")]) == 0
+    val_mae = re.findall(r"^epoch 1 train loss \S+ \| val loss \S+ MAE (\S+)", capsys.readouterr().out, re.M)
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "b"), "--max-steps", "5"]) == 0
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "b"), "--resume", "auto"]) == 0
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in "ab")
+    assert a["step"] == b["step"] == 8
+    for part in ("model", "train_model"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert not torch.equal(a["model"]["convblock1.layers.0.weight"], a["train_model"]["convblock1.layers.0.weight"])
+    out = tmp_path / "ev"
+    assert E.cli(["--checkpoint", str(tmp_path / "a" / "last.pt"), "--output-dir", str(out), "--num-workers", "0",
+                  "--no-progress", "--vis", "0", "--amp", "off"]) == 0
+    assert val_mae == [f"{json.loads((out / 'metrics.json').read_text())['model']['mae']:.4f}"]
+
+
 def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_path, capsys):
     """--overwrite replaces a run whole: its best.pt, log and TensorBoard events go, so nothing of it can be
     mistaken for the new run's; files that are not the run's stay. A new run that its checks refuse removes
