@@ -163,15 +163,17 @@ def flops_per_sample():
 def compute_modes():
     """Name -> the training flags of each compute variant. `fast` is what --fast resolves to here; on CUDA
     `fast-fp16` is the same with fp16 and its GradScaler, which eager runs on an H100 found 1.31x faster than
-    bf16 (bench/RESULTS.md): the candidate for --fast's precision there."""
+    bf16 (bench/RESULTS.md): the candidate for --fast's precision there. The `-ema` rows add the weight
+    EMA's update to the step (eager on CUDA, beside `fast-eager`, to save a compilation)."""
     if DEVICE.type == "cuda":
         return {"fp32": ["--no-tf32"], "tf32": [], "tf32-cl": ["--channels-last"], "bf16": ["--amp", "bf16"],
                 "bf16-cl": ["--amp", "bf16", "--channels-last"], "fp16-cl": ["--amp", "fp16", "--channels-last"],
-                "fast-eager": ["--fast", "--no-compile"], "fast-fp16": ["--fast", "--amp", "fp16"], "fast": ["--fast"]}
+                "fast-eager": ["--fast", "--no-compile"], "fast-eager-ema": ["--fast", "--no-compile", "--ema-decay", "0.999"],
+                "fast-fp16": ["--fast", "--amp", "fp16"], "fast": ["--fast"]}
     return {"fp32": [], "fp32-cl": ["--channels-last"], "bf16": ["--amp", "bf16"],
             "bf16-cl": ["--amp", "bf16", "--channels-last", "--no-fused-adam"],
             "bf16-cl-fused": ["--amp", "bf16", "--channels-last", "--fused-adam"],
-            "compile": ["--fast", "--compile"], "fast": ["--fast"]}
+            "compile": ["--fast", "--compile"], "fast-ema": ["--fast", "--ema-decay", "0.999"], "fast": ["--fast"]}
 
 
 def compiles(mode):
