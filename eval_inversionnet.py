@@ -380,18 +380,10 @@ def draw_shots(plt, gather, path):
     save_figure(plt, fig, path, dpi=80)
 
 
-def earlier_results(out):
-    """The files in OUT that an evaluation writes: an earlier one's, or anything else by those names."""
-    if not os.path.isdir(out):
-        return []
-    return sorted(n for n in os.listdir(out) if n in ("metrics.json", "result.txt", "per_sample.csv", "ssim_histogram.png")
-                  or re.fullmatch(r"sample_\d+_\w+\.png", n))
-
-
 def run_evaluation(cli, argv):
     """Metrics, per-sample table, baseline and pictures of the checkpoint on its validation split."""
     out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "eval")
-    found = earlier_results(out)
+    found = T.eval_results(out)
     if found and not cli.overwrite:
         raise T.InputError(f"--output-dir {out} already holds results ({', '.join(found[:3])}"
                            f"{f' and {len(found) - 3} more' if len(found) > 3 else ''}); pass --overwrite to replace "

@@ -153,8 +153,9 @@ def add_optimisation_args(g):
                    help="validate, evaluate and save as the checkpoints' 'model' an exponential moving average of the weights "
                         "with this decay per step (e.g. 0.999; 0: off, the trained weights themselves)")
     g.add_argument("--precise-bn", type=int, default=0,
-                   help="after each epoch, replace the BatchNorm running statistics (validated and saved) by their average "
-                        "over this many training batches with the epoch's final weights (0: keep the running averages)")
+                   help="after each epoch (and at a --max-steps stop), replace the BatchNorm running statistics of the model "
+                        "that is validated and saved (the average with --ema-decay) by their average over this many training "
+                        "batches (0: keep the running averages)")
 
 
 def add_speed_args(g):
@@ -1522,6 +1523,12 @@ def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
     return run, parallel
 
 
+def quiet_schedule_order_warning():
+    """The schedule counts iterations, skipped or not; an fp16 step that the GradScaler skipped is logged at the
+    log step, and PyTorch's warning about the order of the two steps would read as a fault of the run."""
+    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+
+
 def train_step(run, x, y):
     """One optimizer step on a batch already on the device; returns the detached loss (no host sync)."""
     try:
@@ -1540,11 +1547,7 @@ def train_step(run, x, y):
         nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
-    with warnings.catch_warnings():
-        # the schedule counts iterations, skipped or not; an fp16 step the GradScaler skipped is logged at the
-        # log step, and PyTorch's warning about the order of the two steps would read as a fault of the run
-        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
-        run.scheduler.step()
+    run.scheduler.step()
     run.step += 1
     if run.ema is not None:
         run.ema.update(run.step)
@@ -1830,7 +1833,15 @@ def restore(run, args, rank, iters_per_epoch):
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
-        run.raw_model.load_state_dict(ckpt["train_model"])
+        try:
+            run.raw_model.load_state_dict(ckpt["train_model"])
+        except RuntimeError as e:
+            raise InputError(f"{path}: its train_model is incompatible with InversionNet ({str(e).splitlines()[0][:160]})") from None
+    ema = ""
+    if run.ema is not None and "train_model" not in ckpt:
+        ema = "; the weight EMA starts from its weights"
+    elif run.ema is None and "train_model" in ckpt:
+        ema = "; its weight EMA ('model') is not continued without --ema-decay: the trained weights go on"
     try:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
@@ -1853,14 +1864,22 @@ def restore(run, args, rank, iters_per_epoch):
     where = f"epoch {run.epoch}, batch {run.batch_in_epoch}" if run.batch_in_epoch else f"the start of epoch {run.epoch}"
     given, args.init_from = args.init_from, ckpt["args"].get("init_from")  # args.json: what the run began from
     unused = f"; --init-from {given} not used (the weights are {path}'s)" if given and given != args.init_from else ""
-    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{unused}"
+    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{ema}{unused}"
 
 
 # ---- main ----
 
-# what a run writes, and eval_inversionnet.py's default result directories beside its checkpoints: results of a
-# model that --overwrite deletes would otherwise read as the new run's
-RUN_FILES = ("last.pt", "best.pt", "args.json", "provenance.json", "train.log", "tb", "eval", "predict")
+RUN_FILES = ("last.pt", "best.pt", "args.json", "provenance.json", "train.log", "tb")  # what a run writes
+
+
+def eval_results(out):
+    """The files in OUT that eval_inversionnet.py's evaluation writes (an earlier one's, or anything else by
+    those names): eval keeps them unless --overwrite, and training's --overwrite removes them from RUN/eval,
+    eval's default --output-dir, with the model they describe."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(n for n in os.listdir(out) if n in ("metrics.json", "result.txt", "per_sample.csv", "ssim_histogram.png")
+                  or re.fullmatch(r"sample_\d+_\w+\.png", n))
 
 
 def check_output_dir(args):
@@ -1913,8 +1932,8 @@ def remove_previous_run(args):
     nothing of it (a better best.pt, its log, its TensorBoard curves) mixes into the new one."""
     if not args.overwrite:
         return
-    removed = []
-    for name in RUN_FILES:
+    removed, results = [], os.path.join(args.output_dir, "eval")
+    for name in RUN_FILES + tuple(os.path.join("eval", n) for n in eval_results(results)):  # nothing else of eval/
         path = os.path.join(args.output_dir, name)
         try:
             if os.path.isdir(path):
@@ -1926,6 +1945,8 @@ def remove_previous_run(args):
         except OSError as e:
             raise InputError(f"--overwrite: cannot remove {path}: {e.strerror}") from None
         removed.append(name)
+    if os.path.isdir(results) and not os.listdir(results):
+        os.rmdir(results)
     if removed:
         print0(f"--overwrite: removed the previous run's {', '.join(removed)} from {args.output_dir}")
 
@@ -2000,8 +2021,11 @@ def validate(run, loader, monitor):
 def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
     stop, writer = Stop(args.max_steps), CheckpointWriter()
+    start = run.step
     if run.epoch >= args.epochs:
         print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
+    elif stop.reached_max(run):
+        print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
     stop.install()
     try:
         while run.epoch < args.epochs and not stop.check(run):
@@ -2013,7 +2037,7 @@ def fit(run, train_loader, val_loader, monitor, args):
                 break
             part = "" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"
             line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
-            if args.precise_bn:
+            if args.precise_bn:  # inside an epoch too: the resumed epoch's end recomputes them again
                 precise_bn(run, train_loader, args.precise_bn)
             # the run's last training is validated too (the last epoch, --max-steps), so a run whose --val-every
             # does not divide it still ends with a validated best.pt: run.sh's eval stage reads it
@@ -2043,7 +2067,7 @@ def fit(run, train_loader, val_loader, monitor, args):
     if stop.signum is not None:
         print0(f"stopped by signal {stop.signum} at step {run.step}; last.pt written, resume with --resume auto")
         return 128 + stop.signum
-    if stop.reached_max(run) and run.epoch < args.epochs:
+    if stop.reached_max(run) and run.epoch < args.epochs and run.step > start:
         print0(f"stopped at --max-steps {args.max_steps} (epoch {run.epoch}, batch {run.batch_in_epoch}); last.pt written")
     return 0
 
@@ -2110,6 +2134,7 @@ def main(args, argv=()):
     backend_note = configure_backends(args, device)
     if args.detect_anomaly:
         torch.autograd.set_detect_anomaly(True)
+    quiet_schedule_order_warning()
     speed_note = resolve_speed(args, device, (sum(data[1]) + sum(data[3])) // world)
     train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
     run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)

@@ -270,8 +270,8 @@ def test_fp16_grad_scaler_skipped_steps_are_logged_not_fatal(capsys):
     w0 = model.weight.detach().clone()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # fp16 gradients overflow at this scale
     run = toy_run(model, scaler, amp_dtype=torch.float16)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force, warnings shown afresh
+        T.quiet_schedule_order_warning()  # as main() does
         T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 2), T.Monitor(log_every=1), T.Stop())
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]  # the skip is the log's to say
     out = capsys.readouterr().out

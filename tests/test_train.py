@@ -611,7 +611,7 @@ def test_weight_ema_averages_weights_and_statistics_with_a_ramped_decay():
         want = new[k] if not v.is_floating_point() else start[k] + 0.1 * (new[k] - start[k])  # counters are copied
         assert torch.allclose(v, want), k
     before = {k: v.clone() for k, v in ema.model.state_dict().items()}
-    ema.update(0)  # the first step: decay (1 + 0) / (10 + 0) = 0.1, so the average mostly follows the weights
+    ema.update(0)  # the ramp's start: decay (1 + 0) / (10 + 0) = 0.1, so the average mostly follows the weights
     assert torch.allclose(ema.model[0].weight, before["0.weight"] + 0.9 * (new["0.weight"] - before["0.weight"]))
     assert not any(p.requires_grad for p in ema.model.parameters()) and torch.equal(model[0].weight, new["0.weight"])
 
@@ -636,6 +636,15 @@ def test_ema_run_validates_saves_and_resumes_the_average_exactly(ids_data, tmp_p
     assert E.cli(["--checkpoint", str(tmp_path / "a" / "last.pt"), "--output-dir", str(out), "--num-workers", "0",
                   "--no-progress", "--vis", "0", "--amp", "off"]) == 0
     assert val_mae == [f"{json.loads((out / 'metrics.json').read_text())['model']['mae']:.4f}"]
+    plain = [a for a in argv if a not in ("--ema-decay", "0.5")]
+    capsys.readouterr()
+    assert T.cli([*plain, "--epochs", "3", "--max-steps", "9", "--output-dir", str(tmp_path / "a"), "--resume", "auto"]) == 0
+    assert "; its weight EMA ('model') is not continued without --ema-decay: the trained weights go on" in capsys.readouterr().out
+    b["train_model"].pop("convblock1.layers.0.weight")
+    torch.save(b, tmp_path / "b" / "last.pt")
+    assert T.cli([*argv, "--epochs", "3", "--output-dir", str(tmp_path / "b"), "--resume", "auto"]) == 2
+    assert capsys.readouterr().err.startswith(f"train_inversionnet.py: error: {tmp_path / 'b' / 'last.pt'}: its train_model is "
+                                              "incompatible with InversionNet (")
 
 
 def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_path, capsys):
@@ -647,7 +656,10 @@ def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_
     for d in ("tb", "eval", "predict"):
         (out / d).mkdir(parents=True)
     old = ("best.pt", "last.pt", "args.json", "train.log", "tb/events.out.tfevents.old", "eval/metrics.json",
-           "predict/a_velocity.npy", "notes.txt")
+           "eval/sample_3_best.png", "notes.txt")
+    kept = ("eval/my_notes.txt", "predict/shots.npy", "predict/shots_velocity.npy")  # not eval's results: the user's
+    for name in kept:
+        (out / name).write_text("mine")
     for name in old:
         (out / name).write_text("old run")
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--val-every", "0", "--no-tensorboard",
@@ -658,7 +670,8 @@ def test_overwrite_removes_the_old_run_before_writing_the_new_one(ids_data, tmp_
     assert T.cli(argv) == 0
     assert "--overwrite: removed the previous run's" in capsys.readouterr().out
     assert not (out / "tb").exists() and "old run" not in (out / "train.log").read_text()
-    assert not (out / "eval").exists() and not (out / "predict").exists()  # the old model's results
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["my_notes.txt"]  # the old model's results went
+    assert all((out / name).read_text() == "mine" for name in kept)
     assert all(torch.load(out / f, weights_only=False)["step"] == 1 for f in ("last.pt", "best.pt"))  # the new run's
     assert json.loads((out / "args.json").read_text())["overwrite"] is True
     assert (out / "notes.txt").read_text() == "old run"
