@@ -276,7 +276,9 @@ def result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base):
     m = {k: metrics[k] for k in ("mae", "mse", "rmse", "ssim", "count")}
     for d in (m, base):
         d["mae_ms"], d["rmse_ms"] = d["mae"] * scale, d["rmse"] * scale  # the map is linear in velocity
-    return {"checkpoint": os.path.abspath(cli.checkpoint), "samples": m["count"], "files": len(pairs),
+    ema = targs.ema_decay  # the checkpoint's 'model' is the average when it was trained with one
+    return {"checkpoint": os.path.abspath(cli.checkpoint), "weights": f"EMA, decay {ema:g}" if ema else "trained",
+            "samples": m["count"], "files": len(pairs),
             "split": "list" if cli.val_list else cli.split or "val",
             "normalization": normalizer.as_dict(), "normalization_from": stats_from,
             "perturbation": {"noise_std": cli.noise_std, "missing_traces": cli.missing_traces, "seed": cli.seed},
@@ -287,7 +289,7 @@ def report(r):
     m, b, p = r["model"], r["baseline_mean_map"], r["paper_reference"]
     pert = r["perturbation"]
     baseline = "baseline (train mean)" if b["from"] == "training split" else "baseline (eval mean)"
-    lines = [f"InversionNet evaluation: {r['samples']} samples from {r['files']} files ({r['checkpoint']})",
+    lines = [f"InversionNet evaluation: {r['samples']} samples from {r['files']} files ({r['checkpoint']}, weights: {r['weights']})",
              f"perturbation: noise {pert['noise_std']:g} x trace peak, {pert['missing_traces']} muted receivers, seed {pert['seed']}",
              f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32",
              f"{'':24s}{'MAE':>9s}{'RMSE':>9s}{'SSIM':>9s}{'MAE m/s':>10s}{'RMSE m/s':>10s}",
