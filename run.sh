@@ -21,7 +21,8 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
                flatvel, so a bare `torchrun --nproc_per_node=2 train_inversionnet.py` trains on it next)
   --run DIR    checkpoints, logs and evaluation (default runs/<family>-<profile>); a re-run continues the run
                there, so to start over remove DIR or name another
-  --*-args     extra flags passed to the simulator, the trainer and the evaluator
+  --*-args     extra flags passed to the simulator, the trainer and the evaluator, split at spaces (no quoting
+               inside: a value with a space goes to the script itself)
 Both profiles write files of 100 samples, so either one extends the other's data set.
 test: the same install step, then ruff's pyflakes checks and pytest over tests/ and bench/ (--benchmark-disable).
 USAGE
