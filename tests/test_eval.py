@@ -202,9 +202,13 @@ def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys):
     assert (out / "metrics.json").read_bytes() == first
     (out / "metrics.json").unlink()  # any file an evaluation would replace is kept, not only metrics.json
     assert E.cli(args) == 2 and "already holds results (per_sample.csv, result.txt); pass" in capsys.readouterr().err
+    (out / "sample_99_worst.png").write_bytes(b"an earlier evaluation's picture")
+    (out / "notes.txt").write_text("the user's own")
     assert E.cli(args + ["--noise-std", "0.5", "--overwrite"]) == 0
     assert json.loads((out / "metrics.json").read_text())["perturbation"]["noise_std"] == 0.5
     assert not list(out.glob("*.tmp-*"))
+    # the replaced results go, pictures included (--vis 0 draws none now); other files stay
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "per_sample.csv", "result.txt"]
 
 
 def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, monkeypatch):
