@@ -503,7 +503,8 @@ def resolve_speed(args, device, cache_samples=0):
     if amp == "fp16" and device.type == "mps":
         raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
     cache_dtype = args.cache_dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
-    cache_bytes = cache_samples * (math.prod(DATA_SHAPE) + math.prod(LABEL_SHAPE)) * torch.finfo(getattr(torch, cache_dtype)).bits // 8
+    cache_bytes = cache_samples * (math.prod(DATA_SHAPE) * torch.finfo(getattr(torch, cache_dtype)).bits // 8
+                                   + math.prod(LABEL_SHAPE) * 4)  # labels stay float32
     if args.fast:  # ranks on one host share its RAM; each GPU has its own memory
         share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
         choice["loader"] = "gpu" if cache_bytes * share <= free_memory(device) / 2 else "map"
@@ -895,6 +896,12 @@ def batch_sizes(n, batch):
     return sizes
 
 
+def replica_sizes(batch, replicas):
+    """How DataParallel splits a batch over its GPUs (torch.chunk: pieces of ceil(batch / replicas))."""
+    piece = -(-batch // replicas)
+    return [piece] * (batch // piece) + ([batch % piece] if batch % piece else [])
+
+
 def round_robin_position(per_worker, start):
     """Where batch `start` of an epoch comes from, given each worker's batch count: the DataLoader takes
     batches from its workers in turn, passing over those that have finished. Returns (how many batches
@@ -936,8 +943,8 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
     set_epoch(epoch, start) begins the epoch at batch `start`; files wholly before it are not read."""
 
     def __init__(self, pairs, counts, batch_size, rank=0, world=1, num_workers=0, seed=0, shuffle=True,
-                 drop_remainder=True, normalizer=None):
-        self.pairs, self.counts, self.batch = pairs, counts, batch_size
+                 drop_remainder=True, normalizer=None, replicas=1):
+        self.pairs, self.counts, self.batch, self.replicas = pairs, counts, batch_size, replicas
         self.rank, self.world, self.workers = rank, world, max(1, num_workers)
         self.seed, self.shuffle, self.drop_remainder, self.normalizer = seed, shuffle, drop_remainder, normalizer
         self._epoch, self._start = mp.Value("i", 0), mp.Value("i", 0)  # shared, so persistent workers see them
@@ -963,10 +970,11 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
         return [(lo + a, hi + a) for lo, hi in shard_ranges(b - a, self.workers)]
 
     def sizes(self, n):
-        """Batch sizes of a worker holding n samples. A worker's lone sample is not trained on: BatchNorm
-        cannot train on a batch of one."""
+        """Batch sizes of a worker holding n samples. In training, a batch that would leave one sample to a
+        model replica (a worker's lone sample, or a remainder DataParallel splits down to one) is not trained
+        on: BatchNorm cannot train on a batch of one."""
         s = batch_sizes(n, self.batch)
-        return [] if self.drop_remainder and s == [1] else s
+        return [b for b in s if min(replica_sizes(b, self.replicas)) > 1] if self.drop_remainder else s
 
     def __len__(self):
         return sum(len(self.sizes(hi - lo)) for lo, hi in self.worker_ranges())
@@ -1071,12 +1079,12 @@ class DeviceLoader:
         total = sum(counts)
         per = total // world if train else len(range(rank, total, world))
         self.x = torch.empty((per, *DATA_SHAPE), dtype=cache_dtype, device=device)
-        self.y = torch.empty((per, *LABEL_SHAPE), dtype=cache_dtype, device=device)
+        self.y = torch.empty((per, *LABEL_SHAPE), device=device)  # float32: the metrics' truth, 1.4 % of the bytes
         keep = np.arange(rank, total, world)[:per]
         filled = 0
         for x, y in read_samples(pairs, counts, keep):
             self.x[filled:filled + len(x)] = normalizer.data(torch.from_numpy(x).to(device)).to(cache_dtype)
-            self.y[filled:filled + len(x)] = normalizer.label(torch.from_numpy(y).to(device)).to(cache_dtype)
+            self.y[filled:filled + len(x)] = normalizer.label(torch.from_numpy(y).to(device))
             filled += len(x)
         self.batch, self.seed, self.train, self.device = batch_size, seed, train, device
         self.epoch, self.start = 0, 0
@@ -1131,11 +1139,13 @@ class LoaderConfig:
     cache_dtype: str = "float32"      # of the --loader gpu cache
     normalize_in_workers: bool = False
     seed: int = 0
+    replicas: int = 1                 # DataParallel's GPUs: the iterable loader drops what they cannot split
 
     @classmethod
-    def from_args(cls, args, train):
+    def from_args(cls, args, train, replicas=1):
         return cls(args.loader, args.batch_size if train else args.val_batch_size, args.num_workers, args.pin_memory,
-                   args.prefetch_factor, args.persistent_workers, args.cache_dtype, args.normalize == "workers", args.seed)
+                   args.prefetch_factor, args.persistent_workers, args.cache_dtype, args.normalize == "workers", args.seed,
+                   replicas)
 
 
 def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=True, transform=None):
@@ -1152,7 +1162,7 @@ def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=
         kw.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
     if cfg.kind == "iterable":
         ds = IterableFileDataset(pairs, counts, cfg.batch_size, rank, world, cfg.num_workers, cfg.seed, shuffle=train,
-                                 drop_remainder=train, normalizer=in_workers)
+                                 drop_remainder=train, normalizer=in_workers, replicas=cfg.replicas)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, **kw)
         return Loader(dl, ds, in_workers is not None, ds.dropped)
     ds = MapDataset(pairs, counts, in_workers, transform)
@@ -1484,10 +1494,21 @@ class WeightEMA:
             mine.copy_(theirs)
 
 
+def resolve_parallel(parallel, device):
+    """--parallel auto: DDP under torchrun, DataParallel when one process sees several GPUs, else none."""
+    if parallel == "auto":
+        return "ddp" if dist.is_initialized() else ("dp" if device.type == "cuda" and torch.cuda.device_count() > 1 else "none")
+    return parallel
+
+
+def dp_gpus(parallel, device):
+    """The GPUs DataParallel splits each batch over (all it sees), or 1 without it."""
+    return torch.cuda.device_count() if resolve_parallel(parallel, device) == "dp" else 1
+
+
 def wrap_model(model, device, parallel, local, sync_bn):
     """The module the step calls and its name: DDP, DataParallel or the model itself."""
-    if parallel == "auto":
-        parallel = "ddp" if dist.is_initialized() else ("dp" if device.type == "cuda" and torch.cuda.device_count() > 1 else "none")
+    parallel = resolve_parallel(parallel, device)
     if parallel == "ddp":
         if sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -1721,9 +1742,19 @@ def precise_bn(run, loader, n_batches):
             model(x if run.amp_dtype else x.float())
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
-        for t in (m.running_mean, m.running_var) if dist.is_initialized() else ():
-            dist.all_reduce(t)
-            t /= dist.get_world_size()
+    average_over_ranks(model.buffers())
+
+
+@torch.no_grad()
+def average_over_ranks(tensors):
+    """Floating-point tensors replaced by their mean over DDP ranks, in place. Each rank's BatchNorm running
+    statistics follow its own batches (DDP copies rank 0's only at the next forward): averaged before
+    validation, every rank measures, and rank 0 saves, the same model."""
+    if dist.is_initialized():
+        for t in tensors:
+            if t.is_floating_point():
+                dist.all_reduce(t)
+                t /= dist.get_world_size()
 
 
 @torch.no_grad()
@@ -1842,12 +1873,7 @@ def restore(run, args, rank, iters_per_epoch):
         ema = "; the weight EMA starts from its weights"
     elif run.ema is None and "train_model" in ckpt:
         ema = "; its weight EMA ('model') is not continued without --ema-decay: the trained weights go on"
-    try:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.scheduler.load_state_dict(ckpt["scheduler"])
-        run.scaler.load_state_dict(ckpt["scaler"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"{path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
+    amp = load_optimizer_state(run, ckpt, path, args.amp)
     run.step, run.best_loss = ckpt["step"], ckpt["best_loss"]
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     if ckpt.get("rng") and rank == 0:
@@ -1864,7 +1890,22 @@ def restore(run, args, rank, iters_per_epoch):
     where = f"epoch {run.epoch}, batch {run.batch_in_epoch}" if run.batch_in_epoch else f"the start of epoch {run.epoch}"
     given, args.init_from = args.init_from, ckpt["args"].get("init_from")  # args.json: what the run began from
     unused = f"; --init-from {given} not used (the weights are {path}'s)" if given and given != args.init_from else ""
-    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{ema}{unused}"
+    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{ema}{amp}{unused}"
+
+
+def load_optimizer_state(run, ckpt, path, amp):
+    """The optimizer, schedule and GradScaler states of a checkpoint. A run may change --amp on resume; a
+    scaler saved while disabled holds nothing, so an fp16 continuation starts its own. Returns the note."""
+    try:
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"] or not run.scaler.is_enabled():
+            run.scaler.load_state_dict(ckpt["scaler"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise InputError(f"{path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
+    before = ckpt["args"].get("amp", amp)
+    fresh = " (the fp16 GradScaler starts at its initial scale)" if run.scaler.is_enabled() and not ckpt["scaler"] else ""
+    return f"; --amp {before} -> {amp}{fresh}" if before != amp else ""
 
 
 # ---- main ----
@@ -1954,6 +1995,10 @@ def remove_previous_run(args):
 def check_device_args(args, device):
     if args.parallel == "dp" and device.type != "cuda":
         raise InputError("--parallel dp needs CUDA devices")
+    gpus = dp_gpus(args.parallel, device)
+    if gpus > 1 and min(replica_sizes(args.batch_size, gpus)) < 2:
+        raise InputError(f"--batch-size {args.batch_size} over {gpus} GPUs (DataParallel) leaves a GPU one sample, on "
+                         f"which BatchNorm cannot train: use a multiple of {gpus} of at least {2 * gpus}")
     if args.sync_bn and device.type != "cuda":
         raise InputError("--sync-bn needs CUDA (SyncBatchNorm does not run on CPU)")
     if args.sync_bn and not dist.is_initialized():  # only the DDP wrapping converts the BatchNorms
@@ -1977,7 +2022,8 @@ def load_splits(args, world):
 def build_loaders(args, data, normalizer, device, rank, world):
     """(train, val) loaders; --overfit-batch swaps the train loader for one batch served --max-steps times."""
     train_pairs, train_counts, val_pairs, val_counts = data
-    train = build_loader(LoaderConfig.from_args(args, True), train_pairs, train_counts, normalizer, device, rank, world)
+    cfg = LoaderConfig.from_args(args, True, replicas=dp_gpus(args.parallel, device))
+    train = build_loader(cfg, train_pairs, train_counts, normalizer, device, rank, world)
     if len(train) == 0:  # the iterable loader's shards (files split over ranks x workers) can each hold less than a batch
         raise DataError(f"no full batch of {args.batch_size} per epoch: --loader {args.loader} splits {sum(train_counts)} "
                         f"samples over {world} rank(s) x {args.num_workers} worker(s); lower --num-workers or --batch-size")
@@ -2037,6 +2083,7 @@ def fit(run, train_loader, val_loader, monitor, args):
                 break
             part = "" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"
             line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
+            average_over_ranks([*run.raw_model.buffers(), *(run.ema.model.buffers() if run.ema else ())])
             if args.precise_bn:  # inside an epoch too: the resumed epoch's end recomputes them again
                 precise_bn(run, train_loader, args.precise_bn)
             # the run's last training is validated too (the last epoch, --max-steps), so a run whose --val-every

@@ -1,6 +1,7 @@
 """Run under torchrun by tests/test_ddp.py: two CPU ranks train InversionNet through DDP (Gloo) with the
-training script's own Run and train_step, checking after each step that all ranks hold the same weights;
-rank 0 saves what the test needs to recompute the first update in one process."""
+training script's own Run and train_step, checking after each step that all ranks hold the same weights,
+and that average_over_ranks gives them the same BatchNorm statistics; rank 0 saves what the test needs
+to recompute the first update in one process."""
 import sys
 
 import torch
@@ -29,6 +30,23 @@ for step, (x, y) in enumerate(batches):
         print(f"step {step}: ranks identical", flush=True)
     if step == 0:
         after_first = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+
+
+def gathered_buffers():
+    flat = torch.cat([b.flatten() for b in run.raw_model.buffers() if b.is_floating_point()])
+    out = [torch.zeros_like(flat) for _ in range(world)]
+    dist.all_gather(out, flat)
+    return out
+
+
+before = gathered_buffers()  # each rank's BatchNorm statistics followed its own batches
+T.average_over_ranks(run.raw_model.buffers())
+after = gathered_buffers()
+if rank == 0:
+    assert not torch.equal(before[0], before[1])
+    assert all(torch.equal(after[0], t) for t in after[1:])
+    torch.testing.assert_close(after[0], sum(before) / world)
+    print("BatchNorm statistics averaged over ranks", flush=True)
 all_batches = [None] * world
 dist.all_gather_object(all_batches, batches[0])
 if rank == 0:

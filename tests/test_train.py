@@ -175,6 +175,35 @@ def test_device_cache_reads_the_kept_samples_in_order(tmp_path):
     np.testing.assert_array_equal(np.concatenate([y for _, y in chunks]), y_all[keep])
 
 
+def test_device_cache_keeps_labels_in_float32_whatever_the_data_dtype(tmp_path):
+    """A bf16 cache (what --fast picks with bf16 autocast) rounds the data, never the labels: they are the
+    metrics' truth."""
+    pairs = write_ids_dataset(tmp_path, (5,))
+    norm = T.Normalizer(-30, 60)
+    loader = T.build_loader(T.LoaderConfig(kind="gpu", batch_size=2, cache_dtype="bfloat16"), pairs, [5], norm,
+                            torch.device("cpu"))
+    assert loader.x.dtype == torch.bfloat16 and loader.y.dtype == torch.float32
+    assert torch.equal(loader.y, norm.label(torch.from_numpy(np.load(pairs[0][1]))))
+
+
+def test_data_parallel_never_gets_a_batch_that_leaves_a_gpu_one_sample(monkeypatch):
+    """DataParallel splits a batch with torch.chunk; a GPU given one sample fails in BatchNorm. Such a
+    --batch-size is refused up front, and such a remainder batch of the iterable loader is not trained on."""
+    assert T.replica_sizes(9, 8) == [2, 2, 2, 2, 1] and T.replica_sizes(3, 2) == [2, 1]
+    assert T.replica_sizes(16, 8) == [2] * 8 and T.replica_sizes(7, 1) == [7]
+    ds = T.IterableFileDataset([], [], batch_size=4, replicas=2)
+    assert ds.sizes(11) == ds.sizes(10) == [4, 4]  # remainders of 3 and 2 split 2 + 1 and 1 + 1
+    assert ds.sizes(13) == [4, 4, 5]  # a remainder of 1 joins the batch before it: 5 splits 3 + 2
+    assert T.IterableFileDataset([], [], batch_size=4).sizes(11) == [4, 4, 3]  # one device takes it
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    cuda = torch.device("cuda")
+    with pytest.raises(T.InputError, match=r"^--batch-size 9 over 8 GPUs \(DataParallel\) leaves a GPU one sample, "
+                                           r"on which BatchNorm cannot train: use a multiple of 8 of at least 16$"):
+        T.check_device_args(small_args(batch_size=9), cuda)
+    T.check_device_args(small_args(batch_size=16), cuda)
+    T.check_device_args(small_args(batch_size=9, parallel="none"), cuda)  # one GPU takes the whole batch
+
+
 def test_split_pairs_by_file_is_seeded():
     pairs = [(f"d{i}", f"m{i}") for i in range(10)]
     tr, va = T.split_pairs(pairs, 0.8, seed=1)
@@ -555,6 +584,25 @@ def test_init_from_on_a_resume_is_said_unused_and_not_recorded(short_run, ids_da
                   "--init-from", str(tmp_path / "w.pth")]) == 0
     assert f"--init-from {tmp_path / 'w.pth'} not used (the weights are {run / 'last.pt'}'s)" in capsys.readouterr().out
     assert json.loads((run / "args.json").read_text())["init_from"] is None  # the run began from scratch
+
+
+@pytest.mark.slow
+def test_resume_may_change_amp_and_fp16_then_starts_its_own_grad_scaler(short_run, ids_data, tmp_path, capsys):
+    """A run trained without fp16 saved a disabled GradScaler, which holds nothing: an fp16 continuation starts
+    its own (no traceback), and the resume line says what changed."""
+    _, lists = ids_data
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(run), "--resume", "auto"]
+    capsys.readouterr()
+    assert T.cli([*argv, "--amp", "fp16", "--max-steps", "5"]) == 0
+    assert "; --amp off -> fp16 (the fp16 GradScaler starts at its initial scale)" in capsys.readouterr().out
+    ck = torch.load(run / "last.pt", weights_only=False)
+    assert ck["step"] == 5 and ck["scaler"]["scale"] == 2.0 ** 16
+    assert T.cli([*argv, "--amp", "bf16", "--max-steps", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "; --amp fp16 -> bf16\n" in out or "; --amp fp16 -> bf16;" in out
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 6
 
 
 def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys):
