@@ -4,7 +4,7 @@
     python simulate_openfwi.py --family curvefault --out data/cf --device cuda --batch-size 256
 
 Writes OUT/data/data{i}.npy (N, 5, 1000, 70) and OUT/model/model{i}.npy (N, 1, 70, 70), float32,
-i from 1, plus OUT/train.txt / OUT/val.txt (OpenFWI split lists, `data<TAB>label`, absolute paths)
+i from 1, plus OUT/train.txt / OUT/val.txt (OpenFWI split lists, `data<TAB>label`, paths relative to OUT)
 and OUT/dataset.json (normalisation constants and modelling parameters, read by
 `train_inversionnet.py --stats`). Files are written under a temporary name and renamed, and a
 re-run skips the files that are already complete, so an interrupted generation resumes where it
@@ -725,13 +725,15 @@ def prepare_out(args):
 
 
 def write_metadata(args):
-    """Split lists and dataset.json (min/max of the data actually written, over every file)."""
+    """Split lists (paths relative to OUT, so the set can move as a whole) and dataset.json (min/max of the
+    data actually written, over every file)."""
     out = os.path.abspath(args.out)
-    pairs = [tuple(os.path.abspath(p) for p in pair_paths(out, i)) for i in range(1, args.files + 1)]
+    pairs = [pair_paths(out, i) for i in range(1, args.files + 1)]
     n_val = args.val_files
     train, val = pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
-    write_text_atomic(os.path.join(out, "train.txt"), "".join(f"{d}\t{m}\n" for d, m in train))
-    write_text_atomic(os.path.join(out, "val.txt"), "".join(f"{d}\t{m}\n" for d, m in val))
+    for name, split in (("train.txt", train), ("val.txt", val)):
+        lines = (f"{os.path.relpath(d, out)}\t{os.path.relpath(m, out)}\n" for d, m in split)
+        write_text_atomic(os.path.join(out, name), "".join(lines))
     lo, hi = math.inf, -math.inf
     for d, _ in pairs:
         arr = np.load(d, mmap_mode="r")

@@ -210,8 +210,11 @@ def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
         assert (a / "data" / f"data{i}.npy").read_bytes() == (b / "data" / f"data{i}.npy").read_bytes()
     train = (a / "train.txt").read_text().splitlines()
     val = (a / "val.txt").read_text().splitlines()
-    assert train == [f"{a / 'data' / 'data1.npy'}\t{a / 'model' / 'model1.npy'}"]
-    assert val == [f"{a / 'data' / 'data2.npy'}\t{a / 'model' / 'model2.npy'}"]
+    assert train == ["data/data1.npy\tmodel/model1.npy"] and val == ["data/data2.npy\tmodel/model2.npy"]
+    import train_inversionnet as T
+    moved = tmp_path / "moved"
+    shutil.copytree(a, moved)  # relative to their folder, the lists name the files wherever the set goes
+    assert T.read_split_list(moved / "val.txt") == [(str(moved / "data" / "data2.npy"), str(moved / "model" / "model2.npy"))]
     meta = json.loads((a / "dataset.json").read_text())
     every = np.concatenate([np.load(a / "data" / f"data{i}.npy").ravel() for i in (1, 2)])
     assert meta["data_min"] == pytest.approx(float(every.min())) and meta["data_max"] == pytest.approx(float(every.max()))
