@@ -209,7 +209,8 @@ def evaluation_pairs(cli, targs, ours):
 
 def split_change(ckpt, train_pairs):
     """A line saying so when the training split read now is not the one the checkpoint recorded (files added
-    to a simulated set since, say): the validation split and the baseline then come from other files."""
+    to a simulated set since, or --data-root for a run trained on lists): the validation split and the
+    baseline then come from other files."""
     saved = ckpt.get("split") if isinstance(ckpt, dict) else None
     if not saved or not train_pairs:
         return None
@@ -217,8 +218,8 @@ def split_change(ckpt, train_pairs):
     if now == saved:
         return None
     return (f"the training split now has {len(now)} files ({sum(n for *_, n in now)} samples), the checkpoint was "
-            f"trained on {len(saved)} ({sum(n for *_, n in saved)} samples): the evaluated split and the baseline "
-            f"come from today's files")
+            f"trained on {len(saved)} ({sum(n for *_, n in saved)} samples{T.first_difference(saved, now)}): the "
+            f"evaluated split and the baseline come from today's files, which may include files it trained on")
 
 
 def baseline_sums(train_pairs, pairs, normalizer):

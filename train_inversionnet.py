@@ -1832,11 +1832,16 @@ def check_resumable(ckpt, path, args, split):
                              f"or start a new run")
     if "split" in ckpt and ckpt["split"] != split:
         was, now = ckpt["split"], split
-        i = next((i for i, (a, b) in enumerate(zip(now, was)) if a != b), None)  # None: one list is longer
-        first = f"; file {i + 1} is now {shown(now[i])}, was {shown(was[i])}" if i is not None else ""
         raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
-                         f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples{first}); resume "
-                         f"with that split or start a new run")
+                         f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples"
+                         f"{first_difference(was, now)}); resume with that split or start a new run")
+
+
+def first_difference(was, now):
+    """'; file i is now X, was Y' for the first file where two split records differ ('' when they differ only
+    in length)."""
+    i = next((i for i, (a, b) in enumerate(zip(now, was)) if a != b), None)
+    return f"; file {i + 1} is now {' '.join(map(str, now[i]))}, was {' '.join(map(str, was[i]))}" if i is not None else ""
 
 
 def is_training_checkpoint(ckpt):
@@ -1875,6 +1880,8 @@ def restore(run, args, rank, iters_per_epoch):
         ema = "; its weight EMA ('model') is not continued without --ema-decay: the trained weights go on"
     amp = load_optimizer_state(run, ckpt, path, args.amp)
     run.step, run.best_loss = ckpt["step"], ckpt["best_loss"]
+    if args.overwrite or not os.path.isfile(os.path.join(args.output_dir, "best.pt")):
+        run.best_loss = math.inf  # a run continued into a new directory: its first validation writes best.pt there
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     if ckpt.get("rng") and rank == 0:
         set_rng_state(ckpt["rng"])

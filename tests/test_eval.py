@@ -351,8 +351,15 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
     torch.save(ck, tmp_path / "grown.pt")
     capsys.readouterr()
     note = evaluate_to(tmp_path / "grown", tmp_path / "grown.pt")["split_changed_since_training"]
-    assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 1 (4 samples)")
+    assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 1 (4 samples): ")
     assert f"warning: {note}" in capsys.readouterr().out
+    ck["split"] = [list(f) for f in torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"]]
+    now = " ".join(map(str, ck["split"][1]))
+    ck["split"][1][0] = "elsewhere.npy"  # the same counts from other files: e.g. --data-root for a run trained on lists
+    torch.save(ck, tmp_path / "other.pt")
+    note = evaluate_to(tmp_path / "other", tmp_path / "other.pt")["split_changed_since_training"]
+    assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 2 (8 samples; "
+                           f"file 2 is now {now}, was elsewhere.npy {now.split(' ', 1)[1]}): the evaluated split")
 
 
 def test_a_picture_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch):

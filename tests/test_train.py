@@ -586,6 +586,18 @@ def test_init_from_on_a_resume_is_said_unused_and_not_recorded(short_run, ids_da
     assert json.loads((run / "args.json").read_text())["init_from"] is None  # the run began from scratch
 
 
+def test_a_run_continued_into_a_new_directory_writes_its_best_pt(short_run, ids_data, tmp_path):
+    _, lists = ids_data
+    ck = torch.load(short_run / "last.pt", weights_only=False)
+    ck["best_loss"] = 0.0  # a loss no validation beats
+    torch.save(ck, tmp_path / "old.pt")
+    new = tmp_path / "new"
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(new), "--resume",
+                  str(tmp_path / "old.pt")]) == 0
+    best = torch.load(new / "best.pt", weights_only=False)
+    assert best["epoch"] == 2 and best["step"] == 8 and best["best_loss"] > 0  # validated here
+
+
 @pytest.mark.slow
 def test_resume_may_change_amp_and_fp16_then_starts_its_own_grad_scaler(short_run, ids_data, tmp_path, capsys):
     """A run trained without fp16 saved a disabled GradScaler, which holds nothing: an fp16 continuation starts
