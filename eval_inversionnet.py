@@ -498,9 +498,10 @@ def predict(cli):
     """--predict: velocity maps for unlabelled shot gathers, with the checkpoint's normalisation."""
     files = prediction_inputs(cli.predict)
     out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "predict")
-    dests = [os.path.join(out, os.path.splitext(os.path.basename(f))[0] + "_velocity.npy") for f, _ in files]
+    stems = [os.path.join(out, os.path.splitext(os.path.basename(f))[0]) for f, _ in files]
+    dests = [stem + "_velocity.npy" for stem in stems]
     inputs = {os.path.realpath(f) for f, _ in files}
-    for d in dests:
+    for d in dests + [stem + "_predictions.png" for stem in stems if cli.vis]:
         if os.path.realpath(d) in inputs:
             raise T.InputError(f"{d} is one of the --predict inputs; choose another --output-dir")
         T.refuse_non_file(d)
@@ -510,13 +511,14 @@ def predict(cli):
     model, _, targs, normalizer, stats_from = load_model(cli, device)
     amp_dtype, channels_last = forward_settings(cli, model, device, targs)
     make_results_dir(out)
-    for (path, gathers), dest in zip(files, dests):
+    for (path, gathers), stem, dest in zip(files, stems, dests):
         predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, cli.batch_size)
-        print(f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}")
-    if cli.vis:
-        picture = os.path.join(out, os.path.splitext(os.path.basename(files[0][0]))[0] + "_predictions.png")
-        draw_predictions(files[0][1], np.load(dests[0], mmap_mode="r"), min(cli.vis, len(files[0][1])), picture, normalizer)
-        print(f"the first {min(cli.vis, len(files[0][1]))} of {files[0][0]} beside their shot gathers: {picture}")
+        line = f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}"
+        if cli.vis:
+            n = min(cli.vis, len(gathers))
+            draw_predictions(gathers, np.load(dest, mmap_mode="r"), n, stem + "_predictions.png", normalizer)
+            line += f"; the first {n} beside their shot gathers: {stem}_predictions.png"
+        print(line)
     print(f"normalisation from {stats_from}; forward pass {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}")
     return 0
 
@@ -556,9 +558,9 @@ def export(cli):
     """--export: the model in eval mode as a torch.export program, batch dimension dynamic, in the precision of
     --amp (auto: the checkpoint's). Its input is normalised shot gathers (B, 5, 1000, 70), its output velocity
     in [-1, 1]; the normalisation constants travel with it as the extra file normalization.json."""
+    T.refuse_non_file(cli.export)  # before the minute of tracing, not after
     if os.path.exists(cli.export) and not cli.overwrite:
         raise T.InputError(f"--export {cli.export} already exists; pass --overwrite to replace it")
-    T.refuse_non_file(cli.export)  # before the minute of tracing, not after
     model, _, targs, normalizer, _ = load_model(cli, torch.device("cpu"))
     dtype = forward_dtype(cli, targs)
     if dtype is not None:

@@ -790,12 +790,15 @@ def splits(args):
 def open_npy(path):
     """A read-only memory map of one .npy file; anything else is a DataError naming the file."""
     try:
-        a = np.load(path, mmap_mode="r")
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
+        if magic[:4] == b"PK\x03\x04":  # np.load would open a zip archive (.npz) whatever the file is called
+            raise DataError(f"{path}: an .npz archive, not a .npy array")
+        if magic != b"\x93NUMPY":  # np.load would try it as a pickle and say so
+            raise DataError(f"{path}: not a .npy file (no NumPy header)")
+        return np.load(path, mmap_mode="r")
     except (ValueError, OSError, EOFError) as e:
-        raise DataError(f"{path}: unreadable or truncated .npy ({e})") from None
-    if not isinstance(a, np.ndarray):  # np.load opens a zip archive (.npz) whatever the file is called
-        raise DataError(f"{path}: an .npz archive, not a .npy array")
-    return a
+        raise DataError(f"{path}: unreadable or truncated .npy ({getattr(e, 'strerror', None) or e})") from None
 
 
 def inspect_pairs(pairs):
@@ -2156,6 +2159,8 @@ def settings_notes(args, n_batches):
     notes = [f"--lr-milestones {' '.join(f'{m:g}' for m in beyond)} not reached within --epochs {args.epochs}"] if beyond else []
     if args.precise_bn > n_batches:
         notes.append(f"--precise-bn {args.precise_bn}: an epoch has {n_batches} batches, all of which are averaged")
+    if args.compile_mode != "default" and not args.compile:
+        notes.append(f"--compile-mode {args.compile_mode} has no effect without --compile (--fast compiles on CUDA only)")
     return "; ".join(notes)
 
 
@@ -2238,11 +2243,22 @@ def report_input_error(script, e):
     return True
 
 
+def from_config(message, config, argv):
+    """MESSAGE, naming the --config file when the flag it is about came from that file, not the command line."""
+    flag = re.match(r"--[\w-]+", message)
+    if config and flag and not any(a == flag.group() or a.startswith(flag.group() + "=") for a in argv):
+        return f"{message} (the value comes from --config {config})"
+    return message
+
+
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parse_args(argv)
-        check_args(args)
+        try:
+            check_args(args)
+        except InputError as e:
+            raise InputError(from_config(str(e), args.config, argv)) from None
         return main(args, ["train_inversionnet.py", *argv])
     except (InputError, RuntimeError, OSError) as e:
         if not report_input_error("train_inversionnet.py", e):

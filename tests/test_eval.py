@@ -450,10 +450,13 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     assert v7.dtype == np.float32 and v7.shape == (3, 1, 70, 70) and v12.shape == (3, 1, 70, 70)
     np.testing.assert_allclose(v7, expected[:3], atol=0.05)  # m/s
     np.testing.assert_allclose(v12, expected[1:], atol=0.05)
-    assert (out / "line7_predictions.png").stat().st_size > 10_000  # the first file in natural order
+    assert (out / "line7_predictions.png").stat().st_size > 10_000 and (out / "line12_predictions.png").stat().st_size > 10_000
     assert not list(out.glob("*.tmp-*"))
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out)]) == 2
     assert "line7_velocity.npy already exists; pass --overwrite" in capsys.readouterr().err
+    (out / "line7_velocity.npy").unlink()  # its picture is kept as well
+    assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out)]) == 2
+    assert "line7_predictions.png already exists; pass --overwrite" in capsys.readouterr().err
     # predictions written beside their inputs, twice: the *_velocity.npy files are outputs, never inputs
     again = ["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(tmp_path / "in"), "--vis", "0"]
     assert E.cli(again) == 0 and E.cli([*again, "--overwrite"]) == 0
@@ -487,6 +490,7 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("nan", "bad.npy sample 1: NaN or Inf in the shot gathers"),
     ("garbage", "unreadable or truncated .npy"),
     ("npz", "bad.npy: an .npz archive, not a .npy array"),
+    ("text", "bad.npy: not a .npy file (no NumPy header)"),
     ("overflow", "bad.npy sample 2: NaN or Inf in the shot gathers"),  # float64 beyond float32's range, no numpy warning
     ("missing", "--predict MISSING: no such file or directory"),
     ("empty_dir", "no .npy files in this directory"),
@@ -503,6 +507,8 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
         np.save(bad, x)
     elif case == "garbage":
         bad.write_bytes(b"\x93NUMPY garbage")
+    elif case == "text":
+        bad.write_text("hello")
     elif case == "npz":
         with open(bad, "wb") as fh:
             np.savez(fh, np.zeros((2, 5, 1000, 70), np.float32))
@@ -543,6 +549,9 @@ def test_outputs_that_are_not_regular_files_are_refused_even_with_overwrite(tiny
     assert E.cli(["--checkpoint", ck, "--export", str(fifo), "--overwrite"]) == 2
     assert capsys.readouterr().err == f"eval_inversionnet.py: error: {fifo}: exists and is not a regular file\n"
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    (tmp_path / "adir").mkdir()  # said as it is at once, not as "pass --overwrite", which could not help
+    assert E.cli(["--checkpoint", ck, "--export", str(tmp_path / "adir")]) == 2
+    assert capsys.readouterr().err == f"eval_inversionnet.py: error: {tmp_path / 'adir'}: exists and is not a regular file\n"
     np.save(tmp_path / "shots.npy", np.zeros((2, 5, 1000, 70), np.float32))
     (tmp_path / "o" / "shots_velocity.npy").mkdir(parents=True)
     assert E.cli(["--checkpoint", ck, "--predict", str(tmp_path / "shots.npy"), "--output-dir", str(tmp_path / "o"),

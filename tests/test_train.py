@@ -513,6 +513,16 @@ def test_bad_config_is_one_line(tmp_path, capsys, content, needle):
     assert err.startswith(f"train_inversionnet.py: error: --config {path}: ") and needle in err and err.count("\n") == 1
 
 
+def test_a_bad_value_from_config_names_the_file_unless_the_command_line_gave_it(tmp_path, capsys):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"batch_size": -1}))
+    assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: --batch-size must be positive, got -1 (the value "
+                                       f"comes from --config {path})\n")
+    assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o"), "--batch-size=0"]) == 2
+    assert capsys.readouterr().err == "train_inversionnet.py: error: --batch-size must be positive, got 0\n"
+
+
 @pytest.fixture(scope="module")
 def short_run(tmp_path_factory, ids_data):
     """One epoch (4 steps) of a run to resume."""
@@ -640,11 +650,11 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     _, lists = ids_data
     out = tmp_path / "run"
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "3", "--val-every", "5", "--output-dir", str(out),
-            "--lr-milestones", "1", "4", "--precise-bn", "9"]
+            "--lr-milestones", "1", "4", "--precise-bn", "9", "--compile-mode", "max-autotune"]
     assert T.cli([*argv, "--max-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "note: --lr-milestones 4 not reached within --epochs 3; --precise-bn 9: an epoch has 4 batches, all of which " \
-           "are averaged\n" in printed
+           "are averaged; --compile-mode max-autotune has no effect without --compile (--fast compiles on CUDA only)\n" in printed
     assert re.search(r"^epoch 0 to batch 1/4 train loss [\d.]+ \| val loss [\d.]+ MAE", printed, re.M), printed
     assert "stopped at --max-steps 1 (epoch 0, batch 1); last.pt written" in printed
     best = torch.load(out / "best.pt", weights_only=False)
