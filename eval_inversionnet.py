@@ -396,7 +396,7 @@ def run_evaluation(cli, argv):
     model, ckpt, targs, normalizer, stats_from = load_model(cli, device)
     pairs, train_pairs = evaluation_pairs(cli, targs, saved_args(ckpt) is not None)
     counts = T.inspect_pairs(pairs)
-    T.on_rank0(rank, make_results_dir, out, found)
+    T.on_rank0(rank, make_results_dir, out)
     perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
     cfg = T.LoaderConfig(kind=cli.loader, batch_size=cli.batch_size, num_workers=cli.num_workers, seed=cli.seed)
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
@@ -414,6 +414,7 @@ def run_evaluation(cli, argv):
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance") if isinstance(ckpt, dict) else None}
     write_results(out, result, rows)
+    remove_pictures(out, [n for n in found if n.endswith(".png")])  # after the new results are in: a failed run keeps them
     if cli.vis:
         draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, cli.vis, amp_dtype)
     print(report(result), end="")
@@ -421,17 +422,25 @@ def run_evaluation(cli, argv):
     return 0
 
 
-def make_results_dir(out, replaced=()):
-    """OUT, emptied of the earlier results that --overwrite replaces: its sample pictures show other samples,
-    or another model, and would otherwise stay beside the new ones."""
+def make_results_dir(out):
     if os.path.exists(out) and not os.path.isdir(out):
         raise T.InputError(f"--output-dir {out} exists and is not a directory")
     try:
         os.makedirs(out, exist_ok=True)
-        for name in replaced:
-            os.remove(os.path.join(out, name))
     except OSError as e:
         raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
+
+
+def remove_pictures(out, names):
+    """The pictures of the evaluation that --overwrite replaces: they show other samples, or another model,
+    and would otherwise stay beside the new ones."""
+    for name in names:
+        try:
+            os.remove(os.path.join(out, name))
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise T.InputError(f"--overwrite: cannot remove {os.path.join(out, name)}: {e.strerror}") from None
 
 
 # ---- inference on unlabelled data, and export ----

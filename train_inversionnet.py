@@ -120,7 +120,8 @@ def add_data_args(g):
                         "split cached on the training device (in RAM on a CPU). Unset: map, or with --fast gpu when the split "
                         "takes at most half the free device memory")
     g.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="storage dtype of the --loader gpu cache. Unset: the autocast dtype, else float32")
+                   help="storage dtype of the shot gathers in the --loader gpu cache (the labels stay float32). Unset: "
+                        "the autocast dtype, else float32")
     g.add_argument("--normalize", default="device", choices=["device", "workers"],
                    help="where the log/min-max normalisation runs (OpenFWI: in workers)")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank")
@@ -1869,6 +1870,11 @@ def restore(run, args, rank, iters_per_epoch):
     if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
     check_resumable(ckpt, path, args, run.meta["split"])
+    was = ckpt.get("batches_per_epoch", iters_per_epoch)
+    if was != iters_per_epoch and ckpt.get("world", run.world) == run.world:  # the flags and split agree, yet:
+        raise InputError(f"an epoch of {path} had {was} batches and has {iters_per_epoch} now (--loader iterable leaves "
+                         f"out the remainders that DataParallel's GPUs cannot split): the position inside the epoch "
+                         f"would mean something else; resume with as many GPUs or start a new run")
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
@@ -1909,7 +1915,7 @@ def load_optimizer_state(run, ckpt, path, amp):
     try:
         run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"] or not run.scaler.is_enabled():
+        if ckpt["scaler"]:  # (a disabled scaler ignores what it is given)
             run.scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
@@ -2197,7 +2203,7 @@ def main(args, argv=()):
     speed_note = resolve_speed(args, device, (sum(data[1]) + sum(data[3])) // world)
     train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
     run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)
-    run.meta = {"split": split_record(data[0], data[1]),
+    run.meta = {"split": split_record(data[0], data[1]), "batches_per_epoch": len(train_loader),
                 "provenance": provenance(device, argv, world)}
     resumed = restore(run, args, rank, len(train_loader))
     on_rank0(rank, remove_previous_run, args)
@@ -2244,11 +2250,15 @@ def report_input_error(script, e):
 
 
 def from_config(message, config, argv):
-    """MESSAGE, naming the --config file when the flag it is about came from that file, not the command line."""
-    flag = re.match(r"--[\w-]+", message)
-    if config and flag and not any(a == flag.group() or a.startswith(flag.group() + "=") for a in argv):
-        return f"{message} (the value comes from --config {config})"
-    return message
+    """MESSAGE, naming the --config file when the flag it is about came from that file, not the command line
+    (read as argparse reads it: --batch 0 and --batch-size=0 give --batch-size)."""
+    flag = re.match(r"--([\w-]+)", message)
+    if not (config and flag):
+        return message
+    unset = object()
+    ns = argparse.Namespace(**dict.fromkeys(vars(get_args_parser().parse_args([])), unset))  # a default fills no name set here
+    given = {k for k, v in vars(get_args_parser().parse_args(argv, namespace=ns)).items() if v is not unset}
+    return message if flag.group(1).replace("-", "_") in given else f"{message} (the value comes from --config {config})"
 
 
 def cli(argv=None):

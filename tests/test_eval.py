@@ -188,7 +188,7 @@ def test_a_missing_checkpoint_flag_is_one_line(capsys):
                                        "(--help lists the flags)\n")
 
 
-def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys):
+def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "ev"
     args = ["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0", "--no-progress",
             "--vis", "0"]
@@ -204,6 +204,14 @@ def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys):
     assert E.cli(args) == 2 and "already holds results (per_sample.csv, result.txt); pass" in capsys.readouterr().err
     (out / "sample_99_worst.png").write_bytes(b"an earlier evaluation's picture")
     (out / "notes.txt").write_text("the user's own")
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fails(*a, **kw):
+        raise T.DataError("a bad sample")
+    monkeypatch.setattr(T, "evaluate", fails)
+    assert E.cli(args + ["--overwrite"]) == 2  # an evaluation that fails replaces nothing
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept
+    monkeypatch.undo()
     assert E.cli(args + ["--noise-std", "0.5", "--overwrite"]) == 0
     assert json.loads((out / "metrics.json").read_text())["perturbation"]["noise_std"] == 0.5
     assert not list(out.glob("*.tmp-*"))

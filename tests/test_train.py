@@ -519,8 +519,9 @@ def test_a_bad_value_from_config_names_the_file_unless_the_command_line_gave_it(
     assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == (f"train_inversionnet.py: error: --batch-size must be positive, got -1 (the value "
                                        f"comes from --config {path})\n")
-    assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o"), "--batch-size=0"]) == 2
-    assert capsys.readouterr().err == "train_inversionnet.py: error: --batch-size must be positive, got 0\n"
+    for given in (["--batch-size=0"], ["--batch", "0"]):  # as argparse reads them, abbreviated too
+        assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o"), *given]) == 2
+        assert capsys.readouterr().err == "train_inversionnet.py: error: --batch-size must be positive, got 0\n"
 
 
 @pytest.fixture(scope="module")
@@ -573,6 +574,22 @@ def test_an_epoch_without_a_full_batch_is_refused(tmp_path, capsys):
     assert T.cli(argv) == 2
     assert capsys.readouterr().err == ("train_inversionnet.py: error: no full batch of 2 per epoch: --loader iterable splits 8 "
                                        "samples over 1 rank(s) x 8 worker(s); lower --num-workers or --batch-size\n")
+
+
+def test_resume_refuses_another_number_of_batches_per_epoch(short_run, ids_data, tmp_path, capsys):
+    """What else would change an epoch's batches with the same flags and split (the GPUs DataParallel splits
+    over, for the iterable loader's remainders) is caught by the count itself."""
+    _, lists = ids_data
+    ck = torch.load(short_run / "last.pt", weights_only=False)
+    assert ck["batches_per_epoch"] == 4
+    ck["batches_per_epoch"] = 5
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(ck, run / "last.pt")
+    capsys.readouterr()
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(run), "--resume", "auto"]) == 2
+    assert capsys.readouterr().err.startswith(f"train_inversionnet.py: error: an epoch of {run / 'last.pt'} had 5 "
+                                              "batches and has 4 now (--loader iterable leaves out")
 
 
 def test_resume_of_the_iterable_loader_refuses_another_worker_count(tmp_path, ids_data, capsys):
@@ -664,6 +681,19 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     assert re.search(r"^epoch 0 train loss [\d.]+ \| [\d.]+ s train", printed, re.M), printed  # not validated
     assert re.search(r"^epoch 1 train loss [\d.]+ \| val loss", printed, re.M), printed
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
+
+
+def test_every_validation_sees_batchnorm_statistics_averaged_over_ranks(ids_data, tmp_path, monkeypatch):
+    """Under DDP each rank's statistics follow its own batches: the epoch's end averages those of the trained
+    model and of its EMA before validating (and --precise-bn averages what it recomputes). In one process
+    averaging is a no-op; here the calls are counted."""
+    _, lists = ids_data
+    calls, average = [], T.average_over_ranks
+    monkeypatch.setattr(T, "average_over_ranks", lambda tensors: calls.append(list(tensors)) or average(calls[-1]))
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(tmp_path / "run"),
+                  "--ema-decay", "0.9", "--precise-bn", "2"]) == 0
+    n = len(list(T.InversionNet().buffers()))
+    assert [len(c) for c in calls] == [2 * n, n]  # the trained model's and the EMA's, then precise_bn's (the EMA's)
 
 
 def test_weight_ema_averages_weights_and_statistics_with_a_ramped_decay():
