@@ -163,7 +163,7 @@ def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype):
     x_ref, y_ref = NORM.data(x_raw), NORM.label(y_raw)
     tol = dict(rtol=max(torch.finfo(want).eps, 1e-5), atol=1e-5)  # one unit in the last place of the cache dtype
     torch.testing.assert_close(loader.x.float().cpu(), x_ref, **tol)
-    torch.testing.assert_close(loader.y.cpu(), y_ref, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loader.y.cpu(), y_ref, rtol=1e-6, atol=1e-6)  # float32: rounding only
     orders = []
     for epoch in (0, 1):
         loader.set_epoch(epoch)
@@ -174,7 +174,7 @@ def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype):
             assert x.shape == (2, *T.DATA_SHAPE) and x.device.type == DEVICE.type and x.dtype == want
             batch_ids = sample_ids(x)
             torch.testing.assert_close(x.float().cpu(), x_ref[batch_ids], **tol)
-            torch.testing.assert_close(y.cpu(), y_ref[batch_ids], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(y.cpu(), y_ref[batch_ids], rtol=1e-6, atol=1e-6)  # float32: rounding only
             ids += batch_ids
         assert len(set(ids)) == 8 and set(ids) <= set(range(9))
         orders.append(ids)
