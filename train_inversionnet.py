@@ -1819,10 +1819,11 @@ def save_checkpoint(run, args, writer, *names):
     writer.save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
 
 
-def check_resumable(ckpt, path, args, split):
+def check_resumable(ckpt, path, args, split, batches, world):
     """Refuse a resume that would mean something other than the flags say, naming what changed: the
-    position inside the epoch depends on the batch size and loader, and the optimizer state it restores
-    carries the optimizer's own settings."""
+    position inside the epoch depends on the batch size and loader (and on the split and the batches an
+    epoch has, unless the world size changed: restore() then restarts the epoch), and the optimizer state
+    it restores carries the optimizer's own settings."""
     def shown(v):
         return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     saved = ckpt.get("args", {})
@@ -1839,6 +1840,11 @@ def check_resumable(ckpt, path, args, split):
         raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
                          f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples"
                          f"{first_difference(was, now)}); resume with that split or start a new run")
+    was = ckpt.get("batches_per_epoch", batches)
+    if was != batches and ckpt.get("world", world) == world:  # the flags and the split agree, yet:
+        raise InputError(f"an epoch of {path} had {was} batches and has {batches} now (--loader iterable leaves out "
+                         f"the remainders that DataParallel's GPUs cannot split): the position inside the epoch would "
+                         f"mean something else; resume with as many GPUs or start a new run")
 
 
 def first_difference(was, now):
@@ -1869,12 +1875,7 @@ def restore(run, args, rank, iters_per_epoch):
     ckpt = load_weights(run.raw_model, path)
     if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
-    check_resumable(ckpt, path, args, run.meta["split"])
-    was = ckpt.get("batches_per_epoch", iters_per_epoch)
-    if was != iters_per_epoch and ckpt.get("world", run.world) == run.world:  # the flags and split agree, yet:
-        raise InputError(f"an epoch of {path} had {was} batches and has {iters_per_epoch} now (--loader iterable leaves "
-                         f"out the remainders that DataParallel's GPUs cannot split): the position inside the epoch "
-                         f"would mean something else; resume with as many GPUs or start a new run")
+    check_resumable(ckpt, path, args, run.meta["split"], iters_per_epoch, run.world)
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
