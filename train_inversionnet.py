@@ -215,6 +215,11 @@ def flag_of(dest):
     return "--" + dest.replace("_", "-")
 
 
+def shown(value):
+    """A value as the command line (or a split record) spells it: lists space-separated."""
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
 CONFIG_SKIP = ("config", "resume", "overwrite")  # a repeated run must not continue or replace the one it repeats
 
 
@@ -1824,8 +1829,6 @@ def check_resumable(ckpt, path, args, split, batches, world):
     position inside the epoch depends on the batch size and loader (and on the split and the batches an
     epoch has, unless the world size changed: restore() then restarts the epoch), and the optimizer state
     it restores carries the optimizer's own settings."""
-    def shown(v):
-        return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
     saved = ckpt.get("args", {})
     position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
     for key in (*position, "optimizer", "lr", "weight_decay", "betas"):
@@ -1851,7 +1854,7 @@ def first_difference(was, now):
     """'; file i is now X, was Y' for the first file where two split records differ ('' when they differ only
     in length)."""
     i = next((i for i, (a, b) in enumerate(zip(now, was)) if a != b), None)
-    return f"; file {i + 1} is now {' '.join(map(str, now[i]))}, was {' '.join(map(str, was[i]))}" if i is not None else ""
+    return f"; file {i + 1} is now {shown(now[i])}, was {shown(was[i])}" if i is not None else ""
 
 
 def is_training_checkpoint(ckpt):
