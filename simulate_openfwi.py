@@ -20,8 +20,8 @@ keeps boundary reflections near 0.04 % of the recorded signal (tests/ hold it un
 
 Engines: on CPU the time loop runs in a C++ kernel (simulate_openfwi_kernel.cpp: one sweep per time
 step over each wavefield, threads sharing out the wavefields), compiled on first use through
-torch.utils.cpp_extension and cached: about 12x the PyTorch loop and 2x deepwave per thread (more
-on shared cores, where per-step thread barriers stall the others).
+torch.utils.cpp_extension and cached: about 20x the PyTorch loop and 3x deepwave on a 2-core CPU
+(bench/RESULTS.md).
 On CUDA the scheme runs as two Triton kernels per time step (Triton comes with PyTorch's CUDA builds):
 about 640 samples/s on an H100 at batch 256, 3.3x the PyTorch loop (bench/RESULTS.md). Where neither
 kernel is available (one line says why on CPU), the same scheme runs as PyTorch ops. The engines agree
@@ -39,15 +39,26 @@ Velocity families (70 x 70 cells, 1500-4500 m/s), each drawn from a numpy Genera
 """
 import argparse
 import concurrent.futures
+import hashlib
 import json
+import logging
 import math
 import os
+import platform
+import shutil
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+try:  # the CUDA engine's kernels; Triton comes with PyTorch's CUDA builds, and without it the PyTorch loop runs
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
 
 # ---- OpenFWI modelling constants ----
 DX = 10.0
@@ -275,13 +286,7 @@ def _simulate_torch(v2, coeffs, wavelet, src_cols, src_row, rec_row, pml, sw, nx
 # On CUDA the PyTorch loop is bound by its ~60 launches and passes over memory per time step (about 200
 # samples/s on an H100 at batch 256). Two Triton kernels per time step do the same scheme in two passes: the psi
 # update on the boundary strips, then one sweep that reads each wavefield once and writes u(t + dt),
-# the source and the receivers' row. Triton comes with PyTorch's CUDA builds; without it the loop runs.
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
-
+# the source and the receivers' row.
 if triton is not None:
     _C0, _C1, _C2, _D1, _D2 = (tl.constexpr(c) for c in (C0, C1, C2, D1, D2))  # what a @triton.jit body can read
 
@@ -421,12 +426,7 @@ def _reason(e):
 
 
 def _build_kernel():
-    import hashlib
-    import logging
-    import platform
-    import shutil
-    import warnings
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # here, not at the top: it imports setuptools, which only a build needs
     if not os.path.isfile(KERNEL_SOURCE):
         raise FileNotFoundError(f"{KERNEL_SOURCE} not found")
     cxx = os.environ.get("CXX", "c++")  # what cpp_extension compiles with

@@ -58,6 +58,7 @@ DATASETS = {
 }
 LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
 DATA_SHAPE, LABEL_SHAPE = (5, 1000, 70), (1, 70, 70)
+DEFAULT_TRAIN_SIZE = 0.8  # the fraction of --data-root's files that train, unless they are a released OpenFWI set
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_SEED = 2**31 - 1  # offset by rank and epoch, a seed must stay well inside the 64 bits torch.manual_seed takes
 
@@ -111,7 +112,9 @@ def add_data_args(g):
                    help="OpenFWI layout: data/data*.npy + model/model*.npy (or seis*/vel*), split by file")
     g.add_argument("--train-list", type=path_arg, default=None, help="OpenFWI split file (data<TAB>label per line); overrides --data-root")
     g.add_argument("--val-list", type=path_arg, default=None, help="OpenFWI split file for validation (with --train-list)")
-    g.add_argument("--train-size", type=float, default=0.8, help="fraction of files for training with --data-root")
+    g.add_argument("--train-size", type=float, default=None,
+                   help="fraction of files for training with --data-root, drawn by --seed (default: OpenFWI's own split "
+                        f"of a whole released set, else {DEFAULT_TRAIN_SIZE})")
     g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="normalisation constants from OpenFWI's table; default: DATA_ROOT/dataset.json if present, else flatvel-a")
     g.add_argument("--stats", type=path_arg, default=None, help="JSON with data_min/data_max/label_min/label_max (simulate_openfwi.py writes one)")
@@ -195,7 +198,7 @@ def add_run_args(g):
                    help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader, "
                         "the training split, --optimizer, --lr, --weight-decay or --betas differ from the checkpoint's; a "
                         "different world size restarts the current epoch")
-    g.add_argument("--overwrite", action="store_true",
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log and tb/ "
                         "are removed once the new run's checks pass")
     g.add_argument("--init-from", type=path_arg, default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
@@ -308,7 +311,7 @@ def check_args(args):
                          f"--lr-milestones drops milestones that came with --config)")
     if args.lr_warmup_epochs and args.lr_scheduler in ("step", "none"):
         raise InputError(f"--lr-warmup-epochs applies to --lr-scheduler warmup-multistep and cosine, not {args.lr_scheduler}")
-    if not 0 < args.train_size < 1:
+    if args.train_size is not None and not 0 < args.train_size < 1:
         raise InputError(f"--train-size must be in (0, 1), got {args.train_size}")
     if args.lambda_l1 + args.lambda_l2 == 0:
         raise InputError("--lambda-l1 and --lambda-l2 must not both be 0")
@@ -328,8 +331,6 @@ def check_args(args):
         raise InputError("--overwrite in a torchrun launch that can restart (--max-restarts, or several nodes) would "
                          "delete the run a restarted group has to continue: remove the old run first, or choose another "
                          "--output-dir")
-    if args.deterministic:
-        args.cudnn_benchmark = False
     return args
 
 
@@ -392,6 +393,12 @@ def print0(*msg):
     text = " ".join(str(m) for m in msg)
     print(text, flush=True)
     _append_log(text)
+
+
+def log0(text):
+    """Append to train.log only, on rank 0 only: for lines the console already shows another way."""
+    if is_main():
+        _append_log(text)
 
 
 def _append_log(text):
@@ -669,8 +676,13 @@ class Normalizer:
     def label(self, y):
         return (y - self.label_min) * (2.0 / (self.label_max - self.label_min)) - 1.0
 
+    @property
+    def label_scale(self):
+        """Metres per second per unit of the normalised velocity scale: errors convert by this factor."""
+        return 0.5 * (self.label_max - self.label_min)
+
     def label_to_velocity(self, y):
-        return (y + 1.0) * (0.5 * (self.label_max - self.label_min)) + self.label_min
+        return (y + 1.0) * self.label_scale + self.label_min
 
     def as_dict(self):
         return {"data_min": self.data_min, "data_max": self.data_max, "label_min": self.label_min, "label_max": self.label_max}
@@ -728,8 +740,11 @@ def find_pairs(data_root):
         run_sh = "bash run.sh" + ("" if os.path.normpath(data_root) == os.path.join("data", "flatvel") else f" --data {data_root}")
         raise DataError(f"--data-root {data_root}: no such directory ({run_sh} makes one, or "
                         f"python simulate_openfwi.py --out {data_root})")
+    if not os.path.isdir(ddir) and not os.path.isdir(mdir) and any(n.startswith("seis") for n in os.listdir(data_root)):
+        ddir = mdir = data_root  # OpenFWI's fault families: seis*.npy and vel*.npy side by side
     if not os.path.isdir(ddir) or not os.path.isdir(mdir):
-        raise DataError(f"--data-root {data_root}: expected subdirectories data/ and model/ (OpenFWI layout)")
+        raise DataError(f"--data-root {data_root}: expected subdirectories data/ and model/, or seis*.npy and vel*.npy "
+                        "files (OpenFWI's layouts)")
 
     def keyed(d, prefixes):
         out = {}
@@ -745,10 +760,12 @@ def find_pairs(data_root):
     for k in sorted(set(data) ^ set(model)):
         missing = "model" if k in data else "data"
         raise DataError(f"{data.get(k) or model.get(k)}: has no matching {missing} file")
+    return [(data[k], model[k]) for k in sorted(data, key=natural_key)]
 
-    def natural(k):
-        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", k)]
-    return [(data[k], model[k]) for k in sorted(data, key=natural)]
+
+def natural_key(name):
+    """Sort key that puts data2 before data10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
 def read_split_list(path):
@@ -779,15 +796,38 @@ def split_record(pairs, counts):
     return [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(pairs, counts)]
 
 
+def openfwi_val_files(pairs):
+    """The validation files of OpenFWI's own split when PAIRS are a whole released set, else None. Its split
+    files keep the last 12 of the 60 files of a Vel family (49-60), the last 14 of the 134 of a Style family,
+    and files G_1_32 to G_1_35 of each of the 3 x 36 of a Fault family."""
+    names = [_PAIR_RE.match(os.path.basename(d)) for d, _ in pairs]
+    if not all(names):
+        return None
+    keys = {name.group(2): pair for name, pair in zip(names, pairs)}
+    if all(k.isdigit() for k in keys) and {int(k) for k in keys} in ({*range(1, 61)}, {*range(1, 135)}):
+        first = 49 if len(keys) == 60 else 121
+        return {p for k, p in keys.items() if int(k) >= first}
+    parts = [k.split("_") for k in keys]
+    if (len(keys) == 108 and all(len(t) == 3 and t[1] == "1" and t[0].isdigit() and t[2].isdigit() for t in parts)
+            and len({t[0] for t in parts}) == 3 and {int(t[2]) for t in parts} == {*range(36)}):
+        return {p for k, p in keys.items() if int(k.split("_")[2]) >= 32}
+    return None
+
+
 def split_pairs(pairs, train_size, seed):
-    """File-level split: a seeded shuffle, then the first round(train_size * n) files train."""
+    """File-level split: with TRAIN_SIZE None, OpenFWI's own split of a whole released set; otherwise (and for
+    any other set of files) a seeded shuffle, then the first round(TRAIN_SIZE * n) files train (0.8 if None)."""
+    val = openfwi_val_files(pairs) if train_size is None else None
+    if val is not None:
+        return [p for p in pairs if p not in val], [p for p in pairs if p in val]
+    train_size = DEFAULT_TRAIN_SIZE if train_size is None else train_size
     order = np.random.default_rng(seed).permutation(len(pairs))
     n_train = min(max(1, int(round(train_size * len(pairs)))), len(pairs) - 1) if len(pairs) > 1 else len(pairs)
     return [pairs[i] for i in sorted(order[:n_train])], [pairs[i] for i in sorted(order[n_train:])]
 
 
 def splits(args):
-    """The (train, val) file pairs of a run: its split lists, or a seeded file-level split of --data-root."""
+    """The (train, val) file pairs of a run: its split lists, or a file-level split of --data-root."""
     if args.train_list:
         return read_split_list(args.train_list), read_split_list(args.val_list) if args.val_list else []
     return split_pairs(find_pairs(args.data_root), args.train_size, args.seed)
@@ -1638,9 +1678,10 @@ class Monitor:
         self.n_batches = n_batches
         self.bar = tqdm(total=n_batches, initial=run.batch_in_epoch, desc=f"epoch {run.epoch}", dynamic_ncols=True,
                         leave=False, disable=not (self.progress and is_main()))
-        self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)
+        self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
+        self.samples = 0
         self.bad_at = torch.full((), -1, device=run.device, dtype=torch.long)
-        self.n_done, self.seen, self.t_wait, self.t_last = 0, 0, 0.0, time.perf_counter()
+        self.seen, self.t_wait, self.t_last = 0, 0.0, time.perf_counter()
         self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
 
     def timed(self, batches):
@@ -1658,8 +1699,8 @@ class Monitor:
     def after_step(self, run, loss, n):
         b = torch.full_like(self.bad_at, run.batch_in_epoch - 1)
         self.bad_at = torch.where((self.bad_at < 0) & ~torch.isfinite(loss), b, self.bad_at)
-        self.loss_sum += loss.double()
-        self.n_done, self.seen = self.n_done + 1, self.seen + n
+        self.loss_sum += loss.double() * n
+        self.seen, self.samples = self.seen + n, self.samples + n
         if self.profiler is not None:
             self.profiler.step()
 
@@ -1682,14 +1723,18 @@ class Monitor:
         self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
         self.bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}", sps=f"{rate:.1f}", wait=f"{100 * wait:.0f}%")
         self.bar.update(run.batch_in_epoch - self.bar.n)
-        if not self.progress:
-            print0(f"epoch {run.epoch} step {run.step} batch {run.batch_in_epoch}/{self.n_batches} loss {mean:.5f} "
-                   f"lr {lr:.3e} samples/s {rate:.1f} data-wait {100 * wait:.1f}%")
+        line = (f"epoch {run.epoch} step {run.step} batch {run.batch_in_epoch}/{self.n_batches} loss {mean:.5f} "
+                f"lr {lr:.3e} samples/s {rate:.1f} data-wait {100 * wait:.1f}%")
+        if self.progress:  # the bar shows these figures; train.log keeps the record
+            log0(line)
+        else:
+            print0(line)
         self.scalars("train", {"loss": mean, "lr": lr, "samples_per_s": rate, "data_wait": wait}, run.step)
         self.seen, self.t_wait, self.t_last = 0, 0.0, now
 
     def mean_loss(self):
-        return self.loss_sum.item() / max(self.n_done, 1)
+        """The mean loss per sample so far this epoch (batches can differ in size)."""
+        return self.loss_sum.item() / max(self.samples, 1)
 
     def scalars(self, prefix, values, step):
         if self.writer is not None:
@@ -1702,7 +1747,13 @@ class Monitor:
             self.writer.add_image(tag, ((torch.cat([true[0], pred[0]], dim=-1) + 1) / 2).clamp(0, 1), step)
 
     def end_epoch(self):
+        """The epoch's mean train loss per sample, over every rank."""
         self.bar.close()
+        if dist.is_initialized():
+            total = torch.stack([self.loss_sum, torch.tensor(float(self.samples), device=self.loss_sum.device,
+                                                              dtype=torch.float64)])
+            dist.all_reduce(total)
+            self.loss_sum, self.samples = total[0], total[1].item()
         return self.mean_loss()
 
     def close(self):
@@ -2174,6 +2225,14 @@ def settings_notes(args, n_batches):
     return "; ".join(notes)
 
 
+def split_rule(args, pairs):
+    if args.train_list:
+        return "split by the lists"
+    if args.train_size is None and openfwi_val_files(pairs) is not None:
+        return "OpenFWI's split of the released set"
+    return f"files drawn by --seed {args.seed} at --train-size {args.train_size or DEFAULT_TRAIN_SIZE}"
+
+
 def describe_data(data, train_loader, args, world, stats_from):
     train_pairs, train_counts, val_pairs, val_counts = data
     dropped = train_loader.dropped
@@ -2182,7 +2241,7 @@ def describe_data(data, train_loader, args, world, stats_from):
     def files(pairs):
         return f"{len(pairs)} file{'s' * (len(pairs) != 1)}"
     return (f"data: train {files(train_pairs)} ({sum(train_counts)} samples), val {files(val_pairs)} "
-            f"({sum(val_counts)} samples); loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
+            f"({sum(val_counts)} samples), {split_rule(args, train_pairs + val_pairs)}; loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
             f"{f', {dropped} samples left out of each epoch ({left_out})' if dropped else ''}; "
             f"normalisation from {stats_from}")
 

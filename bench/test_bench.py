@@ -26,7 +26,7 @@ import simulate_openfwi as S
 import train_inversionnet as T
 from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, SAMPLE_BYTES, environment
 
-NORM = T.Normalizer(-26.95, 52.77)
+NORM = T.Normalizer(*T.DATASETS["flatvel-a"])
 SAMPLES = CFG["files"] * CFG["per_file"]  # in random_dataset
 
 

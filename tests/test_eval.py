@@ -99,6 +99,8 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     assert len(rows) == 4
     assert np.mean([float(r["mae"]) for r in rows]) == pytest.approx(metrics["model"]["mae"])
     assert float(rows[0]["mae_ms"]) == pytest.approx(float(rows[0]["mae"]) * 1500)
+    model = metrics["model"]  # OpenFWI's test.py also reports MAE and MSE in m/s
+    assert (model["mae_ms"], model["mse_ms2"]) == pytest.approx((model["mae"] * 1500, model["mse"] * 1500 ** 2))
     assert "baseline (train mean)" in (out / "result.txt").read_text() and "beats the baseline" in r.stdout
     assert metrics["paper_reference"] == {"dataset": "flatvel-a", "mae": 0.0131, "rmse": 0.0211, "ssim": 0.9895, "data": "OpenFWI"}
     pngs = sorted(p.name for p in out.glob("*.png"))

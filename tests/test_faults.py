@@ -280,6 +280,24 @@ def test_fp16_grad_scaler_skipped_steps_are_logged_not_fatal(capsys):
     assert run.step == 2 and scaler.get_scale() == 2.0 ** 98
 
 
+def test_epoch_loss_is_a_mean_per_sample_and_step_lines_reach_train_log_under_a_progress_bar(tmp_path, capsys):
+    model = torch.nn.Linear(3, 3)
+    run = toy_run(model, torch.amp.GradScaler("cpu", enabled=False))
+    monitor = T.Monitor(log_every=1, progress=True)
+    monitor.start_epoch(run, 2)
+    monitor.after_step(run, torch.tensor(1.0), 4)
+    monitor.after_step(run, torch.tensor(4.0), 2)  # a short last batch weighs what its samples weigh
+    assert monitor.end_epoch() == pytest.approx(2.0)  # (4 * 1 + 2 * 4) / 6, not the batches' mean 2.5
+    T.set_log_file(str(tmp_path / "train.log"))
+    try:
+        T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 2), monitor, T.Stop())
+    finally:
+        T.set_log_file(None)
+    logged = (tmp_path / "train.log").read_text()
+    assert re.findall(r"^epoch 0 step (\d) batch \d/2 loss", logged, flags=re.M) == ["1", "2"], logged
+    assert "step 1 batch" not in capsys.readouterr().out  # on the console the bar shows them
+
+
 # ---- storage ----
 
 def limit_file_size(mb):

@@ -1,6 +1,7 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import json
 import math
+import os
 import re
 import shutil
 
@@ -210,6 +211,24 @@ def test_split_pairs_by_file_is_seeded():
     assert len(tr) == 8 and len(va) == 2 and set(tr).isdisjoint(va)
     assert T.split_pairs(pairs, 0.8, seed=1) == (tr, va)
     assert T.split_pairs(pairs, 0.8, seed=2) != (tr, va)
+
+
+def test_a_released_openfwi_set_splits_as_openfwi_does_unless_train_size_is_given(tmp_path):
+    vel = [(f"r/data/data{i}.npy", f"r/model/model{i}.npy") for i in range(1, 61)]
+    tr, va = T.split_pairs(vel, None, seed=0)
+    assert [d for d, _ in va] == [f"r/data/data{i}.npy" for i in range(49, 61)] and len(tr) == 48
+    style = [(f"data{i}.npy", f"model{i}.npy") for i in range(1, 135)]
+    assert [d for d, _ in T.split_pairs(style, None, seed=0)[1]] == [f"data{i}.npy" for i in range(121, 135)]
+    for g in (6, 7, 8):  # a fault family: seis*/vel* side by side in one folder, as OpenFWI ships them
+        for j in range(36):
+            for prefix in ("seis", "vel"):
+                (tmp_path / f"{prefix}{g}_1_{j}.npy").touch()
+    fault = T.find_pairs(str(tmp_path))
+    tr, va = T.split_pairs(fault, None, seed=0)
+    assert sorted(os.path.basename(d) for d, _ in va) == sorted(f"seis{g}_1_{j}.npy" for g in (6, 7, 8) for j in range(32, 36))
+    assert len(tr) == 96 and all(m == d.replace("seis", "vel") for d, m in fault)
+    assert T.split_pairs(vel[:59], None, seed=0) == T.split_pairs(vel[:59], 0.8, seed=0)  # not a whole set: drawn
+    assert len(T.split_pairs(vel, 0.5, seed=0)[1]) == 30  # a --train-size given is followed
 
 
 # ---- metrics ----
