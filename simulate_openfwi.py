@@ -85,6 +85,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are SimulationErrors: one line instead of the usage text, exit 2. (The trainer
     has its own: this script imports nothing of it, so that it can be copied and used alone.)"""
 
+    def __init__(self, **kwargs):  # whole flag names only: run.sh screens flags and args.json records them by name
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):
         raise SimulationError(f"{message} (--help lists the flags)")
 
@@ -618,6 +621,37 @@ def check_args(args):
         raise SimulationError(f"--out {args.out} exists and is not a directory")
 
 
+def check_capacity(args):
+    """Refuse sizes this machine cannot hold, before any work: two files are in memory at a time (one
+    simulated, one being written), and every file goes to --out's disk (less what is there already)."""
+    sample = 4 * (len(SRC_COLS) * NT * N_GRID + N_GRID * N_GRID)  # float32 shot gathers and velocity map
+
+    def gb(n):
+        return f"{n / 1e9:,.1f} GB"
+    memory = available_memory()
+    if memory is not None and 2 * args.samples_per_file * sample > memory:
+        raise SimulationError(f"--samples-per-file {args.samples_per_file}: a file is {gb(args.samples_per_file * sample)} "
+                              f"and two are held in memory, but {gb(memory)} is available; make more files of fewer samples")
+    base = os.path.abspath(args.out)
+    while not os.path.isdir(base):
+        base = os.path.dirname(base)
+    there = sum(os.path.getsize(os.path.join(d, f)) for d in (os.path.join(args.out, "data"), os.path.join(args.out, "model"))
+                if os.path.isdir(d) for f in os.listdir(d))
+    need = args.files * args.samples_per_file * sample
+    if need > shutil.disk_usage(base).free + there:
+        raise SimulationError(f"--files {args.files} x --samples-per-file {args.samples_per_file} need {gb(need)} in "
+                              f"--out {args.out}, and its disk has {gb(shutil.disk_usage(base).free)} free")
+
+
+def available_memory():
+    """Bytes of memory available now (Linux), or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def generate_file(args, i, device, progress=lambda k: None):
     """(data, model) arrays of file i, drawn from the random stream [seed, i]."""
     rng = np.random.default_rng([args.seed, i])
@@ -659,6 +693,7 @@ def main(args):
     from tqdm import tqdm
     n, N = args.files, args.samples_per_file
     check_existing(args)  # before anything in --out is touched
+    check_capacity(args)
     prepare_out(args)
     todo = [i for i in range(1, n + 1)
             if not (npy_complete(pair_paths(args.out, i)[0], (N, len(SRC_COLS), NT, N_GRID))

@@ -86,6 +86,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are InputErrors: one line instead of a page of usage, exit 2, and under
     torchrun printed by rank 0 alone."""
 
+    def __init__(self, **kwargs):  # whole flag names only: run.sh screens flags and args.json records them by name
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):
         raise InputError(f"{message} (--help lists the flags)")
 
@@ -226,8 +229,9 @@ def shown(value):
 CONFIG_SKIP = ("config", "resume", "overwrite")  # a repeated run must not continue or replace the one it repeats
 
 
-def config_argv(path):
-    """The arguments saved in a run's args.json as command-line flags, checked by the parser itself."""
+def config_argv(path, skip=()):
+    """The arguments saved in a run's args.json as command-line flags (less those named in SKIP), checked by
+    the parser itself."""
     try:
         with open(path) as fh:
             saved = json.load(fh)
@@ -240,7 +244,7 @@ def config_argv(path):
         flag = flag_of(key)
         if key not in known:
             raise InputError(f"--config {path}: unknown setting {key!r}")
-        if key in CONFIG_SKIP or value is None:
+        if key in CONFIG_SKIP or key in skip or value is None:
             continue
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
@@ -259,7 +263,18 @@ def parse_args(argv=None):
     """The command line; with --config, the saved flags come first, so the ones given here win."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = get_args_parser().parse_args(argv)
-    return get_args_parser().parse_args(config_argv(args.config) + argv) if args.config else args
+    if not args.config:
+        return args
+    given = given_names(argv)  # --data-root given here replaces the saved split lists, which would otherwise win
+    skip = ("train_list", "val_list") if "data_root" in given and "train_list" not in given else ()
+    return get_args_parser().parse_args(config_argv(args.config, skip) + argv)
+
+
+def given_names(argv):
+    """The settings that ARGV itself sets, read as argparse reads it (--batch-size 0 and --batch-size=0 alike)."""
+    unset = object()
+    ns = argparse.Namespace(**dict.fromkeys(vars(get_args_parser().parse_args([])), unset))  # a default fills no name set here
+    return {k for k, v in vars(get_args_parser().parse_args(argv, namespace=ns)).items() if v is not unset}
 
 
 POSITIVE = ("epochs", "batch_size", "val_batch_size", "log_every", "prefetch_factor", "max_steps", "lr_step_size")
@@ -1875,12 +1890,19 @@ def save_checkpoint(run, args, writer, *names):
     writer.save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
 
 
-def check_resumable(ckpt, path, args, split, batches, world):
+def check_resumable(ckpt, path, args, split, batches, world, normalization):
     """Refuse a resume that would mean something other than the flags say, naming what changed: the
     position inside the epoch depends on the batch size and loader (and on the split and the batches an
-    epoch has, unless the world size changed: restore() then restarts the epoch), and the optimizer state
-    it restores carries the optimizer's own settings."""
+    epoch has, unless the world size changed: restore() then restarts the epoch), the optimizer state
+    it restores carries the optimizer's own settings, and the weights learnt one normalisation."""
     saved = ckpt.get("args", {})
+    trained = ckpt.get("normalization", normalization)
+    if any(not math.isclose(trained[k], normalization[k], rel_tol=1e-6) for k in normalization):
+        def show(d):
+            return f"data {d['data_min']:g} to {d['data_max']:g}, velocity {d['label_min']:g} to {d['label_max']:g}"
+        raise InputError(f"the normalisation ({show(normalization)}) differs from the one {path} was trained with "
+                         f"({show(trained)}): other data, or another --dataset / --stats; resume with the run's data and "
+                         f"constants, or start a new run (--init-from {path} to start from its weights)")
     position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
     for key in (*position, "optimizer", "lr", "weight_decay", "betas"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
@@ -1929,7 +1951,7 @@ def restore(run, args, rank, iters_per_epoch):
     ckpt = load_weights(run.raw_model, path)
     if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
-    check_resumable(ckpt, path, args, run.meta["split"], iters_per_epoch, run.world)
+    check_resumable(ckpt, path, args, run.meta["split"], iters_per_epoch, run.world, run.normalizer.as_dict())
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
@@ -2008,6 +2030,11 @@ def check_output_dir(args):
                          f"replace it, or choose another --output-dir")
     if args.overwrite and in_out:
         raise InputError(f"--overwrite would delete the run that --resume {args.resume} continues: give one of them")
+    orphan = os.path.join(out, "best.pt")  # last.pt is written first, so this run's last.pt was removed
+    if args.resume == "auto" and not args.overwrite and os.path.isfile(orphan) and not os.path.isfile(os.path.join(out, "last.pt")):
+        raise InputError(f"--resume auto: {out} holds best.pt but no last.pt to continue from, and a new run would replace "
+                         "best.pt; pass --overwrite to start over, --resume PATH to continue from a checkpoint, or choose "
+                         "another --output-dir")
 
 
 def on_rank0(rank, fn, *fn_args):
@@ -2313,15 +2340,11 @@ def report_input_error(script, e):
 
 
 def from_config(message, config, argv):
-    """MESSAGE, naming the --config file when the flag it is about came from that file, not the command line
-    (read as argparse reads it: --batch 0 and --batch-size=0 give --batch-size)."""
+    """MESSAGE, naming the --config file when the flag it is about came from that file, not the command line."""
     flag = re.match(r"--([\w-]+)", message)
     if not (config and flag):
         return message
-    unset = object()
-    ns = argparse.Namespace(**dict.fromkeys(vars(get_args_parser().parse_args([])), unset))  # a default fills no name set here
-    given = {k for k, v in vars(get_args_parser().parse_args(argv, namespace=ns)).items() if v is not unset}
-    return message if flag.group(1).replace("-", "_") in given else f"{message} (the value comes from --config {config})"
+    return message if flag.group(1).replace("-", "_") in given_names(argv) else f"{message} (the value comes from --config {config})"
 
 
 def cli(argv=None):

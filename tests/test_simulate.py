@@ -295,6 +295,7 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     (["--out", ""], "--out: an empty path"),
     (["--files", "2", "--val-files", "2"], "--val-files"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["--files", "99999999999"], "--files 99999999999 x --samples-per-file 500 need 70,979,999,999.3 GB in --out"),
     pytest.param(["--device", "cuda"], "--device cuda requested but CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
@@ -302,6 +303,14 @@ def test_cli_bad_arguments(tmp_path, args, needle):
     code, _, err = run_cli("--out", tmp_path / "o", *args)
     assert code == 2 and needle in err and err.count("\n") == 1, err  # one line, no traceback or usage text
     assert not (tmp_path / "o").exists()  # a run that cannot start leaves nothing behind
+
+
+def test_cli_refuses_a_file_larger_than_memory_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(so, "available_memory", lambda: 10**9)
+    code, _, err = run_cli("--out", tmp_path / "o", "--samples-per-file", "400")  # 0.57 GB a file, two at a time
+    assert code == 2 and err == ("simulate_openfwi.py: error: --samples-per-file 400: a file is 0.6 GB and two are held "
+                                 "in memory, but 1.0 GB is available; make more files of fewer samples\n")
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_refuses_to_replace_a_directory_with_a_file(tmp_path):

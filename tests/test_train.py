@@ -519,6 +519,15 @@ def test_config_repeats_a_run_bit_for_bit_and_records_provenance(tmp_path, ids_d
     assert (saved_c["deterministic"], saved_c["max_steps"], saved_c["seed"], saved_c["resume"]) == (False, 1, 5, None)
 
 
+def test_a_data_root_given_beside_config_replaces_its_split_lists(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"train_list": "a/train.txt", "val_list": "a/val.txt", "data_root": "data/flatvel", "seed": 5}))
+    args = T.parse_args(["--config", str(path), "--data-root", "other"])
+    assert (args.data_root, args.train_list, args.val_list, args.seed) == ("other", None, None, 5)
+    args = T.parse_args(["--config", str(path), "--val-list", "b/val.txt"])  # one list given: the other stays
+    assert (args.train_list, args.val_list) == ("a/train.txt", "b/val.txt")
+
+
 @pytest.mark.parametrize("content, needle", [
     ({"lr": 1e-3, "nonsense": 1}, "unknown setting 'nonsense'"),
     ({"amp": "fp64"}, "argument --amp: invalid choice: 'fp64'"),
@@ -538,9 +547,11 @@ def test_a_bad_value_from_config_names_the_file_unless_the_command_line_gave_it(
     assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err == (f"train_inversionnet.py: error: --batch-size must be positive, got -1 (the value "
                                        f"comes from --config {path})\n")
-    for given in (["--batch-size=0"], ["--batch", "0"]):  # as argparse reads them, abbreviated too
+    for given in (["--batch-size=0"], ["--batch-size", "0"]):  # as argparse reads them
         assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o"), *given]) == 2
         assert capsys.readouterr().err == "train_inversionnet.py: error: --batch-size must be positive, got 0\n"
+    assert T.cli(["--batch", "0"]) == 2  # flags are spelled out: run.sh screens them and args.json names them whole
+    assert "unrecognized arguments: --batch 0" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -562,6 +573,8 @@ def short_run(tmp_path_factory, ids_data):
     (["--lr", "3e-4"], "--lr 0.0003 differs from the 0.001 that"),  # the restored optimizer state would keep 1e-3
     (["--betas", "0.8", "0.999"], "--betas 0.8 0.999 differs from the 0.9 0.999 that"),
     (["--optimizer", "adam"], "--optimizer adam differs from the adamw that"),
+    (["--dataset", "flatfault-b"], "the normalisation (data -24.86 to 50.28, velocity 1500 to 4500) differs from the one "
+                                   "{last} was trained with (data -26.95 to 52.77,"),  # the weights learnt other inputs
 ])
 def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path, capsys, change, needle):
     root, lists = ids_data
@@ -816,6 +829,10 @@ def test_resume_auto_starts_over_after_a_kill_before_the_first_checkpoint(ids_da
     assert T.cli(argv) == 0 and torch.load(out / "last.pt", weights_only=False)["step"] == 4  # the epoch's 3 other steps
     assert T.cli(argv) == 0 and "the run is complete: 1 of --epochs 1 trained" in capsys.readouterr().out
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 4
+    (out / "last.pt").unlink()  # removed to save space: best.pt alone is no run to restart over
+    best = (out / "best.pt").read_bytes()
+    assert T.cli(argv) == 2 and (out / "best.pt").read_bytes() == best
+    assert "holds best.pt but no last.pt to continue from" in capsys.readouterr().err
 
 
 def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
