@@ -87,6 +87,8 @@ def check_cli(cli):
         raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
     if cli.predict and cli.export:
         raise T.InputError("--predict and --export are separate jobs: give one of them")
+    if (cli.predict or cli.export) and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would write the same files
+        raise T.InputError(f"{'--predict' if cli.predict else '--export'} runs in one process: start it with python, not torchrun")
     if cli.val_list and cli.split:
         raise T.InputError("--split chooses a split of --data-root and --val-list names its files: give one of them")
     job = "--predict" if cli.predict else "--export" if cli.export else None
@@ -184,6 +186,9 @@ def forward_settings(cli, model, device, targs):
 def evaluation_pairs(cli, targs, ours):
     """The pairs to evaluate, and the training pairs whose mean velocity map is the trivial baseline (None
     where no training split is known: an OpenFWI checkpoint with --val-list, or one whose files are gone)."""
+    if not ours and not (cli.val_list or cli.data_root):  # the defaults would pick some local data it never saw
+        raise T.InputError(f"{cli.checkpoint} records no data (OpenFWI checkpoint?): name the data to evaluate with "
+                           f"--val-list or --data-root")
     if cli.val_list:
         pairs, train = T.read_split_list(cli.val_list), None
         if ours:
@@ -525,6 +530,8 @@ def predict(cli):
             n = min(cli.vis, len(gathers))
             draw_predictions(gathers, np.load(dest, mmap_mode="r"), n, stem + "_predictions.png", normalizer)
             line += f"; the first {n} beside their shot gathers: {stem}_predictions.png"
+        elif cli.overwrite and os.path.isfile(stem + "_predictions.png"):  # it showed the maps just replaced
+            os.remove(stem + "_predictions.png")
         print(line)
     print(f"normalisation from {stats_from}; forward pass {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}")
     return 0

@@ -326,6 +326,12 @@ def check_args(args):
                          f"--lr-milestones drops milestones that came with --config)")
     if args.lr_warmup_epochs and args.lr_scheduler in ("step", "none"):
         raise InputError(f"--lr-warmup-epochs applies to --lr-scheduler warmup-multistep and cosine, not {args.lr_scheduler}")
+    if args.lr_gamma != 0.1 and args.lr_scheduler in ("cosine", "none"):
+        raise InputError(f"--lr-gamma applies to --lr-scheduler warmup-multistep and step, not {args.lr_scheduler}")
+    if args.lr_step_size != 30 and args.lr_scheduler != "step":
+        raise InputError(f"--lr-step-size applies to --lr-scheduler step, not {args.lr_scheduler}")
+    if args.init_strict == "no" and not args.init_from:
+        raise InputError("--init-strict no applies to the weights of --init-from, and none is given")
     if args.train_size is not None and not 0 < args.train_size < 1:
         raise InputError(f"--train-size must be in (0, 1), got {args.train_size}")
     if args.lambda_l1 + args.lambda_l2 == 0:
@@ -546,6 +552,8 @@ def resolve_speed(args, device, cache_samples=0):
     # PyTorch's CPU convolution backward has no fast fp16 kernel (the forward has): measured in bench/RESULTS.md
     warn = ("; note: fp16 training on a CPU is far slower than fp32 (PyTorch's fp16 convolution backward "
             "is a slow generic kernel there): bf16 or off trains faster") if args.amp == "fp16" and device.type == "cpu" else ""
+    if "--cache-dtype" in given and args.loader != "gpu":
+        warn += f"; note: --cache-dtype has no effect with --loader {args.loader} (it sets the --loader gpu cache)"
     return (f"speed: amp {args.amp}, channels-last {onoff(args.channels_last)}, compile {onoff(args.compile)}, fused adam "
             f"{onoff(args.fused_adam)}, loader {args.loader}{cache}; {why if args.fast else 'defaults'}"
             f"{', given: ' + ' '.join(given) if given else ''}{warn}")
@@ -789,7 +797,7 @@ def read_split_list(path):
     base = os.path.dirname(os.path.abspath(path))
     pairs = []
     try:
-        with open(path) as fh:
+        with open(path, encoding="utf-8-sig") as fh:  # -sig: a byte-order mark some editors write is no path character
             lines = fh.readlines()
     except (OSError, UnicodeDecodeError) as e:  # a checkpoint's saved list may have moved since
         raise DataError(f"{path}: cannot read this split list ({getattr(e, 'strerror', None) or e})") from None
@@ -869,7 +877,7 @@ def inspect_pairs(pairs):
         arrays = []
         for path, shape in ((dpath, DATA_SHAPE), (lpath, LABEL_SHAPE)):
             if not os.path.isfile(path):
-                raise DataError(f"{path}: no such file")
+                raise DataError(f"{path}: {'a directory, not a .npy file' if os.path.isdir(path) else 'no such file'}")
             a = open_npy(path)
             if a.dtype != np.float32:
                 raise DataError(f"{path}: dtype {a.dtype}, expected float32")
@@ -1219,7 +1227,7 @@ def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=
         return DeviceLoader(pairs, counts, normalizer, device, cfg.batch_size, getattr(torch, cfg.cache_dtype),
                             rank, world, cfg.seed, train)
     in_workers = normalizer if cfg.normalize_in_workers else None
-    pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
+    pin = device.type == "cuda" and cfg.pin_memory is not False  # pinning helps copies to a GPU only
     kw = dict(num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=seed_worker,
               generator=torch.Generator().manual_seed(cfg.seed + rank))
     if cfg.num_workers > 0:
@@ -2240,7 +2248,7 @@ def absolute_paths(args):
             setattr(args, name, os.path.abspath(getattr(args, name)))
 
 
-def settings_notes(args, n_batches):
+def settings_notes(args, n_batches, device):
     """Settings that take no effect in this run as given, said once at the start (not refused: a short trial of
     a longer recipe, or a run continued later with a larger --epochs, gives them on purpose)."""
     beyond = [m for m in args.lr_milestones if m >= args.epochs]
@@ -2249,6 +2257,10 @@ def settings_notes(args, n_batches):
         notes.append(f"--precise-bn {args.precise_bn}: an epoch has {n_batches} batches, all of which are averaged")
     if args.compile_mode != "default" and not args.compile:
         notes.append(f"--compile-mode {args.compile_mode} has no effect without --compile (--fast compiles on CUDA only)")
+    if args.loader == "gpu" and args.normalize == "workers":
+        notes.append("--normalize workers has no effect with --loader gpu (the cache normalises on the device)")
+    if args.pin_memory and device.type != "cuda":
+        notes.append(f"--pin-memory has no effect on {device.type} (it speeds copies to a GPU)")
     return "; ".join(notes)
 
 
@@ -2304,7 +2316,7 @@ def main(args, argv=()):
            f"world {world}); {backend_note}")
     print0(speed_note)
     print0(describe_data(data, train_loader, args, world, stats_from))
-    if notes := settings_notes(args, len(train_loader)):
+    if notes := settings_notes(args, len(train_loader), device):
         print0(f"note: {notes}")
     return fit(run, train_loader, val_loader, open_monitor(args, device), args)
 

@@ -116,6 +116,9 @@ def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path, capsys):
     lst.write_text(f"{tiny_run / 'd' / 'data' / 'data1.npy'}\t{tiny_run / 'd' / 'model' / 'model1.npy'}\n")
     args = ["--checkpoint", str(tmp_path / "fva_l1.pth"), "--val-list", str(lst), "--num-workers", "0", "--no-progress", "--vis", "0"]
     assert E.cli(args) == 2 and "--dataset" in capsys.readouterr().err
+    no_data = [a for a in args if a not in ("--val-list", str(lst))] + ["--dataset", "flatvel-a"]
+    assert E.cli(no_data) == 2  # without --val-list it would score whatever data/flatvel holds here
+    assert "records no data (OpenFWI checkpoint?): name the data to evaluate with --val-list or --data-root" in capsys.readouterr().err
     assert E.cli(args + ["--dataset", "flatvel-a", "--output-dir", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["samples"] == 4
 
@@ -467,6 +470,9 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     (out / "line7_velocity.npy").unlink()  # its picture is kept as well
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out)]) == 2
     assert "line7_predictions.png already exists; pass --overwrite" in capsys.readouterr().err
+    assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out),
+                  "--overwrite", "--vis", "0"]) == 0
+    assert (out / "line7_velocity.npy").exists() and not (out / "line7_predictions.png").exists()  # it showed the old maps
     # predictions written beside their inputs, twice: the *_velocity.npy files are outputs, never inputs
     again = ["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(tmp_path / "in"), "--vis", "0"]
     assert E.cli(again) == 0 and E.cli([*again, "--overwrite"]) == 0
@@ -537,6 +543,14 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1 and "Traceback" not in err, err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("job", [["--predict", "x.npy"], ["--export", "m.pt2"]])
+def test_predict_and_export_refuse_a_torchrun_launch(tmp_path, capsys, monkeypatch, job):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: each rank would write the same files
+    (tmp_path / "c.pt").write_bytes(b"")
+    assert E.cli(["--checkpoint", str(tmp_path / "c.pt"), *job]) == 2
+    assert capsys.readouterr().err == f"eval_inversionnet.py: error: {job[0]} runs in one process: start it with python, not torchrun\n"
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fallocate"), reason="no posix_fallocate here")

@@ -292,6 +292,11 @@ def test_split_lists_hold_paths_with_spaces(tmp_path):
     (d / "three.txt").write_text("a.npy\tb.npy\tc.npy\n")
     with pytest.raises(T.DataError, match="three.txt:1: expected 'data_path<TAB>label_path'"):
         T.read_split_list(str(d / "three.txt"))
+    (d / "bom.txt").write_text("\ufeffx.npy\ty.npy\n", encoding="utf-8")  # as some editors save it
+    assert T.read_split_list(str(d / "bom.txt")) == [(f"{d}/x.npy", f"{d}/y.npy")]
+    with pytest.raises(T.DataError, match="rel dir/x.npy: a directory, not a .npy file"):
+        (d / "rel dir" / "x.npy").mkdir(parents=True)
+        T.inspect_pairs(T.read_split_list(str(d / "tab.txt"))[1:])
 
 
 # ---- training behaviour ----
@@ -699,11 +704,14 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     _, lists = ids_data
     out = tmp_path / "run"
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "3", "--val-every", "5", "--output-dir", str(out),
-            "--lr-milestones", "1", "4", "--precise-bn", "9", "--compile-mode", "max-autotune"]
+            "--lr-milestones", "1", "4", "--precise-bn", "9", "--compile-mode", "max-autotune", "--pin-memory",
+            "--cache-dtype", "bfloat16"]
     assert T.cli([*argv, "--max-steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "note: --lr-milestones 4 not reached within --epochs 3; --precise-bn 9: an epoch has 4 batches, all of which " \
-           "are averaged; --compile-mode max-autotune has no effect without --compile (--fast compiles on CUDA only)\n" in printed
+           "are averaged; --compile-mode max-autotune has no effect without --compile (--fast compiles on CUDA only); " \
+           "--pin-memory has no effect on cpu (it speeds copies to a GPU)\n" in printed
+    assert "given: --cache-dtype; note: --cache-dtype has no effect with --loader map (it sets the --loader gpu cache)\n" in printed
     assert re.search(r"^epoch 0 to batch 1/4 train loss [\d.]+ \| val loss [\d.]+ MAE", printed, re.M), printed
     assert "stopped at --max-steps 1 (epoch 0, batch 1); last.pt written" in printed
     best = torch.load(out / "best.pt", weights_only=False)
