@@ -887,6 +887,12 @@ def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
         small_args(overwrite=True)
 
 
+def test_the_cache_normalises_on_the_device_whatever_normalize_says():
+    notes = T.settings_notes(small_args(loader="gpu", normalize="workers"), 4, torch.device("cpu"))
+    assert notes == "--normalize workers has no effect with --loader gpu (the cache normalises on the device)"
+    assert T.settings_notes(small_args(loader="map", normalize="workers"), 4, torch.device("cpu")) == ""
+
+
 def test_batch_size_one_is_refused(capsys):
     assert T.cli(["--batch-size", "1"]) == 2
     assert capsys.readouterr().err == "train_inversionnet.py: error: --batch-size must be at least 2: BatchNorm cannot train on one sample\n"
