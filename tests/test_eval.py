@@ -101,7 +101,11 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     assert float(rows[0]["mae_ms"]) == pytest.approx(float(rows[0]["mae"]) * 1500)
     model = metrics["model"]  # OpenFWI's test.py also reports MAE and MSE in m/s
     assert (model["mae_ms"], model["mse_ms2"]) == pytest.approx((model["mae"] * 1500, model["mse"] * 1500 ** 2))
-    assert "baseline (train mean)" in (out / "result.txt").read_text() and "beats the baseline" in r.stdout
+    # the verdict line follows the two rows it compares (it is printed whatever the verdict)
+    base = metrics["baseline_mean_map"]
+    verdict = (f"beats the baseline: MAE {'yes' if model['mae'] < base['mae'] else 'NO'}, "
+               f"SSIM {'yes' if model['ssim'] > base['ssim'] else 'NO'}\n")
+    assert "baseline (train mean)" in (out / "result.txt").read_text() and verdict in r.stdout, r.stdout
     assert metrics["paper_reference"] == {"dataset": "flatvel-a", "mae": 0.0131, "rmse": 0.0211, "ssim": 0.9895, "data": "OpenFWI"}
     pngs = sorted(p.name for p in out.glob("*.png"))
     tags = sorted(p.rsplit("_", 1)[1] for p in pngs if p.startswith("sample_") and not p.endswith("shots.png"))
@@ -240,6 +244,45 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
     # the SSIM of a constant map is a cancellation that moves by ~2e-5 with the summation order
     assert results[0] == pytest.approx(results[1], rel=1e-5)
     assert results[1]["mae"] != pytest.approx(results[2]["mae"], rel=1e-3)  # the perturbation reached the model
+
+
+def conv_dtypes_during(fn):
+    """Run FN with a global forward hook recording the output dtype of every (transposed) convolution."""
+    seen = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            seen.append(output.dtype)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return result, seen
+
+
+def test_evaluate_runs_the_forward_in_bf16_and_the_metrics_in_float32():
+    """evaluate() with amp_dtype bf16 (validation of a bf16 run, eval --amp bf16) computes InversionNet's
+    convolutions in bf16, then scores the float32 copy of that prediction: the metrics are those of the bf16
+    forward to float32 precision, and close to, not equal to, the fp32 evaluation's."""
+    torch.manual_seed(0)
+    model = T.InversionNet().eval()
+    x, y = torch.randn(2, 5, 1000, 70), torch.rand(2, 1, 70, 70) * 2 - 1
+    batches = T.RepeatedBatch(x, y, 2)  # normalised already
+    cpu = torch.device("cpu")
+    bf16, seen = conv_dtypes_during(lambda: T.evaluate(model, batches, cpu, amp_dtype=torch.bfloat16, per_sample=True))
+    assert len(seen) == 2 * 25 and set(seen) == {torch.bfloat16}  # 25 (de)convolutions per batch
+    fp32, seen = conv_dtypes_during(lambda: T.evaluate(model, batches, cpu, per_sample=True))
+    assert set(seen) == {torch.float32}
+    assert bf16["first"][0].dtype == bf16["per_sample"].dtype == torch.float32 and bf16["count"] == 4
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        pred = model(x).double()
+    err = pred - y.double()
+    assert bf16["mae"] == pytest.approx(err.abs().mean().item(), rel=1e-6)
+    assert bf16["mse"] == pytest.approx((err ** 2).mean().item(), rel=1e-6)
+    assert bf16["loss"] == pytest.approx(bf16["mae"], rel=1e-6)  # pure L1
+    for k in ("mae", "rmse", "ssim", "loss"):
+        assert bf16[k] == pytest.approx(fp32[k], rel=0.02) and bf16[k] != fp32[k], k
 
 
 def test_forward_pass_takes_the_precision_the_checkpoint_was_trained_in(tiny_run, tmp_path):
@@ -479,6 +522,21 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["line12.npy", "line12_velocity.npy", "line7.npy",
                                                                    "line7_velocity.npy"]
     assert np.array_equal(np.load(tmp_path / "in" / "line7.npy"), shots[:3])
+
+
+def test_predict_with_amp_bf16_computes_in_bf16_and_writes_float32_m_per_s(tiny_run, tmp_path, capsys):
+    ck = tiny_run / "run" / "best.pt"
+    shots = np.load(tiny_run / "d" / "data" / "data1.npy")[:2]
+    np.save(tmp_path / "shots.npy", shots)
+    argv = ["--checkpoint", str(ck), "--predict", str(tmp_path / "shots.npy"), "--vis", "0", "--device", "cpu"]
+    code, seen = conv_dtypes_during(lambda: E.cli([*argv, "--output-dir", str(tmp_path / "bf16"), "--amp", "bf16"]))
+    assert code == 0 and len(seen) == 25 and set(seen) == {torch.bfloat16}  # one batch, 25 (de)convolutions
+    assert "forward pass bfloat16" in capsys.readouterr().out
+    assert E.cli([*argv, "--output-dir", str(tmp_path / "fp32"), "--amp", "off"]) == 0
+    bf16, fp32 = np.load(tmp_path / "bf16" / "shots_velocity.npy"), np.load(tmp_path / "fp32" / "shots_velocity.npy")
+    assert bf16.dtype == np.float32 and bf16.shape == (2, 1, 70, 70)
+    np.testing.assert_allclose(bf16, fp32, atol=30)  # m/s: bf16 rounding of a map spanning 1500-4500
+    assert not np.array_equal(bf16, fp32)
 
 
 def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):

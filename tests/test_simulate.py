@@ -222,6 +222,18 @@ def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
     assert not list(a.rglob("*.tmp-*"))
 
 
+def test_cli_simulates_with_the_pml_width_it_is_given(tmp_path):
+    """--pml-width reaches the solver: the file's traces are simulate() of its own velocity maps at that
+    width, which differ from the default width's (and dataset.json records the width)."""
+    code, _, err = run_cli("--out", tmp_path, "--files", "1", "--samples-per-file", "1", "--pml-width", "4")
+    assert code == 0, err
+    data = np.load(tmp_path / "data" / "data1.npy")
+    v = torch.from_numpy(np.load(tmp_path / "model" / "model1.npy")[:, 0])
+    np.testing.assert_array_equal(data, so.simulate(v, pml_width=4).numpy())
+    assert not np.allclose(data, so.simulate(v).numpy(), rtol=1e-3, atol=1e-3)  # the width shows in the traces
+    assert json.loads((tmp_path / "dataset.json").read_text())["pml_width"] == 4
+
+
 def fake_generation(monkeypatch, simulated):
     """generate_file replaced by constant arrays (file i holds i), recording which files were simulated:
     these tests are about files, not physics."""
