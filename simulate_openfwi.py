@@ -85,7 +85,7 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are SimulationErrors: one line instead of the usage text, exit 2. (The trainer
     has its own: this script imports nothing of it, so that it can be copied and used alone.)"""
 
-    def __init__(self, **kwargs):  # whole flag names only: run.sh screens flags and args.json records them by name
+    def __init__(self, **kwargs):  # whole flag names only, as the trainer's: a prefix is not taken for a flag
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
