@@ -246,6 +246,23 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
     assert results[1]["mae"] != pytest.approx(results[2]["mae"], rel=1e-3)  # the perturbation reached the model
 
 
+def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path, monkeypatch):
+    """The perturbation is drawn from the sample's own stream in whichever process loads it, so two workers
+    (each loading every other batch) give the figures of loading in the main process. The model is the
+    input-spread stand-in above: its metrics follow the perturbation."""
+    monkeypatch.setattr(T.InversionNet, "forward", lambda self, x: x.float().std(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 1, 70, 70))
+    results, rows = [], []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", str(workers),
+                      "--no-progress", "--vis", "0", "--batch-size", "1", "--device", "cpu", "--noise-std", "0.2",
+                      "--missing-traces", "9"]) == 0
+        results.append(json.loads((out / "metrics.json").read_text())["model"])
+        rows.append((out / "per_sample.csv").read_text())
+    assert results[0]["count"] == 4 and results[0] == pytest.approx(results[1], rel=1e-6)
+    assert rows[0] == rows[1]  # sample by sample
+
+
 def conv_dtypes_during(fn):
     """Run FN with a global forward hook recording the output dtype of every (transposed) convolution."""
     seen = []

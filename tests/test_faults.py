@@ -264,6 +264,22 @@ def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
         T.train_one_epoch(run, batches, T.Monitor(log_every=10), T.Stop())
 
 
+def test_detect_anomaly_flag_turns_on_anomaly_detection_for_the_run(data, tmp_path, monkeypatch):
+    """--detect-anomaly on the command line reaches autograd: the run's steps run with anomaly detection on (what
+    the test above sets by hand), and without the flag off."""
+    enabled, step = [], T.train_step
+    monkeypatch.setattr(T, "train_step", lambda run, x, y: enabled.append(torch.is_anomaly_enabled()) or step(run, x, y))
+    argv = ["--data-root", str(data), "--epochs", "1", "--max-steps", "1", "--val-every", "0", "--no-tensorboard", *BASE]
+    try:
+        assert T.cli([*argv, "--output-dir", str(tmp_path / "off")]) == 0
+        with warnings.catch_warnings():  # torch warns that anomaly detection slows the run
+            warnings.simplefilter("ignore")
+            assert T.cli([*argv, "--output-dir", str(tmp_path / "on"), "--detect-anomaly"]) == 0
+    finally:
+        torch.autograd.set_detect_anomaly(False)  # the script turns it on for its whole process
+    assert enabled == [False, True]
+
+
 def test_fp16_grad_scaler_skipped_steps_are_logged_not_fatal(capsys):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 3)

@@ -234,6 +234,18 @@ def test_cli_simulates_with_the_pml_width_it_is_given(tmp_path):
     assert json.loads((tmp_path / "dataset.json").read_text())["pml_width"] == 4
 
 
+@pytest.mark.parametrize("family", ["curvefault", "flatfault"])
+def test_cli_writes_the_maps_of_the_family_it_is_given(tmp_path, family):
+    """--family reaches the generator: file 1's velocity maps are that family's draw from the file's stream
+    [seed, 1], not flatvel's (the default) from the same stream, and dataset.json names the family."""
+    code, _, err = run_cli("--out", tmp_path, "--files", "1", "--samples-per-file", "1", "--seed", "5", "--family", family)
+    assert code == 0, err
+    model = np.load(tmp_path / "model" / "model1.npy")
+    np.testing.assert_array_equal(model, so.FAMILIES[family](np.random.default_rng([5, 1]), 1)[:, None])
+    assert not np.array_equal(model, so.flatvel(np.random.default_rng([5, 1]), 1)[:, None])
+    assert json.loads((tmp_path / "dataset.json").read_text())["family"] == family
+
+
 def fake_generation(monkeypatch, simulated):
     """generate_file replaced by constant arrays (file i holds i), recording which files were simulated:
     these tests are about files, not physics."""

@@ -357,6 +357,19 @@ def test_lambda_l2_adds_that_weight_of_mse_to_the_l1_loss():
     assert run.loss_weights == (1.0, 0.5)  # what train_step and validation pass to loss_fn
 
 
+def test_optimizer_adam_takes_the_weight_decay_as_its_l2_term_and_adamw_is_the_default():
+    """--optimizer adam: torch.optim.Adam, with --weight-decay as its L2 term (added to the gradient), not the
+    decoupled decay of AdamW, the default. AdamW subclasses Adam in torch, so the exact class is checked."""
+    for flags, cls in ((dict(), torch.optim.AdamW), (dict(optimizer="adam", weight_decay=0.05), torch.optim.Adam)):
+        args = small_args(device="cpu", lr=2e-3, betas=[0.8, 0.95], lr_scheduler="none", **flags)
+        run, _ = T.build_run(args, torch.device("cpu"), 1)
+        assert type(run.optimizer) is cls
+        [group] = run.optimizer.param_groups  # every parameter, one group
+        assert len(group["params"]) == len(list(run.raw_model.parameters()))
+        assert (group["lr"], group["betas"], group["weight_decay"]) == (2e-3, (0.8, 0.95), flags.get("weight_decay", 1e-4))
+        assert group["decoupled_weight_decay"] is (cls is torch.optim.AdamW)
+
+
 def test_grad_clip_scales_the_gradient_norm_down_to_the_limit():
     """--grad-clip: the script's own train_step rescales a gradient whose norm exceeds the limit to that norm
     (direction kept) before the optimizer step; one under the limit is applied as is. SGD with lr 1 makes the
@@ -409,6 +422,28 @@ def test_loaders_start_an_epoch_at_a_given_batch(tmp_path, kind, workers):
         loader.set_epoch(3, start=start)
         rest = [x[:, 0, 0, 0].tolist() for x, _ in T.device_batches(loader, torch.device("cpu"), norm)]
         assert len(loader) == len(whole) and rest == whole[start:], start
+
+
+def test_normalising_in_the_workers_trains_as_normalising_on_the_device(tmp_path):
+    """--normalize workers moves the normalisation into the loader (its workers, or the main process with
+    --num-workers 0): two steps take the same batches to the same losses and weights as the default, which
+    normalises on the device; nothing is left raw or normalised twice."""
+    pairs = write_ids_dataset(tmp_path, (4, 4))
+    cpu, norm = torch.device("cpu"), T.Normalizer(*T.DATASETS["flatvel-a"])
+    results = []
+    for normalize, workers in (("device", 0), ("workers", 0), ("workers", 1)):
+        args = small_args(device="cpu", normalize=normalize, num_workers=workers, batch_size=2, lr_scheduler="none")
+        loader = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [4, 4], norm, cpu)
+        loader.set_epoch(0)
+        assert loader.normalized == (normalize == "workers")
+        torch.manual_seed(0)
+        run, _ = T.build_run(args, cpu, len(loader))
+        losses = [T.train_step(run, x, y).item() for _, (x, y) in zip(range(2), T.device_batches(loader, cpu, norm))]
+        results.append((losses, run.raw_model.state_dict()))
+    (base, weights), *others = results
+    for losses, w in others:
+        assert losses == pytest.approx(base, rel=1e-6)
+        torch.testing.assert_close(w, weights)
 
 
 def test_round_robin_position_follows_the_dataloader_order():
@@ -789,6 +824,26 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     assert re.search(r"^epoch 0 train loss [\d.]+ \| [\d.]+ s train", printed, re.M), printed  # not validated
     assert re.search(r"^epoch 1 train loss [\d.]+ \| val loss", printed, re.M), printed
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
+
+
+def test_overfit_batch_trains_max_steps_steps_on_one_batch_and_its_loss_falls(ids_data, tmp_path, capsys, monkeypatch):
+    """--overfit-batch, the sanity check of the module docstring: one fixed batch served --max-steps times in one
+    epoch whatever --epochs says, never validated; the logged loss (the epoch's running mean) falls."""
+    _, lists = ids_data
+    seen, step = [], T.train_step
+    monkeypatch.setattr(T, "train_step", lambda run, x, y: seen.append((x.clone(), y.clone())) or step(run, x, y))
+    out = tmp_path / "run"
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "3", "--max-steps", "6", "--log-every", "1",
+                  "--overfit-batch", "--output-dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(seen) == 6 and all(torch.equal(x, seen[0][0]) and torch.equal(y, seen[0][1]) for x, y in seen)
+    logged = [float(v) for v in re.findall(r"^epoch 0 step \d batch \d/6 loss ([\d.]+) ", printed, re.M)]
+    assert len(logged) == 6 and logged == sorted(logged, reverse=True) and logged[-1] < 0.9 * logged[0], printed
+    epochs = re.findall(r"^epoch \d.* train loss .*$", printed, re.M)
+    assert len(epochs) == 1 and "val loss" not in epochs[0], printed
+    assert "stopped at --max-steps" not in printed  # its one epoch is the whole run: complete, not cut short
+    ck = torch.load(out / "last.pt", weights_only=False)
+    assert (ck["step"], ck["epoch"]) == (6, 1)
 
 
 def test_every_validation_sees_batchnorm_statistics_averaged_over_ranks(ids_data, tmp_path, monkeypatch):
