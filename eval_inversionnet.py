@@ -530,8 +530,8 @@ def predict(cli):
             n = min(cli.vis, len(gathers))
             draw_predictions(gathers, np.load(dest, mmap_mode="r"), n, stem + "_predictions.png", normalizer)
             line += f"; the first {n} beside their shot gathers: {stem}_predictions.png"
-        elif cli.overwrite and os.path.isfile(stem + "_predictions.png"):  # it showed the maps just replaced
-            os.remove(stem + "_predictions.png")
+        elif cli.overwrite:  # an earlier picture showed the maps just replaced
+            remove_pictures(out, [os.path.basename(stem) + "_predictions.png"])
         print(line)
     print(f"normalisation from {stats_from}; forward pass {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}")
     return 0

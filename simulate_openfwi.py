@@ -637,10 +637,10 @@ def check_capacity(args):
         base = os.path.dirname(base)
     there = sum(os.path.getsize(os.path.join(d, f)) for d in (os.path.join(args.out, "data"), os.path.join(args.out, "model"))
                 if os.path.isdir(d) for f in os.listdir(d))
-    need = args.files * args.samples_per_file * sample
-    if need > shutil.disk_usage(base).free + there:
+    need, free = args.files * args.samples_per_file * sample, shutil.disk_usage(base).free
+    if need > free + there:
         raise SimulationError(f"--files {args.files} x --samples-per-file {args.samples_per_file} need {gb(need)} in "
-                              f"--out {args.out}, and its disk has {gb(shutil.disk_usage(base).free)} free")
+                              f"--out {args.out}, and its disk has {gb(free)} free")
 
 
 def available_memory():
