@@ -70,6 +70,7 @@ SRC_COLS = (0, 17, 34, 52, 69)
 SRC_ROW = 1
 REC_ROW = 1
 LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
+DATA_SHAPE, MODEL_SHAPE = (len(SRC_COLS), NT, N_GRID), (1, N_GRID, N_GRID)  # one sample of each file of a pair
 # fourth-order central differences: second derivative and first derivative (times dx^2, dx)
 C0, C1, C2 = -5.0 / 2.0, 4.0 / 3.0, -1.0 / 12.0
 D1, D2 = 2.0 / 3.0, -1.0 / 12.0
@@ -624,7 +625,7 @@ def check_args(args):
 def check_capacity(args):
     """Refuse sizes this machine cannot hold, before any work: two files are in memory at a time (one
     simulated, one being written), and every file goes to --out's disk (less what is there already)."""
-    sample = 4 * (len(SRC_COLS) * NT * N_GRID + N_GRID * N_GRID)  # float32 shot gathers and velocity map
+    sample = 4 * (math.prod(DATA_SHAPE) + math.prod(MODEL_SHAPE))  # float32 shot gathers and velocity map
 
     def gb(n):
         return f"{n / 1e9:,.1f} GB"
@@ -656,7 +657,7 @@ def generate_file(args, i, device, progress=lambda k: None):
     """(data, model) arrays of file i, drawn from the random stream [seed, i]."""
     rng = np.random.default_rng([args.seed, i])
     vel = FAMILIES[args.family](rng, args.samples_per_file)
-    data = np.empty((len(vel), len(SRC_COLS), NT, N_GRID), dtype=np.float32)
+    data = np.empty((len(vel), *DATA_SHAPE), dtype=np.float32)
     for s in range(0, len(vel), args.batch_size):
         v = torch.from_numpy(vel[s:s + args.batch_size]).to(device)
         data[s:s + len(v)] = simulate(v, pml_width=args.pml_width).cpu().numpy()
@@ -696,8 +697,8 @@ def main(args):
     check_capacity(args)
     prepare_out(args)
     todo = [i for i in range(1, n + 1)
-            if not (npy_complete(pair_paths(args.out, i)[0], (N, len(SRC_COLS), NT, N_GRID))
-                    and npy_complete(pair_paths(args.out, i)[1], (N, 1, N_GRID, N_GRID)))]
+            if not (npy_complete(pair_paths(args.out, i)[0], (N, *DATA_SHAPE))
+                    and npy_complete(pair_paths(args.out, i)[1], (N, *MODEL_SHAPE)))]
     print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
           f"{n - len(todo)} complete, {len(todo)} to make")
     t0 = time.time()

@@ -326,10 +326,6 @@ def check_args(args):
                          f"--lr-milestones drops milestones that came with --config)")
     if args.lr_warmup_epochs and args.lr_scheduler in ("step", "none"):
         raise InputError(f"--lr-warmup-epochs applies to --lr-scheduler warmup-multistep and cosine, not {args.lr_scheduler}")
-    if args.lr_gamma != 0.1 and args.lr_scheduler in ("cosine", "none"):
-        raise InputError(f"--lr-gamma applies to --lr-scheduler warmup-multistep and step, not {args.lr_scheduler}")
-    if args.lr_step_size != 30 and args.lr_scheduler != "step":
-        raise InputError(f"--lr-step-size applies to --lr-scheduler step, not {args.lr_scheduler}")
     if args.init_strict == "no" and not args.init_from:
         raise InputError("--init-strict no applies to the weights of --init-from, and none is given")
     if args.train_size is not None and not 0 < args.train_size < 1:
@@ -1722,7 +1718,7 @@ class Monitor:
     def after_step(self, run, loss, n):
         b = torch.full_like(self.bad_at, run.batch_in_epoch - 1)
         self.bad_at = torch.where((self.bad_at < 0) & ~torch.isfinite(loss), b, self.bad_at)
-        self.loss_sum += loss.double() * n
+        self.loss_sum.add_(loss.double(), alpha=n)
         self.seen, self.samples = self.seen + n, self.samples + n
         if self.profiler is not None:
             self.profiler.step()
@@ -2257,6 +2253,11 @@ def settings_notes(args, n_batches, device):
         notes.append(f"--precise-bn {args.precise_bn}: an epoch has {n_batches} batches, all of which are averaged")
     if args.compile_mode != "default" and not args.compile:
         notes.append(f"--compile-mode {args.compile_mode} has no effect without --compile (--fast compiles on CUDA only)")
+    default = get_args_parser().get_default
+    if args.lr_gamma != default("lr_gamma") and args.lr_scheduler in ("cosine", "none"):
+        notes.append(f"--lr-gamma {args.lr_gamma:g} has no effect with --lr-scheduler {args.lr_scheduler}")
+    if args.lr_step_size != default("lr_step_size") and args.lr_scheduler != "step":
+        notes.append(f"--lr-step-size {args.lr_step_size:g} has no effect with --lr-scheduler {args.lr_scheduler}")
     if args.loader == "gpu" and args.normalize == "workers":
         notes.append("--normalize workers has no effect with --loader gpu (the cache normalises on the device)")
     if args.pin_memory and device.type != "cuda":

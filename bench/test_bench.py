@@ -257,18 +257,17 @@ def test_end_to_end(benchmark, random_dataset, case):
         T.train_one_epoch(run, loader, monitor, T.Stop(max_steps=run.step + limit))
         sync()
         waits.append(monitor.last["data_wait"])
-        return run.batch_in_epoch
+        return monitor.samples  # the iterable loader's last batch of a shard can be short
 
     t0 = time.perf_counter()
-    batches = benchmark.pedantic(run_epoch, rounds=CFG["rounds"], warmup_rounds=1 if benchmark.enabled else 0)
+    n = benchmark.pedantic(run_epoch, rounds=CFG["rounds"], warmup_rounds=1 if benchmark.enabled else 0)
     secs = benchmark.stats.stats.median if benchmark.enabled else time.perf_counter() - t0
-    n = batches * LOADER_BATCH
     sps = n / secs
     wait = sorted(waits)[len(waits) // 2]
     RESULTS["e2e"][case] = (sps, wait)
     benchmark.extra_info.update(environment(), loader=case[0], workers=case[1], flags=e2e_cases()[case], samples_per_s=sps,
                                 data_wait_share=wait)
-    assert batches == limit
+    assert n == limit * LOADER_BATCH or (case[0] == "iterable" and 0 < n < limit * LOADER_BATCH)
 
 
 @pytest.mark.parametrize("mode", ["plain", "fast"])

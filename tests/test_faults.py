@@ -578,8 +578,6 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     (["--lr-scheduler", "step", "--lr-step-size", "0"], "--lr-step-size must be positive, got 0.0"),
     (["--lr-scheduler", "cosine", "--lr-milestones", "5"], "--lr-milestones apply to --lr-scheduler warmup-multistep, not cosine"),
     (["--lr-scheduler", "step", "--lr-warmup-epochs", "1"], "--lr-warmup-epochs applies to --lr-scheduler warmup-multistep and cosine"),
-    (["--lr-scheduler", "cosine", "--lr-gamma", "0.5"], "--lr-gamma applies to --lr-scheduler warmup-multistep and step, not cosine"),
-    (["--lr-step-size", "5"], "--lr-step-size applies to --lr-scheduler step, not warmup-multistep"),
     (["--init-strict", "no"], "--init-strict no applies to the weights of --init-from, and none is given"),
     (["--betas", "1.5", "0.9"], "--betas must both be in [0, 1), got 1.5 0.9"),
     (["--weight-decay", "nan"], "--weight-decay must be >= 0, got nan"),

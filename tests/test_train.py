@@ -1010,10 +1010,14 @@ def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
         small_args(overwrite=True)
 
 
-def test_the_cache_normalises_on_the_device_whatever_normalize_says():
+def test_settings_without_effect_in_this_run_are_noted():
     notes = T.settings_notes(small_args(loader="gpu", normalize="workers"), 4, torch.device("cpu"))
     assert notes == "--normalize workers has no effect with --loader gpu (the cache normalises on the device)"
     assert T.settings_notes(small_args(loader="map", normalize="workers"), 4, torch.device("cpu")) == ""
+    notes = T.settings_notes(small_args(lr_scheduler="cosine", lr_gamma=0.5, lr_step_size=5), 4, torch.device("cpu"))
+    assert notes == ("--lr-gamma 0.5 has no effect with --lr-scheduler cosine; --lr-step-size 5 has no effect with "
+                     "--lr-scheduler cosine")  # noted, not refused: a --config of a step run may switch schedules
+    assert T.settings_notes(small_args(lr_scheduler="step", lr_gamma=0.5, lr_step_size=5), 4, torch.device("cpu")) == ""
 
 
 def test_batch_size_one_is_refused(capsys):
