@@ -1768,12 +1768,13 @@ class Monitor:
     def end_epoch(self):
         """The epoch's mean train loss per sample, over every rank."""
         self.bar.close()
-        if dist.is_initialized():
-            total = torch.stack([self.loss_sum, torch.tensor(float(self.samples), device=self.loss_sum.device,
-                                                              dtype=torch.float64)])
-            dist.all_reduce(total)
-            self.loss_sum, self.samples = total[0], total[1].item()
-        return self.mean_loss()
+        if not dist.is_initialized():
+            return self.mean_loss()
+        total = torch.stack([self.loss_sum, torch.tensor(float(self.samples), device=self.loss_sum.device,
+                                                          dtype=torch.float64)])
+        dist.all_reduce(total)
+        loss_sum, samples = total.tolist()  # one host sync for both
+        return loss_sum / max(samples, 1)
 
     def close(self):
         if self.profiler is not None:
