@@ -133,10 +133,11 @@ def saved_args(ckpt):
 
 def train_args_from(ckpt, cli):
     """The training arguments saved in our checkpoint (a Namespace), or defaults for an OpenFWI one."""
-    base = T.get_args_parser().parse_args([])
-    saved = saved_args(ckpt)
-    for k, v in (saved or {}).items():
-        setattr(base, k, v)
+    saved, known = saved_args(ckpt), vars(T.get_args_parser().parse_args([]))
+    # read back through the trainer's parser, so a hand-edited value is one line naming it; a setting this
+    # version no longer has cannot matter here and is passed over
+    mine = {k: v for k, v in (saved or {}).items() if k in known}
+    base = T.get_args_parser().parse_args(T.saved_argv(mine, f"{cli.checkpoint}: its training arguments"))
     for k in ("dataset", "stats"):
         if getattr(cli, k) is not None:
             setattr(base, k, getattr(cli, k))

@@ -238,12 +238,18 @@ def config_argv(path, skip=()):
         assert isinstance(saved, dict)
     except (OSError, ValueError, AssertionError):
         raise InputError(f"--config {path}: not a readable args.json") from None
+    return saved_argv(saved, f"--config {path}", skip)
+
+
+def saved_argv(saved, where, skip=()):
+    """SAVED, a run's arguments as a dict (args.json, a checkpoint's "args"), as command-line flags less those
+    named in SKIP, checked by the parser itself; an error names WHERE they came from."""
     known = vars(get_args_parser().parse_args([]))
     argv = []
     for key, value in saved.items():
         flag = flag_of(key)
         if key not in known:
-            raise InputError(f"--config {path}: unknown setting {key!r}")
+            raise InputError(f"{where}: unknown setting {key!r}")
         if key in CONFIG_SKIP or key in skip or value is None:
             continue
         if isinstance(value, bool):
@@ -255,7 +261,7 @@ def config_argv(path, skip=()):
     try:
         get_args_parser().parse_args(argv)
     except InputError as e:
-        raise InputError(f"--config {path}: {e}") from None
+        raise InputError(f"{where}: {e}") from None
     return argv
 
 

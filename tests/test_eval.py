@@ -469,6 +469,25 @@ def test_a_checkpoint_whose_split_lists_moved_is_one_line(tiny_run, tmp_path, ca
                           "no such directory") and err.endswith("; --data-root or --val-list names the data to evaluate\n")
 
 
+def test_a_checkpoint_with_hand_edited_training_arguments_is_one_line(tiny_run, tmp_path, capsys):
+    """Saved arguments are read back through the trainer's parser: a bad value names the checkpoint and the
+    flag; a setting this version does not know is passed over."""
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    ck["args"].update(amp="fp8")
+    torch.save(ck, tmp_path / "edited.pt")
+    assert E.cli(["--checkpoint", str(tmp_path / "edited.pt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"eval_inversionnet.py: error: {tmp_path / 'edited.pt'}: its training arguments: argument "
+                          "--amp: invalid choice: 'fp8'") and err.count("\n") == 1
+    ck["args"].update(amp="off", batch_size="two")
+    torch.save(ck, tmp_path / "edited.pt")
+    assert E.cli(["--checkpoint", str(tmp_path / "edited.pt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert "--batch-size: invalid int value: 'two'" in capsys.readouterr().err
+    ck["args"].update(batch_size=2, retired_setting=3)
+    torch.save(ck, tmp_path / "old.pt")
+    assert evaluate_to(tmp_path / "old", tmp_path / "old.pt")["model"] == evaluate_to(tmp_path / "new", tiny_run / "run" / "best.pt")["model"]
+
+
 @pytest.mark.slow
 def test_torchrun_evaluation_matches_one_process(tiny_run, tmp_path):
     """Two ranks each evaluate every other sample; rank 0 gathers the rows into the same table and metrics."""
