@@ -75,7 +75,7 @@ data=${data:-data/$family}
 run=${run:-runs/$family-$profile}
 if [[ "$profile" == gpu ]]; then
   sim=(--files 150 --samples-per-file 100 --val-files 30)
-  # on an H100 the validation MAE swung 0.50 -> 0.93 -> 0.20 across epochs with the running BatchNorm statistics
+  # on an H100 (a shortened run) the validation MAE swung 0.50 -> 0.93 -> 0.20 across epochs with the running BatchNorm statistics
   # (bench/RESULTS.md); --precise-bn recomputes them from 4 training batches, which settled the CPU recipe's curve
   # 170 epochs: on an H100 the whole profile takes about 9 minutes and ends at val MAE 0.018 (60 epochs: 4.6
   # minutes, MAE 0.026); OpenFWI's FlatVel-A row (MAE 0.013) is not reached yet (bench/RESULTS.md, time to accuracy)

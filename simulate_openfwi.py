@@ -76,6 +76,7 @@ C0, C1, C2 = -5.0 / 2.0, 4.0 / 3.0, -1.0 / 12.0
 D1, D2 = 2.0 / 3.0, -1.0 / 12.0
 # v dt / dx must stay below this for the 2nd-order-time, 4th-order-space scheme in 2-D
 CFL_LIMIT = math.sqrt(3.0 / 8.0)
+PML_WIDTH = 12  # cells: boundary error about 0.04 % of the trace
 
 
 class SimulationError(ValueError):
@@ -108,7 +109,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=None,
                    help="velocity models simulated together; default 16 on CPU (8-32 are equally fast on 2 cores; 16 keeps "
                         "more cores evenly busy), 256 on CUDA")
-    p.add_argument("--pml-width", type=int, default=12, help="C-PML thickness in cells")
+    p.add_argument("--pml-width", type=int, default=PML_WIDTH, help="C-PML thickness in cells")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a tqdm progress bar")
     return p
@@ -192,7 +193,7 @@ def resolve_device(name):
 
 @torch.no_grad()
 def simulate(velocity, device=None, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_COLS, src_row=SRC_ROW,
-             rec_row=REC_ROW, pml_width=12, pml_vmax=LABEL_MAX, engine="auto"):
+             rec_row=REC_ROW, pml_width=PML_WIDTH, pml_vmax=LABEL_MAX, engine="auto"):
     """Shot gathers for a batch of velocity maps.
 
     velocity: float tensor (B, nz, nx) in m/s. Returns float32 (B, len(src_cols), nt, nx) on the
@@ -242,7 +243,7 @@ def simulate(velocity, device=None, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_CO
 
 def _simulate_torch(v2, coeffs, wavelet, src_cols, src_row, rec_row, pml, sw, nx):
     """simulate() in PyTorch ops, on any device: all B x shots wavefields advance together in one
-    tensor, ~60 ops per time step. The path on CUDA, and on CPU where the C++ kernel is unavailable."""
+    tensor, ~60 ops per time step. The fallback: on CUDA without Triton, on CPU without the C++ kernel."""
     B, _, H, W = v2.shape
     S, nt, dev = len(src_cols), wavelet.numel(), v2.device
     ax, bx, az, bz = coeffs
@@ -409,7 +410,7 @@ _kernel = None  # the loaded module, or False once it could not be built
 
 def cpu_kernel():
     """The C++ kernel of simulate_openfwi_kernel.cpp, compiled on first use by torch.utils.cpp_extension
-    (a few seconds, once: the build is cached under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR).
+    (about 10 s, once: the build is cached under ~/.cache/torch_extensions, or $TORCH_EXTENSIONS_DIR).
     None where it cannot be built (no compiler, no ninja, source missing, ...): simulate() then runs
     the PyTorch loop, and this prints one line saying why, once per process."""
     global _kernel
@@ -496,13 +497,14 @@ def _curve(rng, n=N_GRID):
     return c
 
 
-def _paint(depths, vel, interfaces_x, zeff):
+def _paint(vel, interfaces_x, zeff):
     """Velocity at effective depths zeff (n, n) given interface depth curves (k, n)."""
     k = (zeff[None] >= interfaces_x[:, None, :]).sum(0)
     return vel[k]
 
 
-def _faults(rng, n=N_GRID):
+def _faults(rng):
+    """1-2 faults through the top edge of the 70-cell grid: (column, dip, side, throw)."""
     out = []
     for _ in range(int(rng.integers(1, 3))):
         x0 = rng.uniform(15, 55)
@@ -524,10 +526,10 @@ def _model(rng, curved, faulted, n=N_GRID):
     z, x = np.mgrid[0:n, 0:n].astype(np.float64)
     zeff = z.copy()
     if faulted:
-        for x0, dip, side, throw in _faults(rng, n):
+        for x0, dip, side, throw in _faults(rng):
             hanging = (x - x0 - side * z / np.tan(dip)) * side > 0
             zeff = np.where(hanging, zeff - throw, zeff)
-    return _paint(depths, vel, interfaces, zeff).astype(np.float32)
+    return _paint(vel, interfaces, zeff).astype(np.float32)
 
 
 def flatvel(rng, batch, n=N_GRID):
@@ -561,13 +563,14 @@ def refuse_non_file(path):
         raise SimulationError(f"{path} exists and is not a regular file")
 
 
-def save_npy_atomic(path, array):
-    """np.save to a temporary name in the same directory, fsync, then rename over `path`."""
+def write_atomic(path, write):
+    """WRITE(file) to a temporary name in the same directory, fsync, then rename over PATH: the file is
+    either the old one or the whole new one."""
     refuse_non_file(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as fh:
-            np.save(fh, array)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -576,17 +579,12 @@ def save_npy_atomic(path, array):
             os.remove(tmp)
 
 
+def save_npy_atomic(path, array):
+    write_atomic(path, lambda fh: np.save(fh, array))
+
+
 def write_text_atomic(path, text):
-    """Temporary name, then rename: the file is either the old one or the whole new one."""
-    refuse_non_file(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    write_atomic(path, lambda fh: fh.write(text.encode()))
 
 
 def npy_complete(path, shape):
@@ -653,7 +651,7 @@ def available_memory():
         return None
 
 
-def generate_file(args, i, device, progress=lambda k: None):
+def generate_file(args, i, device, progress):
     """(data, model) arrays of file i, drawn from the random stream [seed, i]."""
     rng = np.random.default_rng([args.seed, i])
     vel = FAMILIES[args.family](rng, args.samples_per_file)
@@ -686,11 +684,16 @@ def make_files(args, todo, device, progress):
             pending.result()
 
 
+def default_batch(device):
+    """Velocity models simulated together: measured best on each device (see --batch-size)."""
+    return 256 if device.type == "cuda" else 16
+
+
 def main(args):
     check_args(args)
     device = resolve_device(args.device)
     if args.batch_size is None:
-        args.batch_size = 256 if device.type == "cuda" else 16
+        args.batch_size = default_batch(device)
     from tqdm import tqdm
     n, N = args.files, args.samples_per_file
     check_existing(args)  # before anything in --out is touched

@@ -9,7 +9,7 @@
 // never wait for each other during the time loop.
 //
 // Built on first use by simulate_openfwi.cpu_kernel() through torch.utils.cpp_extension. It includes no
-// torch header (tensors arrive as data pointers checked on the Python side), so it compiles in seconds.
+// torch header (tensors arrive as data pointers checked on the Python side), so it compiles in about 10 s.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>

@@ -119,7 +119,8 @@ def add_data_args(g):
                    help="fraction of files for training with --data-root, drawn by --seed (default: OpenFWI's own split "
                         f"of a whole released set, else {DEFAULT_TRAIN_SIZE})")
     g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
-                   help="normalisation constants from OpenFWI's table; default: DATA_ROOT/dataset.json if present, else flatvel-a")
+                   help="normalisation constants from OpenFWI's table; default: the dataset.json beside --train-list or in DATA_ROOT "
+                        "if present, else flatvel-a")
     g.add_argument("--stats", type=path_arg, default=None, help="JSON with data_min/data_max/label_min/label_max (simulate_openfwi.py writes one)")
     g.add_argument("--loader", default=None, choices=["map", "iterable", "gpu"],
                    help="map: random access over mmaps; iterable: whole files sharded over ranks and workers; gpu: the normalised "
@@ -146,7 +147,7 @@ def add_optimisation_args(g):
     g.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=True, help="multiply --lr by the world size (OpenFWI)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay")
     g.add_argument("--betas", type=float, nargs=2, default=(0.9, 0.999), help="Adam betas")
-    g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None, help="fused Adam(W) kernel. Unset: on with CUDA")
+    g.add_argument("--fused-adam", action=argparse.BooleanOptionalAction, default=None, help="fused Adam(W) kernel. Unset: on with CUDA, and with --fast on CPU")
     g.add_argument("--lambda-l1", type=float, default=1.0, help="weight of the L1 loss (paper benchmark: pure L1)")
     g.add_argument("--lambda-l2", type=float, default=0.0, help="weight of the MSE loss")
     g.add_argument("--lr-scheduler", default="warmup-multistep", choices=["warmup-multistep", "step", "cosine", "none"],
@@ -199,11 +200,11 @@ def add_run_args(g):
                         "--config RUN/args.json --output-dir NEW repeats RUN (--resume and --overwrite are never taken from it)")
     g.add_argument("--resume", type=path_arg, default=None,
                    help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader, "
-                        "the training split, --optimizer, --lr, --weight-decay or --betas differ from the checkpoint's; a "
-                        "different world size restarts the current epoch")
+                        "the training split, the normalisation, --optimizer, --lr, --weight-decay or --betas differ from the "
+                        "checkpoint's; a different world size restarts the current epoch")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
-                   help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log and tb/ "
-                        "are removed once the new run's checks pass")
+                   help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log, tb/ and "
+                        "eval_inversionnet.py's results in eval/ are removed once the new run's checks pass")
     g.add_argument("--init-from", type=path_arg, default=None, help="initial weights: our checkpoint or an OpenFWI one (dict with 'model')")
     g.add_argument("--init-strict", default="yes", choices=["yes", "no"],
                    help="no: load only the --init-from tensors whose names and shapes match the model, and log the rest")
@@ -213,7 +214,7 @@ def add_run_args(g):
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs in OUTPUT_DIR/tb")
     g.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False, help="torch.profiler trace of a few steps into OUTPUT_DIR/tb (torch-tb-profiler)")
     g.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, default=False, help="autograd anomaly detection (slow; for debugging)")
-    g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help="sanity mode: train on one fixed batch, no validation")
+    g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help="sanity mode: train on one fixed batch for --max-steps steps (default 100) in one epoch, no validation")
 
 
 def flag_of(dest):
@@ -1010,7 +1011,7 @@ def _take(pieces, n):
 class IterableFileDataset(torch.utils.data.IterableDataset):
     """Whole files, read once per epoch, sharded over DDP ranks and DataLoader workers; yields batches.
 
-    Each epoch the file order is shuffled with (seed + epoch); the concatenated samples are cut into
+    Each epoch the file order is shuffled from the stream [seed, epoch]; the concatenated samples are cut into
     `world` equal contiguous ranges (dropping fewer than `world` samples, so every rank runs the same
     number of steps), each rank's range into `num_workers` contiguous pieces, and each worker reads
     its files' slices, shuffles samples within each file and yields batches. len() is exact.

@@ -323,10 +323,10 @@ def deepwave_runs(v, nt):
 
 
 def test_simulator_throughput(benchmark):
-    """simulate_openfwi samples/s at its default batch, its PyTorch loop (the CUDA path, the CPU fallback)
+    """simulate_openfwi samples/s at its default batch, its PyTorch loop (the fallback on either device)
     and deepwave when installed, in one process: the candidates take turns each round, median of the rounds."""
     import numpy as np
-    batch = 16 if DEVICE.type == "cpu" else 256
+    batch = S.default_batch(DEVICE)
     v = torch.from_numpy(S.flatvel(np.random.default_rng(0), batch)).to(DEVICE)
     nt = 1000 if benchmark.enabled else 100
     cands = {"ours": (batch, lambda: S.simulate(v, nt=nt))}
@@ -354,7 +354,7 @@ def test_simulator_throughput(benchmark):
         info["ratio_to_deepwave"] = RESULTS["sim"]["ours"] / best_deepwave
     for key, (_, hbm) in PEAK_TFLOPS.items():
         if key in info["device"]:  # each step reads u, u_old and v^2 and writes u_old: 16 bytes per cell at least
-            cells = (S.N_GRID + 2 * 12) ** 2  # the grid with the default 12-cell PML
+            cells = (S.N_GRID + 2 * S.PML_WIDTH) ** 2  # the grid with the default PML
             info["fraction_of_hbm_bound"] = RESULTS["sim"]["ours"] * len(S.SRC_COLS) * S.NT * cells * 16 / hbm
     benchmark.extra_info.update(info)
 

@@ -9,12 +9,12 @@ import torch.distributed as dist
 
 sys.path.insert(0, sys.argv[2])
 import train_inversionnet as T  # noqa: E402
+from helpers import resolved_args  # noqa: E402  (beside this file)
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-args = T.check_args(T.get_args_parser().parse_args(["--device", "cpu", "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none"]))
-T.resolve_speed(args, torch.device("cpu"))
+args = resolved_args(torch.device("cpu"), "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none")
 run, parallel = T.build_run(args, torch.device("cpu"), iters_per_epoch=2, world=world)
 assert parallel == "ddp"
 init = {k: v.clone() for k, v in run.raw_model.state_dict().items()}

@@ -14,6 +14,15 @@ EVAL = os.path.join(ROOT, "eval_inversionnet.py")
 SIMULATE = os.path.join(ROOT, "simulate_openfwi.py")
 
 
+def resolved_args(device, *flags):
+    """Training arguments as `train_inversionnet.py --device DEVICE FLAGS` checks and resolves them before it
+    builds its run."""
+    import train_inversionnet as T
+    args = T.check_args(T.get_args_parser().parse_args(["--device", device.type, *flags]))
+    T.resolve_speed(args, device)
+    return args
+
+
 @contextlib.contextmanager
 def module_dir(tmp_path_factory, name):
     """A folder shared by one module's tests and removed when the module is done: a run in it holds about 600 MB

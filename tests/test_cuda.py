@@ -14,7 +14,7 @@ import torch.nn as nn
 import eval_inversionnet as E
 import simulate_openfwi as so
 import train_inversionnet as T
-from helpers import TRAIN, run_script, write_ids_dataset, write_split_list
+from helpers import TRAIN, resolved_args, run_script, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -24,8 +24,7 @@ NORM = T.Normalizer(-30, 60)  # covers write_ids_dataset's N(0, 5) shot gathers
 
 def new_run(*flags, seed=0):
     """(Run, parallel mode) built by the script from FLAGS for DEVICE, constant learning rate, weights from SEED."""
-    args = T.check_args(T.get_args_parser().parse_args(["--device", DEVICE.type, "--lr-scheduler", "none", *flags]))
-    T.resolve_speed(args, DEVICE)
+    args = resolved_args(DEVICE, "--lr-scheduler", "none", *flags)
     torch.manual_seed(seed)
     return T.build_run(args, DEVICE, iters_per_epoch=10)
 

@@ -603,7 +603,7 @@ BASE_RUN = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--datas
 
 
 @pytest.mark.slow
-def test_config_repeats_a_run_bit_for_bit_and_records_provenance(tmp_path, ids_data, capsys):
+def test_config_repeats_a_run_bit_for_bit_and_records_provenance(tmp_path, ids_data):
     _, lists = ids_data
     a, b = tmp_path / "a", tmp_path / "b"
     r = run_script(TRAIN, *lists, *BASE_RUN, "--epochs", 1, "--deterministic", "--seed", 5, "--output-dir", a)
