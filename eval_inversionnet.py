@@ -343,8 +343,8 @@ def draw(model, device, normalizer, dataset, rows, out, n, amp_dtype):
     for i, row in enumerate(picks):
         idx = row[0]
         x, y = dataset[idx]
-        with torch.no_grad(), T.autocast(device, amp_dtype):
-            pred = model(normalizer.data(x[None].to(device))).float()
+        with torch.no_grad():
+            pred = T.forward(model, normalizer.data(x[None].to(device)), amp_dtype).float()
         vp, vt = normalizer.label_to_velocity(pred)[0, 0].cpu().numpy(), y[0].numpy()
         # evenly spaced ranks by MAE: best, the percentiles between (p50 is the median), worst
         tag = "best" if i == 0 else ("worst" if i == m - 1 else f"p{round(100 * i / (m - 1))}")
@@ -496,8 +496,8 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
             x = normalizer.data(torch.from_numpy(x).to(device))
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), T.autocast(device, amp_dtype):
-                pred = model(x if amp_dtype else x.float())
+            with torch.no_grad():
+                pred = T.forward(model, x, amp_dtype)
             out[s:s + len(x)] = normalizer.label_to_velocity(pred.float()).cpu().numpy()
         out.flush()
         del out
@@ -565,8 +565,7 @@ class UnderAutocast(torch.nn.Module):
         self.model, self.dtype = model, dtype
 
     def forward(self, x):
-        with T.autocast(x.device, self.dtype):
-            return self.model(x).float()
+        return T.forward(self.model, x, self.dtype).float()
 
 
 def export(cli):

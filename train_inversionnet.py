@@ -1486,9 +1486,11 @@ def all_reduce_sum(t):
 
 # ---- the training step, the loop and evaluation ----
 
-def autocast(device, dtype):
-    """Mixed precision as a toggle on one code path: a no-op context when dtype is None."""
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+def forward(model, x, amp_dtype):
+    """MODEL on the batch X under autocast AMP_DTYPE, or in float32 when None (a bf16/fp16 device cache then
+    feeds fp32 weights in fp32): mixed precision as a toggle on one code path."""
+    with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        return model(x if amp_dtype else x.float())
 
 
 def loss_fn(pred, target, l1=1.0, l2=0.0):
@@ -1628,8 +1630,7 @@ def quiet_schedule_order_warning():
 def train_step(run, x, y):
     """One optimizer step on a batch already on the device; returns the detached loss (no host sync)."""
     try:
-        with autocast(run.device, run.amp_dtype):
-            loss = loss_fn(run.model(x if run.amp_dtype else x.float()), y, *run.loss_weights)
+        loss = loss_fn(forward(run.model, x, run.amp_dtype), y, *run.loss_weights)
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
     except RuntimeError as e:
@@ -1825,8 +1826,7 @@ def precise_bn(run, loader, n_batches):
     model.train()
     loader.set_epoch(run.epoch)
     for _, (x, _) in zip(range(n_batches), device_batches(loader, run.device, run.normalizer, run.channels_last)):
-        with autocast(run.device, run.amp_dtype):
-            model(x if run.amp_dtype else x.float())
+        forward(model, x, run.amp_dtype)
     for m, momentum in zip(bns, momenta):
         m.momentum = momentum
     average_over_ranks(model.buffers())
@@ -1855,9 +1855,7 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
     rows, first = [], None
     batches = device_batches(loader, device, normalizer, channels_last)
     for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=not (progress and is_main())):
-        with autocast(device, amp_dtype):
-            pred = model(x if amp_dtype else x.float())  # a bf16/fp16 cache feeds fp32 weights in fp32
-        pred, y = pred.float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
+        pred, y = forward(model, x, amp_dtype).float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
         m = per_sample_metrics(pred, y)
         sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).double() * len(m))[None]])
         if per_sample:

@@ -81,8 +81,7 @@ def test_amp_steps_lower_the_loss_and_match_the_fp32_forward(amp):
     assert losses[-1] < 0.9 * losses[0], losses
     with torch.no_grad():  # train mode: batch statistics, as the loss saw them
         full = run.model(x)
-        with T.autocast(DEVICE, run.amp_dtype):
-            mixed = run.model(x)
+        mixed = T.forward(run.model, x, run.amp_dtype)
     assert mixed.dtype == run.amp_dtype and full.dtype == torch.float32
     assert full.std() > 0.05  # outputs spread over the tanh range, so the comparison means something
     assert (mixed.float() - full).abs().mean() < 1e-2
