@@ -70,33 +70,33 @@ def get_args_parser():
     return p
 
 
-def check_cli(cli):
-    if cli.batch_size <= 0:
-        raise T.InputError(f"--batch-size must be positive, got {cli.batch_size}")
-    T.check_workers(cli.num_workers)
-    for flag, value in (("--vis", cli.vis), ("--num-workers", cli.num_workers)):
+def check_opts(opts):
+    if opts.batch_size <= 0:
+        raise T.InputError(f"--batch-size must be positive, got {opts.batch_size}")
+    T.check_workers(opts.num_workers)
+    for flag, value in (("--vis", opts.vis), ("--num-workers", opts.num_workers)):
         if value < 0:
             raise T.InputError(f"{flag} must be >= 0, got {value}")
-    if not 0 <= cli.noise_std <= 10:  # NaN fails this too
-        raise T.InputError(f"--noise-std must be in [0, 10] (times each trace's peak), got {cli.noise_std}")
-    if not 0 <= cli.seed <= T.MAX_SEED:  # numpy's seed streams take non-negative integers only
-        raise T.InputError(f"--seed must be in [0, {T.MAX_SEED}], got {cli.seed}")
-    if not 0 <= cli.missing_traces <= 70:
-        raise T.InputError(f"--missing-traces must be in [0, 70], got {cli.missing_traces}")
-    if cli.loader == "gpu" and (cli.noise_std or cli.missing_traces):
+    if not 0 <= opts.noise_std <= 10:  # NaN fails this too
+        raise T.InputError(f"--noise-std must be in [0, 10] (times each trace's peak), got {opts.noise_std}")
+    if not 0 <= opts.seed <= T.MAX_SEED:  # numpy's seed streams take non-negative integers only
+        raise T.InputError(f"--seed must be in [0, {T.MAX_SEED}], got {opts.seed}")
+    if not 0 <= opts.missing_traces <= 70:
+        raise T.InputError(f"--missing-traces must be in [0, 70], got {opts.missing_traces}")
+    if opts.loader == "gpu" and (opts.noise_std or opts.missing_traces):
         raise T.InputError("--noise-std/--missing-traces perturb raw data: use --loader map")
-    if cli.predict and cli.export:
+    if opts.predict and opts.export:
         raise T.InputError("--predict and --export are separate jobs: give one of them")
-    if (cli.predict or cli.export) and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would write the same files
-        raise T.InputError(f"{'--predict' if cli.predict else '--export'} runs in one process: start it with python, not torchrun")
-    if cli.val_list and cli.split:
+    if (opts.predict or opts.export) and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would write the same files
+        raise T.InputError(f"{'--predict' if opts.predict else '--export'} runs in one process: start it with python, not torchrun")
+    if opts.val_list and opts.split:
         raise T.InputError("--split chooses a split of --data-root and --val-list names its files: give one of them")
-    job = "--predict" if cli.predict else "--export" if cli.export else None
-    for flag, given in (("--data-root", cli.data_root), ("--val-list", cli.val_list), ("--split", cli.split),
-                        ("--noise-std", cli.noise_std), ("--missing-traces", cli.missing_traces)):
+    job = "--predict" if opts.predict else "--export" if opts.export else None
+    for flag, given in (("--data-root", opts.data_root), ("--val-list", opts.val_list), ("--split", opts.split),
+                        ("--noise-std", opts.noise_std), ("--missing-traces", opts.missing_traces)):
         if job and given:  # they choose or perturb labelled data, which these jobs never read
             raise T.InputError(f"{flag} belongs to an evaluation on labelled data; {job} does not read any: leave it out")
-    for flag, path in (("--checkpoint", cli.checkpoint), ("--val-list", cli.val_list), ("--stats", cli.stats)):
+    for flag, path in (("--checkpoint", opts.checkpoint), ("--val-list", opts.val_list), ("--stats", opts.stats)):
         if path is not None:
             T.require_file(flag, path)
 
@@ -131,67 +131,67 @@ def saved_args(ckpt):
     return saved if isinstance(saved, dict) else None
 
 
-def train_args_from(ckpt, cli):
+def train_args_from(ckpt, opts):
     """The training arguments saved in our checkpoint (a Namespace), or defaults for an OpenFWI one."""
     saved, known = saved_args(ckpt), vars(T.get_args_parser().parse_args([]))
     # read back through the trainer's parser, so a hand-edited value is one line naming it; a setting this
     # version no longer has cannot matter here and is passed over
     mine = {k: v for k, v in (saved or {}).items() if k in known}
-    base = T.get_args_parser().parse_args(T.saved_argv(mine, f"{cli.checkpoint}: its training arguments"))
+    base = T.get_args_parser().parse_args(T.saved_argv(mine, f"{opts.checkpoint}: its training arguments"))
     for k in ("dataset", "stats"):
-        if getattr(cli, k) is not None:
-            setattr(base, k, getattr(cli, k))
-    if cli.dataset is not None and cli.stats is None:  # named here, it replaces the run's stats file; --stats wins, as in training
+        if getattr(opts, k) is not None:
+            setattr(base, k, getattr(opts, k))
+    if opts.dataset is not None and opts.stats is None:  # named here, it replaces the run's stats file; --stats wins, as in training
         base.stats = None
-    if cli.data_root is not None:
-        base.data_root, base.train_list = cli.data_root, None
+    if opts.data_root is not None:
+        base.data_root, base.train_list = opts.data_root, None
     return base, saved is not None
 
 
-def load_model(cli, device):
+def load_model(opts, device):
     """(the model in eval mode on the device, the checkpoint, its training arguments, the normaliser, where
     the normaliser came from)."""
     model = T.InversionNet()
-    ckpt = T.load_weights(model, cli.checkpoint)
-    targs, ours = train_args_from(ckpt, cli)
-    if not ours and cli.dataset is None and cli.stats is None:
-        raise T.InputError(f"{cli.checkpoint} carries no training arguments (OpenFWI checkpoint?): name the constants with --dataset or --stats")
-    if ours and cli.dataset is None and cli.stats is None and "normalization" in ckpt:
+    ckpt = T.load_weights(model, opts.checkpoint)
+    targs, ours = train_args_from(ckpt, opts)
+    if not ours and opts.dataset is None and opts.stats is None:
+        raise T.InputError(f"{opts.checkpoint} carries no training arguments (OpenFWI checkpoint?): name the constants with --dataset or --stats")
+    if ours and opts.dataset is None and opts.stats is None and "normalization" in ckpt:
         n = ckpt["normalization"]
         try:
             values = n["data_min"], n["data_max"], n["label_min"], n["label_max"]
         except (KeyError, TypeError):
-            raise T.InputError(f"{cli.checkpoint}: its normalisation record is unreadable; name the constants with "
+            raise T.InputError(f"{opts.checkpoint}: its normalisation record is unreadable; name the constants with "
                                f"--dataset or --stats") from None
-        normalizer, stats_from = T.checked_normalizer(f"{cli.checkpoint} (its normalisation)", *values), "the checkpoint"
+        normalizer, stats_from = T.checked_normalizer(f"{opts.checkpoint} (its normalisation)", *values), "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
     return model.to(device).eval(), ckpt, targs, normalizer, stats_from
 
 
-def forward_dtype(cli, targs):
+def forward_dtype(opts, targs):
     """The autocast dtype of the forward pass. --amp auto: the precision the checkpoint was trained in, float32
     when it records none (OpenFWI's). A model fits the rounding it was trained with: the CPU recipe's bf16
     model scored val MAE 0.116 in bf16 and 0.166 in float32."""
-    return T.AMP_DTYPES[(targs.amp or "off") if cli.amp == "auto" else cli.amp]
+    return T.AMP_DTYPES[(targs.amp or "off") if opts.amp == "auto" else opts.amp]
 
 
-def forward_settings(cli, model, device, targs):
+def forward_settings(opts, model, device, targs):
     """(autocast dtype, channels-last) of the forward pass; the layout is --fast's choice for the device."""
     channels_last = T.fast_compute(device)["channels_last"]
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    return forward_dtype(cli, targs), channels_last
+    return forward_dtype(opts, targs), channels_last
 
 
-def evaluation_pairs(cli, targs, ours):
+def evaluation_pairs(opts, targs, ours):
     """The pairs to evaluate, and the training pairs whose mean velocity map is the trivial baseline (None
     where no training split is known: an OpenFWI checkpoint with --val-list, or one whose files are gone)."""
-    if not ours and not (cli.val_list or cli.data_root):  # the defaults would pick some local data it never saw
-        raise T.InputError(f"{cli.checkpoint} records no data (OpenFWI checkpoint?): name the data to evaluate with "
+    if not ours and not (opts.val_list or opts.data_root):  # the defaults would pick some local data it never saw
+        raise T.InputError(f"{opts.checkpoint} records no data (OpenFWI checkpoint?): name the data to evaluate with "
                            f"--val-list or --data-root")
-    if cli.val_list:
-        pairs, train = T.read_split_list(cli.val_list), None
+    if opts.val_list:
+        pairs, train = T.read_split_list(opts.val_list), None
         if ours:
             try:
                 train = T.splits(targs)[0]
@@ -202,11 +202,11 @@ def evaluation_pairs(cli, targs, ours):
         try:
             train, val = T.splits(targs)
         except T.DataError as e:
-            if cli.data_root:
+            if opts.data_root:
                 raise
             raise T.DataError(f"the data the checkpoint was trained on: {e}; --data-root or --val-list names the data "
                               f"to evaluate") from None
-        pairs = train if cli.split == "train" else val
+        pairs = train if opts.split == "train" else val
     if not pairs:
         raise T.DataError("the evaluation split is empty")
     return pairs, train
@@ -261,11 +261,11 @@ def gather_rows(per_sample, rank, world, scale):
 
 # ---- results ----
 
-def paper_reference(cli, targs):
+def paper_reference(opts, targs):
     """The paper's row for the data: the OpenFWI set named by --dataset here; else the A row of the family that the
     stats file in use names (a simulated set's dataset.json: indicative only, as that data comes from
     simulate_openfwi.py, not OpenFWI's generator); else the set named in training; None when nothing says."""
-    name, source = cli.dataset, "OpenFWI"
+    name, source = opts.dataset, "OpenFWI"
     if name is None:
         try:
             with open(T.stats_path(targs)) as fh:
@@ -277,18 +277,18 @@ def paper_reference(cli, targs):
     return dict(zip(("dataset", "mae", "rmse", "ssim"), (name, *PAPER[name])), data=source)
 
 
-def result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base):
+def result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base):
     scale = normalizer.label_scale
     m = {k: metrics[k] for k in ("mae", "mse", "rmse", "ssim", "count")}
     for d in (m, base):  # the map is linear in velocity; OpenFWI's test.py reports MAE and MSE in m/s
         d["mae_ms"], d["mse_ms2"], d["rmse_ms"] = d["mae"] * scale, d["mse"] * scale ** 2, d["rmse"] * scale
     ema = targs.ema_decay  # the checkpoint's 'model' is the average when it was trained with one
-    return {"checkpoint": os.path.abspath(cli.checkpoint), "weights": f"EMA, decay {ema:g}" if ema else "trained",
+    return {"checkpoint": os.path.abspath(opts.checkpoint), "weights": f"EMA, decay {ema:g}" if ema else "trained",
             "samples": m["count"], "files": len(pairs),
-            "split": "list" if cli.val_list else cli.split or "val",
+            "split": "list" if opts.val_list else opts.split or "val",
             "normalization": normalizer.as_dict(), "normalization_from": stats_from,
-            "perturbation": {"noise_std": cli.noise_std, "missing_traces": cli.missing_traces, "seed": cli.seed},
-            "model": m, "baseline_mean_map": base, "paper_reference": paper_reference(cli, targs)}
+            "perturbation": {"noise_std": opts.noise_std, "missing_traces": opts.missing_traces, "seed": opts.seed},
+            "model": m, "baseline_mean_map": base, "paper_reference": paper_reference(opts, targs)}
 
 
 def report(r):
@@ -388,39 +388,39 @@ def draw_shots(plt, gather, path):
     save_figure(plt, fig, path, dpi=80)
 
 
-def run_evaluation(cli, argv):
+def run_evaluation(opts, argv):
     """Metrics, per-sample table, baseline and pictures of the checkpoint on its validation split."""
-    out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "eval")
+    out = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.checkpoint)), "eval")
     found = T.eval_results(out)
-    if found and not cli.overwrite:
+    if found and not opts.overwrite:
         raise T.InputError(f"--output-dir {out} already holds results ({', '.join(found[:3])}"
                            f"{f' and {len(found) - 3} more' if len(found) > 3 else ''}); pass --overwrite to replace "
                            f"them or choose another --output-dir")
-    rank, world, local = T.setup_distributed("auto", cli.device)
-    device = T.resolve_device(cli.device, local)
-    model, ckpt, targs, normalizer, stats_from = load_model(cli, device)
-    pairs, train_pairs = evaluation_pairs(cli, targs, saved_args(ckpt) is not None)
+    rank, world, local = T.setup_distributed("auto", opts.device)
+    device = T.resolve_device(opts.device, local)
+    model, ckpt, targs, normalizer, stats_from = load_model(opts, device)
+    pairs, train_pairs = evaluation_pairs(opts, targs, saved_args(ckpt) is not None)
     counts = T.inspect_pairs(pairs)
     T.on_rank0(rank, make_results_dir, out)
-    perturb = Perturb(cli.noise_std, cli.missing_traces, cli.seed) if cli.noise_std or cli.missing_traces else None
-    cfg = T.LoaderConfig(kind=cli.loader, batch_size=cli.batch_size, num_workers=cli.num_workers, seed=cli.seed)
+    perturb = Perturb(opts.noise_std, opts.missing_traces, opts.seed) if opts.noise_std or opts.missing_traces else None
+    cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed)
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
-    amp_dtype, channels_last = forward_settings(cli, model, device, targs)
-    metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=cli.progress)
+    amp_dtype, channels_last = forward_settings(opts, model, device, targs)
+    metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=opts.progress)
     rows = gather_rows(metrics["per_sample"], rank, world, normalizer.label_scale)
     if rank != 0:
         return 0
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
     base["from"] = "training split" if train_pairs else "evaluated maps"
-    result = result_dict(cli, targs, normalizer, stats_from, pairs, metrics, base)
+    result = result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base)
     result["split_changed_since_training"] = split_change(ckpt, train_pairs)
     result["forward"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32", "channels_last": channels_last}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance") if isinstance(ckpt, dict) else None}
     write_results(out, result, rows)
     remove_pictures(out, [n for n in found if n.endswith(".png")])  # after the new results are in: a failed run keeps them
-    if cli.vis:
-        draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, cli.vis, amp_dtype)
+    if opts.vis:
+        draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, opts.vis, amp_dtype)
     print(report(result), end="")
     print(f"results in {out}")
     return 0
@@ -507,31 +507,31 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
             os.remove(tmp)
 
 
-def predict(cli):
+def predict(opts):
     """--predict: velocity maps for unlabelled shot gathers, with the checkpoint's normalisation."""
-    files = prediction_inputs(cli.predict)
-    out = cli.output_dir or os.path.join(os.path.dirname(os.path.abspath(cli.checkpoint)), "predict")
+    files = prediction_inputs(opts.predict)
+    out = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.checkpoint)), "predict")
     stems = [os.path.join(out, os.path.splitext(os.path.basename(f))[0]) for f, _ in files]
     dests = [stem + "_velocity.npy" for stem in stems]
     inputs = {os.path.realpath(f) for f, _ in files}
-    for d in dests + [stem + "_predictions.png" for stem in stems if cli.vis]:
+    for d in dests + [stem + "_predictions.png" for stem in stems if opts.vis]:
         if os.path.realpath(d) in inputs:
             raise T.InputError(f"{d} is one of the --predict inputs; choose another --output-dir")
         T.refuse_non_file(d)
-        if os.path.exists(d) and not cli.overwrite:
+        if os.path.exists(d) and not opts.overwrite:
             raise T.InputError(f"{d} already exists; pass --overwrite to replace it or choose another --output-dir")
-    device = T.resolve_device(cli.device)
-    model, _, targs, normalizer, stats_from = load_model(cli, device)
-    amp_dtype, channels_last = forward_settings(cli, model, device, targs)
+    device = T.resolve_device(opts.device)
+    model, _, targs, normalizer, stats_from = load_model(opts, device)
+    amp_dtype, channels_last = forward_settings(opts, model, device, targs)
     make_results_dir(out)
     for (path, gathers), stem, dest in zip(files, stems, dests):
-        predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, cli.batch_size)
+        predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, opts.batch_size)
         line = f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}"
-        if cli.vis:
-            n = min(cli.vis, len(gathers))
+        if opts.vis:
+            n = min(opts.vis, len(gathers))
             draw_predictions(gathers, np.load(dest, mmap_mode="r"), n, stem + "_predictions.png", normalizer)
             line += f"; the first {n} beside their shot gathers: {stem}_predictions.png"
-        elif cli.overwrite:  # an earlier picture showed the maps just replaced
+        elif opts.overwrite:  # an earlier picture showed the maps just replaced
             remove_pictures(out, [os.path.basename(stem) + "_predictions.png"])
         print(line)
     print(f"normalisation from {stats_from}; forward pass {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}")
@@ -568,15 +568,15 @@ class UnderAutocast(torch.nn.Module):
         return T.forward(self.model, x, self.dtype).float()
 
 
-def export(cli):
+def export(opts):
     """--export: the model in eval mode as a torch.export program, batch dimension dynamic, in the precision of
     --amp (auto: the checkpoint's). Its input is normalised shot gathers (B, 5, 1000, 70), its output velocity
     in [-1, 1]; the normalisation constants travel with it as the extra file normalization.json."""
-    T.refuse_non_file(cli.export)  # before the minute of tracing, not after
-    if os.path.exists(cli.export) and not cli.overwrite:
-        raise T.InputError(f"--export {cli.export} already exists; pass --overwrite to replace it")
-    model, _, targs, normalizer, _ = load_model(cli, torch.device("cpu"))
-    dtype = forward_dtype(cli, targs)
+    T.refuse_non_file(opts.export)  # before the minute of tracing, not after
+    if os.path.exists(opts.export) and not opts.overwrite:
+        raise T.InputError(f"--export {opts.export} already exists; pass --overwrite to replace it")
+    model, _, targs, normalizer, _ = load_model(opts, torch.device("cpu"))
+    dtype = forward_dtype(opts, targs)
     if dtype is not None:
         model = UnderAutocast(model, dtype)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
@@ -584,22 +584,22 @@ def export(cli):
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"normalization.json": json.dumps(normalizer.as_dict())})
     try:
-        T.write_atomic(cli.export, buf.getbuffer())
+        T.write_atomic(opts.export, buf.getbuffer())
     except OSError as e:
-        raise T.InputError(f"--export {cli.export}: {e.strerror}") from None
-    print(f"exported InversionNet to {cli.export} ({'float32' if dtype is None else f'{dtype} autocast'}): "
+        raise T.InputError(f"--export {opts.export}: {e.strerror}") from None
+    print(f"exported InversionNet to {opts.export} ({'float32' if dtype is None else f'{dtype} autocast'}): "
           f"torch.export.load(path).module() maps normalised shot gathers (B, 5, 1000, 70) to velocity in [-1, 1]; "
           f"normalisation {normalizer.as_dict()}")
     return 0
 
 
-def main(cli, argv=()):
-    check_cli(cli)
-    if cli.export:
-        return export(cli)
-    if cli.predict:
-        return predict(cli)
-    return run_evaluation(cli, argv)
+def main(opts, argv=()):
+    check_opts(opts)
+    if opts.export:
+        return export(opts)
+    if opts.predict:
+        return predict(opts)
+    return run_evaluation(opts, argv)
 
 
 def cli(argv=None):
