@@ -684,37 +684,6 @@ def make_files(args, todo, device, progress):
             pending.result()
 
 
-def default_batch(device):
-    """Velocity models simulated together: measured best on each device (see --batch-size)."""
-    return 256 if device.type == "cuda" else 16
-
-
-def main(args):
-    check_args(args)
-    device = resolve_device(args.device)
-    if args.batch_size is None:
-        args.batch_size = default_batch(device)
-    from tqdm import tqdm
-    n, N = args.files, args.samples_per_file
-    check_existing(args)  # before anything in --out is touched
-    check_capacity(args)
-    prepare_out(args)
-    todo = [i for i in range(1, n + 1)
-            if not (npy_complete(pair_paths(args.out, i)[0], (N, *DATA_SHAPE))
-                    and npy_complete(pair_paths(args.out, i)[1], (N, *MODEL_SHAPE)))]
-    print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
-          f"{n - len(todo)} complete, {len(todo)} to make")
-    t0 = time.time()
-    bar = tqdm(total=len(todo) * N, unit="sample", disable=not args.progress or not todo, dynamic_ncols=True)
-    make_files(args, todo, device, bar.update)
-    bar.close()
-    if todo:
-        rate = len(todo) * N / max(time.time() - t0, 1e-9)
-        print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
-    write_metadata(args)
-    return 0
-
-
 SETTINGS = ("family", "seed", "samples_per_file", "pml_width")  # what decides the content of file i
 
 
@@ -785,6 +754,37 @@ def write_metadata(args):
         "files": args.files, "samples_per_file": args.samples_per_file, "val_files": n_val, "seed": args.seed,
     }
     write_text_atomic(os.path.join(out, "dataset.json"), json.dumps(meta, indent=2) + "\n")
+
+
+def default_batch(device):
+    """Velocity models simulated together: measured best on each device (see --batch-size)."""
+    return 256 if device.type == "cuda" else 16
+
+
+def main(args):
+    check_args(args)
+    device = resolve_device(args.device)
+    if args.batch_size is None:
+        args.batch_size = default_batch(device)
+    from tqdm import tqdm
+    n, N = args.files, args.samples_per_file
+    check_existing(args)  # before anything in --out is touched
+    check_capacity(args)
+    prepare_out(args)
+    todo = [i for i in range(1, n + 1)
+            if not (npy_complete(pair_paths(args.out, i)[0], (N, *DATA_SHAPE))
+                    and npy_complete(pair_paths(args.out, i)[1], (N, *MODEL_SHAPE)))]
+    print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
+          f"{n - len(todo)} complete, {len(todo)} to make")
+    t0 = time.time()
+    bar = tqdm(total=len(todo) * N, unit="sample", disable=not args.progress or not todo, dynamic_ncols=True)
+    make_files(args, todo, device, bar.update)
+    bar.close()
+    if todo:
+        rate = len(todo) * N / max(time.time() - t0, 1e-9)
+        print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
+    write_metadata(args)
+    return 0
 
 
 def cli(argv=None):

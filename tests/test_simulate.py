@@ -48,6 +48,13 @@ def test_shapes_dtype_and_openfwi_amplitude_range():
     assert 73 <= peak_time(d[0, 2, :, 34].numpy()) <= 80
 
 
+def test_writes_what_the_trainer_reads():
+    """The simulator stands alone, so it keeps its own copy of the trainer's sample shapes and label range."""
+    import train_inversionnet as T
+    assert (so.DATA_SHAPE, so.MODEL_SHAPE) == (T.DATA_SHAPE, T.LABEL_SHAPE)
+    assert (so.LABEL_MIN, so.LABEL_MAX) == (T.LABEL_MIN, T.LABEL_MAX)
+
+
 def test_direct_wave_moveout_gives_top_layer_velocity():
     v = torch.full((1, 70, 70), 2400.0)
     v[:, 50:] = 3800.0  # deep interface, its reflection arrives after the picked window
