@@ -316,6 +316,8 @@ def check_args(args):
         raise InputError("--batch-size must be at least 2: BatchNorm cannot train on one sample")
     if args.val_batch_size is None:
         args.val_batch_size = args.batch_size
+    if args.overfit_batch:  # one fixed batch, served --max-steps (default 100) times in one epoch: nothing to validate
+        args.epochs, args.val_every = 1, 0
     if not 0 < args.lr <= 10:  # beyond 10, Adam's first step overflows float32 long before it means anything
         raise InputError(f"--lr must be in (0, 10], got {args.lr}")
     if not 0 <= args.ema_decay < 1:
@@ -2118,7 +2120,7 @@ def load_splits(args, world):
     """The train and val pairs with their sample counts, checked before anything is trained."""
     train_pairs, val_pairs = splits(args)
     train_counts, val_counts = inspect_pairs(train_pairs), inspect_pairs(val_pairs) if val_pairs else []
-    if args.val_every and not val_pairs and not args.overfit_batch:
+    if args.val_every and not val_pairs:
         raise DataError("the validation split is empty: the split is by file and --data-root holds one; add files, give "
                         "--train-list and --val-list, or pass --val-every 0")
     if sum(train_counts) < args.batch_size * world:
@@ -2137,7 +2139,6 @@ def build_loaders(args, data, normalizer, device, rank, world):
                         f"samples over {world} rank(s) x {args.num_workers} worker(s); lower --num-workers or --batch-size")
     if args.overfit_batch:  # one fixed batch, repeated for --max-steps (default 100) steps in one epoch
         x, y = next(iter(device_batches(train, device, normalizer)))
-        args.epochs, args.val_every = 1, 0
         return RepeatedBatch(x, y, args.max_steps or 100), None
     val = None
     if val_pairs and args.val_every:

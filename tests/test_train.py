@@ -844,6 +844,9 @@ def test_overfit_batch_trains_max_steps_steps_on_one_batch_and_its_loss_falls(id
     assert "stopped at --max-steps" not in printed  # its one epoch is the whole run: complete, not cut short
     ck = torch.load(out / "last.pt", weights_only=False)
     assert (ck["step"], ck["epoch"]) == (6, 1)
+    # it validates nothing, so a training list alone is enough
+    args = T.check_args(T.get_args_parser().parse_args([*map(str, lists[:2]), "--epochs", "3", "--overfit-batch"]))
+    assert (args.epochs, args.val_every) == (1, 0)
 
 
 def test_every_validation_sees_batchnorm_statistics_averaged_over_ranks(ids_data, tmp_path, monkeypatch):
