@@ -133,11 +133,8 @@ def saved_args(ckpt):
 
 def train_args_from(ckpt, opts):
     """The training arguments saved in our checkpoint (a Namespace), or defaults for an OpenFWI one."""
-    saved, known = saved_args(ckpt), vars(T.get_args_parser().parse_args([]))
-    # read back through the trainer's parser, so a hand-edited value is one line naming it; a setting this
-    # version no longer has cannot matter here and is passed over
-    mine = {k: v for k, v in (saved or {}).items() if k in known}
-    base = T.get_args_parser().parse_args(T.saved_argv(mine, f"{opts.checkpoint}: its training arguments"))
+    saved = saved_args(ckpt)
+    base = T.saved_namespace(saved or {}, f"{opts.checkpoint}: its training arguments")
     for k in ("dataset", "stats"):
         if getattr(opts, k) is not None:
             setattr(base, k, getattr(opts, k))
@@ -156,13 +153,14 @@ def load_model(opts, device):
     targs, ours = train_args_from(ckpt, opts)
     if not ours and opts.dataset is None and opts.stats is None:
         raise T.InputError(f"{opts.checkpoint} carries no training arguments (OpenFWI checkpoint?): name the constants with --dataset or --stats")
+    if ours and not T.split_record_ok(ckpt.get("split", [])):
+        raise T.InputError(f"{opts.checkpoint}: its split record is unreadable (not a list of [data file, label file, samples])")
     if ours and opts.dataset is None and opts.stats is None and "normalization" in ckpt:
         n = ckpt["normalization"]
-        try:
-            values = n["data_min"], n["data_max"], n["label_min"], n["label_max"]
-        except (KeyError, TypeError):
+        if not T.normalization_ok(n):
             raise T.InputError(f"{opts.checkpoint}: its normalisation record is unreadable; name the constants with "
-                               f"--dataset or --stats") from None
+                               f"--dataset or --stats")
+        values = n["data_min"], n["data_max"], n["label_min"], n["label_max"]
         normalizer, stats_from = T.checked_normalizer(f"{opts.checkpoint} (its normalisation)", *values), "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
@@ -174,6 +172,10 @@ def forward_dtype(opts, targs):
     when it records none (OpenFWI's). A model fits the rounding it was trained with: the CPU recipe's bf16
     model scored val MAE 0.116 in bf16 and 0.166 in float32."""
     return T.AMP_DTYPES[(targs.amp or "off") if opts.amp == "auto" else opts.amp]
+
+
+def dtype_name(amp_dtype):
+    return str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
 
 
 def forward_settings(opts, model, device, targs):
@@ -407,6 +409,9 @@ def run_evaluation(opts, argv):
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
     amp_dtype, channels_last = forward_settings(opts, model, device, targs)
     metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=opts.progress)
+    if not np.isfinite([metrics[k] for k in ("mae", "mse", "ssim")]).all():  # finite weights: an fp16 overflow
+        raise T.DataError(f"{opts.checkpoint}: the model's predictions hold NaN or Inf in its {dtype_name(amp_dtype)} "
+                          f"forward pass; evaluate with --amp off")
     rows = gather_rows(metrics["per_sample"], rank, world, normalizer.label_scale)
     if rank != 0:
         return 0
@@ -414,7 +419,7 @@ def run_evaluation(opts, argv):
     base["from"] = "training split" if train_pairs else "evaluated maps"
     result = result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base)
     result["split_changed_since_training"] = split_change(ckpt, train_pairs)
-    result["forward"] = {"amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "float32", "channels_last": channels_last}
+    result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance") if isinstance(ckpt, dict) else None}
     write_results(out, result, rows)
@@ -498,7 +503,12 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.no_grad():
                 pred = T.forward(model, x, amp_dtype)
-            out[s:s + len(x)] = normalizer.label_to_velocity(pred.float()).cpu().numpy()
+            velocity = normalizer.label_to_velocity(pred.float()).cpu().numpy()
+            bad = np.flatnonzero(~np.isfinite(velocity).reshape(len(x), -1).all(1))
+            if len(bad):  # finite weights and gathers: an fp16 overflow
+                raise T.DataError(f"{path} sample {s + int(bad[0])}: the model's prediction holds NaN or Inf in its "
+                                  f"{dtype_name(amp_dtype)} forward pass; predict with --amp off")
+            out[s:s + len(x)] = velocity
         out.flush()
         del out
         os.replace(tmp, dest)
@@ -534,7 +544,7 @@ def predict(opts):
         elif opts.overwrite:  # an earlier picture showed the maps just replaced
             remove_pictures(out, [os.path.basename(stem) + "_predictions.png"])
         print(line)
-    print(f"normalisation from {stats_from}; forward pass {str(amp_dtype).replace('torch.', '') if amp_dtype else 'float32'}")
+    print(f"normalisation from {stats_from}; forward pass {dtype_name(amp_dtype)}")
     return 0
 
 

@@ -266,6 +266,13 @@ def saved_argv(saved, where, skip=()):
     return argv
 
 
+def saved_namespace(saved, where):
+    """A run's saved arguments (a checkpoint's "args") as the parser reads them back: a hand-edited value is
+    one line naming WHERE; a setting this version no longer has cannot matter and is passed over."""
+    known = vars(get_args_parser().parse_args([]))
+    return get_args_parser().parse_args(saved_argv({k: v for k, v in saved.items() if k in known}, where))
+
+
 def parse_args(argv=None):
     """The command line; with --config, the saved flags come first, so the ones given here win."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -1402,6 +1409,9 @@ def read_state_dict(path):
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{path}: holds no model state_dict")
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # every prediction from it would be NaN
+        raise InputError(f"{path}: its weights hold NaN or Inf ({bad}); use a checkpoint saved before the run diverged")
     return ckpt, clean_state_dict(sd)
 
 
@@ -1907,7 +1917,8 @@ def check_resumable(ckpt, path, args, split, batches, world, normalization):
     position inside the epoch depends on the batch size and loader (and on the split and the batches an
     epoch has, unless the world size changed: restore() then restarts the epoch), the optimizer state
     it restores carries the optimizer's own settings, and the weights learnt one normalisation."""
-    saved = ckpt.get("args", {})
+    parsed = vars(saved_namespace(ckpt["args"], f"{path}: its training arguments"))
+    saved = {k: parsed[k] for k in ckpt["args"] if k in parsed}
     trained = ckpt.get("normalization", normalization)
     if any(not math.isclose(trained[k], normalization[k], rel_tol=1e-6) for k in normalization):
         def show(d):
@@ -1945,12 +1956,29 @@ def first_difference(was, now):
 def is_training_checkpoint(ckpt):
     """What restore() reads, there and of the types it computes with (a crafted or foreign file fails here, in
     one line, not in the middle of the resume)."""
-    required = ("optimizer", "scheduler", "scaler", "epoch", "step", "best_loss")
-    counters = ("epoch", "step", "batch_in_epoch", "world")
+    required = ("optimizer", "scheduler", "scaler", "epoch", "step", "best_loss", "args")
+    counters = ("epoch", "step", "batch_in_epoch", "world", "batches_per_epoch")
     return (isinstance(ckpt, dict) and all(k in ckpt for k in required)
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
             and isinstance(ckpt["best_loss"], float)
-            and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model")))
+            and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model"))
+            and records_ok(ckpt))
+
+
+def records_ok(ckpt):
+    """The split and normalisation a checkpoint of ours records, where present, are of the types that resume
+    and eval compare with."""
+    return split_record_ok(ckpt.get("split", [])) and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
+
+
+def split_record_ok(split):
+    return isinstance(split, list) and all(isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
+                                           and isinstance(r[1], str) and type(r[2]) is int for r in split)
+
+
+def normalization_ok(norm):
+    return (isinstance(norm, dict) and set(norm) == set(Normalizer(0, 1).as_dict())
+            and all(type(v) in (int, float) for v in norm.values()))
 
 
 def restore(run, args, rank, iters_per_epoch):

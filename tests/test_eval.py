@@ -575,6 +575,40 @@ def test_predict_with_amp_bf16_computes_in_bf16_and_writes_float32_m_per_s(tiny_
     assert not np.array_equal(bf16, fp32)
 
 
+def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_run, tmp_path, capsys, monkeypatch):
+    """NaN weights are refused on loading; a NaN prediction from finite weights (an fp16 overflow) stops
+    evaluation before any result is written, and --predict before its velocity file is."""
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    ck["model"]["deconv6.layers.0.weight"][0] = float("nan")
+    torch.save(ck, tmp_path / "nan.pt")
+    np.save(tmp_path / "shots.npy", np.load(tiny_run / "d" / "data" / "data1.npy")[:2])
+    common = ["--no-progress", "--vis", "0", "--device", "cpu", "--num-workers", "0"]
+    for job in ([], ["--predict", str(tmp_path / "shots.npy")]):
+        assert E.cli(["--checkpoint", str(tmp_path / "nan.pt"), "--output-dir", str(tmp_path / "o"), *common, *job]) == 2
+        assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'nan.pt'}: its weights hold NaN or Inf "
+                                           "(deconv6.layers.0.weight); use a checkpoint saved before the run diverged\n")
+    forward = T.forward
+    monkeypatch.setattr(T, "forward", lambda model, x, amp: forward(model, x, amp) * float("nan"))
+    best = str(tiny_run / "run" / "best.pt")
+    assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "e"), *common]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {best}: the model's predictions hold NaN or Inf in its "
+                                       "float32 forward pass; evaluate with --amp off\n")
+    assert not list((tmp_path / "e").glob("*"))
+    assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "p"), *common, "--predict", str(tmp_path / "shots.npy")]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'shots.npy'} sample 0: the model's prediction "
+                                       "holds NaN or Inf in its float32 forward pass; predict with --amp off\n")
+    assert not list((tmp_path / "p").glob("*"))
+
+
+def test_a_checkpoint_with_an_unreadable_split_record_is_one_line(tiny_run, tmp_path, capsys):
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    ck["split"] = "garbage"
+    torch.save(ck, tmp_path / "s.pt")
+    assert E.cli(["--checkpoint", str(tmp_path / "s.pt"), "--output-dir", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 's.pt'}: its split record is unreadable "
+                                       "(not a list of [data file, label file, samples])\n")
+
+
 def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     """A file of 24 samples (34 MB) predicted 2 at a time never holds more than a few batches in numpy memory."""
     import tracemalloc

@@ -801,6 +801,27 @@ def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys)
         assert err == f"train_inversionnet.py: error: {tmp_path / name}: not a training checkpoint of this script (use --init-from for its weights)\n"
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda ck: ck.pop("args"), "not a training checkpoint of this script"),
+    (lambda ck: ck["normalization"].update(data_min="a"), "not a training checkpoint of this script"),
+    (lambda ck: ck.update(split="garbage"), "not a training checkpoint of this script"),
+    (lambda ck: ck.update(batches_per_epoch="x"), "not a training checkpoint of this script"),
+    (lambda ck: ck["args"].update(batch_size="abc"), "its training arguments: argument --batch-size: invalid int value: 'abc'"),
+    (lambda ck: ck["model"]["convblock1.layers.0.weight"].fill_(float("nan")),
+     "its weights hold NaN or Inf (convblock1.layers.0.weight); use a checkpoint saved before the run diverged"),
+])
+def test_resume_from_a_hand_edited_checkpoint_is_one_line(short_run, ids_data, tmp_path, capsys, edit, needle):
+    _, lists = ids_data
+    ck = torch.load(short_run / "last.pt", weights_only=False)
+    edit(ck)
+    torch.save(ck, tmp_path / "edited.pt")
+    capsys.readouterr()
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume",
+                  str(tmp_path / "edited.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train_inversionnet.py: error: {tmp_path / 'edited.pt'}: {needle}") and err.count("\n") == 1, err
+
+
 def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, capsys):
     """A run that --max-steps ends, inside an epoch or at its end, is validated there whatever --val-every says,
     so it ends with a best.pt (run.sh's eval stage reads it); the same command with a larger --max-steps goes on."""
