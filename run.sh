@@ -22,7 +22,10 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
   --run DIR    checkpoints, logs and evaluation (default runs/<family>-<profile>); a re-run continues the run
                there, so to start over remove DIR or name another
   --*-args     extra flags passed to the simulator, the trainer and the evaluator, split at spaces (no quoting
-               inside: a value with a space goes to the script itself)
+               inside: a value with a space goes to the script itself); the paths run.sh hands from stage to
+               stage (--out, --family, --output-dir, --resume, --train-list, --val-list, --data-root,
+               --checkpoint) come from --data, --family and --run and are refused there
+Options take --opt value or --opt=value.
 Both profiles write files of 100 samples, so either one extends the other's data set.
 test: the same install step, then ruff's pyflakes checks and pytest over tests/ and bench/ (--benchmark-disable).
 USAGE
@@ -45,14 +48,16 @@ if [[ "${1:-}" == "test" ]]; then
 fi
 
 need() { (( $2 >= 2 )) || { echo "run.sh: error: $1 needs a value (see bash run.sh --help)" >&2; exit 2; }; }
+path() { [[ -n "$2" ]] || { echo "run.sh: error: $1 needs a directory, got an empty value" >&2; exit 2; }; }
 profile=auto family=flatvel data="" run="" sim_args="" train_args="" eval_args=""
 while [[ $# -gt 0 ]]; do
+  [[ "$1" == --*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"  # --opt=value, as the Python scripts take it
   case "$1" in
     -h|--help) usage; exit 0 ;;
     --profile) need "$1" $#; profile=$2 ;;
     --family) need "$1" $#; family=$2 ;;
-    --data) need "$1" $#; data=$2 ;;
-    --run) need "$1" $#; run=$2 ;;
+    --data) need "$1" $#; path "$1" "$2"; data=$2 ;;
+    --run) need "$1" $#; path "$1" "$2"; run=$2 ;;
     --sim-args) need "$1" $#; sim_args=$2 ;;
     --train-args) need "$1" $#; train_args=$2 ;;
     --eval-args) need "$1" $#; eval_args=$2 ;;
@@ -66,6 +71,18 @@ case "$family" in flatvel|curvevel|flatfault|curvefault) ;;
 # the eval stage runs with --overwrite (it re-evaluates its own run), which must not reach a user's --export file
 case " $eval_args " in *" --export"*|*" --predict"*)
   echo "run.sh: error: --eval-args evaluates the run; --export and --predict are jobs of eval_inversionnet.py itself" >&2; exit 2 ;; esac
+# the paths each stage hands to the next are run.sh's own: a stage sent elsewhere would leave the next one
+# reading (and the eval stage's --overwrite replacing) another run's files
+owned() {  # owned OPTION "ARGS" FLAG=WHAT_SETS_IT ...
+  local opt=$1 args=" $2 " pair; shift 2
+  for pair in "$@"; do
+    case "$args" in *" ${pair%%=*} "*|*" ${pair%%=*}="*)
+      echo "run.sh: error: $opt: ${pair%%=*} is run.sh's to set (from its ${pair#*=})" >&2; exit 2 ;; esac
+  done
+}
+owned --sim-args "$sim_args" --out=--data --family=--family
+owned --train-args "$train_args" --output-dir=--run "--resume=--run, whose run it continues" --train-list=--data --val-list=--data --data-root=--data
+owned --eval-args "$eval_args" --checkpoint=--run --output-dir=--run
 
 install
 if [[ "$profile" == auto ]]; then

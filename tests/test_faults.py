@@ -543,6 +543,13 @@ def make(tmp_path, token):
     (["--famly", "flatvel"], "unknown option --famly"),
     (["--run"], "--run needs a value"),
     (["--eval-args", "--export m.pt2"], "--eval-args evaluates the run; --export and --predict are jobs of"),
+    (["--data", ""], "--data needs a directory, got an empty value"),
+    (["--profile=tpu"], "--profile must be auto, cpu or gpu, got tpu"),  # the --opt=value form
+    # the paths one stage hands to the next: elsewhere, the next stage would read (and eval's --overwrite replace) other files
+    (["--train-args", "--epochs 2 --output-dir=runs/x"], "--train-args: --output-dir is run.sh's to set (from its --run)"),
+    (["--train-args=--resume last.pt"], "--train-args: --resume is run.sh's to set (from its --run, whose run it continues)"),
+    (["--eval-args", "--noise-std 0.2 --checkpoint a.pt"], "--eval-args: --checkpoint is run.sh's to set (from its --run)"),
+    (["--sim-args", "--family curvevel"], "--sim-args: --family is run.sh's to set (from its --family)"),
 ])
 def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, needle):
     r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, timeout=60)
