@@ -732,6 +732,15 @@ def prepare_out(args):
         raise SimulationError(f"cannot write into --out {args.out}: {e.filename}: {e.strerror}") from None
 
 
+def read_text(path):
+    """The text of PATH, or None where it cannot be read (absent, say)."""
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def write_metadata(args):
     """Split lists (paths relative to OUT, so the set can move as a whole) and dataset.json (min/max of the
     data actually written, over every file)."""
@@ -739,9 +748,15 @@ def write_metadata(args):
     pairs = [pair_paths(out, i) for i in range(1, args.files + 1)]
     n_val = args.val_files
     train, val = pairs[:len(pairs) - n_val], pairs[len(pairs) - n_val:]
-    for name, split in (("train.txt", train), ("val.txt", val)):
-        lines = (f"{os.path.relpath(d, out)}\t{os.path.relpath(m, out)}\n" for d, m in split)
-        write_text_atomic(os.path.join(out, name), "".join(lines))
+    texts = {name: "".join(f"{os.path.relpath(d, out)}\t{os.path.relpath(m, out)}\n" for d, m in split)
+             for name, split in (("train.txt", train), ("val.txt", val))}
+    before = {name: read_text(os.path.join(out, name)) for name in texts}
+    for name, text in texts.items():
+        write_text_atomic(os.path.join(out, name), text)
+    if all(before.values()) and before != texts:  # another --files or --val-files: a run trained on the old lists
+        now, was = (" / ".join(str(d[n].count("\n")) for n in texts) for d in (texts, before))
+        print(f"simulate_openfwi: note: train.txt / val.txt now list {now} files (they listed {was}): a run "
+              f"trained on the old split resumes only on it")
     lo, hi = math.inf, -math.inf
     for d, _ in pairs:
         arr = np.load(d, mmap_mode="r")

@@ -315,6 +315,12 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     (out / "data" / "zipped.npz").replace(out / "data" / "data2.npy")
     code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
     assert code == 0 and "1 complete, 1 to make" in stdout and (out / "data" / "data2.npy").read_bytes() == first
+    assert "note" not in stdout  # the same split lists
+    # fewer files: the lists shrink (file 2 leaves the training list) and it is said
+    code, stdout, _ = run_cli("--out", out, "--files", "1", "--samples-per-file", "2", "--val-files", "0")
+    assert code == 0 and (out / "train.txt").read_text() == "data/data1.npy\tmodel/model1.npy\n"
+    assert ("simulate_openfwi: note: train.txt / val.txt now list 1 / 0 files (they listed 1 / 1): a run trained "
+            "on the old split resumes only on it") in stdout
 
 
 @pytest.mark.parametrize("args, needle", [
