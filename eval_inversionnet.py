@@ -210,7 +210,8 @@ def evaluation_pairs(opts, targs, ours):
                               f"to evaluate") from None
         pairs = train if opts.split == "train" else val
     if not pairs:
-        raise T.DataError("the evaluation split is empty")
+        raise T.DataError(f"the {opts.split or 'val'} split to evaluate is empty (a run trained without validation?): "
+                          f"name the data with --val-list or --data-root, or pass --split train")
     return pairs, train
 
 

@@ -233,6 +233,7 @@ CONFIG_SKIP = ("config", "resume", "overwrite")  # a repeated run must not conti
 def config_argv(path, skip=()):
     """The arguments saved in a run's args.json as command-line flags (less those named in SKIP), checked by
     the parser itself."""
+    require_file("--config", path)
     try:
         with open(path) as fh:
             saved = json.load(fh)
@@ -245,7 +246,9 @@ def config_argv(path, skip=()):
 def saved_argv(saved, where, skip=()):
     """SAVED, a run's arguments as a dict (args.json, a checkpoint's "args"), as command-line flags less those
     named in SKIP, checked by the parser itself; an error names WHERE they came from."""
-    known = vars(get_args_parser().parse_args([]))
+    parser = get_args_parser()
+    known = vars(parser.parse_args([]))
+    switches = {a.dest for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)}
     argv = []
     for key, value in saved.items():
         flag = flag_of(key)
@@ -253,6 +256,8 @@ def saved_argv(saved, where, skip=()):
             raise InputError(f"{where}: unknown setting {key!r}")
         if key in CONFIG_SKIP or key in skip or value is None:
             continue
+        if key in switches and not isinstance(value, bool):  # as a flag's value it would read as a stray argument
+            raise InputError(f"{where}: {key} must be true or false, got {value!r}")
         if isinstance(value, bool):
             argv.append(flag if value else "--no-" + flag[2:])
         elif isinstance(value, (list, tuple)):
@@ -305,7 +310,8 @@ def check_workers(n):
 
 def require_file(flag, path):
     if not os.path.isfile(path):
-        raise InputError(f"{flag} {path}: {'a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+        what = "a directory, not a file" if os.path.isdir(path) else "not a regular file" if os.path.exists(path) else "no such file"
+        raise InputError(f"{flag} {path}: {what}")
 
 
 def check_args(args):
@@ -2147,6 +2153,11 @@ def check_device_args(args, device):
 def load_splits(args, world):
     """The train and val pairs with their sample counts, checked before anything is trained."""
     train_pairs, val_pairs = splits(args)
+    trained = {os.path.realpath(d) for d, _ in train_pairs}
+    both = next((d for d, _ in val_pairs if os.path.realpath(d) in trained), None)
+    if both:
+        raise DataError(f"{both} is in both the training and the validation split: validation would score samples "
+                        f"the model trained on")
     train_counts, val_counts = inspect_pairs(train_pairs), inspect_pairs(val_pairs) if val_pairs else []
     if args.val_every and not val_pairs:
         raise DataError("the validation split is empty: the split is by file and --data-root holds one; add files, give "
@@ -2297,6 +2308,12 @@ def settings_notes(args, n_batches, device):
         notes.append("--normalize workers has no effect with --loader gpu (the cache normalises on the device)")
     if args.pin_memory and device.type != "cuda":
         notes.append(f"--pin-memory has no effect on {device.type} (it speeds copies to a GPU)")
+    if args.persistent_workers and (args.num_workers == 0 or args.loader == "gpu"):
+        notes.append("--persistent-workers has no effect without loader workers")
+    if args.train_list and args.train_size is not None:
+        notes.append(f"--train-size {args.train_size:g} has no effect with --train-list (the lists are the split)")
+    if args.dataset and args.stats:
+        notes.append(f"--dataset {args.dataset} has no effect beside --stats (its constants are used)")
     return "; ".join(notes)
 
 

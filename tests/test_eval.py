@@ -600,6 +600,20 @@ def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_r
     assert not list((tmp_path / "p").glob("*"))
 
 
+def test_a_run_trained_without_validation_points_to_the_data_eval_can_take(tiny_run, tmp_path, capsys):
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    d = tiny_run / "d"
+    (tmp_path / "train.txt").write_text(f"{d}/data/data1.npy\t{d}/model/model1.npy\n")
+    ck["args"].update(train_list=str(tmp_path / "train.txt"), val_list=None, val_every=0)
+    torch.save(ck, tmp_path / "noval.pt")
+    args = ["--checkpoint", str(tmp_path / "noval.pt"), "--no-progress", "--vis", "0", "--num-workers", "0"]
+    assert E.cli([*args, "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("eval_inversionnet.py: error: the val split to evaluate is empty (a run trained "
+                                       "without validation?): name the data with --val-list or --data-root, or pass "
+                                       "--split train\n")
+    assert evaluate_to(tmp_path / "t", tmp_path / "noval.pt", "--split", "train")["samples"] == 4
+
+
 def test_a_checkpoint_with_an_unreadable_split_record_is_one_line(tiny_run, tmp_path, capsys):
     ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
     ck["split"] = "garbage"

@@ -577,6 +577,7 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     (["--data-root", "/nonexistent/fwi"], "no such directory"),
     (["--data-root", "EMPTY"], "expected subdirectories"),
     (["--resume", "/nonexistent.pt"], "--resume /nonexistent.pt: no such file"),
+    (["--init-from", "/dev/null"], "--init-from /dev/null: not a regular file"),  # there, but no file to load
     (["--init-from", "GARBAGE"], "not a readable checkpoint"),
     (["--output-dir", "AFILE"], "not a directory"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),

@@ -279,6 +279,19 @@ def test_schedulers_follow_their_definitions():
         assert lrs == expected
 
 
+def test_a_file_in_both_split_lists_is_refused(ids_data, tmp_path, capsys):
+    """Validation would score samples the model trained on; the same file spelt another way is caught too."""
+    root, _ = ids_data
+    pair = (root / "data" / "data1.npy", root / "model" / "model1.npy")
+    train = write_split_list(tmp_path / "train.txt", [pair, (root / "data" / "data2.npy", root / "model" / "model2.npy")])
+    val = write_split_list(tmp_path / "val.txt", [(root / "data" / ".." / "data" / "data1.npy", pair[1])])
+    assert T.cli(["--train-list", str(train), "--val-list", str(val), *BASE_RUN, "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: {root / 'data' / '..' / 'data' / 'data1.npy'} is in "
+                                       "both the training and the validation split: validation would score samples the "
+                                       "model trained on\n")
+    assert not (tmp_path / "o").exists()
+
+
 def test_split_lists_hold_paths_with_spaces(tmp_path):
     d = tmp_path / "my data ü"
     d.mkdir()
@@ -640,10 +653,13 @@ def test_a_data_root_given_beside_config_replaces_its_split_lists(tmp_path):
     ({"lr": 1e-3, "nonsense": 1}, "unknown setting 'nonsense'"),
     ({"amp": "fp64"}, "argument --amp: invalid choice: 'fp64'"),
     ("not json", "not a readable args.json"),
+    ({"fast": "yes"}, "fast must be true or false, got 'yes'"),
+    (None, "no such file"),
 ])
 def test_bad_config_is_one_line(tmp_path, capsys, content, needle):
     path = tmp_path / "args.json"
-    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
     assert T.cli(["--config", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"train_inversionnet.py: error: --config {path}: ") and needle in err and err.count("\n") == 1
@@ -1034,7 +1050,7 @@ def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
         small_args(overwrite=True)
 
 
-def test_settings_without_effect_in_this_run_are_noted():
+def test_settings_without_effect_in_this_run_are_noted(tmp_path):
     notes = T.settings_notes(small_args(loader="gpu", normalize="workers"), 4, torch.device("cpu"))
     assert notes == "--normalize workers has no effect with --loader gpu (the cache normalises on the device)"
     assert T.settings_notes(small_args(loader="map", normalize="workers"), 4, torch.device("cpu")) == ""
@@ -1042,6 +1058,15 @@ def test_settings_without_effect_in_this_run_are_noted():
     assert notes == ("--lr-gamma 0.5 has no effect with --lr-scheduler cosine; --lr-step-size 5 has no effect with "
                      "--lr-scheduler cosine")  # noted, not refused: a --config of a step run may switch schedules
     assert T.settings_notes(small_args(lr_scheduler="step", lr_gamma=0.5, lr_step_size=5), 4, torch.device("cpu")) == ""
+    for name in ("t.txt", "v.txt", "s.json"):
+        (tmp_path / name).write_text("")
+    notes = T.settings_notes(small_args(persistent_workers=True, num_workers=0, train_list=str(tmp_path / "t.txt"),
+                                        val_list=str(tmp_path / "v.txt"), train_size=0.5, dataset="curvevel-a",
+                                        stats=str(tmp_path / "s.json")), 4, torch.device("cpu"))
+    assert notes == ("--persistent-workers has no effect without loader workers; --train-size 0.5 has no effect with "
+                     "--train-list (the lists are the split); --dataset curvevel-a has no effect beside --stats (its "
+                     "constants are used)")
+    assert T.settings_notes(small_args(persistent_workers=True, num_workers=1, loader="map"), 4, torch.device("cpu")) == ""
 
 
 def test_batch_size_one_is_refused(capsys):
