@@ -758,6 +758,8 @@ def checked_normalizer(where, data_min, data_max, label_min, label_max):
     """A Normalizer from constants read from WHERE (a stats file, a checkpoint), refused in one line naming it
     unless they are finite numbers with each min below its max."""
     try:
+        if any(isinstance(v, (bool, str)) for v in (data_min, data_max, label_min, label_max)):  # float() takes them
+            raise TypeError("true, false and text are not numbers")
         norm = Normalizer(data_min, data_max, label_min, label_max)
     except (TypeError, ValueError) as e:
         raise InputError(f"{where}: the constants must be numbers ({e})") from None
@@ -2068,6 +2070,10 @@ def check_output_dir(args):
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--output-dir {out} exists and is not a directory")
+    taken = [os.path.join(out, n) for n in RUN_FILES if n != "tb"]  # a checkpoint would fail only once trained
+    taken = next((p for p in taken if os.path.lexists(p) and not os.path.isfile(p)), None)
+    if taken and not args.overwrite:
+        raise InputError(f"{taken}: exists and is not a regular file")
     has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("args.json", "last.pt", "best.pt"))
     in_out = args.resume not in (None, "auto") and os.path.isdir(out) and os.path.samefile(
         os.path.dirname(os.path.abspath(args.resume)), out)  # one of this run's own checkpoints
@@ -2077,7 +2083,7 @@ def check_output_dir(args):
     if args.overwrite and in_out:
         raise InputError(f"--overwrite would delete the run that --resume {args.resume} continues: give one of them")
     orphan = os.path.join(out, "best.pt")  # last.pt is written first, so this run's last.pt was removed
-    if args.resume == "auto" and not args.overwrite and os.path.isfile(orphan) and not os.path.isfile(os.path.join(out, "last.pt")):
+    if args.resume == "auto" and not args.overwrite and os.path.isfile(orphan) and not os.path.lexists(os.path.join(out, "last.pt")):
         raise InputError(f"--resume auto: {out} holds best.pt but no last.pt to continue from, and a new run would replace "
                          "best.pt; pass --overwrite to start over, --resume PATH to continue from a checkpoint, or choose "
                          "another --output-dir")

@@ -532,6 +532,8 @@ def make(tmp_path, token):
         write_ids_dataset(path, (4,))
     elif token == "INFSTATS":
         path.write_text('{"data_min": -1, "data_max": Infinity}')
+    elif token == "BOOLSTATS":  # float() would read true as 1.0
+        path.write_text('{"data_min": -1, "data_max": true}')
     else:
         return token
     return str(path)
@@ -562,6 +564,11 @@ def test_a_run_file_name_taken_by_a_directory_is_one_line(data, tmp_path, capsys
     assert one_line_error(capsys.readouterr().err) == (f"train_inversionnet.py: error: {tmp_path / 'o' / 'provenance.json'}: "
                                                        "exists and is not a regular file\n")
     assert not (tmp_path / "o" / "args.json").exists()  # so the same command, once the path is free, starts the run
+    (tmp_path / "o" / "provenance.json").rmdir()
+    (tmp_path / "o" / "last.pt").mkdir()  # refused before training: the first checkpoint would fail only after an epoch
+    assert T.cli(["--data-root", str(data), "--output-dir", str(tmp_path / "o"), "--resume", "auto", *BASE]) == 2
+    assert one_line_error(capsys.readouterr().err) == (f"train_inversionnet.py: error: {tmp_path / 'o' / 'last.pt'}: "
+                                                       "exists and is not a regular file\n")
 
 
 def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code(tmp_path):
@@ -594,6 +601,7 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     (["--seed", "99999999999"], "--seed must be at most 2147483647, got 99999999999"),
     (["--lr-gamma", "1e200"], "--lr-gamma must be in (0, 1] (the factor of each decay), got 1e+200"),
     (["--stats", "INFSTATS"], "the constants must be finite numbers, got -1.0, inf, 1500.0, 4500.0"),
+    (["--stats", "BOOLSTATS"], "the constants must be numbers (true, false and text are not numbers)"),
     (["--config", ""], "argument --config: an empty path"),
     (["--num-workers", "100000"], "--num-workers 100000 is more than 4 per CPU of this machine"),  # an unset shell variable must not mean "not given"
     (["--resume", "auto", "--overwrite"], "--overwrite replaces the run in --output-dir and --resume auto continues it"),
