@@ -18,7 +18,8 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
                auto (default): gpu when CUDA is available, else cpu
   --family     velocity-model family to simulate (default flatvel)
   --data DIR   the simulated data (default data/<family>: train_inversionnet.py's default --data-root for
-               flatvel, so a bare `torchrun --nproc_per_node=2 train_inversionnet.py` trains on it next)
+               flatvel, so a bare `torchrun --nproc_per_node=2 train_inversionnet.py` trains on it next, on the
+               same split)
   --run DIR    checkpoints, logs and evaluation (default runs/<family>-<profile>); a re-run continues the run
                there, so to start over remove DIR or name another
   --*-args     extra flags passed to the simulator, the trainer and the evaluator, split at spaces (no quoting

@@ -116,8 +116,8 @@ def add_data_args(g):
     g.add_argument("--train-list", type=path_arg, default=None, help="OpenFWI split file (data<TAB>label per line); overrides --data-root")
     g.add_argument("--val-list", type=path_arg, default=None, help="OpenFWI split file for validation (with --train-list)")
     g.add_argument("--train-size", type=float, default=None,
-                   help="fraction of files for training with --data-root, drawn by --seed (default: OpenFWI's own split "
-                        f"of a whole released set, else {DEFAULT_TRAIN_SIZE})")
+                   help="fraction of files for training with --data-root, drawn by --seed (default: the train.txt / val.txt "
+                        f"of a set simulate_openfwi.py made, OpenFWI's own split of a whole released set, else {DEFAULT_TRAIN_SIZE})")
     g.add_argument("--dataset", default=None, choices=sorted(DATASETS),
                    help="normalisation constants from OpenFWI's table; default: the dataset.json beside --train-list or in DATA_ROOT "
                         "if present, else flatvel-a")
@@ -870,10 +870,20 @@ def split_pairs(pairs, train_size, seed):
 
 
 def splits(args):
-    """The (train, val) file pairs of a run: its split lists, or a file-level split of --data-root."""
+    """The (train, val) file pairs of a run: its split lists, the lists simulate_openfwi.py wrote into
+    --data-root (so a run on DATA_ROOT splits as `bash run.sh` does on it), or a file-level split of it."""
     if args.train_list:
         return read_split_list(args.train_list), read_split_list(args.val_list) if args.val_list else []
+    if args.train_size is None and (lists := simulator_lists(args.data_root)):
+        train, val = lists
+        return read_split_list(train), read_split_list(val) if os.path.getsize(val) else []  # --val-files 0
     return split_pairs(find_pairs(args.data_root), args.train_size, args.seed)
+
+
+def simulator_lists(root):
+    """ROOT's train.txt and val.txt where simulate_openfwi.py made the set (its simulate.json beside them)."""
+    paths = [os.path.join(root, n) for n in ("simulate.json", "train.txt", "val.txt")]
+    return paths[1:] if all(os.path.isfile(p) for p in paths) else None
 
 
 def open_npy(path):
@@ -2326,6 +2336,8 @@ def settings_notes(args, n_batches, device):
 def split_rule(args, pairs):
     if args.train_list:
         return "split by the lists"
+    if args.train_size is None and simulator_lists(args.data_root):
+        return "split by the simulator's train.txt / val.txt in --data-root"
     if args.train_size is None and openfwi_val_files(pairs) is not None:
         return "OpenFWI's split of the released set"
     return f"files drawn by --seed {args.seed} at --train-size {args.train_size or DEFAULT_TRAIN_SIZE}"

@@ -323,6 +323,23 @@ def test_cli_resumes_interrupted_generation(tmp_path):
             "on the old split resumes only on it") in stdout
 
 
+def test_a_data_root_the_simulator_made_splits_as_its_lists(tmp_path):
+    """Training on --data-root DIR then uses the split `bash run.sh` trains on (DIR's train.txt / val.txt);
+    a --train-size given still draws its own."""
+    import train_inversionnet as T
+    out = tmp_path / "set"
+    assert run_cli("--out", out, "--files", "3", "--samples-per-file", "1", "--val-files", "1")[0] == 0
+    args = T.get_args_parser().parse_args(["--data-root", str(out)])
+    lists = T.read_split_list(str(out / "train.txt")), T.read_split_list(str(out / "val.txt"))
+    assert T.splits(args) == lists and [len(s) for s in lists] == [2, 1]
+    assert T.split_rule(args, lists[0]) == "split by the simulator's train.txt / val.txt in --data-root"
+    args.train_size = 0.34  # one file of three trains
+    assert [len(s) for s in T.splits(args)] == [1, 2] and T.split_rule(args, lists[0]).startswith("files drawn by --seed")
+    assert run_cli("--out", out, "--files", "3", "--samples-per-file", "1", "--val-files", "0")[0] == 0
+    args.train_size = None
+    assert T.splits(args) == (T.read_split_list(str(out / "train.txt")), []) and len(T.splits(args)[0]) == 3
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--family", "bogusvel"], "argument --family: invalid choice: 'bogusvel'"),
     (["--files", "two"], "argument --files: invalid int value: 'two' (--help lists the flags)"),
