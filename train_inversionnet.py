@@ -2080,7 +2080,7 @@ def check_output_dir(args):
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--output-dir {out} exists and is not a directory")
-    taken = [os.path.join(out, n) for n in RUN_FILES if n != "tb"]  # a checkpoint would fail only once trained
+    taken = [os.path.join(out, n) for n in ("last.pt", "best.pt")]  # their first write comes only after an epoch
     taken = next((p for p in taken if os.path.lexists(p) and not os.path.isfile(p)), None)
     if taken and not args.overwrite:
         raise InputError(f"{taken}: exists and is not a regular file")
