@@ -412,7 +412,7 @@ def run_evaluation(opts, argv):
     metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=opts.progress)
     if not np.isfinite([metrics[k] for k in ("mae", "mse", "ssim")]).all():  # finite weights: an fp16 overflow
         raise T.DataError(f"{opts.checkpoint}: the model's predictions hold NaN or Inf in its {dtype_name(amp_dtype)} "
-                          f"forward pass; evaluate with --amp off")
+                          f"forward pass{'; evaluate with --amp off' if amp_dtype else ''}")
     rows = gather_rows(metrics["per_sample"], rank, world, normalizer.label_scale)
     if rank != 0:
         return 0
@@ -508,7 +508,7 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
             bad = np.flatnonzero(~np.isfinite(velocity).reshape(len(x), -1).all(1))
             if len(bad):  # finite weights and gathers: an fp16 overflow
                 raise T.DataError(f"{path} sample {s + int(bad[0])}: the model's prediction holds NaN or Inf in its "
-                                  f"{dtype_name(amp_dtype)} forward pass; predict with --amp off")
+                                  f"{dtype_name(amp_dtype)} forward pass{'; predict with --amp off' if amp_dtype else ''}")
             out[s:s + len(x)] = velocity
         out.flush()
         del out

@@ -75,7 +75,7 @@ case " $eval_args " in *" --export"*|*" --predict"*)
 # the paths each stage hands to the next are run.sh's own: a stage sent elsewhere would leave the next one
 # reading (and the eval stage's --overwrite replacing) another run's files
 owned() {  # owned OPTION "ARGS" FLAG=WHAT_SETS_IT ...
-  local opt=$1 args=" $2 " pair; shift 2
+  local opt=$1 args=" ${2//[$'\t\n']/ } " pair; shift 2  # the stage splits the value at tabs and newlines too
   for pair in "$@"; do
     case "$args" in *" ${pair%%=*} "*|*" ${pair%%=*}="*)
       echo "run.sh: error: $opt: ${pair%%=*} is run.sh's to set (from its ${pair#*=})" >&2; exit 2 ;; esac

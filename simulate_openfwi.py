@@ -753,7 +753,7 @@ def write_metadata(args):
     before = {name: read_text(os.path.join(out, name)) for name in texts}
     for name, text in texts.items():
         write_text_atomic(os.path.join(out, name), text)
-    if all(before.values()) and before != texts:  # another --files or --val-files: a run trained on the old lists
+    if None not in before.values() and before != texts:  # another --files or --val-files: a run trained on the old lists
         now, was = (" / ".join(str(d[n].count("\n")) for n in texts) for d in (texts, before))
         print(f"simulate_openfwi: note: train.txt / val.txt now list {now} files (they listed {was}): a run "
               f"trained on the old split resumes only on it")

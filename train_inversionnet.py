@@ -82,6 +82,9 @@ class NonFiniteLoss(Exception):
 
 # ---- arguments ----
 
+HELP_HINT = " (--help lists the flags)"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are InputErrors: one line instead of a page of usage, exit 2, and under
     torchrun printed by rank 0 alone."""
@@ -90,7 +93,7 @@ class ArgumentParser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kwargs)
 
     def error(self, message):
-        raise InputError(f"{message} (--help lists the flags)")
+        raise InputError(f"{message}{HELP_HINT}")
 
 
 def path_arg(text):
@@ -243,18 +246,19 @@ def config_argv(path, skip=()):
     return saved_argv(saved, f"--config {path}", skip)
 
 
-def saved_argv(saved, where, skip=()):
+def saved_argv(saved, where, skip=(), known_only=False):
     """SAVED, a run's arguments as a dict (args.json, a checkpoint's "args"), as command-line flags less those
-    named in SKIP, checked by the parser itself; an error names WHERE they came from."""
+    named in SKIP (and, with KNOWN_ONLY, settings this version does not have), checked by the parser itself;
+    an error names WHERE they came from (the saved value is no flag of the command line --help describes)."""
     parser = get_args_parser()
     known = vars(parser.parse_args([]))
     switches = {a.dest for a in parser._actions if isinstance(a, argparse.BooleanOptionalAction)}
     argv = []
     for key, value in saved.items():
         flag = flag_of(key)
-        if key not in known:
+        if key not in known and not known_only:
             raise InputError(f"{where}: unknown setting {key!r}")
-        if key in CONFIG_SKIP or key in skip or value is None:
+        if key not in known or key in CONFIG_SKIP or key in skip or value is None:
             continue
         if key in switches and not isinstance(value, bool):  # as a flag's value it would read as a stray argument
             raise InputError(f"{where}: {key} must be true or false, got {value!r}")
@@ -265,17 +269,16 @@ def saved_argv(saved, where, skip=()):
         else:
             argv += [flag, str(value)]
     try:
-        get_args_parser().parse_args(argv)
+        parser.parse_args(argv)
     except InputError as e:
-        raise InputError(f"{where}: {e}") from None
+        raise InputError(f"{where}: {str(e).removesuffix(HELP_HINT)}") from None
     return argv
 
 
 def saved_namespace(saved, where):
     """A run's saved arguments (a checkpoint's "args") as the parser reads them back: a hand-edited value is
     one line naming WHERE; a setting this version no longer has cannot matter and is passed over."""
-    known = vars(get_args_parser().parse_args([]))
-    return get_args_parser().parse_args(saved_argv({k: v for k, v in saved.items() if k in known}, where))
+    return get_args_parser().parse_args(saved_argv(saved, where, known_only=True))
 
 
 def parse_args(argv=None):
@@ -874,15 +877,18 @@ def splits(args):
     --data-root (so a run on DATA_ROOT splits as `bash run.sh` does on it), or a file-level split of it."""
     if args.train_list:
         return read_split_list(args.train_list), read_split_list(args.val_list) if args.val_list else []
-    if args.train_size is None and (lists := simulator_lists(args.data_root)):
+    if lists := simulator_split(args):
         train, val = lists
         return read_split_list(train), read_split_list(val) if os.path.getsize(val) else []  # --val-files 0
     return split_pairs(find_pairs(args.data_root), args.train_size, args.seed)
 
 
-def simulator_lists(root):
-    """ROOT's train.txt and val.txt where simulate_openfwi.py made the set (its simulate.json beside them)."""
-    paths = [os.path.join(root, n) for n in ("simulate.json", "train.txt", "val.txt")]
+def simulator_split(args):
+    """DATA_ROOT's train.txt and val.txt where --data-root takes them: no --train-list or --train-size given,
+    and a set simulate_openfwi.py made (its simulate.json beside them)."""
+    if args.train_list or args.train_size is not None:
+        return None
+    paths = [os.path.join(args.data_root, n) for n in ("simulate.json", "train.txt", "val.txt")]
     return paths[1:] if all(os.path.isfile(p) for p in paths) else None
 
 
@@ -1956,12 +1962,20 @@ def check_resumable(ckpt, path, args, split, batches, world, normalization):
         was, now = ckpt["split"], split
         raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
                          f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples"
-                         f"{first_difference(was, now)}); resume with that split or start a new run")
+                         f"{first_difference(was, now)}); resume with that split or start a new run{simulated_hint(args)}")
     was = ckpt.get("batches_per_epoch", batches)
     if was != batches and ckpt.get("world", world) == world:  # the flags and the split agree, yet:
         raise InputError(f"an epoch of {path} had {was} batches and has {batches} now (--loader iterable leaves out "
                          f"the remainders that DataParallel's GPUs cannot split): the position inside the epoch would "
                          f"mean something else; resume with as many GPUs or start a new run")
+
+
+def simulated_hint(args):
+    """Where --data-root takes the simulator's lists, how to get the seeded split of files instead."""
+    if not simulator_split(args):
+        return ""
+    return (f" (--data-root splits as its simulator's train.txt / val.txt; --train-size {DEFAULT_TRAIN_SIZE} draws "
+            f"files by --seed instead)")
 
 
 def first_difference(was, now):
@@ -2175,6 +2189,9 @@ def load_splits(args, world):
         raise DataError(f"{both} is in both the training and the validation split: validation would score samples "
                         f"the model trained on")
     train_counts, val_counts = inspect_pairs(train_pairs), inspect_pairs(val_pairs) if val_pairs else []
+    if args.val_every and not val_pairs and (lists := simulator_split(args)):
+        raise DataError(f"the validation split is empty: {lists[1]} lists no files "
+                        f"(simulated with --val-files 0); pass --val-every 0, or --train-size F to draw files by --seed")
     if args.val_every and not val_pairs:
         raise DataError("the validation split is empty: the split is by file and --data-root holds one; add files, give "
                         "--train-list and --val-list, or pass --val-every 0")
@@ -2336,7 +2353,7 @@ def settings_notes(args, n_batches, device):
 def split_rule(args, pairs):
     if args.train_list:
         return "split by the lists"
-    if args.train_size is None and simulator_lists(args.data_root):
+    if simulator_split(args):
         return "split by the simulator's train.txt / val.txt in --data-root"
     if args.train_size is None and openfwi_val_files(pairs) is not None:
         return "OpenFWI's split of the released set"

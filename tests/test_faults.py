@@ -549,6 +549,7 @@ def make(tmp_path, token):
     (["--profile=tpu"], "--profile must be auto, cpu or gpu, got tpu"),  # the --opt=value form
     # the paths one stage hands to the next: elsewhere, the next stage would read (and eval's --overwrite replace) other files
     (["--train-args", "--epochs 2 --output-dir=runs/x"], "--train-args: --output-dir is run.sh's to set (from its --run)"),
+    (["--train-args", "--epochs 2\t--output-dir\nruns/x"], "--train-args: --output-dir is run.sh's to set"),  # split there too
     (["--train-args=--resume last.pt"], "--train-args: --resume is run.sh's to set (from its --run, whose run it continues)"),
     (["--eval-args", "--noise-std 0.2 --checkpoint a.pt"], "--eval-args: --checkpoint is run.sh's to set (from its --run)"),
     (["--sim-args", "--family curvevel"], "--sim-args: --family is run.sh's to set (from its --family)"),

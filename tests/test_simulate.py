@@ -338,6 +338,14 @@ def test_a_data_root_the_simulator_made_splits_as_its_lists(tmp_path):
     assert run_cli("--out", out, "--files", "3", "--samples-per-file", "1", "--val-files", "0")[0] == 0
     args.train_size = None
     assert T.splits(args) == (T.read_split_list(str(out / "train.txt")), []) and len(T.splits(args)[0]) == 3
+    with pytest.raises(T.DataError, match=f"the validation split is empty: {out / 'val.txt'} lists no files \\(simulated "
+                                          "with --val-files 0\\); pass --val-every 0, or --train-size F to draw files"):
+        T.load_splits(args, 1)
+    # a resume refused for another split says how to get the seeded one (what --data-root gives with --train-size)
+    assert T.simulated_hint(args) == (" (--data-root splits as its simulator's train.txt / val.txt; --train-size 0.8 "
+                                      "draws files by --seed instead)")
+    code, stdout, _ = run_cli("--out", out, "--files", "3", "--samples-per-file", "1", "--val-files", "1")
+    assert code == 0 and "train.txt / val.txt now list 2 / 1 files (they listed 3 / 0)" in stdout  # from an empty val.txt
 
 
 @pytest.mark.parametrize("args, needle", [
