@@ -2447,6 +2447,21 @@ def from_config(message, config, argv):
     return message if flag.group(1).replace("-", "_") in given_names(argv) else f"{message} (the value comes from --config {config})"
 
 
+STOPPED_AT_ONCE = threading.Event()
+
+
+def exit_at_once(code):
+    """Leave a process whose step a second Ctrl-C cut short without the interpreter's teardown, in which torch's
+    native threads, left mid-task, have aborted it ("terminate called without an active exception"), but
+    only once the threads a normal exit waits for (a checkpoint write under way) are done."""
+    for t in threading.enumerate():
+        if t is not threading.current_thread() and not t.daemon:
+            t.join()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -2463,6 +2478,7 @@ def cli(argv=None):
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
         print("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous "
               "complete checkpoint", file=sys.stderr)
+        STOPPED_AT_ONCE.set()
         return 128 + signal.SIGINT
     finally:
         set_log_file(None)
@@ -2470,4 +2486,7 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    code = cli()
+    if STOPPED_AT_ONCE.is_set():
+        exit_at_once(code)
+    sys.exit(code)
