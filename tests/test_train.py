@@ -693,7 +693,7 @@ def short_run(tmp_path_factory, ids_data):
     (["--loader", "gpu"], "--loader gpu differs from the map that"),
     (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one"),
     (["--train-list", "OTHER"], "(2 files, 8 samples) differs from the one {last} was trained on (2 files, 8 samples; file 2 is "
-                                "now data3.npy model3.npy 4, was data2.npy model2.npy 4)"),  # same counts: the names differ
+                                "now data4.npy model4.npy 4, was data2.npy model2.npy 4)"),  # same counts: the names differ
     (["--lr", "3e-4"], "--lr 0.0003 differs from the 0.001 that"),  # the restored optimizer state would keep 1e-3
     (["--betas", "0.8", "0.999"], "--betas 0.8 0.999 differs from the 0.9 0.999 that"),
     (["--optimizer", "adam"], "--optimizer adam differs from the adamw that"),
@@ -702,8 +702,14 @@ def short_run(tmp_path_factory, ids_data):
 ])
 def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path, capsys, change, needle):
     root, lists = ids_data
-    lists_of = {name: write_split_list(tmp_path / f"{name}.txt", [(root / "data" / f"data{i}.npy", root / "model" / f"model{i}.npy")
-                                                                 for i in files]) for name, files in (("THREE", (1, 2, 3)), ("OTHER", (1, 3)))}
+    extra = tmp_path / "extra"  # a fourth file (file 3 validates, and no file may be in both splits)
+    for kind in ("data", "model"):
+        (extra / kind).mkdir(parents=True)
+        shutil.copy(root / kind / f"{kind}1.npy", extra / kind / f"{kind}4.npy")
+    where = {1: root, 2: root, 4: extra}
+    lists_of = {name: write_split_list(tmp_path / f"{name}.txt", [(where[i] / "data" / f"data{i}.npy",
+                                                                  where[i] / "model" / f"model{i}.npy") for i in files])
+                for name, files in (("THREE", (1, 2, 4)), ("OTHER", (1, 4)))}
     before = (short_run / "last.pt").read_bytes()
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(short_run), "--resume", "auto",
             *[str(lists_of.get(c, c)) for c in change]]
