@@ -46,6 +46,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -802,7 +803,16 @@ def main(args):
     return 0
 
 
+class Terminated(Exception):
+    """SIGTERM (a scheduler, `timeout`), raised on the main thread as Ctrl-C is, so a write under way completes."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def cli(argv=None):
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         args = get_args_parser().parse_args(argv)
         return main(args)
@@ -812,9 +822,12 @@ def cli(argv=None):
     except OSError as e:
         print(f"simulate_openfwi.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)  # numpy's short write has no strerror
         return 2
-    except KeyboardInterrupt:
-        print("simulate_openfwi.py: interrupted; complete files are kept, re-run to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as e:
+        print(f"simulate_openfwi.py: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; complete files "
+              f"are kept, re-run to resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: a handler not set from Python
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import simulate_openfwi as so
-from helpers import SIMULATE, run_script, wait_until
+from helpers import SIMULATE, run_script, start, wait_until
 
 
 def run_cli(*args):
@@ -296,6 +297,24 @@ def test_cli_failed_write_is_one_line_and_stops_at_the_next_file(tmp_path, monke
     monkeypatch.setattr(so, "save_npy_atomic", real_save)  # space freed: the same command completes the set
     code, out, err = run_cli("--out", tmp_path, "--files", "3", "--samples-per-file", "2")
     assert code == 0 and "0 complete, 3 to make" in out, err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated"), (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_mid_run_keeps_whole_files_says_so_and_the_same_command_resumes(tmp_path, sig, code, word):
+    out = tmp_path / "set"
+    argv = ["--no-progress", "--out", out, "--files", 40, "--samples-per-file", 4, "--val-files", 1]
+    p = start(SIMULATE, *argv)
+    assert wait_until(lambda: (out / "data" / "data2.npy").exists(), 120)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == code and err == f"simulate_openfwi.py: {word}; complete files are kept, re-run to resume\n"
+    made = sorted(out.rglob("data*.npy"))
+    assert 2 <= len(made) < 40 and not list(out.rglob("*.tmp-*"))
+    assert all(so.npy_complete(d, (4, *so.DATA_SHAPE)) for d in made)
+    argv[4] = len(made) + 1  # --files: the same command, shortened to one more file
+    r = run_script(SIMULATE, *argv)
+    assert r.returncode == 0 and f"{len(made)} complete, 1 to make" in r.stdout
 
 
 def test_cli_resumes_interrupted_generation(tmp_path):
