@@ -164,6 +164,10 @@ def load_model(opts, device):
         normalizer, stats_from = T.checked_normalizer(f"{opts.checkpoint} (its normalisation)", *values), "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
+        trained = ckpt.get("normalization") if ours else None
+        if T.normalization_ok(trained) and not T.same_normalization(trained, normalizer.as_dict()):
+            T.print0(f"note: normalisation from {stats_from} ({T.shown_normalization(normalizer.as_dict())}), not the "
+                     f"one the model was trained with ({T.shown_normalization(trained)})")
     return model.to(device).eval(), ckpt, targs, normalizer, stats_from
 
 

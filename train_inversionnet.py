@@ -1944,12 +1944,11 @@ def check_resumable(ckpt, path, args, split, batches, world, normalization):
     parsed = vars(saved_namespace(ckpt["args"], f"{path}: its training arguments"))
     saved = {k: parsed[k] for k in ckpt["args"] if k in parsed}
     trained = ckpt.get("normalization", normalization)
-    if any(not math.isclose(trained[k], normalization[k], rel_tol=1e-6) for k in normalization):
-        def show(d):
-            return f"data {d['data_min']:g} to {d['data_max']:g}, velocity {d['label_min']:g} to {d['label_max']:g}"
-        raise InputError(f"the normalisation ({show(normalization)}) differs from the one {path} was trained with "
-                         f"({show(trained)}): other data, or another --dataset / --stats; resume with the run's data and "
-                         f"constants, or start a new run (--init-from {path} to start from its weights)")
+    if not same_normalization(trained, normalization):
+        raise InputError(f"the normalisation ({shown_normalization(normalization)}) differs from the one {path} was "
+                         f"trained with ({shown_normalization(trained)}): other data, or another --dataset / --stats; "
+                         f"resume with the run's data and constants, or start a new run (--init-from {path} to start "
+                         f"from its weights)")
     position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
     for key in (*position, "optimizer", "lr", "weight_decay", "betas"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
@@ -2006,6 +2005,14 @@ def records_ok(ckpt):
 def split_record_ok(split):
     return isinstance(split, list) and all(isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
                                            and isinstance(r[1], str) and type(r[2]) is int for r in split)
+
+
+def same_normalization(a, b):
+    return all(math.isclose(a[k], b[k], rel_tol=1e-6) for k in b)
+
+
+def shown_normalization(d):
+    return f"data {d['data_min']:g} to {d['data_max']:g}, velocity {d['label_min']:g} to {d['label_max']:g}"
 
 
 def normalization_ok(norm):

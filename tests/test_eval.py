@@ -393,7 +393,7 @@ def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
     assert (paper["dataset"], paper["data"]) == ("curvevel-a", "simulate_openfwi.py (indicative)")
 
 
-def test_split_stats_and_dataset_flags(tiny_run, tmp_path):
+def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
     """--split train evaluates the training files; --stats replaces the checkpoint's constants; --dataset names
     OpenFWI's, and --stats wins over it, as in training."""
     ck = tiny_run / "run" / "best.pt"
@@ -405,9 +405,15 @@ def test_split_stats_and_dataset_flags(tiny_run, tmp_path):
                         ("both", ["--stats", tmp_path / "s.json", "--dataset", "curvevel-a"])):
         m = evaluate_to(tmp_path / name, ck, *flags)
         assert m["normalization"] == stats and m["normalization_from"] == str(tmp_path / "s.json"), name
+    capsys.readouterr()
     m = evaluate_to(tmp_path / "ds", ck, "--dataset", "curvevel-a")
     lo, hi = T.DATASETS["curvevel-a"]
     assert (m["normalization"]["data_min"], m["normalization"]["data_max"]) == (lo, hi)
+    # the inputs are then scaled otherwise than in training: said, not refused (a deliberate probe)
+    assert (f"note: normalisation from --dataset curvevel-a (data {lo:g} to {hi:g}, velocity 1500 to 4500), not the one "
+            "the model was trained with (data -26.95 to 52.77, velocity 1500 to 4500)") in capsys.readouterr().out
+    evaluate_to(tmp_path / "own", ck, "--dataset", "flatvel-a")  # the constants it was trained with
+    assert "note: normalisation" not in capsys.readouterr().out
 
 
 def test_device_cache_loader_gives_the_map_loaders_metrics(tiny_run, tmp_path):
