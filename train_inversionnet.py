@@ -1429,7 +1429,8 @@ def read_state_dict(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated zip, pickle garbage, ...
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}): another kind of file, or a copy cut "
+                         f"short") from None
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{path}: holds no model state_dict")
