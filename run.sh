@@ -108,8 +108,15 @@ else
 fi
 
 step() { echo; echo "== $1"; }
-# a stage's exit code is run.sh's; an input error (exit 2) has already said what is wrong, in one line
-failed() { (( $1 == 2 )) || echo "run.sh: $2 failed (exit $1)" >&2; exit "$1"; }
+# a stage's exit code is run.sh's; an input error (exit 2) has already said what is wrong, in one line; a
+# stage stopped by Ctrl-C (SIGINT) or by a SIGTERM to the whole process group (timeout, docker stop, a batch
+# scheduler) exits 130 / 143, and the trap keeps this shell alive to say how to go on
+trap : TERM
+failed() {
+  if (( $1 == 130 || $1 == 143 )); then echo "run.sh: $2 stopped by a signal; the same bash run.sh command goes on" >&2
+  elif (( $1 != 2 )); then echo "run.sh: $2 failed (exit $1)" >&2; fi
+  exit "$1"
+}
 step "1/3 simulate ($family, profile $profile) -> $data"
 # shellcheck disable=SC2086
 "$PY" simulate_openfwi.py --family "$family" --out "$data" "${sim[@]}" $sim_args \
@@ -117,14 +124,11 @@ step "1/3 simulate ($family, profile $profile) -> $data"
 step "2/3 train -> $run"
 rc=0
 # --resume auto continues the run in $run if there is one and starts a new one otherwise, so the same command
-# goes on after any stop, even a kill before the first checkpoint. Ctrl-C (SIGINT) or a SIGTERM to the whole
-# process group (timeout, docker stop, a batch scheduler) reaches the trainer too, which saves last.pt and exits
-# 130 / 143; the trap keeps this shell alive to say how to go on
-trap : TERM
+# goes on after any stop, even a kill before the first checkpoint; a signal reaches the trainer too, which
+# saves last.pt first
 # shellcheck disable=SC2086
 "$PY" train_inversionnet.py --train-list "$data/train.txt" --val-list "$data/val.txt" \
   --output-dir "$run" "${train[@]}" --resume auto $train_args || rc=$?
-trap - TERM
 if (( rc == 130 || rc == 143 )); then
   [[ -f "$run/last.pt" ]] && hint="; the same bash run.sh command continues it from $run/last.pt" || hint=""
   echo "run.sh: training stopped by a signal$hint" >&2

@@ -48,6 +48,7 @@ import platform
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 
@@ -793,9 +794,8 @@ def main(args):
     print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
           f"{n - len(todo)} complete, {len(todo)} to make")
     t0 = time.time()
-    bar = tqdm(total=len(todo) * N, unit="sample", disable=not args.progress or not todo, dynamic_ncols=True)
-    make_files(args, todo, device, bar.update)
-    bar.close()
+    with tqdm(total=len(todo) * N, unit="sample", disable=not args.progress or not todo, dynamic_ncols=True) as bar:
+        make_files(args, todo, device, bar.update)  # a stop closes the bar first, so its line ends before the stop's
     if todo:
         rate = len(todo) * N / max(time.time() - t0, 1e-9)
         print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
@@ -803,8 +803,9 @@ def main(args):
     return 0
 
 
-class Terminated(Exception):
-    """SIGTERM (a scheduler, `timeout`), raised on the main thread as Ctrl-C is, so a write under way completes."""
+class Terminated(BaseException):
+    """SIGTERM (a scheduler, `timeout`), raised on the main thread as Ctrl-C is, so a write under way completes;
+    a BaseException, as KeyboardInterrupt is, so no `except Exception` (the kernel build's) takes it for a failure."""
 
 
 def raise_terminated(signum, frame):
@@ -812,7 +813,8 @@ def raise_terminated(signum, frame):
 
 
 def cli(argv=None):
-    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    main_thread = threading.current_thread() is threading.main_thread()  # where alone signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         args = get_args_parser().parse_args(argv)
         return main(args)
@@ -827,7 +829,8 @@ def cli(argv=None):
               f"are kept, re-run to resume", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     finally:
-        signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: a handler not set from Python
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: a handler not set from Python
 
 
 if __name__ == "__main__":

@@ -656,6 +656,8 @@ class CheckpointWriter:
     wait() first finish the one in flight and raise its error. The thread is not a daemon, so an exit
     still completes a write that has begun."""
 
+    THREAD = "checkpoint-writer"
+
     def __init__(self):
         self._thread, self._error = None, None
 
@@ -663,7 +665,7 @@ class CheckpointWriter:
         self.wait()
         snapshot = cpu_copy(obj)  # the next training step changes the weights and AdamW's moments in place
         # in a list that _write empties: the Thread keeps its args until it ends, which would hold the copy
-        self._thread = threading.Thread(target=self._write, args=([snapshot], paths), name="checkpoint-writer")
+        self._thread = threading.Thread(target=self._write, args=([snapshot], paths), name=self.THREAD)
         self._thread.start()
 
     def _write(self, box, paths):
@@ -1428,6 +1430,8 @@ def read_state_dict(path):
     """(the checkpoint as stored, its model state_dict without wrapper prefixes)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except OSError as e:  # permissions, say: the system's reason
+        raise InputError(f"{path}: not a readable checkpoint ({e.strerror or type(e).__name__})") from None
     except Exception as e:  # truncated zip, pickle garbage, ...
         raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}): another kind of file, or a copy cut "
                          f"short") from None
@@ -2013,7 +2017,7 @@ def same_normalization(a, b):
 
 
 def shown_normalization(d):
-    return f"data {d['data_min']:g} to {d['data_max']:g}, velocity {d['label_min']:g} to {d['label_max']:g}"
+    return f"data {d['data_min']:.7g} to {d['data_max']:.7g}, velocity {d['label_min']:.7g} to {d['label_max']:.7g}"
 
 
 def normalization_ok(norm):
@@ -2461,9 +2465,10 @@ STOPPED_AT_ONCE = threading.Event()
 def exit_at_once(code):
     """Leave a process whose step a second Ctrl-C cut short without the interpreter's teardown, in which torch's
     native threads, left mid-task, have aborted it ("terminate called without an active exception"), but
-    only once the threads a normal exit waits for (a checkpoint write under way) are done."""
+    only once a checkpoint write under way is done (not every thread a normal exit joins: torch.compile's
+    idle worker pool would never end)."""
     for t in threading.enumerate():
-        if t is not threading.current_thread() and not t.daemon:
+        if t.name == CheckpointWriter.THREAD:
             t.join()
     sys.stdout.flush()
     sys.stderr.flush()

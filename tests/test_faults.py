@@ -132,6 +132,18 @@ def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
         load(out / "last.pt")
 
 
+def test_leaving_at_once_waits_for_a_checkpoint_write_and_for_nothing_else(tmp_path):
+    """After a second Ctrl-C: a write under way lands; an idle worker pool (torch.compile leaves one, and a
+    normal exit joins it) does not hold the process."""
+    code = ("import concurrent.futures, threading, time, train_inversionnet as T\n"
+            "pool = concurrent.futures.ThreadPoolExecutor(1); pool.submit(int).result()\n"
+            f"write = lambda: (time.sleep(1), open({str(tmp_path / 'landed')!r}, 'w').close())\n"
+            "threading.Thread(target=write, name=T.CheckpointWriter.THREAD).start()\n"
+            "T.exit_at_once(130)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and (tmp_path / "landed").exists(), r.stderr
+
+
 def test_sigkill_leaves_a_loadable_last_and_resume_matches_straight_run(data, straight, tmp_path):
     out = tmp_path / "run"
     p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
@@ -570,6 +582,22 @@ def test_a_run_file_name_taken_by_a_directory_is_one_line(data, tmp_path, capsys
     assert T.cli(["--data-root", str(data), "--output-dir", str(tmp_path / "o"), "--resume", "auto", *BASE]) == 2
     assert one_line_error(capsys.readouterr().err) == (f"train_inversionnet.py: error: {tmp_path / 'o' / 'last.pt'}: "
                                                        "exists and is not a regular file\n")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_during_run_sh_simulation_says_how_to_go_on(tmp_path, sig):
+    cmd = ["bash", os.path.join(ROOT, "run.sh"), "--profile", "cpu", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"),
+           "--sim-args", "--files 40 --samples-per-file 4 --val-files 1"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1", PYTHON=sys.executable))
+    assert wait_until(lambda: (tmp_path / "d" / "data" / "data2.npy").exists(), 180)
+    os.killpg(p.pid, sig)
+    _, stderr = p.communicate(timeout=120)
+    assert p.returncode == 128 + sig and "failed" not in stderr, stderr
+    assert stderr.splitlines()[-2:] == [f"simulate_openfwi.py: {'interrupted' if sig == signal.SIGINT else 'terminated'}; "
+                                        "complete files are kept, re-run to resume",
+                                        "run.sh: simulation stopped by a signal; the same bash run.sh command goes on"]
 
 
 def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code(tmp_path):

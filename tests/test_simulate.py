@@ -186,6 +186,18 @@ def test_without_compiler_falls_back_with_one_line(tmp_path):
     assert np.load(tmp_path / "o" / "data" / "data1.npy").shape == (1, 5, 1000, 70)
 
 
+@pytest.mark.parametrize("stop", [so.Terminated, KeyboardInterrupt])
+def test_a_stop_signal_during_the_kernel_build_stops_the_run(monkeypatch, capsys, stop):
+    """A SIGTERM or Ctrl-C in the 10 s build is a stop, not a failed build to fall back from."""
+    def build():
+        raise stop
+    monkeypatch.setattr(so, "_kernel", None)
+    monkeypatch.setattr(so, "_build_kernel", build)
+    with pytest.raises(stop):
+        so.cpu_kernel()
+    assert so._kernel is None and "unavailable" not in capsys.readouterr().err
+
+
 @pytest.mark.skipif(importlib.util.find_spec("deepwave") is None, reason="deepwave is not installed")
 def test_agrees_with_deepwave():
     import deepwave
