@@ -160,8 +160,8 @@ def load_model(opts, device):
         if not T.normalization_ok(n):
             raise T.InputError(f"{opts.checkpoint}: its normalisation record is unreadable; name the constants with "
                                f"--dataset or --stats")
-        values = n["data_min"], n["data_max"], n["label_min"], n["label_max"]
-        normalizer, stats_from = T.checked_normalizer(f"{opts.checkpoint} (its normalisation)", *values), "the checkpoint"
+        normalizer = T.checked_normalizer(f"{opts.checkpoint} (its normalisation)", *(n[k] for k in T.Normalizer.KEYS))
+        stats_from = "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
         trained = ckpt.get("normalization") if ours else None

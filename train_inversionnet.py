@@ -711,6 +711,8 @@ def log_transform(x):
 class Normalizer:
     """OpenFWI normalisation: data -> log -> min-max [-1, 1]; velocity -> min-max [-1, 1]. Never in place."""
 
+    KEYS = ("data_min", "data_max", "label_min", "label_max")  # as stats files and checkpoints record them
+
     def __init__(self, data_min, data_max, label_min=LABEL_MIN, label_max=LABEL_MAX):
         self.data_min, self.data_max = float(data_min), float(data_max)
         self.label_min, self.label_max = float(label_min), float(label_max)
@@ -731,7 +733,7 @@ class Normalizer:
         return (y + 1.0) * self.label_scale + self.label_min
 
     def as_dict(self):
-        return {"data_min": self.data_min, "data_max": self.data_max, "label_min": self.label_min, "label_max": self.label_max}
+        return {k: getattr(self, k) for k in self.KEYS}
 
 
 def stats_path(args):
@@ -1998,13 +2000,8 @@ def is_training_checkpoint(ckpt):
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
             and isinstance(ckpt["best_loss"], float)
             and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model"))
-            and records_ok(ckpt))
-
-
-def records_ok(ckpt):
-    """The split and normalisation a checkpoint of ours records, where present, are of the types that resume
-    and eval compare with."""
-    return split_record_ok(ckpt.get("split", [])) and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
+            and split_record_ok(ckpt.get("split", []))  # of the types that resume compares, where recorded
+            and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"])))
 
 
 def split_record_ok(split):
@@ -2021,7 +2018,7 @@ def shown_normalization(d):
 
 
 def normalization_ok(norm):
-    return (isinstance(norm, dict) and set(norm) == set(Normalizer(0, 1).as_dict())
+    return (isinstance(norm, dict) and set(norm) == set(Normalizer.KEYS)
             and all(type(v) in (int, float) for v in norm.values()))
 
 
