@@ -78,14 +78,18 @@ def report_lines():
     whole = RESULTS["whole"]
     if len(whole) == 2:
         out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "
-                   f"validation included): defaults {whole['plain']:.1f} s, --fast {whole['fast']:.1f} s: "
-                   f"{whole['plain'] / whole['fast']:.2f}x faster")
+                   f"validation included): defaults {whole['plain']:.1f} s, --fast {whole['fast']:.1f} s: {speedup(whole['plain'] / whole['fast'])}")
     sim = RESULTS["sim"]
     if sim:
         deepwave = max((v for k, v in sim.items() if k.startswith("deepwave")), default=None)
         out.append("simulator samples/s (median of the rounds, same process): " + ", ".join(f"{k} {v:.2f}" for k, v in sim.items())
                    + (f"; ours / deepwave {sim['ours'] / deepwave:.2f}x" if deepwave else ""))
     return out
+
+
+def speedup(ratio):
+    """'2.11x faster', or '3.36x slower' where the ratio is under 1 ('0.30x faster' would read as a gain)."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
 def compute_lines(compute):
@@ -103,10 +107,15 @@ def compute_lines(compute):
 
 
 def loader_lines(loader, e2e, compute):
-    """Each loader against the --fast step's demand, end to end, and OpenFWI's configuration beside it."""
+    """Each loader against the --fast step's demand, end to end, and OpenFWI's configuration beside it (the
+    end-to-end lines print on their own when only those cases ran)."""
     need = compute.get(("fast", LOADER_BATCH))
-    if not (loader and need):
+    if not (need and (loader or e2e)):
         return []
+    return (loader_table(loader, e2e, need) if loader else []) + e2e_lines(e2e, need)
+
+
+def loader_table(loader, e2e, need):
     out = [f"loaders feeding the --fast step (batch {LOADER_BATCH}, {need:.1f} samples/s compute-only):",
            f"{'loader':9s}{'workers':>8s}{'pin':>5s}{'loader/s':>10s}{'GB/s':>7s}{'ratio':>7s}{'e2e/s':>8s}{'wait':>7s}  verdict"]
     best = None
@@ -120,6 +129,11 @@ def loader_lines(loader, e2e, compute):
     out.append(f"recommendation: --loader {best[0]} --num-workers {best[1]} keeps the device fed (fewest workers with "
                f"loader >= 1.1x compute)" if best else
                "recommendation: every loader is input-bound here; use --loader gpu if the split fits in device memory")
+    return out
+
+
+def e2e_lines(e2e, need):
+    out = []
     openfwi = [(k, v) for k, v in e2e.items() if k[0] == "openfwi"]
     fast = e2e.get(("gpu", 0, DEVICE.type == "cuda"))
     if fast:

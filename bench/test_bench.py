@@ -379,3 +379,20 @@ def test_profiler_trace(benchmark, tmp_path):
     files = [f for f in os.listdir(out) if ".pt.trace.json" in f]
     assert files
     benchmark.extra_info.update(environment(), trace_dir=out)
+
+
+def test_report_reads_a_slower_run_as_slower_and_prints_end_to_end_lines_without_the_loader_table():
+    """The end-of-run report (a plain test: --benchmark-only skips it, `bash run.sh test` runs it)."""
+    import conftest as C
+    assert (C.speedup(2.0), C.speedup(0.25)) == ("2.00x faster", "4.00x slower")
+    cuda = DEVICE.type == "cuda"
+    fast = {("fast", LOADER_BATCH): 1000.0}
+    e2e = {("gpu", 0, cuda): (900.0, 0.01), ("openfwi", 4, cuda): (100.0, 0.8)}
+    assert C.loader_lines({}, e2e, fast) == [
+        "--fast end to end (device cache): 900.0 samples/s = 90% of its compute-only 1000.0",
+        "OpenFWI-style (map, 4 workers normalising, fp32): 100.0 samples/s, data wait 80%; --fast with the device cache: "
+        "900.0 samples/s, wait 1%: 9.00x"]
+    assert C.loader_lines({}, {}, fast) == [] and C.loader_lines({("map", 0, False): (2000.0, 1.0)}, {}, {}) == []
+    table = C.loader_lines({("map", 0, False): (2000.0, 1.0)}, {}, fast)
+    assert table[-1] == ("recommendation: --loader map --num-workers 0 keeps the device fed (fewest workers with loader >= "
+                         "1.1x compute)")
