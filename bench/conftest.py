@@ -78,7 +78,8 @@ def report_lines():
     whole = RESULTS["whole"]
     if len(whole) == 2:
         out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "
-                   f"validation included): defaults {whole['plain']:.1f} s, --fast {whole['fast']:.1f} s: {speedup(whole['plain'] / whole['fast'])}")
+                   f"validation included): defaults {whole['plain']:.1f} s, --fast {whole['fast']:.1f} s: "
+                   f"{speedup(whole['plain'] / whole['fast'])}")
     sim = RESULTS["sim"]
     if sim:
         deepwave = max((v for k, v in sim.items() if k.startswith("deepwave")), default=None)
