@@ -665,8 +665,11 @@ class CheckpointWriter:
         self.wait()
         snapshot = cpu_copy(obj)  # the next training step changes the weights and AdamW's moments in place
         # in a list that _write empties: the Thread keeps its args until it ends, which would hold the copy
-        self._thread = threading.Thread(target=self._write, args=([snapshot], paths), name=self.THREAD)
-        self._thread.start()
+        thread = threading.Thread(target=self._write, args=([snapshot], paths), name=self.THREAD)
+        thread.start()
+        # kept only once started: a second Ctrl-C inside start() leaves a thread that join() refuses (it may
+        # never run, or run with start() cut short); exit_at_once, the way out after that Ctrl-C, sees to it
+        self._thread = thread
 
     def _write(self, box, paths):
         try:
@@ -2466,7 +2469,12 @@ def exit_at_once(code):
     idle worker pool would never end)."""
     for t in threading.enumerate():
         if t.name == CheckpointWriter.THREAD:
-            t.join()
+            # one whose start() the Ctrl-C cut short runs within moments, or never if cut before it began
+            deadline = time.monotonic() + 1
+            while not t.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            if t.is_alive():
+                t.join()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

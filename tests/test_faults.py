@@ -144,6 +144,32 @@ def test_leaving_at_once_waits_for_a_checkpoint_write_and_for_nothing_else(tmp_p
     assert r.returncode == 130 and (tmp_path / "landed").exists(), r.stderr
 
 
+@pytest.mark.parametrize("began", [True, False])
+def test_a_second_ctrl_c_inside_the_writer_threads_start_still_stops_at_once(tmp_path, began):
+    """The second Ctrl-C's KeyboardInterrupt can land inside Thread.start() of the checkpoint writer: close()
+    must not join what start() left (join() refuses a thread not known to have started), and leaving at
+    once lands a write that began and skips one that never will."""
+    ck = tmp_path / "last.pt"
+    code = ("import threading, torch, train_inversionnet as T\n"
+            "start = threading.Thread.start\n"
+            "def cut(self):\n"
+            + ("    start(self)\n" if began else  # else registered, as start() does first, but never run
+               "    with threading._active_limbo_lock:\n        threading._limbo[self] = self\n")
+            + "    raise KeyboardInterrupt\n"
+            "threading.Thread.start = cut\n"
+            "writer = T.CheckpointWriter()\n"
+            "try:\n"
+            f"    writer.save({{'w': torch.ones(3)}}, {str(ck)!r})\n"
+            "except KeyboardInterrupt:\n"
+            "    writer.close()\n"
+            "    T.exit_at_once(130)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 130 and r.stderr == "", r.stderr
+    assert ck.exists() == began and not list(tmp_path.glob("*.tmp-*"))
+    if began:
+        assert torch.equal(load(ck)["w"], torch.ones(3))
+
+
 def test_sigkill_leaves_a_loadable_last_and_resume_matches_straight_run(data, straight, tmp_path):
     out = tmp_path / "run"
     p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
