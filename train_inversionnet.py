@@ -1697,6 +1697,14 @@ def train_step(run, x, y):
     return loss.detach()
 
 
+def in_finalizer(frame):
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
 class Stop:
     """Whether to leave the loop, decided in one place: a SIGINT/SIGTERM on any rank, or --max-steps.
     check() all-reduces the signal under DDP, so every rank leaves at the same step; `now` and `signum`
@@ -1711,7 +1719,9 @@ class Stop:
             self._old[s] = signal.signal(s, self._handle)
 
     def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
+        # not inside a finaliser (a DataLoader iterator's __del__ joining its workers as the epoch ends):
+        # Python would print its traceback as "Exception ignored" and go on as if the key had not been pressed
+        if self.received is not None and signum == signal.SIGINT and not in_finalizer(frame):
             raise KeyboardInterrupt
         self.received = signum
 
