@@ -1698,6 +1698,7 @@ def train_step(run, x, y):
 
 
 def in_finalizer(frame):
+    """Whether FRAME runs inside a __del__, however deep."""
     while frame is not None:
         if frame.f_code.co_name == "__del__":
             return True
