@@ -182,6 +182,13 @@ def dtype_name(amp_dtype):
     return str(amp_dtype).replace("torch.", "") if amp_dtype else "float32"
 
 
+def non_finite_forward(where, what, amp_dtype, job):
+    """The error for NaN or Inf out of the forward pass: the weights (read_state_dict) and inputs were
+    finite, so it is most likely an fp16 overflow, and the precision is what to change."""
+    hint = f"; {job} with --amp off" if amp_dtype else ""
+    return T.DataError(f"{where}: the model's {what} NaN or Inf in its {dtype_name(amp_dtype)} forward pass{hint}")
+
+
 def forward_settings(opts, model, device, targs):
     """(autocast dtype, channels-last) of the forward pass; the layout is --fast's choice for the device."""
     channels_last = T.fast_compute(device)["channels_last"]
@@ -414,9 +421,8 @@ def run_evaluation(opts, argv):
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
     amp_dtype, channels_last = forward_settings(opts, model, device, targs)
     metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=opts.progress)
-    if not np.isfinite([metrics[k] for k in ("mae", "mse", "ssim")]).all():  # finite weights: an fp16 overflow
-        raise T.DataError(f"{opts.checkpoint}: the model's predictions hold NaN or Inf in its {dtype_name(amp_dtype)} "
-                          f"forward pass{'; evaluate with --amp off' if amp_dtype else ''}")
+    if not np.isfinite([metrics[k] for k in ("mae", "mse", "ssim")]).all():
+        raise non_finite_forward(opts.checkpoint, "predictions hold", amp_dtype, "evaluate")
     rows = gather_rows(metrics["per_sample"], rank, world, normalizer.label_scale)
     if rank != 0:
         return 0
@@ -510,9 +516,8 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
                 pred = T.forward(model, x, amp_dtype)
             velocity = normalizer.label_to_velocity(pred.float()).cpu().numpy()
             bad = np.flatnonzero(~np.isfinite(velocity).reshape(len(x), -1).all(1))
-            if len(bad):  # finite weights and gathers: an fp16 overflow
-                raise T.DataError(f"{path} sample {s + int(bad[0])}: the model's prediction holds NaN or Inf in its "
-                                  f"{dtype_name(amp_dtype)} forward pass{'; predict with --amp off' if amp_dtype else ''}")
+            if len(bad):
+                raise non_finite_forward(f"{path} sample {s + int(bad[0])}", "prediction holds", amp_dtype, "predict")
             out[s:s + len(x)] = velocity
         out.flush()
         del out
