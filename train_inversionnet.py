@@ -225,6 +225,13 @@ def flag_of(dest):
     return "--" + dest.replace("_", "-")
 
 
+def spelled(dest, value):
+    """An argument as the command line gives it: --batch-size 4, --no-scale-lr."""
+    if isinstance(value, bool):
+        return flag_of(dest if value else "no_" + dest)
+    return f"{flag_of(dest)} {shown(value)}"
+
+
 def shown(value):
     """A value as the command line (or a split record) spells it: lists space-separated."""
     return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
@@ -263,7 +270,7 @@ def saved_argv(saved, where, skip=(), known_only=False):
         if key in switches and not isinstance(value, bool):  # as a flag's value it would read as a stray argument
             raise InputError(f"{where}: {key} must be true or false, got {value!r}")
         if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + flag[2:])
+            argv.append(spelled(key, value))
         elif isinstance(value, (list, tuple)):
             argv += [flag, *map(str, value)]
         else:
@@ -1644,11 +1651,7 @@ def wrap_model(model, device, parallel, local, sync_bn):
 def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
     """InversionNet, its wrappers, optimizer, schedule and scaler as the flags ask (speed flags resolved by
     resolve_speed); returns (Run, parallel mode)."""
-    raw = InversionNet()
-    if args.init_from and args.init_strict == "yes":
-        load_weights(raw, args.init_from)
-    elif args.init_from:
-        print0(load_matching(raw, args.init_from))
+    raw = InversionNet()  # --init-from's weights come in restore(), which knows whether a checkpoint replaces them
     raw.to(device)
     if args.channels_last:
         raw.to(memory_format=torch.channels_last)
@@ -1971,13 +1974,15 @@ def check_resumable(ckpt, path, args, split, batches, world, normalization):
                          f"resume with the run's data and constants, or start a new run (--init-from {path} to start "
                          f"from its weights)")
     position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
-    for key in (*position, "optimizer", "lr", "weight_decay", "betas"):
+    scaled = ("scale_lr",) if ckpt.get("world", world) == world > 1 else ()  # (a new world size rebases the rate)
+    for key in (*position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
-            flag = flag_of(key)
-            why = "the position inside the epoch" if key in position else "the optimizer state"
-            raise InputError(f"{flag} {shown(getattr(args, key))} differs from the {shown(saved[key])} that {path} was "
-                             f"trained with: {why} would mean something else; resume with {flag} {shown(saved[key])} "
-                             f"or start a new run")
+            why = ("the position inside the epoch" if key in position else
+                   "the validation loss that keeps best.pt" if key.startswith("lambda") else "the optimizer state")
+            was = spelled(key, saved[key]) if isinstance(saved[key], bool) else shown(saved[key])
+            raise InputError(f"{spelled(key, getattr(args, key))} differs from the {was} that {path} was trained "
+                             f"with: {why} would mean something else; resume with {spelled(key, saved[key])} or "
+                             f"start a new run")
     if "split" in ckpt and ckpt["split"] != split:
         was, now = ckpt["split"], split
         raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
@@ -2015,7 +2020,14 @@ def is_training_checkpoint(ckpt):
             and isinstance(ckpt["best_loss"], float)
             and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model"))
             and split_record_ok(ckpt.get("split", []))  # of the types that resume compares, where recorded
-            and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"])))
+            and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
+            and rng_record_ok(ckpt.get("rng", {})))
+
+
+def rng_record_ok(st):
+    """Of the types set_rng_state() takes, where recorded (an empty record sets nothing)."""
+    return isinstance(st, dict) and (not st or (isinstance(st.get("python"), tuple) and isinstance(st.get("numpy"), tuple)
+                                                and isinstance(st.get("torch"), torch.Tensor)))
 
 
 def split_record_ok(split):
@@ -2036,13 +2048,28 @@ def normalization_ok(norm):
             and all(type(v) in (int, float) for v in norm.values()))
 
 
+def start_new(run, args, path):
+    """A new run's weights: InversionNet's initialisation, or those of --init-from (with --init-strict no, the
+    tensors that fit). Returns the line to log, or None."""
+    notes = [f"--resume auto: no {path} yet, starting a new run"] if args.resume == "auto" else []
+    if args.init_from and args.init_strict == "yes":
+        load_weights(run.raw_model, args.init_from)
+        notes.append(f"weights from --init-from {args.init_from}")
+    elif args.init_from:
+        notes.append(load_matching(run.raw_model, args.init_from))
+    if args.init_from and run.ema is not None:
+        run.ema.model.load_state_dict(run.raw_model.state_dict())  # the average starts from the weights that train
+    return "; ".join(notes) or None
+
+
 def restore(run, args, rank, iters_per_epoch):
     """Continue from --resume (or OUTPUT_DIR/last.pt with 'auto'): weights, optimizer, schedule, scaler,
-    counters and RNG. A different world size restarts the current epoch with the step count and the
-    schedule rebased to it (its batches would otherwise be split another way). Returns the line to log."""
+    counters and RNG; or start a new run (start_new). A different world size restarts the current epoch with
+    the step count and the schedule rebased to it (its batches would otherwise be split another way). Returns
+    the line to log."""
     path = os.path.join(args.output_dir, "last.pt") if args.resume == "auto" else args.resume
     if not path or not os.path.isfile(path):
-        return f"--resume auto: no {path} yet, starting a new run" if args.resume == "auto" else None
+        return start_new(run, args, path)
     ckpt = load_weights(run.raw_model, path)
     if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
@@ -2081,11 +2108,23 @@ def restore(run, args, rank, iters_per_epoch):
     return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{ema}{amp}{unused}"
 
 
+def check_ranks_agree(run):
+    """Every rank must start at the same step: on nodes that do not share --output-dir, a rank that found no
+    checkpoint would train from other weights than rank 0 and fall out of step with it."""
+    n, s, s2 = all_reduce_sum(torch.tensor([1, run.step, run.step ** 2], dtype=torch.float64)).tolist()
+    if n * s2 != s * s:  # zero variance: the same step everywhere
+        raise InputError(f"the ranks would start at different steps (this one at step {run.step}): --output-dir "
+                         f"and --resume must name the same files on every node (a shared filesystem)")
+
+
 def load_optimizer_state(run, ckpt, path, amp):
     """The optimizer, schedule and GradScaler states of a checkpoint. A run may change --amp on resume; a
-    scaler saved while disabled holds nothing, so an fp16 continuation starts its own. Returns the note."""
+    scaler saved while disabled holds nothing, so an fp16 continuation starts its own. The optimizer's
+    implementation (--fused-adam) is this run's choice, not the one saved with its state. Returns the note."""
+    impl = {k: v for k, v in run.optimizer.param_groups[0].items() if k in ("fused", "foreach", "capturable")}
     try:
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        saved = ckpt["optimizer"]
+        run.optimizer.load_state_dict({**saved, "param_groups": [{**g, **impl} for g in saved["param_groups"]]})
         run.scheduler.load_state_dict(ckpt["scheduler"])
         if ckpt["scaler"]:  # (a disabled scaler ignores what it is given)
             run.scaler.load_state_dict(ckpt["scaler"])
@@ -2419,6 +2458,7 @@ def main(args, argv=()):
     run.meta = {"split": split_record(data[0], data[1]), "batches_per_epoch": len(train_loader),
                 "provenance": provenance(device, argv, world)}
     resumed = restore(run, args, rank, len(train_loader))
+    check_ranks_agree(run)
     on_rank0(rank, remove_previous_run, args)
     if resumed:
         print0(resumed)

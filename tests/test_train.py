@@ -1,4 +1,5 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
+import argparse
 import json
 import math
 import os
@@ -697,6 +698,8 @@ def short_run(tmp_path_factory, ids_data):
     (["--lr", "3e-4"], "--lr 0.0003 differs from the 0.001 that"),  # the restored optimizer state would keep 1e-3
     (["--betas", "0.8", "0.999"], "--betas 0.8 0.999 differs from the 0.9 0.999 that"),
     (["--optimizer", "adam"], "--optimizer adam differs from the adamw that"),
+    (["--lambda-l2", "1"], "--lambda-l2 1.0 differs from the 0.0 that {last} was trained with: the validation loss that "
+                           "keeps best.pt would mean something else; resume with --lambda-l2 0.0"),
     (["--dataset", "flatfault-b"], "the normalisation (data -24.86 to 50.28, velocity 1500 to 4500) differs from the one "
                                    "{last} was trained with (data -26.95 to 52.77,"),  # the weights learnt other inputs
 ])
@@ -767,12 +770,25 @@ def test_init_from_on_a_resume_is_said_unused_and_not_recorded(short_run, ids_da
     _, lists = ids_data
     run = tmp_path / "run"
     shutil.copytree(short_run, run)
-    torch.save(T.InversionNet().state_dict(), tmp_path / "w.pth")
+    (tmp_path / "w.pth").write_bytes(b"not read: the weights are the checkpoint's")
     capsys.readouterr()
     assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(run), "--resume", "auto",
                   "--init-from", str(tmp_path / "w.pth")]) == 0
     assert f"--init-from {tmp_path / 'w.pth'} not used (the weights are {run / 'last.pt'}'s)" in capsys.readouterr().out
     assert json.loads((run / "args.json").read_text())["init_from"] is None  # the run began from scratch
+
+
+def test_init_from_weights_start_the_weight_ema_too(ids_data, tmp_path, capsys):
+    _, lists = ids_data
+    torch.manual_seed(5)
+    init = T.InversionNet().state_dict()
+    torch.save({"model": init}, tmp_path / "w.pth")
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--ema-decay", "0.5", "--init-from",
+                  str(tmp_path / "w.pth"), "--output-dir", str(tmp_path / "run")]) == 0
+    assert f"weights from --init-from {tmp_path / 'w.pth'}" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    d, k = 2 / 11, "convblock1.layers.0.weight"  # the decay ramped to (1 + 1) / (10 + 1) at the first step
+    assert torch.allclose(ck["model"][k], d * init[k] + (1 - d) * ck["train_model"][k], atol=1e-6)
 
 
 def test_a_run_continued_into_a_new_directory_writes_its_best_pt(short_run, ids_data, tmp_path):
@@ -788,6 +804,51 @@ def test_a_run_continued_into_a_new_directory_writes_its_best_pt(short_run, ids_
 
 
 @pytest.mark.slow
+def test_resume_under_ddp_refuses_another_scale_lr_unless_the_world_size_changes(short_run):
+    """At the same world size the restored optimizer keeps the scaled rate; a new world size rebases it from
+    the flags."""
+    ck = torch.load(short_run / "last.pt", weights_only=False)
+    ck["world"] = 2  # as if trained by two ranks
+    args = argparse.Namespace(**{**ck["args"], "scale_lr": False})
+    check = lambda world: T.check_resumable(ck, "last.pt", args, ck["split"], ck["batches_per_epoch"], world,
+                                            ck["normalization"])
+    with pytest.raises(T.InputError, match=r"^--no-scale-lr differs from the --scale-lr that last.pt was trained with: "
+                                           r"the optimizer state would mean something else; resume with --scale-lr or"):
+        check(2)
+    check(1)
+
+
+def test_a_resume_steps_with_its_own_fused_adam_choice(short_run):
+    """--fused-adam (or --fast's choice) holds on a resume: the saved state brings its values, not its
+    implementation."""
+    model = T.InversionNet()
+    for fused in (True, False):
+        ck = torch.load(short_run / "last.pt", weights_only=False)  # (the optimizer takes its tensors as they are)
+        args = argparse.Namespace(**ck["args"])
+        assert not ck["optimizer"]["param_groups"][0]["fused"]  # trained unfused
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=fused)
+        run = argparse.Namespace(optimizer=opt, scheduler=T.build_scheduler(opt, args, ck["batches_per_epoch"]),
+                                   scaler=torch.amp.GradScaler("cpu", enabled=False))
+        T.load_optimizer_state(run, ck, "last.pt", args.amp)
+        first = opt.state[next(model.parameters())]
+        assert opt.param_groups[0]["fused"] is fused and int(first["step"]) == ck["step"]
+        assert torch.equal(first["exp_avg"], ck["optimizer"]["state"][0]["exp_avg"])
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        opt.step()  # a fused step needs the step counters where the fused kernel reads them
+        assert int(first["step"]) == ck["step"] + 1
+        assert not ck["optimizer"]["param_groups"][0]["fused"]  # the checkpoint's record is left as it was
+
+
+def test_ranks_that_would_start_at_different_steps_are_refused(monkeypatch):
+    run = argparse.Namespace(step=40)
+    monkeypatch.setattr(T, "all_reduce_sum", lambda t: t * 2)  # two ranks, both at step 40
+    T.check_ranks_agree(run)
+    monkeypatch.setattr(T, "all_reduce_sum", lambda t: t + torch.tensor([1.0, 0, 0], dtype=torch.float64))
+    with pytest.raises(T.InputError, match=r"^the ranks would start at different steps \(this one at step 40\)"):
+        T.check_ranks_agree(run)  # the other rank found no checkpoint: step 0
+
+
 def test_resume_may_change_amp_and_fp16_then_starts_its_own_grad_scaler(short_run, ids_data, tmp_path, capsys):
     """A run trained without fp16 saved a disabled GradScaler, which holds nothing: an fp16 continuation starts
     its own (no traceback), and the resume line says what changed."""
@@ -828,6 +889,7 @@ def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys)
     (lambda ck: ck["normalization"].update(data_min="a"), "not a training checkpoint of this script"),
     (lambda ck: ck.update(split="garbage"), "not a training checkpoint of this script"),
     (lambda ck: ck.update(batches_per_epoch="x"), "not a training checkpoint of this script"),
+    (lambda ck: ck["rng"].pop("python"), "not a training checkpoint of this script"),
     (lambda ck: ck["args"].update(batch_size="abc"), "its training arguments: argument --batch-size: invalid int value: 'abc'"),
     (lambda ck: ck["model"]["convblock1.layers.0.weight"].fill_(float("nan")),
      "its weights hold NaN or Inf (convblock1.layers.0.weight); use a checkpoint saved before the run diverged"),
@@ -1099,8 +1161,10 @@ def test_init_strict_no_loads_what_matches_and_says_what_it_skipped(tmp_path, id
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--max-steps", "1", "--init-from", str(tmp_path / "other.pth")]
     assert T.cli([*argv, "--output-dir", str(tmp_path / "strict")]) == 2
     assert "incompatible with InversionNet" in capsys.readouterr().err
-    assert T.cli([*argv, "--output-dir", str(tmp_path / "loose"), "--init-strict", "no"]) == 0
-    assert "loaded 173 of the model's 175 tensors" in capsys.readouterr().out
+    for again in ([], ["--overwrite"]):  # the line is in the new run's train.log, not in the old one it removes
+        assert T.cli([*argv, "--output-dir", str(tmp_path / "loose"), "--init-strict", "no", *again]) == 0
+        assert "loaded 173 of the model's 175 tensors" in capsys.readouterr().out
+        assert "loaded 173 of the model's 175 tensors" in (tmp_path / "loose" / "train.log").read_text()
     torch.save({"model": {"head.weight": torch.zeros(3)}}, tmp_path / "unrelated.pth")  # nothing to fine-tune from
     unrelated = ["--init-from", str(tmp_path / "unrelated.pth"), "--init-strict", "no", "--output-dir", str(tmp_path / "none")]
     assert T.cli([*argv, *unrelated]) == 2
