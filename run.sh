@@ -33,11 +33,15 @@ USAGE
 }
 
 install() {
-  # torch first and pinned: an unpinned torch on a CPU-only machine pulls GBs of CUDA packages. A torch
-  # before 2.3 lacks torch.amp.GradScaler, which the trainer uses, so it is replaced by the pinned one too
+  # torch first and pinned. PyPI's Linux torch brings GBs of CUDA packages, so a machine without an NVIDIA
+  # driver also asks PyTorch's CPU index, whose 2.13.0+cpu ranks above it (once: offline, the pin alone).
+  # A torch before 2.3 lacks torch.amp.GradScaler, which the trainer uses, so it is replaced too.
   # pip's warning about running as root (containers, CI) would be a stray line on every run
+  local cpu=()
+  [[ -e /proc/driver/nvidia/version ]] || command -v nvidia-smi >/dev/null \
+    || cpu=(--extra-index-url https://download.pytorch.org/whl/cpu --retries 0)
   "$PY" -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 3))" 2>/dev/null \
-    || PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check torch==2.13.0
+    || PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check ${cpu[@]+"${cpu[@]}"} torch==2.13.0
   PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt
 }
 
