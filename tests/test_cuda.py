@@ -14,7 +14,7 @@ import torch.nn as nn
 import eval_inversionnet as E
 import simulate_openfwi as so
 import train_inversionnet as T
-from helpers import TRAIN, resolved_args, run_script, write_ids_dataset, write_split_list
+from helpers import TRAIN, layered_maps, resolved_args, run_script, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -210,6 +210,17 @@ def test_map_loader_batches_reach_the_device_as_on_the_cpu(tmp_path, pin):
 
 
 # ---- the scripts on CUDA ----
+
+def test_metrics_on_cuda_equal_the_cpu_ones_with_tf32_allowed(monkeypatch):
+    """cuDNN may compute float32 convolutions in TF32 by default (and training allows it): SSIM on layered maps,
+    whose local variances cancel, must not change on the GPU."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    truth = torch.from_numpy(layered_maps(8))
+    pred = (truth + 0.01 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    on_gpu = T.per_sample_metrics(pred.to(DEVICE), truth.to(DEVICE)).cpu()
+    torch.testing.assert_close(on_gpu, T.per_sample_metrics(pred, truth), rtol=0, atol=1e-6)
+
 
 @pytest.mark.slow
 def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):

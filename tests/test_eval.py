@@ -10,7 +10,7 @@ import torch
 
 import eval_inversionnet as E
 import train_inversionnet as T
-from helpers import EVAL, TRAIN, module_dir, run_script, write_ids_dataset
+from helpers import EVAL, TRAIN, layered_maps, module_dir, run_script, write_ids_dataset
 
 
 def ssim_reference(a, b):
@@ -45,7 +45,16 @@ def test_ssim_matches_independent_float64_computation():
     b = np.clip(a + rng.normal(0, 0.3, a.shape), -1, 1).astype(np.float32)
     ours = T.ssim_per_sample(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     ref = [ssim_reference(a[i, 0], b[i, 0]) for i in range(2)]
-    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    np.testing.assert_allclose(ours, ref, atol=1e-6)
+
+
+def test_ssim_of_layered_maps_matches_the_float64_reference():
+    """Flat layers and predictions close to them, where a float32 (or TF32) computation loses digits."""
+    truth = layered_maps(4)
+    rng = np.random.default_rng(1)
+    for pred in (np.clip(truth + rng.normal(0, 0.01, truth.shape), -1, 1).astype(np.float32), truth + np.float32(0.02)):
+        ours = T.ssim_per_sample(torch.from_numpy(pred), torch.from_numpy(truth)).numpy()
+        np.testing.assert_allclose(ours, [ssim_reference(p[0], t[0]) for p, t in zip(pred, truth)], atol=1e-6)
 
 
 def test_metrics_zero_for_perfect_prediction_and_hand_computed_values():
