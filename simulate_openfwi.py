@@ -30,7 +30,8 @@ to about 1e-6 relative L2.
 Velocity families (70 x 70 cells, 1500-4500 m/s), each drawn from a numpy Generator:
 - flatvel: 2-5 horizontal layers; interfaces at distinct depths with at least 4 cells between
   them; layer velocities uniform in [1500, 4500] sorted to increase with depth, except that with
-  probability 0.25 one adjacent pair is swapped (a low-velocity layer).
+  probability 0.25 in a model of three or more layers one adjacent pair is swapped (a low-velocity
+  layer).
 - curvevel: the flatvel layering bent by a smooth lateral curve, the sum of two sinusoids
   (amplitudes 2-8 and 0-3 cells, wavelengths 60-200 cells), scaled 0.7-1.3 per interface.
 - flatfault / curvefault: flatvel / curvevel cut by 1-2 straight faults through the top edge at
@@ -695,7 +696,14 @@ def settings_of(args):
 
 def check_existing(args):
     """Resume only our own files made with the same settings; never replace anyone else's data: .npy files,
-    split lists or a dataset.json in --out that no simulate.json of ours accounts for stop the run."""
+    split lists or a dataset.json in --out that no simulate.json of ours accounts for stop the run, and so do
+    .npy files beside them (OpenFWI's fault families keep seis*.npy and vel*.npy there, which our data/ and
+    model/ would hide from the trainer's --data-root)."""
+    beside = sorted(n for n in os.listdir(args.out) if n.endswith(".npy")) if os.path.isdir(args.out) else []
+    if beside:
+        raise SimulationError(f"--out {args.out} already holds {beside[0]}{' and more .npy files' if beside[1:] else ''}, "
+                              f"which simulate_openfwi.py does not write (a dataset in OpenFWI's layout?); choose "
+                              f"another --out")
     ours = settings_of(args)
     npys = [n for sub in ("data", "model") if os.path.isdir(os.path.join(args.out, sub))
             for n in os.listdir(os.path.join(args.out, sub)) if n.endswith(".npy")]

@@ -450,6 +450,19 @@ def test_cli_never_replaces_other_data(tmp_path):
     assert (foreign / "data" / "data2.npy.tmp-7").read_bytes() == b"theirs too"
 
 
+def test_cli_never_writes_beside_a_dataset_in_openfwis_fault_layout(tmp_path):
+    """seis*.npy / vel*.npy side by side: our data/ and model/ would hide them from the trainer's --data-root."""
+    out = tmp_path / "flatfault"
+    out.mkdir()
+    for name in ("seis2_1_0.npy", "vel2_1_0.npy"):
+        np.save(out / name, np.zeros(1, np.float32))
+    code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "1")
+    assert code == 2 and err.strip() == (f"simulate_openfwi.py: error: --out {out} already holds seis2_1_0.npy and more "
+                                         ".npy files, which simulate_openfwi.py does not write (a dataset in OpenFWI's "
+                                         "layout?); choose another --out")
+    assert sorted(os.listdir(out)) == ["seis2_1_0.npy", "vel2_1_0.npy"]
+
+
 def test_cli_never_replaces_split_lists_or_stats_it_did_not_write(tmp_path):
     out = tmp_path / "theirs"
     out.mkdir()
