@@ -305,11 +305,15 @@ def result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base):
             "model": m, "baseline_mean_map": base, "paper_reference": paper_reference(opts, targs)}
 
 
+SPLIT_NAMES = {"val": "the validation split", "train": "the training split", "list": "the --val-list files"}
+
+
 def report(r):
     m, b, p = r["model"], r["baseline_mean_map"], r["paper_reference"]
     pert = r["perturbation"]
     baseline = "baseline (train mean)" if b["from"] == "training split" else "baseline (eval mean)"
-    lines = [f"InversionNet evaluation: {r['samples']} samples from {r['files']} files ({r['checkpoint']}, weights: {r['weights']})",
+    lines = [f"InversionNet evaluation of {SPLIT_NAMES[r['split']]}: {r['samples']} samples from {r['files']} file{'s' * (r['files'] != 1)} "
+             f"({r['checkpoint']}, weights: {r['weights']})",
              f"perturbation: noise {pert['noise_std']:g} x trace peak, {pert['missing_traces']} muted receivers, seed {pert['seed']}",
              f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32",
              f"{'':24s}{'MAE':>9s}{'RMSE':>9s}{'SSIM':>9s}{'MAE m/s':>10s}{'RMSE m/s':>10s}",
@@ -318,6 +322,8 @@ def report(r):
     if p:
         lines.append(f"{'paper ' + p['dataset']:24s}{p['mae']:9.4f}{p['rmse']:9.4f}{p['ssim']:9.4f}")
     lines.append(f"beats the baseline: MAE {'yes' if m['mae'] < b['mae'] else 'NO'}, SSIM {'yes' if m['ssim'] > b['ssim'] else 'NO'}")
+    if r["split"] == "train":
+        lines.append("the training split: samples the model learnt from, so the paper's row (held-out data) is no fair comparison")
     if b["from"] != "training split":
         lines.append("baseline: the mean of the evaluated maps themselves (no training split known): an easier bar than a training mean")
     if p and p["data"] != "OpenFWI":

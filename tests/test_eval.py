@@ -103,6 +103,7 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     assert r.returncode == 0, r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 4 and metrics["files"] == 1  # the split rule of training, from the checkpoint
+    assert (out / "result.txt").read_text().startswith("InversionNet evaluation of the validation split: 4 samples from 1 file (")
     assert metrics["perturbation"] == {"noise_std": 0.05, "missing_traces": 2, "seed": 0}
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
     assert len(rows) == 4
@@ -372,6 +373,8 @@ def test_baseline_is_the_training_mean_map_scored_independently(tiny_run, tmp_pa
     for name, flags in (("split", []), ("list", ["--val-list", lst])):
         base = evaluate_to(tmp_path / name, ck, *flags)["baseline_mean_map"]
         assert base["from"] == "training split" and base["count"] == 4
+        assert (tmp_path / name / "result.txt").read_text().startswith(
+            f"InversionNet evaluation of {'the --val-list files' if name == 'list' else 'the validation split'}: 4 samples")
         for k in ("mae", "rmse", "ssim"):
             assert base[k] == pytest.approx(want[k], rel=1e-4), (name, k)
     torch.save({"model": torch.load(ck, weights_only=False)["model"]}, tmp_path / "openfwi.pth")
@@ -408,6 +411,9 @@ def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
     ck = tiny_run / "run" / "best.pt"
     m = evaluate_to(tmp_path / "train", ck, "--split", "train")
     assert (m["samples"], m["files"], m["split"]) == (8, 2, "train")
+    told = (tmp_path / "train" / "result.txt").read_text()
+    assert told.startswith("InversionNet evaluation of the training split: 8 samples from 2 files (")
+    assert "\nthe training split: samples the model learnt from, so the paper's row (held-out data) is no fair comparison\n" in told
     stats = {"data_min": -3.0, "data_max": 9.0, "label_min": 1000.0, "label_max": 5000.0}
     (tmp_path / "s.json").write_text(json.dumps(stats))
     for name, flags in (("stats", ["--stats", tmp_path / "s.json"]),
