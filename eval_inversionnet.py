@@ -397,20 +397,31 @@ def save_figure(plt, fig, path, dpi):
         raise T.InputError(f"cannot write {path}: {e.strerror}") from None
 
 
+def show_gather(ax, gather, clip, title):
+    """One shot gather (T, R) in grey, amplitudes clipped at +-CLIP, time down in seconds and receivers across
+    in metres."""
+    ax.imshow(gather, cmap="gray", aspect="auto", vmin=-clip, vmax=clip, extent=[0, 700, 1.0, 0])
+    ax.set(title=title, xlabel="receiver x (m)")
+
+
 def draw_shots(plt, gather, path):
     """The shot gathers (S, T, R) of one sample side by side, clipped at the 99th amplitude percentile."""
     fig, axs = plt.subplots(1, gather.shape[0], figsize=(3 * gather.shape[0], 4), sharey=True)
     clip = np.percentile(np.abs(gather), 99)
     for s, ax in enumerate(axs):
-        ax.imshow(gather[s], cmap="gray", aspect="auto", vmin=-clip, vmax=clip, extent=[0, 700, 1.0, 0])
-        ax.set(title=f"shot {s + 1}", xlabel="receiver x (m)")
+        show_gather(ax, gather[s], clip, f"shot {s + 1}")
     axs[0].set_ylabel("time (s)")
     save_figure(plt, fig, path, dpi=80)
 
 
+def default_output_dir(opts, name):
+    """--output-dir, or NAME beside the checkpoint (RUN/eval, RUN/predict)."""
+    return opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.checkpoint)), name)
+
+
 def run_evaluation(opts, argv):
     """Metrics, per-sample table, baseline and pictures of the checkpoint on its validation split."""
-    out = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.checkpoint)), "eval")
+    out = default_output_dir(opts, "eval")
     found = T.eval_results(out)
     if found and not opts.overwrite:
         raise T.InputError(f"--output-dir {out} already holds results ({', '.join(found[:3])}"
@@ -536,7 +547,7 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
 def predict(opts):
     """--predict: velocity maps for unlabelled shot gathers, with the checkpoint's normalisation."""
     files = prediction_inputs(opts.predict)
-    out = opts.output_dir or os.path.join(os.path.dirname(os.path.abspath(opts.checkpoint)), "predict")
+    out = default_output_dir(opts, "predict")
     stems = [os.path.join(out, os.path.splitext(os.path.basename(f))[0]) for f, _ in files]
     dests = [stem + "_velocity.npy" for stem in stems]
     inputs = {os.path.realpath(f) for f, _ in files}
@@ -572,9 +583,8 @@ def draw_predictions(gathers, velocity, n, path, normalizer):
     fig, axs = plt.subplots(n, 2, figsize=(9, 3.6 * n), squeeze=False)
     for i in range(n):
         g = np.asarray(gathers[i, 2], dtype=np.float32)
-        clip = np.percentile(np.abs(g), 99)
-        axs[i, 0].imshow(g, cmap="gray", aspect="auto", vmin=-clip, vmax=clip, extent=[0, 700, 1.0, 0])
-        axs[i, 0].set(title=f"sample {i}: shot 3", xlabel="receiver x (m)", ylabel="time (s)")
+        show_gather(axs[i, 0], g, np.percentile(np.abs(g), 99), f"sample {i}: shot 3")
+        axs[i, 0].set_ylabel("time (s)")
         im = axs[i, 1].imshow(velocity[i, 0], cmap="jet", vmin=normalizer.label_min, vmax=normalizer.label_max,
                               extent=[0, 700, 700, 0])
         axs[i, 1].set(title="predicted velocity", xlabel="x (m)", ylabel="depth (m)")
