@@ -942,11 +942,15 @@ def inspect_pairs(pairs):
     return counts
 
 
-def check_finite(x, y, pair, sample):
-    """Raise DataError naming the file (of the pair) and the sample if x or y holds NaN/Inf."""
-    for arr, path, kind in ((x, pair[0], "data"), (y, pair[1], "label")):
-        if not np.isfinite(arr).all():
-            raise DataError(f"{path} sample {sample}: NaN or Inf in the {kind}", local=True)
+def check_finite(x, y, pair, samples):
+    """Raise DataError naming the file (of the pair) and the sample if the blocks x, y (rows numbered SAMPLES
+    in their files) hold NaN/Inf: the first such row, its data before its label."""
+    if np.isfinite(x).all() and np.isfinite(y).all():  # the common case: one pass over each
+        return
+    bad_x, bad_y = (~np.isfinite(a.reshape(len(a), -1)).all(1) for a in (x, y))
+    row = int(np.argmax(bad_x | bad_y))
+    path, kind = (pair[0], "data") if bad_x[row] else (pair[1], "label")
+    raise DataError(f"{path} sample {samples[row]}: NaN or Inf in the {kind}", local=True)
 
 
 class MapDataset(torch.utils.data.Dataset):
@@ -972,7 +976,7 @@ class MapDataset(torch.utils.data.Dataset):
             self._maps = [(np.load(d, mmap_mode="r"), np.load(m, mmap_mode="r")) for d, m in self.pairs]
         f, j = self.locate(idx)
         x, y = np.array(self._maps[f][0][j]), np.array(self._maps[f][1][j])
-        check_finite(x, y, self.pairs[f], j)
+        check_finite(x[None], y[None], self.pairs[f], [j])
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         if self.transform is not None:
             x = self.transform(x, idx)
@@ -1127,9 +1131,7 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
                 continue  # every sample of this slice belongs to a skipped batch
             x = np.array(np.load(self.pairs[f][0], mmap_mode="r")[s:e])
             y = np.array(np.load(self.pairs[f][1], mmap_mode="r")[s:e])
-            if not (np.isfinite(x).all() and np.isfinite(y).all()):
-                for j in range(len(x)):
-                    check_finite(x[j], y[j], self.pairs[f], s + j)
+            check_finite(x, y, self.pairs[f], range(s, e))
             drop = max(0, skip_samples - (start - lo))  # the head of this slice that skipped batches took
             pieces.append((x[perm][drop:], y[perm][drop:]))
             have = sum(len(p[0]) for p in pieces)
@@ -1166,9 +1168,7 @@ def read_samples(pairs, counts, keep, chunk=64):
     def read(dpath, lpath, idx):
         # indexing a memory map with an index array already copies: asarray takes that copy as it is
         x, y = np.asarray(np.load(dpath, mmap_mode="r")[idx]), np.asarray(np.load(lpath, mmap_mode="r")[idx])
-        if not (np.isfinite(x).all() and np.isfinite(y).all()):
-            for k, j in enumerate(idx):
-                check_finite(x[k], y[k], (dpath, lpath), int(j))
+        check_finite(x, y, (dpath, lpath), idx)
         return x, y
 
     starts = np.cumsum([0, *counts])
