@@ -1970,8 +1970,9 @@ def save_checkpoint(run, args, writer, *names):
 
 def check_resumable(ckpt, path, args, split, batches, world, normalization):
     """Refuse a resume that would mean something other than the flags say, naming what changed: the
-    position inside the epoch depends on the batch size and loader (and on the split and the batches an
-    epoch has, unless the world size changed: restore() then restarts the epoch), the optimizer state
+    position inside the epoch depends on the batch size and loader (in one process the map and device loaders
+    agree; --fast picks between them by free memory) and on the split and the batches an epoch has, unless
+    the world size changed (restore() then restarts the epoch); the optimizer state
     it restores carries the optimizer's own settings, and the weights learnt one normalisation."""
     parsed = vars(saved_namespace(ckpt["args"], f"{path}: its training arguments"))
     saved = {k: parsed[k] for k in ckpt["args"] if k in parsed}
@@ -1982,6 +1983,8 @@ def check_resumable(ckpt, path, args, split, batches, world, normalization):
                          f"resume with the run's data and constants, or start a new run (--init-from {path} to start "
                          f"from its weights)")
     position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
+    if ckpt.get("world", world) == world == 1 and {saved.get("loader"), args.loader} <= {"map", "gpu"}:
+        position = ("batch_size",)  # one process: both serve one permutation of the split per epoch, batch by batch
     scaled = ("scale_lr",) if ckpt.get("world", world) == world > 1 else ()  # (a new world size rebases the rate)
     for key in (*position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):

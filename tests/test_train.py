@@ -691,7 +691,7 @@ def short_run(tmp_path_factory, ids_data):
 
 @pytest.mark.parametrize("change, needle", [
     (["--batch-size", "4"], "--batch-size 4 differs from the 2 that"),
-    (["--loader", "gpu"], "--loader gpu differs from the map that"),
+    (["--loader", "iterable"], "--loader iterable differs from the map that"),
     (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one"),
     (["--train-list", "OTHER"], "(2 files, 8 samples) differs from the one {last} was trained on (2 files, 8 samples; file 2 is "
                                 "now data4.npy model4.npy 4, was data2.npy model2.npy 4)"),  # same counts: the names differ
@@ -804,6 +804,18 @@ def test_a_run_continued_into_a_new_directory_writes_its_best_pt(short_run, ids_
 
 
 @pytest.mark.slow
+def test_one_process_resumes_across_the_map_and_device_loaders(ids_data, tmp_path):
+    """They serve the same batches in the same order, so a run stopped inside an epoch may continue with the
+    other (--fast picks the device cache only when the split fits in the memory free at the start)."""
+    _, lists = ids_data
+    argv = [*map(str, lists), *COMMON, "--epochs", "2"]
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "a")]) == 0
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "b"), "--max-steps", "5", "--loader", "gpu"]) == 0
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "b"), "--resume", "auto", "--loader", "map"]) == 0
+    a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in "ab")
+    assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
 def test_resume_under_ddp_refuses_another_scale_lr_unless_the_world_size_changes(short_run):
     """At the same world size the restored optimizer keeps the scaled rate; a new world size rebases it from
     the flags."""
