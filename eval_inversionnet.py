@@ -58,7 +58,7 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
     p.add_argument("--amp", default="auto", choices=["auto", *T.AMP_DTYPES],
-                   help="autocast dtype of the forward pass (metrics accumulate in float32); auto: the one the checkpoint was "
+                   help="autocast dtype of the forward pass (metrics are computed in float32, SSIM in float64); auto: the one the checkpoint was "
                         "trained with (off for a checkpoint that records none); off: float32 throughout")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
@@ -315,14 +315,14 @@ def report(r):
     lines = [f"InversionNet evaluation of {SPLIT_NAMES[r['split']]}: {r['samples']} samples from {r['files']} file{'s' * (r['files'] != 1)} "
              f"({r['checkpoint']}, weights: {r['weights']})",
              f"perturbation: noise {pert['noise_std']:g} x trace peak, {pert['missing_traces']} muted receivers, seed {pert['seed']}",
-             f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32",
+             f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32, SSIM in float64",
              f"{'':24s}{'MAE':>9s}{'RMSE':>9s}{'SSIM':>9s}{'MAE m/s':>10s}{'RMSE m/s':>10s}",
              f"{'model':24s}{m['mae']:9.4f}{m['rmse']:9.4f}{m['ssim']:9.4f}{m['mae_ms']:10.1f}{m['rmse_ms']:10.1f}",
              f"{baseline:24s}{b['mae']:9.4f}{b['rmse']:9.4f}{b['ssim']:9.4f}{b['mae_ms']:10.1f}{b['rmse_ms']:10.1f}"]
     if p:
         lines.append(f"{'paper ' + p['dataset']:24s}{p['mae']:9.4f}{p['rmse']:9.4f}{p['ssim']:9.4f}")
     lines.append(f"beats the baseline: MAE {'yes' if m['mae'] < b['mae'] else 'NO'}, SSIM {'yes' if m['ssim'] > b['ssim'] else 'NO'}")
-    if r["split"] == "train":
+    if r["split"] == "train" and p:
         lines.append("the training split: samples the model learnt from, so the paper's row (held-out data) is no fair comparison")
     if b["from"] != "training split":
         lines.append("baseline: the mean of the evaluated maps themselves (no training split known): an easier bar than a training mean")

@@ -202,9 +202,10 @@ def add_run_args(g):
                    help="a run's args.json: its arguments become the defaults and the flags given here win, so "
                         "--config RUN/args.json --output-dir NEW repeats RUN (--resume and --overwrite are never taken from it)")
     g.add_argument("--resume", type=path_arg, default=None,
-                   help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader, "
-                        "the training split, the normalisation, --optimizer, --lr, --weight-decay or --betas differ from the "
-                        "checkpoint's; a different world size restarts the current epoch")
+                   help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader (map and "
+                        "gpu agree in one process), the training split, the normalisation, --optimizer, --lr, --weight-decay, "
+                        "--betas, --scale-lr (same world size above 1) or --lambda-l1/-l2 differ from the checkpoint's; a "
+                        "different world size restarts the current epoch")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log, tb/ and "
                         "eval_inversionnet.py's results in eval/ are removed once the new run's checks pass")
@@ -2121,9 +2122,11 @@ def restore(run, args, rank, iters_per_epoch):
 
 def check_ranks_agree(run):
     """Every rank must start at the same step: on nodes that do not share --output-dir, a rank that found no
-    checkpoint would train from other weights than rank 0 and fall out of step with it."""
+    checkpoint would train from other weights than rank 0 and fall out of step with it. (A rank whose own
+    restore() failed, on a stale local checkpoint say, has already left: the others wait here until the
+    process group times out.)"""
     n, s, s2 = all_reduce_sum(torch.tensor([1, run.step, run.step ** 2], dtype=torch.float64)).tolist()
-    if n * s2 != s * s:  # zero variance: the same step everywhere
+    if n * s2 != s * s:  # n * sum(step^2) - sum(step)^2 is n^2 times the variance: zero when all agree
         raise InputError(f"the ranks would start at different steps (this one at step {run.step}): --output-dir "
                          f"and --resume must name the same files on every node (a shared filesystem)")
 

@@ -53,15 +53,10 @@ def write_ids_dataset(root, counts, seed=0):
 
 
 def layered_maps(n, seed=0):
-    """(n, 1, 70, 70) float32 velocity maps in [-1, 1] of 2 to 5 flat layers, as flatvel draws them: nearly
+    """(n, 1, 70, 70) float32 flatvel velocity maps from the simulator's generator, normalised to [-1, 1]: nearly
     constant windows, where SSIM's local variances are differences of nearly equal numbers."""
-    rng = np.random.default_rng(seed)
-    maps = np.empty((n, 1, 70, 70), np.float32)
-    for m in maps:
-        k = rng.integers(2, 6)
-        depths = np.sort(rng.choice(np.arange(5, 65), k - 1, replace=False))
-        m[0] = np.repeat(np.sort(rng.uniform(-1, 1, k)), np.diff(np.r_[0, depths, 70]))[:, None]
-    return maps
+    import simulate_openfwi as so
+    return ((so.flatvel(np.random.default_rng(seed), n)[:, None] - 3000) / 1500).astype(np.float32)
 
 
 def write_split_list(path, pairs):

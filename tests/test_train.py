@@ -438,6 +438,18 @@ def test_loaders_start_an_epoch_at_a_given_batch(tmp_path, kind, workers):
         assert len(loader) == len(whole) and rest == whole[start:], start
 
 
+def test_check_finite_names_the_first_bad_sample_its_data_before_its_label():
+    pair, samples = ("d.npy", "m.npy"), range(10, 14)  # a block of rows 10-13 of its files
+    x, y = np.zeros((4, 2)), np.zeros((4, 3))
+    T.check_finite(x, y, pair, samples)
+    y[1, 2], x[2, 0] = np.nan, np.inf
+    with pytest.raises(T.DataError, match=r"^m\.npy sample 11: NaN or Inf in the label$"):
+        T.check_finite(x, y, pair, samples)
+    x[1, 1] = -np.inf
+    with pytest.raises(T.DataError, match=r"^d\.npy sample 11: NaN or Inf in the data$"):
+        T.check_finite(x, y, pair, samples)
+
+
 def test_normalising_in_the_workers_trains_as_normalising_on_the_device(tmp_path):
     """--normalize workers moves the normalisation into the loader (its workers, or the main process with
     --num-workers 0): two steps take the same batches to the same losses and weights as the default, which
@@ -838,13 +850,14 @@ def test_a_resume_steps_with_its_own_fused_adam_choice(short_run):
         ck = torch.load(short_run / "last.pt", weights_only=False)  # (the optimizer takes its tensors as they are)
         args = argparse.Namespace(**ck["args"])
         assert not ck["optimizer"]["param_groups"][0]["fused"]  # trained unfused
+        saved_avg = ck["optimizer"]["state"][0]["exp_avg"].clone()
         opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=fused)
         run = argparse.Namespace(optimizer=opt, scheduler=T.build_scheduler(opt, args, ck["batches_per_epoch"]),
                                    scaler=torch.amp.GradScaler("cpu", enabled=False))
         T.load_optimizer_state(run, ck, "last.pt", args.amp)
         first = opt.state[next(model.parameters())]
         assert opt.param_groups[0]["fused"] is fused and int(first["step"]) == ck["step"]
-        assert torch.equal(first["exp_avg"], ck["optimizer"]["state"][0]["exp_avg"])
+        assert torch.equal(first["exp_avg"], saved_avg)
         for p in model.parameters():
             p.grad = torch.ones_like(p)
         opt.step()  # a fused step needs the step counters where the fused kernel reads them
