@@ -654,6 +654,29 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     assert "run.sh" not in r.stderr
 
 
+@pytest.mark.parametrize("importable", [True, False])
+def test_run_sh_goes_on_offline_when_what_the_job_imports_is_there(tmp_path, importable):
+    """pip fails (an offline node lacking, say, torch-tb-profiler): run.sh says so and goes on when the
+    pipeline's modules import, and stops with one line when they do not."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    'if [[ "$1 $2" == "-m pip" ]]; then echo "ERROR: No matching distribution found" >&2; exit 1; fi\n'
+                    f'if [[ "$1" == -c && "$2" == "import numpy"* && -z "{"x" if importable else ""}" ]]; then exit 1; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--data", tmp_path / "d", "--run", tmp_path / "r",
+                        "--sim-args", "--files 0"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHON=str(fake)))
+    lines = r.stderr.splitlines()
+    if importable:
+        assert r.returncode == 2 and lines[-2:] == [
+            "run.sh: note: pip could not install all of requirements.txt (offline?); numpy, tqdm, matplotlib, tensorboard "
+            "import, so the job goes on", "simulate_openfwi.py: error: --files must be positive, got 0"]
+    else:
+        assert r.returncode == 1 and lines[-1] == ("run.sh: error: pip could not install requirements.txt (above) and "
+                                                   "numpy, tqdm, matplotlib, tensorboard do not all import")
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--data-root", "/nonexistent/fwi"], "no such directory"),
     (["--data-root", "EMPTY"], "expected subdirectories"),
