@@ -1718,6 +1718,10 @@ def in_finalizer(frame):
     return False
 
 
+STOP_CHECK_SECONDS = 5  # under DDP, the most training time between two checks for a signal: torchrun (and
+                        # SLURM) kill the ranks 30 s after the SIGTERM or Ctrl-C they forward
+
+
 class Stop:
     """Whether to leave the loop, decided in one place: a SIGINT/SIGTERM on any rank, or --max-steps.
     check() all-reduces the signal under DDP, so every rank leaves at the same step; `now` and `signum`
@@ -1726,6 +1730,7 @@ class Stop:
     def __init__(self, max_steps=None):
         self.max_steps, self.received, self.signum, self.now = max_steps, None, None, False
         self._old = {}
+        self.every, self.last_check = 1, None  # DDP's cadence of checks, in steps, and (time, step) of the last
 
     def install(self):
         for s in (signal.SIGINT, signal.SIGTERM):
@@ -1746,16 +1751,25 @@ class Stop:
         return self.max_steps is not None and run.step >= self.max_steps
 
     def pending(self, run):
-        """A reason to check now: --max-steps reached (the same step on every rank) or, in a single
-        process, a signal (under DDP a signal waits for the next log step, where all ranks check)."""
-        return self.reached_max(run) or (self.received is not None and not dist.is_initialized())
+        """A reason to check now: --max-steps reached (the same step on every rank); in a single process, a
+        signal; under DDP, every `every` steps (besides the log steps), a cadence the ranks agree on at each
+        check so that about STOP_CHECK_SECONDS of training pass between checks."""
+        if self.reached_max(run):
+            return True
+        return run.step % self.every == 0 if dist.is_initialized() else self.received is not None
 
     def check(self, run):
         signum = self.received or 0
-        if dist.is_initialized():
-            t = torch.tensor([signum], device=run.device if dist.get_backend() == "nccl" else "cpu")
+        if dist.is_initialized():  # one collective: the signal (max) and the next cadence (min, as a max of -every)
+            now, every = time.perf_counter(), 1
+            if self.last_check is not None and run.step > self.last_check[1]:
+                per_step = (now - self.last_check[0]) / (run.step - self.last_check[1])
+                every = max(1, int(STOP_CHECK_SECONDS / max(per_step, 1e-9)))
+            self.last_check = now, run.step
+            t = torch.tensor([signum, -every], device=run.device if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            signum = int(t.item())
+            signum, least = t.tolist()  # one host sync for both
+            self.every = -least
         self.signum = signum or None
         self.now = self.signum is not None or self.reached_max(run)
         return self.now
@@ -1862,7 +1876,8 @@ class Monitor:
 
 def train_one_epoch(run, loader, monitor, stop):
     """Train run.epoch from batch run.batch_in_epoch until its end or an agreed stop; returns the mean loss.
-    Host syncs (the NaN check, the stop agreement) happen only at log steps."""
+    Host syncs (the NaN check, the stop agreement) happen only at log steps, and under DDP at the stop
+    checks between them when steps are slow (Stop.pending)."""
     run.model.train()
     loader.set_epoch(run.epoch, start=run.batch_in_epoch)
     monitor.start_epoch(run, len(loader))
@@ -1871,8 +1886,9 @@ def train_one_epoch(run, loader, monitor, stop):
         run.batch_in_epoch += 1
         monitor.after_step(run, loss, len(x))
         if monitor.due(run) or stop.pending(run):
-            monitor.log(run)
-            if stop.check(run):
+            if stop.check(run) or monitor.due(run):
+                monitor.log(run)  # (a stop logs too: its NaN check comes before last.pt is written)
+            if stop.now:
                 break
     if run.batch_in_epoch < len(loader) and not stop.now:
         raise RuntimeError(f"the loader ended after {run.batch_in_epoch} of {len(loader)} batches")

@@ -1,4 +1,5 @@
 """Faults and bad input, triggered for real: signals, kills, non-finite losses, bad files, failing storage."""
+import argparse
 import collections
 import gc
 import hashlib
@@ -161,6 +162,33 @@ def test_a_second_ctrl_c_is_raised_outside_finalisers_only():
     assert seen == ["went on"]
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, sys._getframe())
+
+
+def test_ddp_ranks_check_for_a_signal_every_few_seconds_of_training(monkeypatch):
+    """Between log steps, the ranks agree on a signal about every STOP_CHECK_SECONDS: torchrun kills them 30 s
+    after it forwards a Ctrl-C, and the bare CPU launch takes 8 s a step with a log line every 10 steps. The
+    cadence is the smallest any rank asks for, so all check at the same steps."""
+    other_rank_every = [1000]
+
+    def all_reduce(t, op):  # this rank's values against another rank's: signal 0, cadence other_rank_every
+        t.copy_(torch.maximum(t, torch.tensor([0, -other_rank_every[0]])))
+
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(T.dist, "all_reduce", all_reduce)
+    clock = iter([100.0, 108.0, 108.5, 113.5])
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    stop, run = T.Stop(), argparse.Namespace(step=1, device=torch.device("cpu"))
+    assert stop.pending(run) and not stop.check(run) and stop.every == 1  # nothing measured yet: every step
+    run.step = 2
+    assert stop.pending(run) and not stop.check(run) and stop.every == 1  # 8 s a step
+    run.step = 12
+    assert stop.pending(run) and not stop.check(run) and stop.every == 100  # 0.05 s a step
+    other_rank_every[0] = 40
+    run.step = 100
+    stop.received = signal.SIGTERM
+    assert stop.pending(run) and stop.check(run) and stop.signum == signal.SIGTERM and stop.every == 40
+    assert [s for s in range(101, 200) if T.Stop.pending(stop, argparse.Namespace(step=s))] == [120, 160]
 
 
 @pytest.mark.parametrize("began", [True, False])
