@@ -641,7 +641,9 @@ def main(opts, argv=()):
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
+        code = main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
+        T.wait_for_ranks()
+        return code
     except (T.InputError, RuntimeError, OSError) as e:
         if not T.report_input_error("eval_inversionnet.py", e):
             raise

@@ -45,7 +45,7 @@ install() {
   # an offline machine (a cluster node, a lent GPU box) may lack an extra such as torch-tb-profiler: what the
   # job imports ($1) decides whether it can go on
   PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt && return
-  "$PY" -c "import $1" 2>/dev/null || { echo "run.sh: error: pip could not install requirements.txt (above) and $1 do not all import" >&2; exit 1; }
+  "$PY" -c "import $1" || { echo "run.sh: error: pip could not install requirements.txt (above) and $1 do not all import" >&2; exit 1; }
   echo "run.sh: note: pip could not install all of requirements.txt (offline?); $1 import, so the job goes on" >&2
 }
 

@@ -419,6 +419,14 @@ def setup_distributed(parallel="auto", device="auto"):
     return 0, 1, 0
 
 
+def wait_for_ranks():
+    """After a run that ended well, every rank waits for the others before the group goes: a Gloo rank that
+    tore the group down and exited while rank 0 still worked (writing its last files) once aborted with
+    'terminate called without an active exception', and torchrun then killed rank 0 mid-write."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup_distributed():
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -1877,7 +1885,7 @@ class Monitor:
 def train_one_epoch(run, loader, monitor, stop):
     """Train run.epoch from batch run.batch_in_epoch until its end or an agreed stop; returns the mean loss.
     Host syncs (the NaN check, the stop agreement) happen only at log steps, and under DDP at the stop
-    checks between them when steps are slow (Stop.pending)."""
+    checks between them, about every STOP_CHECK_SECONDS of training from each epoch's first step (Stop.pending)."""
     run.model.train()
     loader.set_epoch(run.epoch, start=run.batch_in_epoch)
     monitor.start_epoch(run, len(loader))
@@ -2569,7 +2577,9 @@ def cli(argv=None):
             check_args(args)
         except InputError as e:
             raise InputError(from_config(str(e), args.config, argv)) from None
-        return main(args, ["train_inversionnet.py", *argv])
+        code = main(args, ["train_inversionnet.py", *argv])
+        wait_for_ranks()
+        return code
     except (InputError, RuntimeError, OSError) as e:
         if not report_input_error("train_inversionnet.py", e):
             raise
