@@ -329,6 +329,33 @@ def toy_run(model, scaler, epoch=0, amp_dtype=None):
                  torch.device("cpu"), amp_dtype=amp_dtype, epoch=epoch)
 
 
+def test_ddp_epoch_with_slow_steps_checks_each_step_and_logs_only_its_log_steps_and_the_stop(monkeypatch, capsys):
+    """train_one_epoch under (a one-rank stand-in for) DDP with steps of 10 s: the ranks agree on a signal at
+    the end of the step it arrives in, not at the next log step, and the checks between log steps print nothing."""
+    reduced = []
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(T.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(T.dist, "all_reduce", lambda t, op=None: reduced.append(t.numel()))  # one rank: as it is
+    clock = iter(range(0, 10 ** 6, 10))
+    monkeypatch.setattr(T.time, "perf_counter", lambda: float(next(clock)))  # every reading 10 s later
+    stop, step = T.Stop(), T.train_step
+
+    def step_then_signal(run, x, y):
+        loss = step(run, x, y)
+        if run.step == 2:
+            stop.received = signal.SIGTERM
+        return loss
+
+    monkeypatch.setattr(T, "train_step", step_then_signal)
+    run = toy_run(torch.nn.Linear(3, 3), torch.amp.GradScaler("cpu", enabled=False))
+    capsys.readouterr()
+    T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 20), T.Monitor(log_every=10), stop)
+    assert run.step == 2 and stop.signum == signal.SIGTERM  # the check after the step it arrived in
+    assert re.findall(r"^epoch 0 step (\d+) ", capsys.readouterr().out, flags=re.M) == ["2"]  # the stop's line only
+    assert reduced == [2, 2, 1, 2]  # checks at steps 1 and 2; the NaN check at the stop; the epoch's loss
+
+
 def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
     class SqrtOfZero(torch.nn.Module):  # d/dx sqrt(x) at 0 is inf; times the zero upstream gradient: NaN
         def __init__(self):
