@@ -1893,8 +1893,9 @@ def train_one_epoch(run, loader, monitor, stop):
         loss = train_step(run, x, y)
         run.batch_in_epoch += 1
         monitor.after_step(run, loss, len(x))
-        if monitor.due(run) or stop.pending(run):
-            if stop.check(run) or monitor.due(run):
+        due = monitor.due(run)
+        if due or stop.pending(run):
+            if stop.check(run) or due:
                 monitor.log(run)  # (a stop logs too: its NaN check comes before last.pt is written)
             if stop.now:
                 break
