@@ -1653,7 +1653,21 @@ def dp_gpus(parallel, device):
     return torch.cuda.device_count() if resolve_parallel(parallel, device) == "dp" else 1
 
 
-def wrap_model(model, device, parallel, local, sync_bn):
+class ReplicaAutocast(nn.Module):
+    """DataParallel runs each replica in a thread of its own and re-enters autocast there without a dtype,
+    so the replicas would compute in that thread's default (fp16 on CUDA) under --amp bf16: each replica
+    sets the run's dtype itself. Only DataParallel's replicas go through it; the saved keys are raw_model's."""
+
+    def __init__(self, module, amp_dtype):
+        super().__init__()
+        self.module, self.amp_dtype = module, amp_dtype
+
+    def forward(self, x):
+        with torch.autocast(x.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            return self.module(x)
+
+
+def wrap_model(model, device, parallel, local, sync_bn, amp_dtype):
     """The module the step calls and its name: DDP, DataParallel or the model itself."""
     parallel = resolve_parallel(parallel, device)
     if parallel == "ddp":
@@ -1661,7 +1675,7 @@ def wrap_model(model, device, parallel, local, sync_bn):
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=[local] if device.type == "cuda" else None), "ddp"
     if parallel == "dp":
-        return nn.DataParallel(model), "dp"
+        return nn.DataParallel(ReplicaAutocast(model, amp_dtype)), "dp"
     return model, "none"
 
 
@@ -1672,7 +1686,7 @@ def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
     raw.to(device)
     if args.channels_last:
         raw.to(memory_format=torch.channels_last)
-    model, parallel = wrap_model(raw, device, args.parallel, local, args.sync_bn)
+    model, parallel = wrap_model(raw, device, args.parallel, local, args.sync_bn, AMP_DTYPES[args.amp])
     if parallel == "ddp" and args.sync_bn:
         raw = model.module  # the converted copy is the one that trains
     if args.compile:

@@ -130,7 +130,7 @@ def test_data_parallel_on_one_device():
     """--parallel dp wraps the model in nn.DataParallel, trains through it, computes what the bare model
     computes, and the model that is saved has OpenFWI's unprefixed names."""
     run, parallel = new_run("--parallel", "dp", "--amp", "off", "--lr", "1e-3")
-    assert parallel == "dp" and isinstance(run.model, nn.DataParallel) and run.model.module is run.raw_model
+    assert parallel == "dp" and isinstance(run.model, nn.DataParallel) and run.model.module.module is run.raw_model
     x, y = fixed_batch()
     before = [p.detach().clone() for p in run.raw_model.parameters()]
     losses = [T.train_step(run, x, y).item() for _ in range(2)]

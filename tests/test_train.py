@@ -5,6 +5,7 @@ import math
 import os
 import re
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -204,6 +205,24 @@ def test_data_parallel_never_gets_a_batch_that_leaves_a_gpu_one_sample(monkeypat
         T.check_device_args(small_args(batch_size=9), cuda)
     T.check_device_args(small_args(batch_size=16), cuda)
     T.check_device_args(small_args(batch_size=9, parallel="none"), cuda)  # one GPU takes the whole batch
+
+
+def test_data_parallel_replicas_compute_in_the_runs_amp_dtype():
+    """DataParallel's replica threads re-enter autocast without a dtype and would get the thread's default
+    (fp16 on CUDA under --amp bf16); the wrapper its replicas run sets the run's dtype. Shown on the CPU,
+    whose thread default is bf16, with fp16 as the run's dtype."""
+    conv, x = torch.nn.Conv2d(1, 1, 3), torch.randn(1, 1, 8, 8)
+    replica, got = T.ReplicaAutocast(torch.nn.Conv2d(1, 1, 3), torch.float16), {}  # autocast caches casts per weight
+
+    def replica_thread():  # what DataParallel's parallel_apply does around each replica
+        with torch.autocast("cpu", enabled=True):
+            got["bare"], got["wrapped"] = conv(x).dtype, replica(x).dtype
+
+    thread = threading.Thread(target=replica_thread)
+    thread.start()
+    thread.join()
+    assert got == {"bare": torch.bfloat16, "wrapped": torch.float16}
+    assert T.ReplicaAutocast(conv, None)(x).dtype == torch.float32  # --amp off: float32 as the bare model
 
 
 def test_split_pairs_by_file_is_seeded():
