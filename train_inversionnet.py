@@ -2354,7 +2354,8 @@ def validate(run, loader, monitor):
     the loss improved)."""
     m = evaluate(run.eval_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights)
     monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
-    monitor.image("val/prediction_vs_truth", *m["first"], run.step)
+    if m["first"] is not None:  # None on a DDP rank whose share of a small split is empty
+        monitor.image("val/prediction_vs_truth", *m["first"], run.step)
     improved = m["loss"] < run.best_loss
     run.best_loss = min(run.best_loss, m["loss"])
     return f" | val loss {m['loss']:.5f} MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} SSIM {m['ssim']:.4f}", improved

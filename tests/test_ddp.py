@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN, run_script, write_ids_dataset
+from helpers import ROOT, TRAIN, run_script, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
 
@@ -53,13 +53,16 @@ def test_ddp_ranks_agree_and_first_update_matches_mean_gradient(tmp_path):
 
 
 def test_train_script_under_torchrun(tmp_path):
-    data = tmp_path / "d"
-    write_ids_dataset(data, (4, 4, 4, 3))
+    pairs = write_ids_dataset(tmp_path / "d", (4, 4, 4, 1))
     out = tmp_path / "run"
-    r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--batch-size", 2, "--epochs", 1, "--num-workers", 0,
-                 "--no-progress", "--log-every", 1, "--dataset", "flatvel-a", "--loader", "iterable", "--device", "cpu", nproc=2)
+    # one validation sample: rank 1's share of the split is empty, and validation still runs and reports it
+    r = run_script(TRAIN, "--train-list", write_split_list(tmp_path / "train.txt", pairs[:3]), "--val-list",
+                   write_split_list(tmp_path / "val.txt", pairs[3:]), "--output-dir", out, "--batch-size", 2, "--epochs", 1,
+                   "--num-workers", 0, "--no-progress", "--log-every", 1, "--dataset", "flatvel-a", "--loader", "iterable",
+                   "--device", "cpu", nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(ddp, world 2)" in r.stdout and r.stdout.count("InversionNet") == 1  # only rank 0 prints
+    assert re.search(r"epoch 0 train loss [\d.]+ \| val loss [\d.]+ MAE", r.stdout), r.stdout[-2000:]
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["epoch"] == 1 and ck["step"] == 3  # 12 train samples / (2 per rank x 2 ranks)
     assert ck["args"]["scale_lr"] and ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
