@@ -203,9 +203,10 @@ def add_run_args(g):
                         "--config RUN/args.json --output-dir NEW repeats RUN (--resume and --overwrite are never taken from it)")
     g.add_argument("--resume", type=path_arg, default=None,
                    help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader (map and "
-                        "gpu agree in one process), the training split, the normalisation, --optimizer, --lr, --weight-decay, "
-                        "--betas, --scale-lr (same world size above 1) or --lambda-l1/-l2 differ from the checkpoint's; a "
-                        "different world size restarts the current epoch")
+                        "gpu agree in one process), --seed (inside an epoch), the training split, the validation split (once "
+                        "validated), the normalisation, --optimizer, --lr, --weight-decay, --betas, --scale-lr (same world "
+                        "size above 1) or --lambda-l1/-l2 differ from the checkpoint's; a different world size restarts the "
+                        "current epoch")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log, tb/ and "
                         "eval_inversionnet.py's results in eval/ are removed once the new run's checks pass")
@@ -2008,12 +2009,13 @@ def save_checkpoint(run, args, writer, *names):
     writer.save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
 
 
-def check_resumable(ckpt, path, args, split, batches, world, normalization):
+def check_resumable(ckpt, path, args, meta, world, normalization):
     """Refuse a resume that would mean something other than the flags say, naming what changed: the
     position inside the epoch depends on the batch size and loader (in one process the map and device loaders
-    agree; --fast picks between them by free memory) and on the split and the batches an epoch has, unless
-    the world size changed (restore() then restarts the epoch); the optimizer state
-    it restores carries the optimizer's own settings, and the weights learnt one normalisation."""
+    agree; --fast picks between them by free memory), on the seed that shuffled the epoch and on the split and
+    the batches an epoch has, unless the world size changed (restore() then restarts the epoch); the optimizer
+    state it restores carries the optimizer's own settings, the weights learnt one normalisation, and best.pt
+    was kept by the loss on one validation split (META: this run's split records and batches per epoch)."""
     parsed = vars(saved_namespace(ckpt["args"], f"{path}: its training arguments"))
     saved = {k: parsed[k] for k in ckpt["args"] if k in parsed}
     trained = ckpt.get("normalization", normalization)
@@ -2025,6 +2027,8 @@ def check_resumable(ckpt, path, args, split, batches, world, normalization):
     position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
     if ckpt.get("world", world) == world == 1 and {saved.get("loader"), args.loader} <= {"map", "gpu"}:
         position = ("batch_size",)  # one process: both serve one permutation of the split per epoch, batch by batch
+    if ckpt.get("batch_in_epoch", 0) and ckpt.get("world", world) == world:
+        position += ("seed",)  # the batches already trained are those of the saved seed's order
     scaled = ("scale_lr",) if ckpt.get("world", world) == world > 1 else ()  # (a new world size rebases the rate)
     for key in (*position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
@@ -2034,16 +2038,25 @@ def check_resumable(ckpt, path, args, split, batches, world, normalization):
             raise InputError(f"{spelled(key, getattr(args, key))} differs from the {was} that {path} was trained "
                              f"with: {why} would mean something else; resume with {spelled(key, saved[key])} or "
                              f"start a new run")
-    if "split" in ckpt and ckpt["split"] != split:
-        was, now = ckpt["split"], split
-        raise InputError(f"the training split ({len(now)} files, {sum(n for *_, n in now)} samples) differs from the one "
-                         f"{path} was trained on ({len(was)} files, {sum(n for *_, n in was)} samples"
-                         f"{first_difference(was, now)}); resume with that split or start a new run{simulated_hint(args)}")
+    check_same_split(ckpt.get("split", meta["split"]), meta["split"], path, args, "training", "trained")
+    if math.isfinite(ckpt["best_loss"]):  # (a run that never validated has no loss to compare)
+        check_same_split(ckpt.get("val_split", meta["val_split"]), meta["val_split"], path, args, "validation",
+                         "validated", ": the loss that keeps best.pt would compare two sets")
+    batches = meta["batches_per_epoch"]
     was = ckpt.get("batches_per_epoch", batches)
     if was != batches and ckpt.get("world", world) == world:  # the flags and the split agree, yet:
         raise InputError(f"an epoch of {path} had {was} batches and has {batches} now (--loader iterable leaves out "
                          f"the remainders that DataParallel's GPUs cannot split): the position inside the epoch would "
                          f"mean something else; resume with as many GPUs or start a new run")
+
+
+def check_same_split(was, now, path, args, kind, verb, why=""):
+    """Refuse a resume whose KIND ('training', 'validation') split record differs from the checkpoint's."""
+    def described(split):
+        return f"{len(split)} file{'s' * (len(split) != 1)}, {sum(n for *_, n in split)} samples"
+    if was != now:
+        raise InputError(f"the {kind} split ({described(now)}) differs from the one {path} was {verb} on ({described(was)}"
+                         f"{first_difference(was, now)}){why}; resume with that split or start a new run{simulated_hint(args)}")
 
 
 def simulated_hint(args):
@@ -2070,7 +2083,7 @@ def is_training_checkpoint(ckpt):
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
             and isinstance(ckpt["best_loss"], float)
             and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model"))
-            and split_record_ok(ckpt.get("split", []))  # of the types that resume compares, where recorded
+            and split_record_ok(ckpt.get("split", [])) and split_record_ok(ckpt.get("val_split", []))  # where recorded
             and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
             and rng_record_ok(ckpt.get("rng", {})))
 
@@ -2124,7 +2137,7 @@ def restore(run, args, rank, iters_per_epoch):
     ckpt = load_weights(run.raw_model, path)
     if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
-    check_resumable(ckpt, path, args, run.meta["split"], iters_per_epoch, run.world, run.normalizer.as_dict())
+    check_resumable(ckpt, path, args, run.meta, run.world, run.normalizer.as_dict())
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
@@ -2509,7 +2522,8 @@ def main(args, argv=()):
     speed_note = resolve_speed(args, device, (sum(data[1]) + sum(data[3])) // world)
     train_loader, val_loader = build_loaders(args, data, normalizer, device, rank, world)
     run, parallel = build_run(args, device, len(train_loader), world, local, normalizer)
-    run.meta = {"split": split_record(data[0], data[1]), "batches_per_epoch": len(train_loader),
+    run.meta = {"split": split_record(data[0], data[1]), "val_split": split_record(data[2], data[3]),
+                "batches_per_epoch": len(train_loader),
                 "provenance": provenance(device, argv, world)}
     resumed = restore(run, args, rank, len(train_loader))
     check_ranks_agree(run)

@@ -724,6 +724,9 @@ def short_run(tmp_path_factory, ids_data):
     (["--batch-size", "4"], "--batch-size 4 differs from the 2 that"),
     (["--loader", "iterable"], "--loader iterable differs from the map that"),
     (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one"),
+    (["--val-list", "FOUR"], "the validation split (1 file, 4 samples) differs from the one {last} was validated on (1 "
+                             "file, 4 samples; file 1 is now data4.npy model4.npy 4, was data3.npy model3.npy 4): the "
+                             "loss that keeps best.pt would compare two sets; resume with that split"),
     (["--train-list", "OTHER"], "(2 files, 8 samples) differs from the one {last} was trained on (2 files, 8 samples; file 2 is "
                                 "now data4.npy model4.npy 4, was data2.npy model2.npy 4)"),  # same counts: the names differ
     (["--lr", "3e-4"], "--lr 0.0003 differs from the 0.001 that"),  # the restored optimizer state would keep 1e-3
@@ -743,7 +746,7 @@ def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path
     where = {1: root, 2: root, 4: extra}
     lists_of = {name: write_split_list(tmp_path / f"{name}.txt", [(where[i] / "data" / f"data{i}.npy",
                                                                   where[i] / "model" / f"model{i}.npy") for i in files])
-                for name, files in (("THREE", (1, 2, 4)), ("OTHER", (1, 4)))}
+                for name, files in (("THREE", (1, 2, 4)), ("OTHER", (1, 4)), ("FOUR", (4,)))}
     before = (short_run / "last.pt").read_bytes()
     argv = [*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(short_run), "--resume", "auto",
             *[str(lists_of.get(c, c)) for c in change]]
@@ -853,12 +856,25 @@ def test_resume_under_ddp_refuses_another_scale_lr_unless_the_world_size_changes
     ck = torch.load(short_run / "last.pt", weights_only=False)
     ck["world"] = 2  # as if trained by two ranks
     args = argparse.Namespace(**{**ck["args"], "scale_lr": False})
-    check = lambda world: T.check_resumable(ck, "last.pt", args, ck["split"], ck["batches_per_epoch"], world,
-                                            ck["normalization"])
+    check = lambda world: T.check_resumable(ck, "last.pt", args, ck, world, ck["normalization"])
     with pytest.raises(T.InputError, match=r"^--no-scale-lr differs from the --scale-lr that last.pt was trained with: "
                                            r"the optimizer state would mean something else; resume with --scale-lr or"):
         check(2)
     check(1)
+
+
+def test_resume_inside_an_epoch_refuses_another_seed(short_run):
+    """The batches already trained in an epoch are those of the saved seed's shuffle: inside an epoch another
+    --seed would train some samples twice and skip others; at an epoch's end it only shuffles the next ones."""
+    ck = torch.load(short_run / "last.pt", weights_only=False)
+    args = argparse.Namespace(**{**ck["args"], "seed": 5})
+    assert ck["batch_in_epoch"] == 0 and ck["args"]["seed"] == 0
+    T.check_resumable(ck, "last.pt", args, ck, 1, ck["normalization"])
+    ck["batch_in_epoch"] = 2
+    with pytest.raises(T.InputError, match=r"^--seed 5 differs from the 0 that last.pt was trained with: the position "
+                                           r"inside the epoch would mean something else; resume with --seed 0 or"):
+        T.check_resumable(ck, "last.pt", args, ck, 1, ck["normalization"])
+    T.check_resumable(ck, "last.pt", args, ck, 2, ck["normalization"])  # another world size restarts the epoch
 
 
 def test_a_resume_steps_with_its_own_fused_adam_choice(short_run):
