@@ -579,7 +579,9 @@ def resolve_speed(args, device, cache_samples=0):
                                    + math.prod(LABEL_SHAPE) * 4)  # labels stay float32
     if args.fast:  # ranks on one host share its RAM; each GPU has its own memory
         share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
-        choice["loader"] = "gpu" if cache_bytes * share <= free_memory(device) / 2 else "map"
+        short = float(cache_bytes * share > free_memory(device) / 2)
+        # every rank takes the same loader (they shard the samples differently): the cache only where all have room
+        choice["loader"] = "map" if all_reduce_sum(torch.tensor([short])).item() else "gpu"
     choice.update(amp=amp, cache_dtype=cache_dtype)
     for k in SPEED_FLAGS:
         if getattr(args, k) is None:

@@ -47,6 +47,14 @@ if rank == 0:
     assert all(torch.equal(after[0], t) for t in after[1:])
     torch.testing.assert_close(after[0], sum(before) / world)
     print("BatchNorm statistics averaged over ranks", flush=True)
+T.free_memory = lambda device: 10**12 if rank == 0 else 0  # only rank 0 has room for the device cache
+fast = T.check_args(T.get_args_parser().parse_args(["--device", "cpu", "--fast"]))
+T.resolve_speed(fast, torch.device("cpu"), cache_samples=10)
+loaders = [None] * world
+dist.all_gather_object(loaders, fast.loader)
+if rank == 0:
+    assert loaders == ["map"] * world, loaders
+    print("--fast: the ranks agree on the loader", flush=True)
 all_batches = [None] * world
 dist.all_gather_object(all_batches, batches[0])
 if rank == 0:
