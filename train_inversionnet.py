@@ -200,7 +200,8 @@ def add_run_args(g):
     g.add_argument("--output-dir", type=path_arg, default="runs/inversionnet", help="checkpoints, args.json, train.log and tb/")
     g.add_argument("--config", type=path_arg, default=None,
                    help="a run's args.json: its arguments become the defaults and the flags given here win, so "
-                        "--config RUN/args.json --output-dir NEW repeats RUN (--resume and --overwrite are never taken from it)")
+                        "--config RUN/args.json --output-dir NEW repeats RUN, with its speed flags as resolved unless "
+                        "--fast or --no-fast is given here (--resume and --overwrite are never taken from it)")
     g.add_argument("--resume", type=path_arg, default=None,
                    help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader (map and "
                         "gpu agree in one process), --seed (inside an epoch), the training split, the validation split (once "
@@ -252,6 +253,8 @@ def config_argv(path, skip=()):
         assert isinstance(saved, dict)
     except (OSError, ValueError, AssertionError):
         raise InputError(f"--config {path}: not a readable args.json") from None
+    if saved.get("loader") != "gpu":  # the cache dtype of a run without the device cache set nothing
+        skip = (*skip, "cache_dtype")
     return saved_argv(saved, f"--config {path}", skip)
 
 
@@ -298,6 +301,8 @@ def parse_args(argv=None):
         return args
     given = given_names(argv)  # --data-root given here replaces the saved split lists, which would otherwise win
     skip = ("train_list", "val_list") if "data_root" in given and "train_list" not in given else ()
+    if "fast" in given:  # args.json holds the speed flags as resolved; --fast / --no-fast here resolves them afresh
+        skip += tuple(k for k in SPEED_FLAGS if k not in given)
     return get_args_parser().parse_args(config_argv(args.config, skip) + argv)
 
 
@@ -577,9 +582,13 @@ def resolve_speed(args, device, cache_samples=0):
     cache_dtype = args.cache_dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
     cache_bytes = cache_samples * (math.prod(DATA_SHAPE) * torch.finfo(getattr(torch, cache_dtype)).bits // 8
                                    + math.prod(LABEL_SHAPE) * 4)  # labels stay float32
-    if args.fast:  # ranks on one host share its RAM; each GPU has its own memory
-        share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
-        short = float(cache_bytes * share > free_memory(device) / 2)
+    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1  # ranks on a host share its RAM
+    free = free_memory(device)
+    if args.loader == "gpu" and 0 < free < cache_bytes * share:  # (0: not known) an OOM kill or error mid-fill otherwise
+        raise InputError(f"--loader gpu: the split's cache needs {cache_bytes * share / 1e9:.2f} GB on {device.type} and "
+                         f"{free / 1e9:.2f} GB is free; use --loader map, or a smaller --cache-dtype")
+    if args.fast:
+        short = float(cache_bytes * share > free / 2)
         # every rank takes the same loader (they shard the samples differently): the cache only where all have room
         choice["loader"] = "map" if all_reduce_sum(torch.tensor([short])).item() else "gpu"
     choice.update(amp=amp, cache_dtype=cache_dtype)

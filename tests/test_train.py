@@ -608,6 +608,9 @@ def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, na
     args = parsed("--fast")
     T.resolve_speed(args, cpu, cache_samples=8000)  # 5.6-11.2 GB: more than half the free memory
     assert args.loader == "map"
+    with pytest.raises(T.InputError, match=r"^--loader gpu: the split's cache needs 11.36 GB on cpu and 10.00 GB is "
+                                           r"free; use --loader map, or a smaller --cache-dtype$"):
+        T.resolve_speed(parsed("--loader", "gpu"), cpu, cache_samples=8000)  # asked for, yet it cannot fit
     line = T.resolve_speed(parsed("--amp", "fp16"), cpu, cache_samples=10)
     assert line.endswith("given: --amp; note: fp16 training on a CPU is far slower than fp32 (PyTorch's fp16 convolution "
                          "backward is a slow generic kernel there): bf16 or off trains faster")
@@ -679,6 +682,21 @@ def test_a_data_root_given_beside_config_replaces_its_split_lists(tmp_path):
     assert (args.data_root, args.train_list, args.val_list, args.seed) == ("other", None, None, 5)
     args = T.parse_args(["--config", str(path), "--val-list", "b/val.txt"])  # one list given: the other stays
     assert (args.train_list, args.val_list) == ("a/train.txt", "b/val.txt")
+
+
+def test_config_replays_the_resolved_speed_flags_unless_fast_is_given(tmp_path):
+    """args.json holds the speed flags as resolved (a CUDA --fast run's here); --fast or --no-fast given beside
+    --config chooses afresh for this device all but the speed flags given with it."""
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"fast": True, "amp": "bf16", "channels_last": True, "compile": True, "fused_adam": True,
+                                "loader": "gpu", "cache_dtype": "bfloat16", "seed": 5}))
+    speed = lambda args: tuple(getattr(args, k) for k in T.SPEED_FLAGS)
+    assert speed(T.parse_args(["--config", str(path)])) == ("bf16", True, True, True, "gpu", "bfloat16")
+    args = T.parse_args(["--config", str(path), "--fast", "--amp", "off"])
+    assert speed(args) == ("off", None, None, None, None, None) and args.fast and args.seed == 5
+    assert speed(T.parse_args(["--config", str(path), "--no-fast"])) == (None,) * 6
+    path.write_text(json.dumps({"loader": "map", "cache_dtype": "float32"}))  # a cache dtype that set nothing
+    assert speed(T.parse_args(["--config", str(path)]))[4:] == ("map", None)
 
 
 @pytest.mark.parametrize("content, needle", [
