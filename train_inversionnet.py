@@ -632,8 +632,14 @@ def provenance(device, argv, world=1):
     commit = git("rev-parse", "HEAD")
     return {"git_commit": commit, "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-            "device": device_name(device), "world_size": world, "command": list(argv),
+            "device": device_name(device), "world_size": world, "command": list(argv), "launcher": launcher(),
             "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+
+def launcher():
+    """torchrun's agent process, which starts each rank and restarts the group (--max-restarts) as host:pid;
+    None outside torchrun."""
+    return f"{platform.node()}:{os.getppid()}" if "TORCHELASTIC_RUN_ID" in os.environ else None
 
 
 def refuse_non_file(path):
@@ -2227,9 +2233,27 @@ def eval_results(out):
                   or re.fullmatch(r"sample_\d+_\w+\.png", n))
 
 
-def check_output_dir(args):
+def continue_elastic_run(args, rank):
+    """torchrun --max-restarts: a restarted group continues the run its first start made in --output-dir (known
+    by the launcher that provenance.json records), from its last.pt once written, else as first launched, and
+    never replaces it. Rank 0 decides for all. A directory another launch made is checked as on a first start,
+    so a start refused there is refused again. Returns whether the group continues its own run."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return False
+    starts = previous_starts(os.path.join(args.output_dir, "provenance.json"))
+    own = rank == 0 and bool(starts) and isinstance(starts[-1], dict) and starts[-1].get("launcher") == launcher()
+    if not all_reduce_sum(torch.tensor([float(own)])).item():
+        return False
+    args.overwrite = False
+    if args.resume is None or os.path.isfile(os.path.join(args.output_dir, "last.pt")):
+        args.resume = "auto"
+    return True
+
+
+def check_output_dir(args, own_restart=False):
     """Refuse to write into an existing run unless continuing it (--resume auto, or --resume with one of its
-    own checkpoints) or told to replace it (--overwrite: its files go first, so nothing of it mixes in)."""
+    own checkpoints, or a restarted group's own run) or told to replace it (--overwrite: its files go first, so
+    nothing of it mixes in)."""
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--output-dir {out} exists and is not a directory")
@@ -2240,7 +2264,7 @@ def check_output_dir(args):
     has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("args.json", "last.pt", "best.pt"))
     in_out = args.resume not in (None, "auto") and os.path.isdir(out) and os.path.samefile(
         os.path.dirname(os.path.abspath(args.resume)), out)  # one of this run's own checkpoints
-    if has_run and not (args.resume == "auto" or in_out or args.overwrite):
+    if has_run and not (args.resume == "auto" or in_out or args.overwrite or own_restart):
         raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite to "
                          f"replace it, or choose another --output-dir")
     if args.overwrite and in_out:
@@ -2444,15 +2468,19 @@ def record_run(args, prov):
     """OUTPUT_DIR/args.json (the resolved arguments: --config repeats the run from it) and, appended to
     OUTPUT_DIR/provenance.json, what made this start of the run. args.json goes last: it marks the directory
     as holding a run, which a failed start should not leave behind."""
-    path, starts = os.path.join(args.output_dir, "provenance.json"), []
-    if args.resume and os.path.isfile(path):
-        try:
-            with open(path) as fh:
-                starts = list(json.load(fh))
-        except (OSError, ValueError, TypeError):
-            starts = []
+    path = os.path.join(args.output_dir, "provenance.json")
+    starts = previous_starts(path) if args.resume else []
     write_atomic(path, json.dumps(starts + [prov], indent=2))
     write_atomic(os.path.join(args.output_dir, "args.json"), json.dumps(vars(args), indent=2, sort_keys=True))
+
+
+def previous_starts(path):
+    """The start records of a run's provenance.json; none when it is missing or unreadable."""
+    try:
+        with open(path) as fh:
+            return list(json.load(fh))
+    except (OSError, ValueError, TypeError):
+        return []
 
 
 def absolute_paths(args):
@@ -2514,12 +2542,10 @@ def describe_data(data, train_loader, args, world, stats_from):
 
 
 def main(args, argv=()):
-    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0 and args.resume is None:
-        args.resume = "auto"  # torchrun --max-restarts: a restarted group continues the run it was part of
     rank, world, local = setup_distributed(args.parallel, args.device)
     device = resolve_device(args.device, local)
     check_device_args(args, device)
-    check_output_dir(args)
+    check_output_dir(args, continue_elastic_run(args, rank))
     normalizer, stats_from = resolve_stats(args)
     data = load_splits(args, world)  # before the output directory exists: bad data leaves nothing behind
     absolute_paths(args)

@@ -3,6 +3,7 @@ import argparse
 import collections
 import gc
 import hashlib
+import json
 import os
 import re
 import resource
@@ -255,6 +256,35 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_resumes(tmp_pa
     assert "resuming from" in stdout and "continuing at" in stdout, stdout
     ck = load(out / "last.pt")
     assert ck["epoch"] == 3 and ck["step"] == 12
+
+
+def test_a_restarted_group_continues_its_own_run_only(tmp_path, monkeypatch):
+    """A restart continues the run its first start made (known by the launcher in provenance.json), from its
+    last.pt once written, and never with --overwrite again; a directory another launch made is checked as on
+    a first start, so a start it refused is refused again instead of taking that run over."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    out, other = tmp_path / "run", tmp_path / "other" / "last.pt"
+    out.mkdir()
+    other.parent.mkdir()
+    other.touch()
+    (out / "args.json").write_text("{}")
+    prov = out / "provenance.json"
+    prov.write_text(json.dumps([{"launcher": "elsewhere:1"}]))
+    args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=False)
+    assert not T.continue_elastic_run(args, 0) and args.resume is None
+    with pytest.raises(T.InputError, match="already holds a run"):
+        T.check_output_dir(args)
+    prov.write_text(json.dumps([{"launcher": "elsewhere:1"}, {"launcher": T.launcher()}]))
+    args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=True)
+    assert T.continue_elastic_run(args, 0) and (args.resume, args.overwrite) == ("auto", False)
+    args = argparse.Namespace(output_dir=str(out), resume=str(other), overwrite=False)
+    assert T.continue_elastic_run(args, 0) and args.resume == str(other)  # no last.pt of its own yet
+    T.check_output_dir(args, own_restart=True)
+    (out / "last.pt").touch()
+    assert T.continue_elastic_run(args, 0) and args.resume == "auto"
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # a first start is checked as any
+    assert not T.continue_elastic_run(argparse.Namespace(output_dir=str(out), resume=None, overwrite=False), 0)
 
 
 def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_the_group_resumes(tmp_path):
