@@ -2099,7 +2099,7 @@ def is_training_checkpoint(ckpt):
     return (isinstance(ckpt, dict) and all(k in ckpt for k in required)
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
             and isinstance(ckpt["best_loss"], float)
-            and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model"))
+            and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model", "scheduler", "scaler"))
             and split_record_ok(ckpt.get("split", [])) and split_record_ok(ckpt.get("val_split", []))  # where recorded
             and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
             and rng_record_ok(ckpt.get("rng", {})))
@@ -2173,7 +2173,11 @@ def restore(run, args, rank, iters_per_epoch):
         run.best_loss = math.inf  # a run continued into a new directory: its first validation writes best.pt there
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     if ckpt.get("rng") and rank == 0:
-        set_rng_state(ckpt["rng"])
+        try:
+            set_rng_state(ckpt["rng"])
+        except (ValueError, TypeError, IndexError, RuntimeError):  # of the right types, yet no generator state
+            raise InputError(f"{path}: its RNG record is not a generator state (start a new run with --init-from "
+                             f"{path} for its weights)") from None
     rebased = ""
     if ckpt.get("world", run.world) != run.world:
         lr = args.lr * (run.world if args.scale_lr else 1)
