@@ -2061,6 +2061,9 @@ def check_resumable(ckpt, path, args, meta, world, normalization):
                          "validated", ": the loss that keeps best.pt would compare two sets")
     batches = meta["batches_per_epoch"]
     was = ckpt.get("batches_per_epoch", batches)
+    if was != batches and args.overfit_batch:  # its one epoch is --max-steps long
+        raise InputError(f"--max-steps {batches} differs from the {was} steps of the --overfit-batch epoch of {path}: "
+                         f"resume with --max-steps {was} or start a new run")
     if was != batches and ckpt.get("world", world) == world:  # the flags and the split agree, yet:
         raise InputError(f"an epoch of {path} had {was} batches and has {batches} now (--loader iterable leaves out "
                          f"the remainders that DataParallel's GPUs cannot split): the position inside the epoch would "
@@ -2418,7 +2421,9 @@ def fit(run, train_loader, val_loader, monitor, args):
     stop, writer = Stop(args.max_steps), CheckpointWriter()
     start = run.step
     if run.epoch >= args.epochs:
-        print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
+        print0(f"the run is complete: its --overfit-batch epoch of {len(train_loader)} steps is trained; --overwrite "
+               f"runs it again" if args.overfit_batch else
+               f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
     elif stop.reached_max(run):
         print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
     stop.install()

@@ -1030,6 +1030,12 @@ def test_overfit_batch_trains_max_steps_steps_on_one_batch_and_its_loss_falls(id
     assert "stopped at --max-steps" not in printed  # its one epoch is the whole run: complete, not cut short
     ck = torch.load(out / "last.pt", weights_only=False)
     assert (ck["step"], ck["epoch"]) == (6, 1)
+    again = [*map(str, lists), *BASE_RUN, "--overfit-batch", "--output-dir", str(out), "--resume", "auto"]
+    assert T.cli([*again, "--max-steps", "6"]) == 0
+    assert "the run is complete: its --overfit-batch epoch of 6 steps is trained; --overwrite runs it again\n" in capsys.readouterr().out
+    assert T.cli([*again, "--max-steps", "7"]) == 2
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: --max-steps 7 differs from the 6 steps of the "
+                                       f"--overfit-batch epoch of {out / 'last.pt'}: resume with --max-steps 6 or start a new run\n")
     # it validates nothing, so a training list alone is enough
     args = T.check_args(T.get_args_parser().parse_args([*map(str, lists[:2]), "--epochs", "3", "--overfit-batch"]))
     assert (args.epochs, args.val_every) == (1, 0)
