@@ -219,6 +219,7 @@ def evaluation_pairs(opts, targs, ours):
                 raise
             raise T.DataError(f"the data the checkpoint was trained on: {e}; --data-root or --val-list names the data "
                               f"to evaluate") from None
+        T.inspect_pairs(train)  # the baseline reads its labels: a broken file is named before anything is written
         pairs = train if opts.split == "train" else val
     if not pairs:
         raise T.DataError(f"the {opts.split or 'val'} split to evaluate is empty (a run trained without validation?): "

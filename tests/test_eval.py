@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 import stat
 
 import numpy as np
@@ -346,6 +347,19 @@ def test_a_training_label_with_inf_stops_the_baseline_naming_its_file(tmp_path):
     np.save(pairs[0][1], y)
     with pytest.raises(T.DataError, match=r"model1\.npy: NaN or Inf in the labels \(read for the mean-map baseline\)"):
         E.baseline_sums(pairs[:1], pairs[1:], T.Normalizer(*T.DATASETS["flatvel-a"]))
+
+
+def test_a_broken_training_label_is_named_before_anything_is_written(tiny_run, tmp_path, capsys):
+    """The baseline reads the training labels of the split it evaluates: a truncated one is one line naming
+    it, exit 2, and no results folder is made."""
+    shutil.copytree(tiny_run / "d", tmp_path / "d")
+    label = tmp_path / "d" / "model" / torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"][0][1]
+    label.write_bytes(label.read_bytes()[:1000])
+    out = tmp_path / "ev"
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--data-root", str(tmp_path / "d"), "--output-dir",
+                  str(out), "--num-workers", "0", "--no-progress", "--vis", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith(f"eval_inversionnet.py: error: {label}: unreadable or truncated .npy")
+    assert not out.exists()
 
 
 def test_baseline_is_the_training_mean_map_scored_independently(tiny_run, tmp_path, capsys):
