@@ -629,7 +629,7 @@ def check_capacity(args):
     sample = 4 * (math.prod(DATA_SHAPE) + math.prod(MODEL_SHAPE))  # float32 shot gathers and velocity map
 
     def gb(n):
-        return f"{n / 1e9:,.1f} GB"
+        return f"{n / 1e9:,.1f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
     memory = available_memory()
     if memory is not None and 2 * args.samples_per_file * sample > memory:
         raise SimulationError(f"--samples-per-file {args.samples_per_file}: a file is {gb(args.samples_per_file * sample)} "

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import signal
+import types
 
 import numpy as np
 import pytest
@@ -401,9 +402,16 @@ def test_cli_bad_arguments(tmp_path, args, needle):
 def test_cli_refuses_a_file_larger_than_memory_before_any_work(tmp_path, monkeypatch):
     monkeypatch.setattr(so, "available_memory", lambda: 10**9)
     code, _, err = run_cli("--out", tmp_path / "o", "--samples-per-file", "400")  # 0.57 GB a file, two at a time
-    assert code == 2 and err == ("simulate_openfwi.py: error: --samples-per-file 400: a file is 0.6 GB and two are held "
+    assert code == 2 and err == ("simulate_openfwi.py: error: --samples-per-file 400: a file is 567.8 MB and two are held "
                                  "in memory, but 1.0 GB is available; make more files of fewer samples\n")
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_refuses_a_set_larger_than_the_free_disk_in_readable_units(tmp_path, monkeypatch):
+    monkeypatch.setattr(so.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))  # a full disk
+    code, _, err = run_cli("--out", tmp_path / "o", "--files", "2", "--samples-per-file", "2")
+    assert code == 2 and err == (f"simulate_openfwi.py: error: --files 2 x --samples-per-file 2 need 5.7 MB in --out "
+                                 f"{tmp_path / 'o'}, and its disk has 0.0 MB free\n")
 
 
 def test_cli_refuses_to_replace_a_directory_with_a_file(tmp_path):
