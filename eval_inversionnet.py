@@ -92,6 +92,8 @@ def check_opts(opts):
     if opts.val_list and opts.split:
         raise T.InputError("--split chooses a split of --data-root and --val-list names its files: give one of them")
     job = "--predict" if opts.predict else "--export" if opts.export else None
+    if opts.export and opts.output_dir:
+        raise T.InputError("--export writes the one file it names; --output-dir is not used: leave it out")
     for flag, given in (("--data-root", opts.data_root), ("--val-list", opts.val_list), ("--split", opts.split),
                         ("--noise-std", opts.noise_std), ("--missing-traces", opts.missing_traces)):
         if job and given:  # they choose or perturb labelled data, which these jobs never read
@@ -610,6 +612,9 @@ def export(opts):
     --amp (auto: the checkpoint's). Its input is normalised shot gathers (B, 5, 1000, 70), its output velocity
     in [-1, 1]; the normalisation constants travel with it as the extra file normalization.json."""
     T.refuse_non_file(opts.export)  # before the minute of tracing, not after
+    folder = os.path.dirname(os.path.abspath(opts.export))
+    if not os.path.isdir(folder):
+        raise T.InputError(f"--export {opts.export}: no such directory {folder}")
     if os.path.exists(opts.export) and not opts.overwrite:
         raise T.InputError(f"--export {opts.export} already exists; pass --overwrite to replace it")
     model, _, targs, normalizer, _ = load_model(opts, torch.device("cpu"))

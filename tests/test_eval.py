@@ -756,6 +756,12 @@ def test_outputs_that_are_not_regular_files_are_refused_even_with_overwrite(tiny
     (tmp_path / "adir").mkdir()  # said as it is at once, not as "pass --overwrite", which could not help
     assert E.cli(["--checkpoint", ck, "--export", str(tmp_path / "adir")]) == 2
     assert capsys.readouterr().err == f"eval_inversionnet.py: error: {tmp_path / 'adir'}: exists and is not a regular file\n"
+    assert E.cli(["--checkpoint", ck, "--export", str(tmp_path / "nowhere" / "m.pt2")]) == 2  # before tracing
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: --export {tmp_path / 'nowhere' / 'm.pt2'}: no such "
+                                       f"directory {tmp_path / 'nowhere'}\n")
+    assert E.cli(["--checkpoint", ck, "--export", str(tmp_path / "m.pt2"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == ("eval_inversionnet.py: error: --export writes the one file it names; --output-dir "
+                                       "is not used: leave it out\n")
     np.save(tmp_path / "shots.npy", np.zeros((2, 5, 1000, 70), np.float32))
     (tmp_path / "o" / "shots_velocity.npy").mkdir(parents=True)
     assert E.cli(["--checkpoint", ck, "--predict", str(tmp_path / "shots.npy"), "--output-dir", str(tmp_path / "o"),
