@@ -1465,15 +1465,31 @@ def clean_state_dict(sd):
     return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in sd.items()}
 
 
+def checkpoint_types():
+    """What checkpoints hold besides tensors and plain values, none of which runs code as it loads: OpenFWI's
+    `args` Namespace, the NumPy RNG state's array, and the torch version string of provenance."""
+    core = getattr(np, "_core", None) or np.core  # numpy 2 renamed the module its arrays pickle through
+    return [argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), core.multiarray._reconstruct,
+            type(torch.__version__)]
+
+
+def load_checkpoint(path):
+    """torch.load without running code from the file (torch before 2.5 has no allow-list to give weights_only
+    loading, and loads as torch.save wrote)."""
+    if not hasattr(torch.serialization, "safe_globals"):
+        return torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(checkpoint_types()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def read_state_dict(path):
     """(the checkpoint as stored, its model state_dict without wrapper prefixes)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint(path)
     except OSError as e:  # permissions, say: the system's reason
         raise InputError(f"{path}: not a readable checkpoint ({e.strerror or type(e).__name__})") from None
-    except Exception as e:  # truncated zip, pickle garbage, ...
-        raise InputError(f"{path}: not a readable checkpoint ({type(e).__name__}): another kind of file, or a copy cut "
-                         f"short") from None
+    except Exception as e:  # truncated zip, pickle garbage, objects that could run code as they load ...
+        raise InputError(f"{path}: {unreadable_checkpoint(path, e)}") from None
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{path}: holds no model state_dict")
@@ -1481,6 +1497,19 @@ def read_state_dict(path):
     if bad is not None:  # every prediction from it would be NaN
         raise InputError(f"{path}: its weights hold NaN or Inf ({bad}); use a checkpoint saved before the run diverged")
     return ckpt, clean_state_dict(sd)
+
+
+def unreadable_checkpoint(path, error):
+    """Why torch.load failed on PATH: objects beyond tensors and plain values (named), or not a checkpoint."""
+    try:
+        allowed = {f"{t.__module__}.{t.__qualname__}" for t in checkpoint_types()}
+        unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+    except Exception:  # not a torch.save zip file at all
+        unsafe = []
+    if unsafe:
+        return (f"holds objects other than tensors and plain values ({', '.join(unsafe[:3])}), and loading them could "
+                f"run code from the file: not loaded (if you trust its source, re-save its state_dict alone)")
+    return f"not a readable checkpoint ({type(error).__name__}): another kind of file, or a copy cut short"
 
 
 def load_weights(model, path):

@@ -987,6 +987,33 @@ def test_resume_from_a_hand_edited_checkpoint_is_one_line(short_run, ids_data, t
     assert err.startswith(f"train_inversionnet.py: error: {tmp_path / 'edited.pt'}: {needle}") and err.count("\n") == 1, err
 
 
+class Planted:
+    """What a crafted checkpoint may hold: unpickling it would call os.mkdir(MARKER)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_unread(short_run, ids_data, tmp_path, capsys):
+    """Checkpoints load as tensors and plain values (plus OpenFWI's Namespace and the NumPy RNG state that
+    ours hold, which every resume test reads): a file whose unpickling would call a function is refused,
+    naming it, and nothing of it runs."""
+    _, lists = ids_data
+    ck = torch.load(short_run / "last.pt", weights_only=False)
+    ck["note"], marker = Planted(tmp_path / "ran"), tmp_path / "ran"
+    torch.save(ck, tmp_path / "crafted.pt")
+    capsys.readouterr()
+    assert T.cli([*map(str, lists), *BASE_RUN, "--output-dir", str(tmp_path / "run"), "--init-from",
+                  str(tmp_path / "crafted.pt")]) == 2
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: {tmp_path / 'crafted.pt'}: holds objects other than "
+                                       f"tensors and plain values (posix.mkdir), and loading them could run code from the "
+                                       f"file: not loaded (if you trust its source, re-save its state_dict alone)\n")
+    assert not marker.exists()
+
+
 def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, capsys):
     """A run that --max-steps ends, inside an epoch or at its end, is validated there whatever --val-every says,
     so it ends with a best.pt (run.sh's eval stage reads it); the same command with a larger --max-steps goes on."""
