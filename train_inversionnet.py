@@ -506,11 +506,10 @@ def configure_backends(args, device):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark)
+    # each setting both ways: a process that runs twice (tests, notebooks) keeps no choice of an earlier run
+    torch.use_deterministic_algorithms(bool(args.deterministic))
+    torch.backends.cudnn.deterministic = bool(args.deterministic)
+    torch.backends.cudnn.benchmark = bool(args.cudnn_benchmark) and not args.deterministic
     note = f"deterministic algorithms {'on' if args.deterministic else 'off'}"
     if device.type != "cuda":  # cudnn and TF32 are CUDA's: naming them on a CPU would mislead
         return note

@@ -107,7 +107,6 @@ def test_iterable_loader_sees_every_sample_once_with_exact_batch_count(tmp_path,
             assert all(len(x) >= 2 for x, _ in batches)
             seen += ids_of(batches)
         assert len(seen) == len(set(seen)) == total - total % world == total - ds.dropped
-        assert total % world < batch * world  # dropped less than one global batch
         seen_by_epoch.append(seen)
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled per epoch
 
@@ -223,6 +222,25 @@ def test_data_parallel_replicas_compute_in_the_runs_amp_dtype():
     thread.join()
     assert got == {"bare": torch.bfloat16, "wrapped": torch.float16}
     assert T.ReplicaAutocast(conv, None)(x).dtype == torch.float32  # --amp off: float32 as the bare model
+
+
+@pytest.mark.parametrize("flags, expected", [
+    # (deterministic algorithms, cudnn.deterministic, cudnn.benchmark, TF32)
+    ([], (False, False, True, True)),  # the defaults: autotuning and TF32 on
+    (["--deterministic", "--no-tf32"], (True, True, False, False)),
+    (["--deterministic"], (True, True, False, True)),  # determinism wins over --cudnn-benchmark
+    (["--no-cudnn-benchmark", "--no-tf32"], (False, False, False, False)),
+])
+def test_backend_flags_set_the_switches_both_ways(flags, expected):
+    """Each switch is set as the flags say, off as well as on: a run never inherits an earlier run's choice in
+    the same process."""
+    for first in (parsed("--deterministic"), parsed("--no-cudnn-benchmark", "--no-tf32")):
+        T.configure_backends(first, torch.device("cpu"))
+        line = T.configure_backends(parsed(*flags), torch.device("cpu"))
+        assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32) == expected
+        assert torch.backends.cudnn.allow_tf32 == expected[3]
+        assert line == f"deterministic algorithms {'on' if expected[0] else 'off'}"  # cudnn and TF32 are not named on a CPU
 
 
 def test_split_pairs_by_file_is_seeded():
@@ -1213,8 +1231,9 @@ def test_another_runs_checkpoint_continues_into_a_replaced_run(short_run, ids_da
     assert "resuming from" in capsys.readouterr().out
     last = torch.load(out / "last.pt", weights_only=False)
     assert last["epoch"] == 2 and last["step"] == 8
-    # run b's best.pt is gone; a new one exists only if epoch 1 beat the validation loss carried over from run a
-    assert not (out / "best.pt").exists() or torch.load(out / "best.pt", weights_only=False)["epoch"] == 2
+    # run b's best.pt is gone; --overwrite judges the best model afresh, so the first validation wrote one
+    best = torch.load(out / "best.pt", weights_only=False)
+    assert (best["epoch"], best["step"]) == (2, 8)
 
 
 def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
