@@ -245,9 +245,9 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
     to nearly the same map whatever the perturbation."""
     monkeypatch.setattr(T.InversionNet, "forward", lambda self, x: x.float().std(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 1, 70, 70))
     results = []
-    for batch, perturb in ((1, True), (3, True), (3, False)):
-        out = tmp_path / f"b{batch}{perturb}"
-        flags = ["--noise-std", "0.2", "--missing-traces", "9"] if perturb else []
+    for batch, perturb, seed in ((1, True, 0), (3, True, 0), (3, False, 0), (3, True, 1)):
+        out = tmp_path / f"b{batch}{perturb}{seed}"
+        flags = ["--noise-std", "0.2", "--missing-traces", "9", "--seed", str(seed)] if perturb else []
         assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
                       "--no-progress", "--vis", "0", "--batch-size", str(batch), "--device", "cpu", *flags]) == 0
         results.append(json.loads((out / "metrics.json").read_text())["model"])
@@ -255,6 +255,8 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
     # the SSIM of a constant map is a cancellation that moves by ~2e-5 with the summation order
     assert results[0] == pytest.approx(results[1], rel=1e-5)
     assert results[1]["mae"] != pytest.approx(results[2]["mae"], rel=1e-3)  # the perturbation reached the model
+    assert results[3]["mae"] != results[1]["mae"]  # --seed draws it: another seed, other noise and muted receivers
+    assert json.loads((tmp_path / "b3True1" / "metrics.json").read_text())["perturbation"]["seed"] == 1
 
 
 def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path, monkeypatch):

@@ -155,13 +155,24 @@ def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
         world_seen += [int(round(float(v))) for x, _ in batches for c in [x[:, 0, 0, 0].numpy()] for v in
                        np.sign(c) * np.expm1(np.abs((c + 1) / 2 * (np.log1p(60) + np.log1p(30)) - np.log1p(30)))]
         val = T.build_loader(T.LoaderConfig.from_args(args, False), pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=False)
-        assert sum(len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm)) == len(range(rank, 9, 2))
+        sizes = [len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm)]
+        assert sizes == ([3, 2] if rank == 0 else [3, 1])  # --val-batch-size 3 over 5 and 4 of the 9 samples
     assert len(set(world_seen)) == 8
     one = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [5, 4], norm, torch.device("cpu"))
     assert len(one) == 4 and one.dropped == 1  # one process: the partial last batch is what is left out
     data = (pairs, [5, 4], [], [])
     assert "1 samples left out of each epoch (partial batches);" in T.describe_data(data, one, args, 1, "x")
     assert "(partial batches and the remainder that would leave the 2 ranks uneven)" in T.describe_data(data, loader, args, 2, "x")
+
+
+@pytest.mark.parametrize("kind", ["map", "iterable"])
+def test_worker_flags_reach_the_dataloader(tmp_path, kind):
+    """--num-workers, --prefetch-factor and --persistent-workers as the DataLoader takes them; pinning only
+    where it helps (copies to a GPU)."""
+    pairs = write_ids_dataset(tmp_path, (4, 4))
+    args = small_args(loader=kind, num_workers=1, prefetch_factor=3, persistent_workers=True, pin_memory=True)
+    dl = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [4, 4], T.Normalizer(-30, 60), torch.device("cpu")).loader
+    assert (dl.num_workers, dl.prefetch_factor, dl.persistent_workers, dl.pin_memory) == (1, 3, True, False)
 
 
 def test_device_cache_reads_the_kept_samples_in_order(tmp_path):
@@ -419,6 +430,16 @@ def test_optimizer_adam_takes_the_weight_decay_as_its_l2_term_and_adamw_is_the_d
         assert len(group["params"]) == len(list(run.raw_model.parameters()))
         assert (group["lr"], group["betas"], group["weight_decay"]) == (2e-3, (0.8, 0.95), flags.get("weight_decay", 1e-4))
         assert group["decoupled_weight_decay"] is (cls is torch.optim.AdamW)
+
+
+def test_build_run_takes_the_optimizer_flags():
+    """--grad-clip reaches the step, and --fused-adam the optimizer (the CPU's fused AdamW since torch 2.4)."""
+    cpu = torch.device("cpu")
+    run, _ = T.build_run(small_args(grad_clip=0.5, fused_adam=True, lr=3e-4, weight_decay=0.01), cpu, 4)
+    group = run.optimizer.param_groups[0]
+    assert run.grad_clip == 0.5 and group["fused"] is True and (group["lr"], group["weight_decay"]) == (3e-4, 0.01)
+    run, _ = T.build_run(small_args(fused_adam=False), cpu, 4)
+    assert run.grad_clip == 0 and not run.optimizer.param_groups[0]["fused"]
 
 
 def test_grad_clip_scales_the_gradient_norm_down_to_the_limit():
