@@ -44,14 +44,26 @@ def straight(data, tmp_path_factory):
 
 
 def read_until(proc, pattern, timeout=300):
-    """Read the child's stdout line by line until a line matches; returns everything read."""
-    seen, t0 = [], time.time()
-    for line in proc.stdout:
-        seen.append(line)
-        if re.search(pattern, line):
-            return "".join(seen)
-        assert time.time() - t0 < timeout, "".join(seen)
-    raise AssertionError(f"exited ({proc.wait()}) before printing {pattern!r}:\n{''.join(seen)}\n{proc.stderr.read()}")
+    """Read the child's stdout line by line until a line matches; returns everything read. A child that
+    prints nothing more for TIMEOUT seconds is killed and the test fails (a blocked read would hang the suite)."""
+    seen, found = [], threading.Event()
+
+    def reader():  # ends at the matching line, so that the test reads the rest itself
+        for line in proc.stdout:
+            seen.append(line)
+            if re.search(pattern, line):
+                found.set()
+                return
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        proc.kill()
+        thread.join()
+        raise AssertionError(f"no line matching {pattern!r} within {timeout} s:\n{''.join(seen)}")
+    if not found.is_set():
+        raise AssertionError(f"exited ({proc.wait()}) before printing {pattern!r}:\n{''.join(seen)}\n{proc.stderr.read()}")
+    return "".join(seen)
 
 
 def load(path):
