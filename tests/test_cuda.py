@@ -1,6 +1,7 @@
-"""What only CUDA exercises: mixed precision and its GradScaler, channels-last kernels, torch.compile, the
+"""What CUDA exercises: mixed precision and its GradScaler, channels-last kernels, torch.compile, the
 device cache, pinned memory and the side-stream prefetch, DataParallel, NCCL with SyncBatchNorm, the
-whole CLI on a GPU, and the simulator's CUDA path. Skipped where no CUDA device is visible.
+whole CLI on a GPU, and the simulator's CUDA path. Skipped where no CUDA device is visible, but for the
+tests of what the CPU's --fast path uses as well (channels-last, the device cache), which run on both.
 
 Tiny data throughout (a few samples, batches of 2-4); one test compiles."""
 import json
@@ -16,24 +17,24 @@ import simulate_openfwi as so
 import train_inversionnet as T
 from helpers import TRAIN, layered_maps, resolved_args, run_script, write_ids_dataset, write_split_list
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE = torch.device("cuda")
+BOTH = pytest.mark.parametrize("device", [torch.device("cpu"), pytest.param(DEVICE, marks=needs_cuda)], ids=str)
 NORM = T.Normalizer(-30, 60)  # covers write_ids_dataset's N(0, 5) shot gathers
 
 
-def new_run(*flags, seed=0):
+def new_run(*flags, seed=0, device=DEVICE):
     """(Run, parallel mode) built by the script from FLAGS for DEVICE, constant learning rate, weights from SEED."""
-    args = resolved_args(DEVICE, "--lr-scheduler", "none", *flags)
+    args = resolved_args(device, "--lr-scheduler", "none", *flags)
     torch.manual_seed(seed)
-    return T.build_run(args, DEVICE, iters_per_epoch=10)
+    return T.build_run(args, device, iters_per_epoch=10)
 
 
-def fixed_batch(n=4, channels_last=False):
+def fixed_batch(n=4, channels_last=False, device=DEVICE):
     """One batch as device_batches delivers it: normalised shot gathers and velocity maps on DEVICE."""
     g = torch.Generator().manual_seed(0)
-    x = NORM.data(torch.randn(n, *T.DATA_SHAPE, generator=g) * 5).to(DEVICE)
-    y = NORM.label(torch.rand(n, *T.LABEL_SHAPE, generator=g) * 3000 + 1500).to(DEVICE)
+    x = NORM.data(torch.randn(n, *T.DATA_SHAPE, generator=g) * 5).to(device)
+    y = NORM.label(torch.rand(n, *T.LABEL_SHAPE, generator=g) * 3000 + 1500).to(device)
     return (x.contiguous(memory_format=torch.channels_last) if channels_last else x), y
 
 
@@ -64,6 +65,7 @@ def no_tf32(monkeypatch):
 
 # ---- compute: precision, layout, compile, DataParallel ----
 
+@needs_cuda
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_steps_lower_the_loss_and_match_the_fp32_forward(amp):
     """--amp bf16/fp16 with --channels-last trains (fp16 through its GradScaler, bf16 without one), keeps the
@@ -87,13 +89,14 @@ def test_amp_steps_lower_the_loss_and_match_the_fp32_forward(amp):
     assert (mixed.float() - full).abs().mean() < 1e-2
 
 
-def test_channels_last_gives_the_contiguous_numbers_in_fp32(no_tf32):
+@BOTH
+def test_channels_last_gives_the_contiguous_numbers_in_fp32(no_tf32, device):
     """Channels-last changes the kernels, not the numbers: the same weights and batch give the same forward
     pass, loss and gradients in float32."""
-    plain, _ = new_run("--amp", "off", "--no-channels-last")
-    cl, _ = new_run("--amp", "off", "--channels-last")
+    plain, _ = new_run("--amp", "off", "--no-channels-last", device=device)
+    cl, _ = new_run("--amp", "off", "--channels-last", device=device)
     assert cl.raw_model.convblock5_1.layers[0].weight.is_contiguous(memory_format=torch.channels_last)
-    x, y = fixed_batch()
+    x, y = fixed_batch(device=device)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         diff = (cl.model(x_cl) - plain.model(x)).abs()
@@ -107,6 +110,7 @@ def test_channels_last_gives_the_contiguous_numbers_in_fp32(no_tf32):
     assert ((g_cl - g_plain).norm() / g_plain.norm()).item() < 5e-2
 
 
+@needs_cuda
 @pytest.mark.slow
 def test_compiled_run_matches_eager_and_trains():
     """--compile (with bf16 and channels-last, as --fast picks on CUDA) computes the eager loss from the same
@@ -126,6 +130,7 @@ def test_compiled_run_matches_eager_and_trains():
     assert not any(k.startswith(("_orig_mod.", "module.")) for k in compiled.raw_model.state_dict())
 
 
+@needs_cuda
 def test_data_parallel_on_one_device():
     """--parallel dp wraps the model in nn.DataParallel, trains through it, computes what the bare model
     computes, and the model that is saved has OpenFWI's unprefixed names."""
@@ -146,17 +151,18 @@ def test_data_parallel_on_one_device():
 
 # ---- data on the device ----
 
+@BOTH
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype):
+def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype, device):
     """--loader gpu: the split sits on the device, normalised, the data in --cache-dtype, equal to the float32 CPU
     normalisation within that dtype's precision, the labels in float32 exactly; an epoch is len(loader) batches
     of distinct samples."""
     pairs = write_ids_dataset(tmp_path, (5, 4))
-    loader = T.build_loader(T.LoaderConfig(kind="gpu", batch_size=2, cache_dtype=dtype, seed=1), pairs, [5, 4], NORM, DEVICE)
+    loader = T.build_loader(T.LoaderConfig(kind="gpu", batch_size=2, cache_dtype=dtype, seed=1), pairs, [5, 4], NORM, device)
     want = getattr(torch, dtype)
     assert isinstance(loader, T.DeviceLoader) and loader.normalized
     assert loader.x.dtype == want and loader.y.dtype == torch.float32
-    assert loader.x.device.type == loader.y.device.type == DEVICE.type
+    assert loader.x.device.type == loader.y.device.type == device.type
     x_raw, y_raw = stored(pairs)
     x_ref, y_ref = NORM.data(x_raw), NORM.label(y_raw)
     tol = dict(rtol=max(torch.finfo(want).eps, 1e-5), atol=1e-5)  # one unit in the last place of the cache dtype
@@ -165,11 +171,11 @@ def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype):
     orders = []
     for epoch in (0, 1):
         loader.set_epoch(epoch)
-        batches = list(T.device_batches(loader, DEVICE, NORM))
+        batches = list(T.device_batches(loader, device, NORM))
         assert len(batches) == len(loader) == 4  # 9 samples in batches of 2, the last partial batch dropped
         ids = []
         for x, y in batches:
-            assert x.shape == (2, *T.DATA_SHAPE) and x.device.type == DEVICE.type and x.dtype == want
+            assert x.shape == (2, *T.DATA_SHAPE) and x.device.type == device.type and x.dtype == want
             batch_ids = sample_ids(x)
             torch.testing.assert_close(x.float().cpu(), x_ref[batch_ids], **tol)
             torch.testing.assert_close(y.cpu(), y_ref[batch_ids], rtol=1e-6, atol=1e-6)  # float32: rounding only
@@ -179,6 +185,7 @@ def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype):
     assert orders[0] != orders[1]  # reshuffled per epoch
 
 
+@needs_cuda
 @pytest.mark.parametrize("pin", [True, False], ids=["pinned", "pageable"])
 def test_map_loader_batches_reach_the_device_as_on_the_cpu(tmp_path, pin):
     """A map loader with a worker, pinned or not, fed through device_batches (copy and normalisation on a
@@ -211,6 +218,7 @@ def test_map_loader_batches_reach_the_device_as_on_the_cpu(tmp_path, pin):
 
 # ---- the scripts on CUDA ----
 
+@needs_cuda
 def test_metrics_on_cuda_equal_the_cpu_ones_with_tf32_allowed(monkeypatch):
     """cuDNN may compute float32 convolutions in TF32 by default (and training allows it): SSIM on layered maps,
     whose local variances cancel, must not change on the GPU."""
@@ -222,6 +230,7 @@ def test_metrics_on_cuda_equal_the_cpu_ones_with_tf32_allowed(monkeypatch):
     torch.testing.assert_close(on_gpu, T.per_sample_metrics(pred, truth), rtol=0, atol=1e-6)
 
 
+@needs_cuda
 @pytest.mark.slow
 def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):
     """The training CLI with --fast (compile left to the test above) trains on the GPU, writes best.pt and
@@ -260,6 +269,7 @@ def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):
         assert gpu[k] == pytest.approx(cpu[k], abs=1e-3), k
 
 
+@needs_cuda
 @pytest.mark.slow
 def test_ddp_with_sync_bn_under_torchrun(tmp_path):
     """torchrun with one process: --parallel ddp --sync-bn initialises NCCL, trains through DDP with the
@@ -283,6 +293,7 @@ def test_ddp_with_sync_bn_under_torchrun(tmp_path):
     ((2, 33, 21), dict(nt=300, pml_width=5, src_cols=(20, 3), src_row=32, rec_row=0)),
     ((1, 3, 40), dict(nt=300, pml_width=5, src_cols=(39, 0), src_row=1, rec_row=2)),  # strips clipped
 ], ids=["flatvel", "odd-grid", "clipped-strips"])
+@needs_cuda
 def test_simulator_on_cuda_matches_the_cpu(velocity, kw):
     """simulate() on a CUDA tensor (whatever engine it picks there) gives the traces of the reference PyTorch
     loop on the CPU, on the OpenFWI grid and on small odd grids where the absorbing strips are clipped."""
