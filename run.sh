@@ -33,15 +33,19 @@ USAGE
 }
 
 install() {
-  # torch first and pinned. PyPI's Linux torch brings GBs of CUDA packages, so a machine without an NVIDIA
-  # driver also asks PyTorch's CPU index, whose 2.13.0+cpu ranks above it (once: offline, the pin alone).
-  # A torch before 2.3 lacks torch.amp.GradScaler, which the trainer uses, so it is replaced too.
+  # torch first and pinned. PyPI's x86-64 Linux torch brings GBs of CUDA packages, so a machine without an
+  # NVIDIA driver asks for the CPU build by name (2.13.0+cpu: PyTorch's CPU index or a local wheel; PyPI has
+  # none, so an unreachable index cannot turn into the CUDA build). Elsewhere the pin alone (macOS wheels
+  # carry no +cpu). A torch before 2.3 lacks torch.amp.GradScaler, which the trainer uses: replaced too.
   # pip's warning about running as root (containers, CI) would be a stray line on every run
-  local cpu=()
-  [[ -e /proc/driver/nvidia/version ]] || command -v nvidia-smi >/dev/null \
-    || cpu=(--extra-index-url https://download.pytorch.org/whl/cpu --retries 0)
+  local cpu=() spec=torch==2.13.0
+  if [[ ! -e /proc/driver/nvidia/version ]] && ! command -v nvidia-smi >/dev/null; then
+    cpu=(--extra-index-url https://download.pytorch.org/whl/cpu --retries 0)
+    [[ "$(uname -sm)" == "Linux x86_64" ]] && spec=torch==2.13.0+cpu
+  fi
   "$PY" -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 3))" 2>/dev/null \
-    || PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check ${cpu[@]+"${cpu[@]}"} torch==2.13.0
+    || PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check ${cpu[@]+"${cpu[@]}"} "$spec" \
+    || { echo "run.sh: error: pip could not install $spec (above); install torch 2.3 or later and run again" >&2; exit 1; }
   # an offline machine (a cluster node, a lent GPU box) may lack an extra such as torch-tb-profiler: what the
   # job imports ($1) decides whether it can go on
   PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt && return

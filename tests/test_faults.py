@@ -5,8 +5,10 @@ import gc
 import hashlib
 import json
 import os
+import platform
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -772,6 +774,24 @@ def test_run_sh_goes_on_offline_when_what_the_job_imports_is_there(tmp_path, imp
     else:
         assert r.returncode == 1 and lines[-1] == ("run.sh: error: pip could not install requirements.txt (above) and "
                                                    "numpy, tqdm, matplotlib, tensorboard do not all import")
+
+
+def test_run_sh_asks_for_the_cpu_build_of_torch_without_an_nvidia_driver(tmp_path):
+    """Where torch is missing: on an x86-64 Linux machine without an NVIDIA driver the CPU build by name,
+    which PyPI (whose build is CUDA's) cannot serve; a failed install is one line, exit 1."""
+    fake, log = tmp_path / "python", tmp_path / "pip.log"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    f'if [[ "$1 $2" == "-m pip" ]]; then echo "$@" >> {log}; exit 1; fi\n'
+                    'if [[ "$1" == -c && "$2" == *"import sys, torch"* ]]; then exit 1; fi\n'  # no torch here
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "test"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHON=str(fake)))
+    driver = os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi")
+    spec = "torch==2.13.0" if driver or (platform.system(), platform.machine()) != ("Linux", "x86_64") else "torch==2.13.0+cpu"
+    assert r.returncode == 1 and r.stderr.splitlines()[-1] == (f"run.sh: error: pip could not install {spec} (above); "
+                                                               f"install torch 2.3 or later and run again")
+    assert log.read_text().split()[-1] == spec and ("whl/cpu" in log.read_text()) == (not driver)
 
 
 @pytest.mark.parametrize("args, needle", [
