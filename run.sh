@@ -125,11 +125,17 @@ else
          --precise-bn 16 --log-every 22 --no-progress)
 fi
 
-step() { echo; echo "== $1"; }
 # a stage's exit code is run.sh's; an input error (exit 2) has already said what is wrong, in one line; a
-# stage stopped by Ctrl-C (SIGINT) or by a SIGTERM to the whole process group (timeout, docker stop, a batch
-# scheduler) exits 130 / 143, and the trap keeps this shell alive to say how to go on
-trap : TERM
+# stage stopped by Ctrl-C (SIGINT) or by a SIGTERM to the whole process group (timeout, a batch scheduler)
+# exits 130 / 143, and the trap keeps this shell alive to say how to go on. A SIGTERM to this shell alone
+# (kill PID; docker stop of a container whose first process is run.sh) cannot reach the stage under way
+# without signalling it twice when the group is signalled too: that stage finishes and no other starts
+stopped=""
+trap 'stopped=1' TERM
+step() {
+  [[ -z "$stopped" ]] || { echo "run.sh: stopped by SIGTERM before $1; the same bash run.sh command goes on" >&2; exit 143; }
+  echo; echo "== $1"
+}
 failed() {
   if (( $1 == 130 || $1 == 143 )); then echo "run.sh: $2 stopped by a signal; the same bash run.sh command goes on" >&2
   elif (( $1 != 2 )); then echo "run.sh: $2 failed (exit $1)" >&2; fi

@@ -111,7 +111,7 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_signal_under_run_sh_stops_with_a_resume_hint_and_the_same_command_continues(tmp_path, sig):
-    """Ctrl-C, or a SIGTERM to the process group (timeout, docker stop, a scheduler), signals run.sh and the
+    """Ctrl-C, or a SIGTERM to the process group (timeout, a scheduler), signals run.sh and the
     trainer alike: the trainer saves last.pt, run.sh says how to go on (not "training failed") and exits
     with the trainer's 130 / 143; the same command then resumes, finishes and evaluates."""
     cmd = ["bash", os.path.join(ROOT, "run.sh"), "--profile", "cpu", "--data", str(tmp_path / "d"), "--run", str(tmp_path / "r"),
@@ -130,6 +130,26 @@ def test_signal_under_run_sh_stops_with_a_resume_hint_and_the_same_command_conti
     assert r.returncode == 0, r.stdout + r.stderr
     assert "resuming from" in r.stdout and "== done" in r.stdout
     assert load(tmp_path / "r" / "last.pt")["epoch"] == 2 and (tmp_path / "r" / "eval" / "metrics.json").exists()
+
+
+def test_sigterm_to_run_sh_alone_lets_the_stage_finish_and_starts_no_other(tmp_path):
+    """kill PID of run.sh (docker stop of a container it heads): the stage under way is not signalled twice
+    when the group gets the signal too, so it finishes; no later stage starts, and run.sh says so, exit 143."""
+    fake, began, trained = tmp_path / "python", tmp_path / "began", tmp_path / "trained"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    f'if [[ "$1" == simulate_openfwi.py ]]; then touch {began}; sleep 3; exit 0; fi\n'
+                    f'if [[ "$1" == train_inversionnet.py ]]; then touch {trained}; exit 0; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    p = subprocess.Popen(["bash", os.path.join(ROOT, "run.sh"), "--profile", "cpu", "--data", str(tmp_path / "d"), "--run",
+                          str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHON=str(fake)))
+    assert wait_until(began.exists, 120)
+    p.send_signal(signal.SIGTERM)  # to run.sh's process only
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 143 and stderr.splitlines()[-1] == (f"run.sh: stopped by SIGTERM before 2/3 train -> "
+                                                               f"{tmp_path / 'r'}; the same bash run.sh command goes on")
+    assert not trained.exists()
 
 
 def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
