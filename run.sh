@@ -25,7 +25,7 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
   --*-args     extra flags passed to the simulator, the trainer and the evaluator, split at spaces (no quoting
                inside: a value with a space goes to the script itself); the paths run.sh hands from stage to
                stage (--out, --family, --output-dir, --resume, --train-list, --val-list, --data-root,
-               --checkpoint) come from --data, --family and --run and are refused there
+               --checkpoint) come from --data, --family and --run and are refused there, as is a stage's --help
 Options take --opt value or --opt=value.
 Both profiles write files of 100 samples, so either one extends the other's data set.
 test: the same install step, then ruff's pyflakes checks and pytest over tests/ and bench/ (--benchmark-disable).
@@ -33,6 +33,8 @@ USAGE
 }
 
 install() {
+  # pip ends a Ctrl-C with exit 1, as it ends a failed download: without the trap it would read as "offline"
+  trap 'echo "run.sh: interrupted during the install" >&2; exit 130' INT
   # torch first and pinned. PyPI's x86-64 Linux torch brings GBs of CUDA packages, so a machine without an
   # NVIDIA driver asks for the CPU build by name (2.13.0+cpu: PyTorch's CPU index or a local wheel; PyPI has
   # none, so an unreachable index cannot turn into the CUDA build). Elsewhere the pin alone (macOS wheels
@@ -48,7 +50,8 @@ install() {
     || { echo "run.sh: error: pip could not install $spec (above); install torch 2.3 or later and run again" >&2; exit 1; }
   # an offline machine (a cluster node, a lent GPU box) may lack an extra such as torch-tb-profiler: what the
   # job imports ($1) decides whether it can go on
-  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt && return
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt && { trap - INT; return; }
+  trap - INT
   "$PY" -c "import $1" || { echo "run.sh: error: pip could not install requirements.txt (above) and $1 do not all import" >&2; exit 1; }
   echo "run.sh: note: pip could not install all of requirements.txt (offline?); $1 import, so the job goes on" >&2
 }
@@ -86,8 +89,16 @@ case "$profile" in auto|cpu|gpu) ;; *) echo "run.sh: error: --profile must be au
 case "$family" in flatvel|curvevel|flatfault|curvefault) ;;
   *) echo "run.sh: error: --family must be flatvel, curvevel, flatfault or curvefault, got $family" >&2; exit 2 ;; esac
 # the eval stage runs with --overwrite (it re-evaluates its own run), which must not reach a user's --export file
-case " $eval_args " in *" --export"*|*" --predict"*)
+case " ${eval_args//[$'\t\n']/ } " in *" --export"*|*" --predict"*)
   echo "run.sh: error: --eval-args evaluates the run; --export and --predict are jobs of eval_inversionnet.py itself" >&2; exit 2 ;; esac
+# a stage's --help would print and end that stage with exit 0, and the next stage would start
+no_help() {  # no_help OPTION SCRIPT "ARGS"
+  case " ${3//[$'\t\n']/ } " in *" -h "*|*" --help "*)
+    echo "run.sh: error: $1 cannot hold --help: run python $2 --help" >&2; exit 2 ;; esac
+}
+no_help --sim-args simulate_openfwi.py "$sim_args"
+no_help --train-args train_inversionnet.py "$train_args"
+no_help --eval-args eval_inversionnet.py "$eval_args"
 # the paths each stage hands to the next are run.sh's own: a stage sent elsewhere would leave the next one
 # reading (and the eval stage's --overwrite replacing) another run's files
 owned() {  # owned OPTION "ARGS" FLAG=WHAT_SETS_IT ...

@@ -729,6 +729,10 @@ def make(tmp_path, token):
     (["--train-args=--resume last.pt"], "--train-args: --resume is run.sh's to set (from its --run, whose run it continues)"),
     (["--eval-args", "--noise-std 0.2 --checkpoint a.pt"], "--eval-args: --checkpoint is run.sh's to set (from its --run)"),
     (["--sim-args", "--family curvevel"], "--sim-args: --family is run.sh's to set (from its --family)"),
+    (["--eval-args", "--vis 0\t--export m.pt2"], "--eval-args evaluates the run; --export and --predict are jobs of"),
+    # a stage's help would end that stage with exit 0 and start the next
+    (["--sim-args", "--files 2 --help"], "--sim-args cannot hold --help: run python simulate_openfwi.py --help"),
+    (["--train-args=-h"], "--train-args cannot hold --help: run python train_inversionnet.py --help"),
 ])
 def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, needle):
     r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, timeout=60)
@@ -812,6 +816,23 @@ def test_run_sh_asks_for_the_cpu_build_of_torch_without_an_nvidia_driver(tmp_pat
     assert r.returncode == 1 and r.stderr.splitlines()[-1] == (f"run.sh: error: pip could not install {spec} (above); "
                                                                f"install torch 2.3 or later and run again")
     assert log.read_text().split()[-1] == spec and ("whl/cpu" in log.read_text()) == (not driver)
+
+
+def test_run_sh_ctrl_c_during_the_install_stops_it(tmp_path):
+    """pip ends a Ctrl-C with exit 1, as it ends a failed download: run.sh stops (130, one line) rather than
+    reading it as an offline machine and going on."""
+    fake, began = tmp_path / "python", tmp_path / "began"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    f'if [[ "$1 $2" == "-m pip" ]]; then touch {began}; sleep 30; exit 1; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    p = subprocess.Popen(["bash", os.path.join(ROOT, "run.sh"), "--data", str(tmp_path / "d")], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHON=str(fake)), start_new_session=True)
+    assert wait_until(began.exists, 60)
+    os.killpg(p.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+    stdout, stderr = p.communicate(timeout=60)
+    assert p.returncode == 130 and stderr.splitlines()[-1] == "run.sh: interrupted during the install", stderr
+    assert "== 1/3" not in stdout
 
 
 @pytest.mark.parametrize("args, needle", [
