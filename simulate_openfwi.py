@@ -102,7 +102,7 @@ def get_args_parser():
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--family", default="flatvel", choices=sorted(FAMILIES),
                    help="velocity-model family")
-    p.add_argument("--out", default="data/flatvel", help="output directory")
+    p.add_argument("--out", default=None, help="output directory (default data/FAMILY, where bash run.sh puts it)")
     p.add_argument("--files", type=int, default=10, help="number of file pairs")
     p.add_argument("--samples-per-file", type=int, default=500, help="samples per file (OpenFWI: 500)")
     p.add_argument("--val-files", type=int, default=None,
@@ -611,6 +611,8 @@ def check_args(args):
         raise SimulationError(f"--batch-size must be positive, got {args.batch_size}")
     if not 0 <= args.pml_width <= 100:  # the model is 70 cells wide; the default is 12
         raise SimulationError(f"--pml-width must be in [0, 100], got {args.pml_width}")
+    if args.out is None:  # one family's set never lands in (or is refused over) another's folder
+        args.out = os.path.join("data", args.family)
     if not args.out.strip():
         raise SimulationError("--out: an empty path")
     if args.seed < 0:  # numpy's seed streams take non-negative integers only

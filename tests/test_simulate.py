@@ -435,6 +435,17 @@ def test_cli_refuses_to_replace_a_directory_with_a_file(tmp_path):
     assert (code, err) == (2, f"simulate_openfwi.py: error: {out / 'data' / 'data2.npy'} exists and is not a regular file\n")
 
 
+def test_cli_out_defaults_to_the_familys_folder():
+    """data/FAMILY, as bash run.sh writes it (flatvel's is the trainer's default --data-root)."""
+    for family in ("flatvel", "curvefault"):
+        args = so.get_args_parser().parse_args(["--family", family])
+        so.check_args(args)
+        assert args.out == os.path.join("data", family)
+    args = so.get_args_parser().parse_args(["--family", "curvefault", "--out", "elsewhere"])
+    so.check_args(args)
+    assert args.out == "elsewhere"
+
+
 def test_cli_out_is_a_file(tmp_path):
     f = tmp_path / "afile"
     f.write_text("keep me")
