@@ -174,10 +174,12 @@ step "3/3 evaluate -> $run/eval"
 # shellcheck disable=SC2086
 "$PY" eval_inversionnet.py --checkpoint "$run/best.pt" --vis 3 --overwrite $eval_args \
   || failed $? evaluation
+nproc=2  # a CPU takes two processes as well as one; on CUDA, one process per GPU (more are refused)
+[[ "$profile" == cpu ]] || nproc=$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")
 cat <<SUMMARY
 
 == done
-data          $data (next: torchrun --nproc_per_node=2 train_inversionnet.py$([[ "$data" == data/flatvel ]] || echo " --data-root $data"))
+data          $data (next: torchrun --nproc_per_node=$nproc train_inversionnet.py$([[ "$data" == data/flatvel ]] || echo " --data-root $data"))
 checkpoints   $run/best.pt, $run/last.pt
 metrics       $run/eval/metrics.json, result.txt, per_sample.csv
 pictures      $run/eval/*.png

@@ -20,7 +20,7 @@ keeps boundary reflections near 0.04 % of the recorded signal (tests/ hold it un
 
 Engines: on CPU the time loop runs in a C++ kernel (simulate_openfwi_kernel.cpp: one sweep per time
 step over each wavefield, threads sharing out the wavefields), compiled on first use through
-torch.utils.cpp_extension and cached: about 20x the PyTorch loop and 3x deepwave on a 2-core CPU
+torch.utils.cpp_extension and cached: 9x to 20x the PyTorch loop and 3.3x deepwave on the 2-core CPUs measured
 (bench/RESULTS.md).
 On CUDA the scheme runs as two Triton kernels per time step (Triton comes with PyTorch's CUDA builds):
 about 640 samples/s on an H100 at batch 256, 3.3x the PyTorch loop (bench/RESULTS.md). Where neither
