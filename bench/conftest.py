@@ -59,7 +59,9 @@ def random_dataset(tmp_path_factory):
 def pytest_terminal_summary(terminalreporter):
     lines = report_lines()
     if lines:
-        terminalreporter.write_sep("=", "InversionNet: where the time goes")
+        once = terminalreporter.config.getoption("benchmark_disable", False)  # `bash run.sh test`: a check, not a measurement
+        terminalreporter.write_sep("=", "InversionNet: where the time goes" + (
+            " (test mode: each case ran once at test scale; measure with --benchmark-only)" if once else ""))
         for line in lines:
             terminalreporter.write_line(line)
 
