@@ -2448,10 +2448,11 @@ def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
     stop, writer = Stop(args.max_steps), CheckpointWriter()
     start = run.step
-    if run.epoch >= args.epochs:
+    if run.epoch >= args.epochs and args.overfit_batch:
         print0(f"the run is complete: its --overfit-batch epoch of {len(train_loader)} steps is trained; --overwrite "
-               f"runs it again" if args.overfit_batch else
-               f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
+               f"runs it again")
+    elif run.epoch >= args.epochs:
+        print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
     elif stop.reached_max(run):
         print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
     stop.install()
