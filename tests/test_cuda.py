@@ -131,10 +131,12 @@ def test_compiled_run_matches_eager_and_trains():
 
 
 @needs_cuda
-def test_data_parallel_on_one_device():
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_data_parallel_on_one_device(amp):
     """--parallel dp wraps the model in nn.DataParallel, trains through it, computes what the bare model
-    computes, and the model that is saved has OpenFWI's unprefixed names."""
-    run, parallel = new_run("--parallel", "dp", "--amp", "off", "--lr", "1e-3")
+    computes (its replica threads in the run's AMP dtype, not the thread default fp16), and the model that is
+    saved has OpenFWI's unprefixed names."""
+    run, parallel = new_run("--parallel", "dp", "--amp", amp, "--lr", "1e-3")
     assert parallel == "dp" and isinstance(run.model, nn.DataParallel) and run.model.module.module is run.raw_model
     x, y = fixed_batch()
     before = [p.detach().clone() for p in run.raw_model.parameters()]
@@ -146,7 +148,9 @@ def test_data_parallel_on_one_device():
     assert all(k.startswith("module.") for k in run.model.state_dict())  # only the wrapper's names carry it
     run.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(run.model(x), run.raw_model(x))
+        wrapped, bare = T.forward(run.model, x, run.amp_dtype), T.forward(run.raw_model, x, run.amp_dtype)
+    assert wrapped.dtype == bare.dtype == (torch.bfloat16 if amp == "bf16" else torch.float32)
+    torch.testing.assert_close(wrapped, bare)
 
 
 # ---- data on the device ----
