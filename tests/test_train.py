@@ -315,6 +315,15 @@ def test_schedulers_follow_their_definitions():
         opt.step()
         s.step()
     assert lrs[0] == 1.0 and lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
+    # cosine under --max-steps anneals to its end over the steps that run, not over --epochs
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    s = T.build_scheduler(opt, small_args(lr_scheduler="cosine", epochs=10, max_steps=20), iters_per_epoch=10)
+    lrs = []
+    for _ in range(20):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    assert lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
     # step: gamma per --lr-step-size epochs; a step size of almost nothing decays to 0, not to an OverflowError
     for step_size, expected in ((1.5, [1.0] * 15 + [0.5] * 5), (1e-320, [1.0] + [0.0] * 19)):
         opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
@@ -612,6 +621,18 @@ def test_amp_and_compile_on_cpu(tmp_path, ids_data, extra):
     assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
     m = T.InversionNet()
     m.load_state_dict(ck["model"])  # strict: loads into a plain model
+
+
+@pytest.mark.parametrize("mode, passed", [("default", None), ("reduce-overhead", "reduce-overhead"),
+                                           ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs")])
+def test_compile_mode_reaches_torch_compile(monkeypatch, mode, passed):
+    """--compile-mode is the mode torch.compile gets ("default": torch's own, no mode named)."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: calls.append(mode) or model)
+    run, _ = T.build_run(small_args(compile=True, compile_mode=mode), torch.device("cpu"), iters_per_epoch=10)
+    assert calls == [passed] and run.model is run.raw_model
+    T.build_run(small_args(compile=False, compile_mode=mode), torch.device("cpu"), iters_per_epoch=10)
+    assert calls == [passed]  # without --compile nothing is compiled
 
 
 @pytest.mark.slow
