@@ -296,45 +296,30 @@ def test_metric_sums_reduce_as_sum_and_count():
 
 # ---- schedules ----
 
-def test_schedulers_follow_their_definitions():
+def lr_trace(steps, **flags):
+    """The learning rate at each of STEPS optimizer steps of the schedule FLAGS build (lr 1, 10 steps per epoch)."""
     opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    args = small_args(lr_scheduler="warmup-multistep", lr_warmup_epochs=1, lr_milestones=[2, 3], lr_gamma=0.1, epochs=4)
-    s = T.build_scheduler(opt, args, iters_per_epoch=10)
+    s = T.build_scheduler(opt, small_args(**flags), iters_per_epoch=10)
     lrs = []
-    for _ in range(40):
+    for _ in range(steps):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         s.step()
+    return lrs
+
+
+def test_schedulers_follow_their_definitions():
+    lrs = lr_trace(40, lr_scheduler="warmup-multistep", lr_warmup_epochs=1, lr_milestones=[2, 3], lr_gamma=0.1, epochs=4)
     assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(0.5, abs=1e-5)
     assert lrs[15] == 1.0 and lrs[25] == pytest.approx(0.1) and lrs[35] == pytest.approx(0.01)
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    s = T.build_scheduler(opt, small_args(lr_scheduler="cosine", epochs=2), iters_per_epoch=10)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        s.step()
+    lrs = lr_trace(20, lr_scheduler="cosine", epochs=2)
     assert lrs[0] == 1.0 and lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
     # cosine under --max-steps anneals to its end over the steps that run, not over --epochs
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    s = T.build_scheduler(opt, small_args(lr_scheduler="cosine", epochs=10, max_steps=20), iters_per_epoch=10)
-    lrs = []
-    for _ in range(20):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        s.step()
+    lrs = lr_trace(20, lr_scheduler="cosine", epochs=10, max_steps=20)
     assert lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
     # step: gamma per --lr-step-size epochs; a step size of almost nothing decays to 0, not to an OverflowError
     for step_size, expected in ((1.5, [1.0] * 15 + [0.5] * 5), (1e-320, [1.0] + [0.0] * 19)):
-        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        s = T.build_scheduler(opt, small_args(lr_scheduler="step", lr_step_size=step_size, lr_gamma=0.5, epochs=2),
-                              iters_per_epoch=10)
-        lrs = []
-        for _ in range(20):
-            lrs.append(opt.param_groups[0]["lr"])
-            opt.step()
-            s.step()
-        assert lrs == expected
+        assert lr_trace(20, lr_scheduler="step", lr_step_size=step_size, lr_gamma=0.5, epochs=2) == expected
 
 
 def test_a_file_in_both_split_lists_is_refused(ids_data, tmp_path, capsys):
