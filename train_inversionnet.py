@@ -2070,11 +2070,12 @@ def check_resumable(ckpt, path, args, meta, world, normalization):
                          f"resume with the run's data and constants, or start a new run (--init-from {path} to start "
                          f"from its weights)")
     position = ("batch_size", "loader") + (("num_workers",) if args.loader == "iterable" else ())  # its shards follow the workers
-    if ckpt.get("world", world) == world == 1 and {saved.get("loader"), args.loader} <= {"map", "gpu"}:
+    same_world = ckpt.get("world", world) == world
+    if same_world and world == 1 and {saved.get("loader"), args.loader} <= {"map", "gpu"}:
         position = ("batch_size",)  # one process: both serve one permutation of the split per epoch, batch by batch
-    if ckpt.get("batch_in_epoch", 0) and ckpt.get("world", world) == world:
+    if ckpt.get("batch_in_epoch", 0) and same_world:
         position += ("seed",)  # the batches already trained are those of the saved seed's order
-    scaled = ("scale_lr",) if ckpt.get("world", world) == world > 1 else ()  # (a new world size rebases the rate)
+    scaled = ("scale_lr",) if same_world and world > 1 else ()  # (a new world size rebases the rate)
     for key in (*position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
             why = ("the position inside the epoch" if key in position else
@@ -2092,7 +2093,7 @@ def check_resumable(ckpt, path, args, meta, world, normalization):
     if was != batches and args.overfit_batch:  # its one epoch is --max-steps long
         raise InputError(f"--max-steps {batches} differs from the {was} steps of the --overfit-batch epoch of {path}: "
                          f"resume with --max-steps {was} or start a new run")
-    if was != batches and ckpt.get("world", world) == world:  # the flags and the split agree, yet:
+    if was != batches and same_world:  # the flags and the split agree, yet:
         raise InputError(f"an epoch of {path} had {was} batches and has {batches} now (--loader iterable leaves out "
                          f"the remainders that DataParallel's GPUs cannot split): the position inside the epoch would "
                          f"mean something else; resume with as many GPUs or start a new run")
@@ -2174,7 +2175,7 @@ def start_new(run, args, path):
     return "; ".join(notes) or None
 
 
-def restore(run, args, rank, iters_per_epoch):
+def restore(run, args, rank):
     """Continue from --resume (or OUTPUT_DIR/last.pt with 'auto'): weights, optimizer, schedule, scaler,
     counters and RNG; or start a new run (start_new). A different world size restarts the current epoch with
     the step count and the schedule rebased to it (its batches would otherwise be split another way). Returns
@@ -2211,7 +2212,7 @@ def restore(run, args, rank, iters_per_epoch):
                              f"{path} for its weights)") from None
     rebased = ""
     if ckpt.get("world", run.world) != run.world:
-        lr = args.lr * (run.world if args.scale_lr else 1)
+        lr, iters_per_epoch = args.lr * (run.world if args.scale_lr else 1), run.meta["batches_per_epoch"]
         for g in run.optimizer.param_groups:
             g["initial_lr"] = lr
         run.step, run.batch_in_epoch = run.epoch * iters_per_epoch, 0
@@ -2600,7 +2601,7 @@ def main(args, argv=()):
     run.meta = {"split": split_record(data[0], data[1]), "val_split": split_record(data[2], data[3]),
                 "batches_per_epoch": len(train_loader),
                 "provenance": provenance(device, argv, world)}
-    resumed = restore(run, args, rank, len(train_loader))
+    resumed = restore(run, args, rank)
     check_ranks_agree(run)
     on_rank0(rank, remove_previous_run, args)
     if resumed:
