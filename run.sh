@@ -88,12 +88,14 @@ done
 case "$profile" in auto|cpu|gpu) ;; *) echo "run.sh: error: --profile must be auto, cpu or gpu, got $profile" >&2; exit 2 ;; esac
 case "$family" in flatvel|curvevel|flatfault|curvefault) ;;
   *) echo "run.sh: error: --family must be flatvel, curvevel, flatfault or curvefault, got $family" >&2; exit 2 ;; esac
+# the stages split the --*-args values at tabs and newlines as at spaces: the checks below see spaces only
+sim_args=${sim_args//[$'\t\n']/ } train_args=${train_args//[$'\t\n']/ } eval_args=${eval_args//[$'\t\n']/ }
 # the eval stage runs with --overwrite (it re-evaluates its own run), which must not reach a user's --export file
-case " ${eval_args//[$'\t\n']/ } " in *" --export"*|*" --predict"*)
+case " $eval_args " in *" --export"*|*" --predict"*)
   echo "run.sh: error: --eval-args evaluates the run; --export and --predict are jobs of eval_inversionnet.py itself" >&2; exit 2 ;; esac
 # a stage's --help would print and end that stage with exit 0, and the next stage would start
 no_help() {  # no_help OPTION SCRIPT "ARGS"
-  case " ${3//[$'\t\n']/ } " in *" -h "*|*" --help "*)
+  case " $3 " in *" -h "*|*" --help "*)
     echo "run.sh: error: $1 cannot hold --help: run python $2 --help" >&2; exit 2 ;; esac
 }
 no_help --sim-args simulate_openfwi.py "$sim_args"
@@ -102,7 +104,7 @@ no_help --eval-args eval_inversionnet.py "$eval_args"
 # the paths each stage hands to the next are run.sh's own: a stage sent elsewhere would leave the next one
 # reading (and the eval stage's --overwrite replacing) another run's files
 owned() {  # owned OPTION "ARGS" FLAG=WHAT_SETS_IT ...
-  local opt=$1 args=" ${2//[$'\t\n']/ } " pair; shift 2  # the stage splits the value at tabs and newlines too
+  local opt=$1 args=" $2 " pair; shift 2
   for pair in "$@"; do
     case "$args" in *" ${pair%%=*} "*|*" ${pair%%=*}="*)
       echo "run.sh: error: $opt: ${pair%%=*} is run.sh's to set (from its ${pair#*=})" >&2; exit 2 ;; esac
