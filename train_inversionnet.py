@@ -2117,10 +2117,14 @@ def simulated_hint(args):
 
 
 def first_difference(was, now):
-    """'; file i is now X, was Y' for the first file where two split records differ ('' when they differ only
-    in length)."""
-    i = next((i for i, (a, b) in enumerate(zip(now, was)) if a != b), None)
-    return f"; file {i + 1} is now {shown(now[i])}, was {shown(was[i])}" if i is not None else ""
+    """'; file i is now X, was Y' for the first file where two split records differ, a file one of them lacks
+    included (files added to a set, or removed from it)."""
+    pad = [None] * abs(len(was) - len(now))
+    i = next((i for i, (a, b) in enumerate(zip(now + pad, was + pad)) if a != b), None)
+    if i is None:
+        return ""
+    return "; file {} is now {}, was {}".format(
+        i + 1, *(shown(r[i]) if i < len(r) else "absent" for r in (now, was)))
 
 
 def is_training_checkpoint(ckpt):
@@ -2266,7 +2270,7 @@ def eval_results(out):
     if not os.path.isdir(out):
         return []
     return sorted(n for n in os.listdir(out) if n in ("metrics.json", "result.txt", "per_sample.csv", "ssim_histogram.png")
-                  or re.fullmatch(r"sample_\d+_\w+\.png", n))
+                  or re.fullmatch(r"sample_\d+_(best|worst|p\d+|shots)\.png", n))
 
 
 def continue_elastic_run(args, rank):

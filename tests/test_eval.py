@@ -224,6 +224,7 @@ def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys, 
     assert E.cli(args) == 2 and "already holds results (per_sample.csv, result.txt); pass" in capsys.readouterr().err
     (out / "sample_99_worst.png").write_bytes(b"an earlier evaluation's picture")
     (out / "notes.txt").write_text("the user's own")
+    (out / "sample_1_mine.png").write_bytes(b"the user's own picture, named as eval's are")
     kept = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def fails(*a, **kw):
@@ -236,7 +237,8 @@ def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys, 
     assert json.loads((out / "metrics.json").read_text())["perturbation"]["noise_std"] == 0.5
     assert not list(out.glob("*.tmp-*"))
     # the replaced results go, pictures included (--vis 0 draws none now); other files stay
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "per_sample.csv", "result.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "per_sample.csv", "result.txt",
+                                                     "sample_1_mine.png"]
 
 
 def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, monkeypatch):
@@ -461,7 +463,9 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
     torch.save(ck, tmp_path / "grown.pt")
     capsys.readouterr()
     note = evaluate_to(tmp_path / "grown", tmp_path / "grown.pt")["split_changed_since_training"]
-    assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 1 (4 samples): ")
+    added = " ".join(map(str, torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"][1]))
+    assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 1 (4 samples; "
+                           f"file 2 is now {added}, was absent): ")
     assert f"warning: {note}" in capsys.readouterr().out
     ck["split"] = [list(f) for f in torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"]]
     now = " ".join(map(str, ck["split"][1]))

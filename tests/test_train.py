@@ -786,7 +786,8 @@ def short_run(tmp_path_factory, ids_data):
 @pytest.mark.parametrize("change, needle", [
     (["--batch-size", "4"], "--batch-size 4 differs from the 2 that"),
     (["--loader", "iterable"], "--loader iterable differs from the map that"),
-    (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one"),
+    (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one {last} was trained on (2 "
+                                "files, 8 samples; file 3 is now data4.npy model4.npy 4, was absent)"),  # a file added
     (["--val-list", "FOUR"], "the validation split (1 file, 4 samples) differs from the one {last} was validated on (1 "
                              "file, 4 samples; file 1 is now data4.npy model4.npy 4, was data3.npy model3.npy 4): the "
                              "loss that keeps best.pt would compare two sets; resume with that split"),
