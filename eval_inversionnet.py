@@ -18,10 +18,13 @@ Metrics (OpenFWI test.py): MAE, MSE, RMSE = sqrt(MSE) and SSIM on the normalised
 import argparse
 import csv
 import errno
+import glob
 import io
 import json
 import os
+import signal
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -564,6 +567,9 @@ def predict(opts):
     model, _, targs, normalizer, stats_from = load_model(opts, device)
     amp_dtype, channels_last = forward_settings(opts, model, device, targs)
     make_results_dir(out)
+    for dest in dests:  # a run killed outright (SIGKILL, a power cut) left its partial output under a temporary name
+        for stale in glob.glob(glob.escape(dest) + ".tmp-*"):
+            os.remove(stale)
     for (path, gathers), stem, dest in zip(files, stems, dests):
         predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, opts.batch_size)
         line = f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}"
@@ -644,8 +650,19 @@ def main(opts, argv=()):
     return run_evaluation(opts, argv)
 
 
+class Terminated(BaseException):
+    """SIGTERM (a scheduler, `timeout`) raised on the main thread as Ctrl-C is, so that the file being written
+    is removed on the way out (predict_file's finally) instead of left behind as a temporary file."""
+
+
+def raise_terminated(signum, frame):
+    raise Terminated
+
+
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    main_thread = threading.current_thread() is threading.main_thread()  # where alone signal handlers can be set
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         code = main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
         T.wait_for_ranks()
@@ -654,8 +671,16 @@ def cli(argv=None):
         if not T.report_input_error("eval_inversionnet.py", e):
             raise
         return 2
+    except (KeyboardInterrupt, Terminated) as e:
+        signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
+        if T.is_main():
+            print(f"eval_inversionnet.py: {'terminated' if signum == signal.SIGTERM else 'interrupted'}; the files "
+                  f"written so far are whole, the one under way is removed", file=sys.stderr)
+        return 128 + signum
     finally:
         T.cleanup_distributed()
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: a handler not set from Python
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import signal
 import shutil
 import stat
 
@@ -810,3 +811,29 @@ def test_metrics_carry_the_provenance_of_training_and_evaluation(tiny_run, tmp_p
     assert prov["training"] == training and training["command"][0] == "train_inversionnet.py"
     assert prov["evaluation"]["command"][:2] == ["eval_inversionnet.py", "--checkpoint"]
     assert prov["evaluation"]["git_commit"] == training["git_commit"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_predict_with_one_line_and_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch, signum):
+    (tmp_path / "in").mkdir()
+    np.save(tmp_path / "in" / "a.npy", np.zeros((2, 5, 1000, 70), np.float32))
+    np.save(tmp_path / "in" / "b.npy", np.zeros((4, 5, 1000, 70), np.float32))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "b_velocity.npy.tmp-99999").write_bytes(b"the partial output of a run killed outright")
+    real, calls = T.forward, []
+
+    def signalled(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:  # b.npy's second batch of 2: a scheduler's SIGTERM, or Ctrl-C, mid-file
+            os.kill(os.getpid(), signum)
+        return real(*a, **kw)
+    monkeypatch.setattr(T, "forward", signalled)
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--predict", str(tmp_path / "in"), "--output-dir",
+                  str(out), "--batch-size", "2", "--vis", "0", "--device", "cpu"]) == 128 + signum
+    what = "terminated" if signum == signal.SIGTERM else "interrupted"
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: {what}; the files written so far are whole, the one under "
+                                       "way is removed\n")
+    assert sorted(p.name for p in out.iterdir()) == ["a_velocity.npy"] and len(calls) == 3
+    assert np.load(out / "a_velocity.npy").shape == (2, 1, 70, 70)
+    assert signal.getsignal(signal.SIGTERM) is not E.raise_terminated  # the handler is the caller's again
