@@ -40,6 +40,9 @@ Velocity families (70 x 70 cells, 1500-4500 m/s), each drawn from a numpy Genera
 """
 import argparse
 import concurrent.futures
+import contextlib
+import fcntl
+import glob
 import hashlib
 import json
 import logging
@@ -449,17 +452,37 @@ def _build_kernel():
             cpu = next((line for line in fh if line.startswith(("flags", "Features"))), "")
     except OSError:
         cpu = platform.processor()
-    tag = hashlib.sha1(f"{platform.machine()} {cpu}".encode()).hexdigest()[:10]
+    name = f"simulate_openfwi_kernel_{hashlib.sha1(f'{platform.machine()} {cpu}'.encode()).hexdigest()[:10]}"
     log = logging.getLogger("torch.utils.cpp_extension")
     level = log.level
     log.setLevel(logging.ERROR)  # its compiler-compatibility banners; a failed build raises anyway
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), one_build_at_a_time(cpp_extension, name):
             warnings.simplefilter("ignore")
-            return cpp_extension.load(f"simulate_openfwi_kernel_{tag}", [KERNEL_SOURCE],
-                                      extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
+            return cpp_extension.load(name, [KERNEL_SOURCE], extra_cflags=["-O3", "-march=native", "-fopenmp-simd"])
     finally:
         log.setLevel(level)
+
+
+@contextlib.contextmanager
+def one_build_at_a_time(cpp_extension, name):
+    """Our builds of the kernel one at a time, under a lock that the OS releases however its holder ends.
+    Inside it no build of ours is under way, so a `lock` file in the build folder (torch's own build lock,
+    which torch waits on for ever) was left by a build killed outright (SIGKILL, a power cut): it goes."""
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")  # where cpp_extension builds: ROOT/NAME, or DEFAULT/pyXY_cpu/NAME
+    folders = os.path.join(glob.escape(root), name) if root else os.path.join(
+        glob.escape(cpp_extension.get_default_build_root()), "*", name)
+    root = root or cpp_extension.get_default_build_root()
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, f"{name}.building"), "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print("simulate_openfwi: waiting for another process's build of the C++ kernel", file=sys.stderr)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        for stale in glob.glob(os.path.join(folders, "lock")):
+            os.remove(stale)
+        yield
 
 
 def _simulate_kernel(kernel, v2, coeffs, wavelet, src_cols, src_row, rec_row, pml, sw, nx):

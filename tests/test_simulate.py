@@ -161,6 +161,21 @@ def test_cpu_kernel_builds_where_there_is_a_compiler():
     assert so.cpu_kernel() is not None  # else every CPU run silently takes the slow PyTorch loop
 
 
+def test_a_build_killed_outright_does_not_leave_the_next_run_waiting(tmp_path):
+    """torch's build lock, left behind by a build killed with SIGKILL, would make every later run wait for
+    ever: the next run clears it and loads the cached kernel. The build folder is copied, so nothing is rebuilt."""
+    if so.cpu_kernel() is None:
+        pytest.skip("no C++ kernel here")
+    built = os.path.dirname(so.cpu_kernel().__file__)
+    folder = tmp_path / "ext" / os.path.basename(built)
+    shutil.copytree(built, folder)
+    (folder / "lock").touch()
+    r = run_script(SIMULATE, "--no-progress", "--out", tmp_path / "o", "--files", 1, "--samples-per-file", 1,
+                   "--device", "cpu", env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr  # the kernel, not the PyTorch loop's fallback line
+    assert not (folder / "lock").exists()
+
+
 @pytest.mark.parametrize("shape, pml, src_cols, src_row, rec_row", [
     ((2, 40, 90), 0, (0, 45, 89), 3, 7),
     ((1, 40, 90), 1, (10,), 0, 39),
