@@ -41,8 +41,7 @@ PAPER = {"flatvel-a": (0.0131, 0.0211, 0.9895), "flatvel-b": (0.0351, 0.0876, 0.
 
 
 def get_args_parser():
-    p = T.ArgumentParser(description="Evaluate InversionNet on OpenFWI-format data.",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = T.ArgumentParser(description="Evaluate InversionNet on OpenFWI-format data.")
     p.add_argument("--checkpoint", type=T.path_arg, required=True, help="last.pt / best.pt of train_inversionnet.py, or an OpenFWI checkpoint")
     p.add_argument("--data-root", type=T.path_arg, default=None, help="OpenFWI layout; the val split is made as in training (default: from the checkpoint)")
     p.add_argument("--val-list", type=T.path_arg, default=None, help="OpenFWI split file to evaluate instead")
@@ -635,7 +634,7 @@ def export(opts):
         T.write_atomic(opts.export, buf.getbuffer())
     except OSError as e:
         raise T.InputError(f"--export {opts.export}: {e.strerror}") from None
-    print(f"exported InversionNet to {opts.export} ({'float32' if dtype is None else f'{dtype} autocast'}): "
+    print(f"exported InversionNet to {opts.export} ({dtype_name(dtype)}{' autocast' if dtype else ''}): "
           f"torch.export.load(path).module() maps normalised shot gathers (B, 5, 1000, 70) to velocity in [-1, 1]; "
           f"normalisation {normalizer.as_dict()}")
     return 0

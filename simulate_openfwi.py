@@ -89,20 +89,26 @@ class SimulationError(ValueError):
     """Bad input to the simulator; the CLI prints it on one line and exits 2."""
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each flag's default, except None: the help of such a flag says what leaving it unset means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are SimulationErrors: one line instead of the usage text, exit 2. (The trainer
     has its own: this script imports nothing of it, so that it can be copied and used alone.)"""
 
     def __init__(self, **kwargs):  # whole flag names only, as the trainer's: a prefix is not taken for a flag
-        super().__init__(allow_abbrev=False, **kwargs)
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
         raise SimulationError(f"{message} (--help lists the flags)")
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Make OpenFWI-format data by acoustic FD modelling.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Make OpenFWI-format data by acoustic FD modelling.")
     p.add_argument("--family", default="flatvel", choices=sorted(FAMILIES),
                    help="velocity-model family")
     p.add_argument("--out", default=None, help="output directory (default data/FAMILY, where bash run.sh puts it)")

@@ -85,12 +85,19 @@ class NonFiniteLoss(Exception):
 HELP_HINT = " (--help lists the flags)"
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help gives each flag's default, except None: the help of such a flag says what leaving it unset means."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are InputErrors: one line instead of a page of usage, exit 2, and under
     torchrun printed by rank 0 alone."""
 
     def __init__(self, **kwargs):  # whole flag names only: run.sh screens flags and args.json records them by name
-        super().__init__(allow_abbrev=False, **kwargs)
+        super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
 
     def error(self, message):
         raise InputError(f"{message}{HELP_HINT}")
@@ -104,8 +111,7 @@ def path_arg(text):
 
 
 def get_args_parser():
-    p = ArgumentParser(description="Train InversionNet on OpenFWI-format data.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Train InversionNet on OpenFWI-format data.")
     add_data_args(p.add_argument_group("data"))
     add_optimisation_args(p.add_argument_group("optimisation"))
     add_speed_args(p.add_argument_group("devices and speed"))
