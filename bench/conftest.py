@@ -79,7 +79,7 @@ def report_lines():
                    f"{whole:.2f} s for the whole write timed alone (the rest goes on beside training)")
     whole = RESULTS["whole"]
     if len(whole) == 2:
-        out.append(f"whole run ({CFG['whole_epochs']} epochs of {(CFG['files'] - 1) * CFG['per_file']} samples, start-up and "
+        out.append(f"whole run ({RESULTS['whole_size']}, start-up and "
                    f"validation included): defaults {whole['plain']:.1f} s, --fast {whole['fast']:.1f} s: "
                    f"{speedup(whole['plain'] / whole['fast'])}")
     sim = RESULTS["sim"]
@@ -113,8 +113,11 @@ def loader_lines(loader, e2e, compute):
     """Each loader against the --fast step's demand, end to end, and OpenFWI's configuration beside it (the
     end-to-end lines print on their own when only those cases ran)."""
     need = compute.get(("fast", LOADER_BATCH))
-    if not (need and (loader or e2e)):
+    if not (loader or e2e):
         return []
+    if not need:  # a -k that left out the case they are measured against
+        return [f"loader and end-to-end figures are judged against the --fast compute case at batch {LOADER_BATCH}, "
+                f"which did not run: add it to -k (\"... or (compute_throughput and fast)\")"]
     return (loader_table(loader, e2e, need) if loader else []) + e2e_lines(e2e, need)
 
 
