@@ -1867,6 +1867,7 @@ class Monitor:
         self.bad_at = torch.full((), -1, device=run.device, dtype=torch.long)
         self.seen, self.t_wait, self.t_last = 0, 0.0, time.perf_counter()
         self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
+        self.lr = self.lr_next = run.optimizer.param_groups[0]["lr"]
 
     def timed(self, batches):
         """The batches, with the time spent waiting for each added to the data-wait share."""
@@ -1885,6 +1886,8 @@ class Monitor:
         self.bad_at = torch.where((self.bad_at < 0) & ~torch.isfinite(loss), b, self.bad_at)
         self.loss_sum.add_(loss.double(), alpha=n)
         self.seen, self.samples = self.seen + n, self.samples + n
+        # the step has moved the schedule on: the rate it trained at is the one read before it
+        self.lr, self.lr_next = self.lr_next, run.optimizer.param_groups[0]["lr"]
         if self.profiler is not None:
             self.profiler.step()
 
@@ -1901,7 +1904,7 @@ class Monitor:
         now = time.perf_counter()
         span = max(now - self.t_last, 1e-9)
         rate, wait = self.seen * run.world / span, self.t_wait / span
-        lr, mean = run.optimizer.param_groups[0]["lr"], self.mean_loss()
+        lr, mean = self.lr, self.mean_loss()
         if self.scale is not None and run.scaler.get_scale() < self.scale:
             print0(f"step {run.step}: fp16 GradScaler skipped a step (overflow); scale now {run.scaler.get_scale():g}")
         self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None

@@ -1085,6 +1085,17 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
 
 
+def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_path, capsys):
+    """A milestone at epoch 1 divides the rate from epoch 1's first step on: epoch 0's last step (logged after
+    the schedule moved on) still trained at --lr, and its log line says so (TensorBoard's train/lr is the same figure)."""
+    _, lists = ids_data
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--log-every", "1", "--lr-scheduler", "warmup-multistep",
+                  "--lr-warmup-epochs", "0", "--lr-milestones", "1", "--lr-gamma", "0.1", "--val-every", "0",
+                  "--output-dir", str(tmp_path / "run")]) == 0
+    logged = re.findall(r"^epoch (\d) step \d batch \d/4 loss \S+ lr (\S+) ", capsys.readouterr().out, re.M)
+    assert logged == [("0", "1.000e-03")] * 4 + [("1", "1.000e-04")] * 4
+
+
 def test_overfit_batch_trains_max_steps_steps_on_one_batch_and_its_loss_falls(ids_data, tmp_path, capsys, monkeypatch):
     """--overfit-batch, the sanity check of the module docstring: one fixed batch served --max-steps times in one
     epoch whatever --epochs says, never validated; the logged loss (the epoch's running mean) falls."""
