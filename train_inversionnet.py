@@ -2306,14 +2306,18 @@ def check_output_dir(args, own_restart=False):
     out = args.output_dir
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--output-dir {out} exists and is not a directory")
-    taken = [os.path.join(out, n) for n in ("last.pt", "best.pt")]  # their first write comes only after an epoch
-    taken = next((p for p in taken if os.path.lexists(p) and not os.path.isfile(p)), None)
+    taken_paths = [os.path.join(out, n) for n in ("last.pt", "best.pt")]  # their first write comes only after an epoch
+    taken = next((p for p in taken_paths if os.path.lexists(p) and not os.path.isfile(p)), None)
     if taken and not args.overwrite:
         raise InputError(f"{taken}: exists and is not a regular file")
     has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("args.json", "last.pt", "best.pt"))
     in_out = args.resume not in (None, "auto") and os.path.isdir(out) and os.path.samefile(
         os.path.dirname(os.path.abspath(args.resume)), out)  # one of this run's own checkpoints
     if has_run and not (args.resume == "auto" or in_out or args.overwrite or own_restart):
+        if not any(os.path.exists(p) for p in taken_paths):  # a start that failed before its first checkpoint
+            raise InputError(f"--output-dir {out} holds a run that wrote no checkpoint (its train.log says how it ended); "
+                             f"pass --resume auto to start it there anew, --overwrite to replace its files, or choose "
+                             f"another --output-dir")
         raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite to "
                          f"replace it, or choose another --output-dir")
     if args.overwrite and in_out:

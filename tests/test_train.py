@@ -587,6 +587,13 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume auto" in err
     assert (out / "last.pt").read_bytes() == b"precious"
+    (out / "last.pt").unlink()  # a start that failed before its first checkpoint (a NaN in a file, say)
+    (out / "args.json").write_text("{}")
+    assert T.cli(["--data-root", str(tmp_path / "never-read"), "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: --output-dir {out} holds a run that wrote no "
+                                       "checkpoint (its train.log says how it ended); pass --resume auto to start it "
+                                       "there anew, --overwrite to replace its files, or choose another --output-dir\n")
+    assert (out / "args.json").read_text() == "{}"
 
 
 @pytest.mark.slow
