@@ -2565,10 +2565,17 @@ def settings_notes(args, n_batches, device):
         notes.append("--normalize workers has no effect with --loader gpu (the cache normalises on the device)")
     if args.pin_memory and device.type != "cuda":
         notes.append(f"--pin-memory has no effect on {device.type} (it speeds copies to a GPU)")
-    if args.persistent_workers and (args.num_workers == 0 or args.loader == "gpu"):
+    no_workers = args.num_workers == 0 or args.loader == "gpu"
+    if args.persistent_workers and no_workers:
         notes.append("--persistent-workers has no effect without loader workers")
+    if args.prefetch_factor != default("prefetch_factor") and no_workers:
+        notes.append(f"--prefetch-factor {args.prefetch_factor} has no effect without loader workers")
+    if args.val_batch_size is not None and args.val_every == 0:
+        notes.append(f"--val-batch-size {args.val_batch_size} has no effect with --val-every 0 (nothing is validated)")
     if args.train_list and args.train_size is not None:
         notes.append(f"--train-size {args.train_size:g} has no effect with --train-list (the lists are the split)")
+    if args.train_list and args.data_root != default("data_root"):
+        notes.append(f"--data-root {args.data_root} has no effect with --train-list (the lists name the files)")
     if args.dataset and args.stats:
         notes.append(f"--dataset {args.dataset} has no effect beside --stats (its constants are used)")
     return "; ".join(notes)

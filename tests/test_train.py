@@ -1310,11 +1310,15 @@ def test_settings_without_effect_in_this_run_are_noted(tmp_path):
         (tmp_path / name).write_text("")
     notes = T.settings_notes(small_args(persistent_workers=True, num_workers=0, train_list=str(tmp_path / "t.txt"),
                                         val_list=str(tmp_path / "v.txt"), train_size=0.5, dataset="curvevel-a",
-                                        stats=str(tmp_path / "s.json")), 4, torch.device("cpu"))
-    assert notes == ("--persistent-workers has no effect without loader workers; --train-size 0.5 has no effect with "
-                     "--train-list (the lists are the split); --dataset curvevel-a has no effect beside --stats (its "
-                     "constants are used)")
-    assert T.settings_notes(small_args(persistent_workers=True, num_workers=1, loader="map"), 4, torch.device("cpu")) == ""
+                                        stats=str(tmp_path / "s.json"), prefetch_factor=4, val_batch_size=4,
+                                        val_every=0, data_root="elsewhere"), 4, torch.device("cpu"))
+    assert notes == ("--persistent-workers has no effect without loader workers; --prefetch-factor 4 has no effect "
+                     "without loader workers; --val-batch-size 4 has no effect with --val-every 0 (nothing is "
+                     "validated); --train-size 0.5 has no effect with --train-list (the lists are the split); --data-root "
+                     "elsewhere has no effect with --train-list (the lists name the files); --dataset curvevel-a has no "
+                     "effect beside --stats (its constants are used)")
+    assert T.settings_notes(small_args(persistent_workers=True, num_workers=1, loader="map", prefetch_factor=4,
+                                       val_batch_size=4), 4, torch.device("cpu")) == ""
 
 
 def test_batch_size_one_is_refused(capsys):
