@@ -1517,16 +1517,37 @@ def unreadable_checkpoint(path, error):
     return f"not a readable checkpoint ({type(error).__name__}): another kind of file, or a copy cut short"
 
 
-def load_weights(model, path):
+def load_weights(model, path, hint=""):
     """Load our checkpoint, an OpenFWI checkpoint (dict with 'model') or a bare state_dict, strictly;
     returns the checkpoint."""
     ckpt, sd = read_state_dict(path)
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise InputError(f"{path}: incompatible with InversionNet ({' '.join(first[:2])[:200]})") from None
+    load_exactly(model, sd, f"{path}:", hint)
     return ckpt
+
+
+def load_exactly(model, sd, whose, hint=""):
+    """model.load_state_dict(sd) where every tensor fits; else one line, starting with WHOSE, that names the
+    first tensors that do not fit or are missing (torch's own message lists every key, and cut short, none)."""
+    if not all(torch.is_tensor(v) for v in sd.values()):
+        raise InputError(f"{whose} not a state_dict of tensors")
+    own = model.state_dict()
+    unfit, missing = unfit_tensors(own, sd), [k for k in own if k not in sd]
+    if unfit or missing:
+        what = ([f"{len(unfit)} tensors that do not fit: {listed(unfit)}"] if unfit else []) + (
+            [f"{len(missing)} of the model's missing: {listed(missing)}"] if missing else [])
+        raise InputError(f"{whose} incompatible with InversionNet ({'; '.join(what)}){hint}")
+    model.load_state_dict(sd, strict=True)
+
+
+def unfit_tensors(own, sd):
+    """The tensors of SD that a model's state_dict OWN cannot take, each as 'name shape vs the model's shape'
+    or 'name shape not in the model'."""
+    return [f"{k} {tuple(v.shape)}" + (f" vs {tuple(own[k].shape)}" if k in own else " not in the model")
+            for k, v in sd.items() if not (k in own and own[k].shape == v.shape)]
+
+
+def listed(names, n=6):
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
 def load_matching(model, path):
@@ -1538,10 +1559,7 @@ def load_matching(model, path):
     if not take:
         raise InputError(f"--init-from {path}: no tensor matches the model's names and shapes; nothing to fine-tune from")
     model.load_state_dict(take, strict=False)
-    skipped = [f"{k} {tuple(v.shape)}" + (f" vs {tuple(own[k].shape)}" if k in own else " not in the model")
-               for k, v in sd.items() if k not in take]
-    fresh = [k for k in own if k not in take]
-    listed = lambda names: ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    skipped, fresh = unfit_tensors(own, sd), [k for k in own if k not in take]
     return (f"--init-from {path}: loaded {len(take)} of the model's {len(own)} tensors; skipped {len(skipped)}"
             f"{': ' + listed(skipped) if skipped else ''}; freshly initialised {len(fresh)}{': ' + listed(fresh) if fresh else ''}")
 
@@ -2179,7 +2197,7 @@ def start_new(run, args, path):
     tensors that fit). Returns the line to log, or None."""
     notes = [f"--resume auto: no {path} yet, starting a new run"] if args.resume == "auto" else []
     if args.init_from and args.init_strict == "yes":
-        load_weights(run.raw_model, args.init_from)
+        load_weights(run.raw_model, args.init_from, hint="; --init-strict no loads the tensors that fit")
         notes.append(f"weights from --init-from {args.init_from}")
     elif args.init_from:
         notes.append(load_matching(run.raw_model, args.init_from))
@@ -2203,10 +2221,7 @@ def restore(run, args, rank):
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
-        try:
-            run.raw_model.load_state_dict(ckpt["train_model"])
-        except RuntimeError as e:
-            raise InputError(f"{path}: its train_model is incompatible with InversionNet ({str(e).splitlines()[0][:160]})") from None
+        load_exactly(run.raw_model, ckpt["train_model"], f"{path}: its train_model is")
     ema = ""
     if run.ema is not None and "train_model" not in ckpt:
         ema = "; the weight EMA starts from its weights"
