@@ -2105,7 +2105,8 @@ def check_resumable(ckpt, path, args, meta, world, normalization):
     scaled = ("scale_lr",) if same_world and world > 1 else ()  # (a new world size rebases the rate)
     for key in (*position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
-            why = ("the position inside the epoch" if key in position else
+            where = "the position inside the epoch" if ckpt.get("batch_in_epoch", 0) else "the steps per epoch of the lr schedule"
+            why = (where if key in position else
                    "the validation loss that keeps best.pt" if key.startswith("lambda") else "the optimizer state")
             was = spelled(key, saved[key]) if isinstance(saved[key], bool) else shown(saved[key])
             raise InputError(f"{spelled(key, getattr(args, key))} differs from the {was} that {path} was trained "

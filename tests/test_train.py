@@ -793,7 +793,8 @@ def short_run(tmp_path_factory, ids_data):
 
 
 @pytest.mark.parametrize("change, needle", [
-    (["--batch-size", "4"], "--batch-size 4 differs from the 2 that"),
+    (["--batch-size", "4"], "--batch-size 4 differs from the 2 that {last} was trained with: the steps per epoch of the lr "
+                            "schedule would mean something else"),  # at an epoch's end: its schedule counts in steps
     (["--loader", "iterable"], "--loader iterable differs from the map that"),
     (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one {last} was trained on (2 "
                                 "files, 8 samples; file 3 is now data4.npy model4.npy 4, was absent)"),  # a file added
@@ -948,6 +949,10 @@ def test_resume_inside_an_epoch_refuses_another_seed(short_run):
                                            r"inside the epoch would mean something else; resume with --seed 0 or"):
         T.check_resumable(ck, "last.pt", args, ck, 1, ck["normalization"])
     T.check_resumable(ck, "last.pt", args, ck, 2, ck["normalization"])  # another world size restarts the epoch
+    args.seed, args.batch_size = 0, 4
+    with pytest.raises(T.InputError, match=r"^--batch-size 4 differs from the 2 that last.pt was trained with: the "
+                                           r"position inside the epoch would mean something else"):
+        T.check_resumable(ck, "last.pt", args, ck, 1, ck["normalization"])
 
 
 def test_a_resume_steps_with_its_own_fused_adam_choice(short_run):
