@@ -1938,8 +1938,14 @@ class Monitor:
         self.seen, self.t_wait, self.t_last = 0, 0.0, now
 
     def mean_loss(self):
-        """The mean loss per sample so far this epoch (batches can differ in size)."""
-        return self.loss_sum.item() / max(self.samples, 1)
+        """The mean loss per sample so far this epoch, over every rank (batches can differ in size); under DDP a
+        collective, so every rank calls it at the same step (the log steps, the epoch's end)."""
+        total = torch.stack([self.loss_sum, torch.tensor(float(self.samples), device=self.loss_sum.device,
+                                                          dtype=torch.float64)])
+        if dist.is_initialized():
+            dist.all_reduce(total)
+        loss_sum, samples = total.tolist()  # one host sync for both
+        return loss_sum / max(samples, 1)
 
     def scalars(self, prefix, values, step):
         if self.writer is not None:
@@ -1954,13 +1960,7 @@ class Monitor:
     def end_epoch(self):
         """The epoch's mean train loss per sample, over every rank."""
         self.bar.close()
-        if not dist.is_initialized():
-            return self.mean_loss()
-        total = torch.stack([self.loss_sum, torch.tensor(float(self.samples), device=self.loss_sum.device,
-                                                          dtype=torch.float64)])
-        dist.all_reduce(total)
-        loss_sum, samples = total.tolist()  # one host sync for both
-        return loss_sum / max(samples, 1)
+        return self.mean_loss()
 
     def close(self):
         if self.profiler is not None:

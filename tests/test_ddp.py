@@ -63,6 +63,9 @@ def test_train_script_under_torchrun(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "(ddp, world 2)" in r.stdout and r.stdout.count("InversionNet") == 1  # only rank 0 prints
     assert re.search(r"epoch 0 train loss [\d.]+ \| val loss [\d.]+ MAE", r.stdout), r.stdout[-2000:]
+    # the last step's line and the epoch's line give the same mean, over both ranks' samples
+    last_step = re.findall(r"^epoch 0 step 3 batch 3/3 loss ([\d.]+) ", r.stdout, re.M)
+    assert last_step == re.findall(r"^epoch 0 train loss ([\d.]+) ", r.stdout, re.M) and len(last_step) == 1, r.stdout
     ck = torch.load(out / "last.pt", weights_only=False)
     assert ck["epoch"] == 1 and ck["step"] == 3  # 12 train samples / (2 per rank x 2 ranks)
     assert ck["args"]["scale_lr"] and ck["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2e-4)
