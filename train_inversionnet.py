@@ -1877,7 +1877,7 @@ class Monitor:
 
     def start_epoch(self, run, n_batches):
         from tqdm import tqdm
-        self.n_batches = n_batches
+        self.n_batches, self.first_batch = n_batches, run.batch_in_epoch
         self.bar = tqdm(total=n_batches, initial=run.batch_in_epoch, desc=f"epoch {run.epoch}", dynamic_ncols=True,
                         leave=False, disable=not (self.progress and is_main()))
         self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
@@ -2498,7 +2498,9 @@ def fit(run, train_loader, val_loader, monitor, args):
             if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
                 save_checkpoint(run, args, writer, "last.pt")
                 break
-            part = "" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"
+            # the loss is the mean over the batches trained here: a resumed epoch's line says where they began
+            part = ((f" from batch {monitor.first_batch}" if monitor.first_batch else "")
+                    + ("" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"))
             line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
             average_over_ranks([*run.raw_model.buffers(), *(run.ema.model.buffers() if run.ema else ())])
             if args.precise_bn:  # inside an epoch too: the resumed epoch's end recomputes them again
@@ -2590,7 +2592,7 @@ def settings_notes(args, n_batches, device):
         notes.append(f"--val-batch-size {args.val_batch_size} has no effect with --val-every 0 (nothing is validated)")
     if args.train_list and args.train_size is not None:
         notes.append(f"--train-size {args.train_size:g} has no effect with --train-list (the lists are the split)")
-    if args.train_list and args.data_root != default("data_root"):
+    if args.train_list and os.path.abspath(args.data_root) != os.path.abspath(default("data_root")):  # (made absolute)
         notes.append(f"--data-root {args.data_root} has no effect with --train-list (the lists name the files)")
     if args.dataset and args.stats:
         notes.append(f"--dataset {args.dataset} has no effect beside --stats (its constants are used)")

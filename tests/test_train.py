@@ -1094,7 +1094,7 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     assert (best["step"], best["epoch"], best["batch_in_epoch"]) == (1, 0, 1) and best["best_loss"] < math.inf
     assert T.cli([*argv, "--max-steps", "8", "--resume", "auto"]) == 0  # the end of epoch 1: not a --val-every epoch
     printed = capsys.readouterr().out
-    assert re.search(r"^epoch 0 train loss [\d.]+ \| [\d.]+ s train", printed, re.M), printed  # not validated
+    assert re.search(r"^epoch 0 from batch 1 train loss [\d.]+ \| [\d.]+ s train", printed, re.M), printed  # not validated
     assert re.search(r"^epoch 1 train loss [\d.]+ \| val loss", printed, re.M), printed
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
 
