@@ -307,7 +307,7 @@ def test_a_restarted_group_continues_its_own_run_only(tmp_path, monkeypatch):
     prov.write_text(json.dumps([{"launcher": "elsewhere:1"}]))
     args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=False)
     assert not T.continue_elastic_run(args, 0) and args.resume is None
-    with pytest.raises(T.InputError, match="already holds a run"):
+    with pytest.raises(T.InputError, match="holds a run that wrote no checkpoint"):
         T.check_output_dir(args)
     prov.write_text(json.dumps([{"launcher": "elsewhere:1"}, {"launcher": T.launcher()}]))
     args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=True)
@@ -417,7 +417,7 @@ def test_ddp_epoch_with_slow_steps_checks_each_step_and_logs_only_its_log_steps_
     T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 20), T.Monitor(log_every=10), stop)
     assert run.step == 2 and stop.signum == signal.SIGTERM  # the check after the step it arrived in
     assert re.findall(r"^epoch 0 step (\d+) ", capsys.readouterr().out, flags=re.M) == ["2"]  # the stop's line only
-    assert reduced == [2, 2, 1, 2]  # checks at steps 1 and 2; the NaN check at the stop; the epoch's loss
+    assert reduced == [2, 2, 1, 2, 2]  # checks at steps 1 and 2; at the stop the NaN check and the logged loss; the epoch's loss
 
 
 def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
