@@ -2588,7 +2588,7 @@ def settings_notes(args, n_batches, device):
         notes.append("--persistent-workers has no effect without loader workers")
     if args.prefetch_factor != default("prefetch_factor") and no_workers:
         notes.append(f"--prefetch-factor {args.prefetch_factor} has no effect without loader workers")
-    if args.val_batch_size is not None and args.val_every == 0:
+    if args.val_every == 0 and args.val_batch_size != args.batch_size:  # (check_args made an unset one --batch-size)
         notes.append(f"--val-batch-size {args.val_batch_size} has no effect with --val-every 0 (nothing is validated)")
     if args.train_list and args.train_size is not None:
         notes.append(f"--train-size {args.train_size:g} has no effect with --train-list (the lists are the split)")

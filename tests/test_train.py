@@ -1326,6 +1326,8 @@ def test_settings_without_effect_in_this_run_are_noted(tmp_path):
                      "effect beside --stats (its constants are used)")
     assert T.settings_notes(small_args(persistent_workers=True, num_workers=1, loader="map", prefetch_factor=4,
                                        val_batch_size=4), 4, torch.device("cpu")) == ""
+    for unset in (dict(val_every=0), dict(overfit_batch=True)):  # what check_args fills in is not a setting given
+        assert T.settings_notes(small_args(**unset), 4, torch.device("cpu")) == ""
 
 
 def test_batch_size_one_is_refused(capsys):
