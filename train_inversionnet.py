@@ -1867,6 +1867,9 @@ class Stop:
         return self.now
 
 
+NO_BAD_BATCH = torch.iinfo(torch.long).max  # Monitor.bad_at while every loss of the epoch is finite
+
+
 class Monitor:
     """The log step: progress bar, a fixed-format line, TensorBoard scalars and the NaN check. Losses
     and the first non-finite batch stay on the device between log steps: log() is the one host sync."""
@@ -1882,7 +1885,7 @@ class Monitor:
                         leave=False, disable=not (self.progress and is_main()))
         self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
         self.samples = 0
-        self.bad_at = torch.full((), -1, device=run.device, dtype=torch.long)
+        self.bad_at = torch.full((), NO_BAD_BATCH, device=run.device, dtype=torch.long)
         self.seen, self.t_wait, self.t_last = 0, 0.0, time.perf_counter()
         self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
         self.lr = self.lr_next = run.optimizer.param_groups[0]["lr"]
@@ -1901,7 +1904,7 @@ class Monitor:
 
     def after_step(self, run, loss, n):
         b = torch.full_like(self.bad_at, run.batch_in_epoch - 1)
-        self.bad_at = torch.where((self.bad_at < 0) & ~torch.isfinite(loss), b, self.bad_at)
+        self.bad_at = torch.where((self.bad_at == NO_BAD_BATCH) & ~torch.isfinite(loss), b, self.bad_at)
         self.loss_sum.add_(loss.double(), alpha=n)
         self.seen, self.samples = self.seen + n, self.samples + n
         # the step has moved the schedule on: the rate it trained at is the one read before it
@@ -1914,9 +1917,9 @@ class Monitor:
 
     def log(self, run):
         if dist.is_initialized():  # every rank must stop on a NaN any rank saw, or the rest hang
-            dist.all_reduce(self.bad_at, op=dist.ReduceOp.MAX)
+            dist.all_reduce(self.bad_at, op=dist.ReduceOp.MIN)  # the earliest: a NaN spreads to every rank a step later
         bad = self.bad_at.item()
-        if bad >= 0:
+        if bad != NO_BAD_BATCH:
             step = run.step - (run.batch_in_epoch - 1 - bad)
             raise NonFiniteLoss(f"non-finite loss at epoch {run.epoch}, batch {bad} (step {step})")
         now = time.perf_counter()

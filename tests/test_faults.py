@@ -4,6 +4,7 @@ import collections
 import gc
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -418,6 +419,22 @@ def test_ddp_epoch_with_slow_steps_checks_each_step_and_logs_only_its_log_steps_
     assert run.step == 2 and stop.signum == signal.SIGTERM  # the check after the step it arrived in
     assert re.findall(r"^epoch 0 step (\d+) ", capsys.readouterr().out, flags=re.M) == ["2"]  # the stop's line only
     assert reduced == [2, 2, 1, 2, 2]  # checks at steps 1 and 2; at the stop the NaN check and the logged loss; the epoch's loss
+
+
+def test_under_ddp_a_non_finite_loss_is_named_by_the_earliest_batch_of_any_rank(monkeypatch):
+    """(A one-rank stand-in for) two ranks: this one's loss turns NaN at batch 3, the other's at batch 1 (a NaN
+    in one rank's gradients reaches every rank's weights at the next step): the error names batch 1."""
+    def all_reduce(t, op=None):
+        if op == T.dist.ReduceOp.MIN:  # the other rank's first non-finite batch
+            t.copy_(torch.minimum(t, torch.tensor(1)))
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(T.dist, "all_reduce", all_reduce)
+    step = T.train_step
+    monkeypatch.setattr(T, "train_step", lambda run, x, y: step(run, x, y) * (math.nan if run.batch_in_epoch >= 3 else 1))
+    run = toy_run(torch.nn.Linear(3, 3), torch.amp.GradScaler("cpu", enabled=False))
+    with pytest.raises(T.NonFiniteLoss, match=r"^non-finite loss at epoch 0, batch 1 \(step 2\)$"):
+        T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 5), T.Monitor(log_every=5), T.Stop())
 
 
 def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
