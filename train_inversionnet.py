@@ -552,8 +552,9 @@ def free_memory(device):
     """Bytes a data cache may use on the device: CUDA's free memory, MPS's budget, the host's available RAM."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
-    if device.type == "mps":
-        return torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory()
+    if device.type == "mps":  # (the budget's query came with torch 2.5; requirements.txt allows 2.3)
+        budget = getattr(torch.mps, "recommended_max_memory", None)
+        return budget() - torch.mps.driver_allocated_memory() if budget else 0
     try:
         with open("/proc/meminfo") as fh:
             return int(re.search(r"MemAvailable:\s+(\d+) kB", fh.read()).group(1)) * 1024

@@ -644,6 +644,14 @@ def parsed(*flags):
     return T.check_args(T.get_args_parser().parse_args(list(flags)))
 
 
+def test_free_memory_on_mps_is_its_budget_left_or_unknown_before_torch_has_the_query(monkeypatch):
+    monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 10 * 2**30, raising=False)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 4 * 2**30)
+    assert T.free_memory(torch.device("mps")) == 6 * 2**30
+    monkeypatch.delattr(torch.mps, "recommended_max_memory")  # torch 2.3 and 2.4: no cache, not an AttributeError
+    assert T.free_memory(torch.device("mps")) == 0
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
 def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, native):
     monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
