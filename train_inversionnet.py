@@ -225,7 +225,7 @@ def add_run_args(g):
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bars")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs in OUTPUT_DIR/tb")
     g.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False, help="torch.profiler trace of a few steps into OUTPUT_DIR/tb (torch-tb-profiler)")
-    g.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, default=False, help="autograd anomaly detection (slow; for debugging)")
+    g.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, default=False, help="autograd anomaly detection (slow; for debugging; one process only)")
     g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help="sanity mode: train on one fixed batch for --max-steps steps (default 100) in one epoch, no validation")
 
 
@@ -2414,6 +2414,10 @@ def check_device_args(args, device):
     if args.sync_bn and not dist.is_initialized():  # only the DDP wrapping converts the BatchNorms
         raise InputError("--sync-bn works under DDP only: launch with torchrun --nproc_per_node=N (or pass "
                          "--parallel ddp), or leave it out")
+    if args.detect_anomaly and dist.is_initialized() and dist.get_world_size() > 1:
+        # the rank whose backward it stops would leave the others in the gradient all-reduce until the timeout
+        raise InputError("--detect-anomaly runs in one process (under DDP the rank it stops would leave the others "
+                         "waiting): launch with python, or leave it out")
 
 
 def load_splits(args, world):

@@ -1300,7 +1300,8 @@ def test_another_runs_checkpoint_continues_into_a_replaced_run(short_run, ids_da
 
 def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
     """--parallel none/dp under a multi-process torchrun would make N separate runs share one directory, and
-    --sync-bn means nothing outside DDP (it is checked against a CUDA device without needing one)."""
+    --sync-bn means nothing outside DDP (it is checked against a CUDA device without needing one); under DDP
+    --detect-anomaly would stop one rank and leave the others waiting."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert T.cli(["--parallel", "none", "--output-dir", "never-made"]) == 2
@@ -1311,6 +1312,11 @@ def test_flags_a_run_could_not_honour_are_refused(monkeypatch, capsys):
     monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")  # a restarted group re-runs the command, --overwrite included
     with pytest.raises(T.InputError, match="--overwrite in a torchrun launch that can restart"):
         small_args(overwrite=True)
+    T.check_device_args(small_args(detect_anomaly=True), torch.device("cpu"))  # one process: the NaN is named
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "get_world_size", lambda: 2)
+    with pytest.raises(T.InputError, match=r"^--detect-anomaly runs in one process \(under DDP the rank it stops"):
+        T.check_device_args(small_args(detect_anomaly=True), torch.device("cpu"))
 
 
 def test_settings_without_effect_in_this_run_are_noted(tmp_path):
