@@ -131,7 +131,7 @@ class Perturb:
 
 def saved_args(ckpt):
     """The training arguments our checkpoint saved (a dict); None for an OpenFWI one."""
-    saved = ckpt.get("args") if isinstance(ckpt, dict) else None
+    saved = ckpt.get("args")
     return saved if isinstance(saved, dict) else None
 
 
@@ -235,7 +235,7 @@ def split_change(ckpt, train_pairs):
     """A line saying so when the training split read now is not the one the checkpoint recorded (files added
     to a simulated set since, or --data-root for a run trained on lists): the validation split and the
     baseline then come from other files."""
-    saved = ckpt.get("split") if isinstance(ckpt, dict) else None
+    saved = ckpt.get("split")
     if not saved or not train_pairs:
         return None
     now = T.split_record(train_pairs, T.inspect_pairs(train_pairs))
@@ -454,7 +454,7 @@ def run_evaluation(opts, argv):
     result["split_changed_since_training"] = split_change(ckpt, train_pairs)
     result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
-                            "training": ckpt.get("provenance") if isinstance(ckpt, dict) else None}
+                            "training": ckpt.get("provenance")}
     write_results(out, result, rows)
     remove_pictures(out, [n for n in found if n.endswith(".png")])  # after the new results are in: a failed run keeps them
     if opts.vis:

@@ -204,13 +204,13 @@ def resolve_device(name):
 
 
 @torch.no_grad()
-def simulate(velocity, device=None, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_COLS, src_row=SRC_ROW,
-             rec_row=REC_ROW, pml_width=PML_WIDTH, pml_vmax=LABEL_MAX, engine="auto"):
+def simulate(velocity, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_COLS, src_row=SRC_ROW, rec_row=REC_ROW,
+             pml_width=PML_WIDTH, engine="auto"):
     """Shot gathers for a batch of velocity maps.
 
     velocity: float tensor (B, nz, nx) in m/s. Returns float32 (B, len(src_cols), nt, nx) on the
-    velocity's device (or `device`), receivers at every column of row `rec_row`. The PML strength
-    uses max(pml_vmax, v.max()) so that a sample's traces do not depend on which other samples
+    velocity's device, receivers at every column of row `rec_row`. The PML strength uses
+    max(LABEL_MAX, v.max()) so that a sample's traces do not depend on which other samples
     share its batch. engine "auto": on CPU the C++ kernel (cpu_kernel()) where it can be built, on
     CUDA the Triton kernels where triton is installed, otherwise the PyTorch loop; "torch": always the
     PyTorch loop; "triton": the Triton kernels (on CPU only under TRITON_INTERPRET=1). The engines
@@ -221,14 +221,14 @@ def simulate(velocity, device=None, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_CO
     if engine == "triton" and triton is None:
         raise SimulationError("engine 'triton' needs the triton package (it comes with PyTorch's CUDA builds)")
     check_velocity(velocity, dx, dt)
-    dev = torch.device(device) if device is not None else velocity.device
-    v = velocity.to(dev, torch.float32)
+    dev = velocity.device
+    v = velocity.to(dtype=torch.float32)
     B, nz, nx = v.shape
     pml = int(pml_width)
     if not all(0 <= c < nx for c in src_cols) or not (0 <= src_row < nz and 0 <= rec_row < nz):
         raise SimulationError(f"source/receiver positions outside the {nz}x{nx} grid")
     H, W = nz + 2 * pml, nx + 2 * pml
-    vmax = max(float(pml_vmax), v.max().item())
+    vmax = max(float(LABEL_MAX), v.max().item())
     sw = pml + 2  # strip width: the PML plus the 2 cells its psi derivative reaches into
     sw = min(sw, H // 2, W // 2)
 

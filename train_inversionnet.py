@@ -1759,7 +1759,7 @@ def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
         raw.to(memory_format=torch.channels_last)
     model, parallel = wrap_model(raw, device, args.parallel, local, args.sync_bn, AMP_DTYPES[args.amp])
     if parallel == "ddp" and args.sync_bn:
-        raw = model.module  # the converted copy is the one that trains
+        raw = model.module  # the module whose BatchNorms were converted (in place, as torch does it today) trains
     if args.compile:
         model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
