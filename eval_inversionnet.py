@@ -60,7 +60,7 @@ def get_args_parser():
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
     p.add_argument("--amp", default="auto", choices=["auto", *T.AMP_DTYPES],
-                   help="autocast dtype of the forward pass (metrics are computed in float32, SSIM in float64); auto: the one the checkpoint was "
+                   help="autocast dtype of the forward pass (metrics are computed in float32, SSIM in float64, or float32 on MPS); auto: the one the checkpoint was "
                         "trained with (off for a checkpoint that records none); off: float32 throughout")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
@@ -320,7 +320,7 @@ def report(r):
     lines = [f"InversionNet evaluation of {SPLIT_NAMES[r['split']]}: {r['samples']} samples from {r['files']} file{'s' * (r['files'] != 1)} "
              f"({r['checkpoint']}, weights: {r['weights']})",
              f"perturbation: noise {pert['noise_std']:g} x trace peak, {pert['missing_traces']} muted receivers, seed {pert['seed']}",
-             f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32, SSIM in float64",
+             f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32, SSIM in {r['forward']['ssim']}",
              f"{'':24s}{'MAE':>9s}{'RMSE':>9s}{'SSIM':>9s}{'MAE m/s':>10s}{'RMSE m/s':>10s}",
              f"{'model':24s}{m['mae']:9.4f}{m['rmse']:9.4f}{m['ssim']:9.4f}{m['mae_ms']:10.1f}{m['rmse_ms']:10.1f}",
              f"{baseline:24s}{b['mae']:9.4f}{b['rmse']:9.4f}{b['ssim']:9.4f}{b['mae_ms']:10.1f}{b['rmse_ms']:10.1f}"]
@@ -452,7 +452,8 @@ def run_evaluation(opts, argv):
     base["from"] = "training split" if train_pairs else "evaluated maps"
     result = result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base)
     result["split_changed_since_training"] = split_change(ckpt, train_pairs)
-    result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last}
+    result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last,
+                         "ssim": dtype_name(T.ssim_dtype(device))}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance")}
     write_results(out, result, rows)

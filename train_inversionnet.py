@@ -1578,13 +1578,17 @@ def gaussian_blur_matrix(n, size, sigma, device, dtype):
     return torch.where(inside, g[offset.clamp(0, size - 1)], 0.0).to(device=device, dtype=dtype)
 
 
+def ssim_dtype(device):
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
 def ssim_per_sample(pred, target, window_size=11, sigma=1.5):
     """SSIM of each sample on maps in [-1, 1], computed on (x + 1) / 2: Gaussian 11x11 window,
     sigma 1.5, C1 = 0.01^2, C2 = 0.03^2, zero-padded 'same' convolution, mean over pixels. In float64
     (float32 on MPS, which has none): on layered velocity maps the local variances are differences of nearly
     equal numbers, which float32 leaves 1e-4 off and a TF32 convolution (cuDNN's default on CUDA) by 1e-2.
     The window filters as two matrix products, which run as fast in float64 as the convolution in float32."""
-    dtype = torch.float32 if pred.device.type == "mps" else torch.float64
+    dtype = ssim_dtype(pred.device)
     x, y = (pred.to(dtype) + 1) / 2, (target.to(dtype) + 1) / 2
     a_h, a_w = (gaussian_blur_matrix(n, window_size, sigma, x.device, dtype) for n in x.shape[-2:])
     blur = lambda t: a_h @ t @ a_w.T

@@ -118,6 +118,7 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     verdict = (f"beats the baseline: MAE {'yes' if model['mae'] < base['mae'] else 'NO'}, "
                f"SSIM {'yes' if model['ssim'] > base['ssim'] else 'NO'}\n")
     assert "baseline (train mean)" in (out / "result.txt").read_text() and verdict in r.stdout, r.stdout
+    assert "; metrics in float32, SSIM in float64\n" in (out / "result.txt").read_text()
     assert metrics["paper_reference"] == {"dataset": "flatvel-a", "mae": 0.0131, "rmse": 0.0211, "ssim": 0.9895, "data": "OpenFWI"}
     pngs = sorted(p.name for p in out.glob("*.png"))
     tags = sorted(p.rsplit("_", 1)[1] for p in pngs if p.startswith("sample_") and not p.endswith("shots.png"))
@@ -331,8 +332,9 @@ def test_forward_pass_takes_the_precision_the_checkpoint_was_trained_in(tiny_run
         assert E.cli(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--num-workers", "0",
                       "--no-progress", "--vis", "0", "--amp", amp, "--device", "cpu"]) == 0
         results[name] = json.loads((out / "metrics.json").read_text())
-    assert results["fp32"]["forward"] == results["off"]["forward"] == {"amp": "float32", "channels_last": True}
-    assert results["bf16"]["forward"] == {"amp": "bfloat16", "channels_last": True}
+    assert results["fp32"]["forward"] == results["off"]["forward"] == {"amp": "float32", "channels_last": True,
+                                                                      "ssim": "float64"}
+    assert results["bf16"]["forward"] == {"amp": "bfloat16", "channels_last": True, "ssim": "float64"}
     assert results["fp32"]["model"] == results["off"]["model"]
     for k in ("mae", "rmse", "ssim"):
         assert results["bf16"]["model"][k] == pytest.approx(results["off"]["model"][k], rel=0.02)
