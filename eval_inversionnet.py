@@ -347,19 +347,13 @@ def write_results(out, result, rows):
     w.writerows(rows)
     for name, content in (("per_sample.csv", table.getvalue()), ("result.txt", report(result)),
                           ("metrics.json", json.dumps(result, indent=2))):
-        path = os.path.join(out, name)
-        try:
-            T.write_atomic(path, content)
-        except OSError as e:
-            raise T.InputError(f"cannot write {path}: {e.strerror}") from None
+        write_file(os.path.join(out, name), content)
 
 
 def draw(model, device, normalizer, dataset, rows, out, n, amp_dtype):
     """Truth / prediction / difference in m/s for n samples from best to worst MAE (the input exactly as
     evaluated, perturbations included), the best one's shot gathers, and a histogram of per-sample SSIM."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     order = sorted(rows, key=lambda r: r[1])
     m = min(n, len(order))
     picks = [order[int(round(i * (len(order) - 1) / max(m - 1, 1)))] for i in range(m)]
@@ -396,10 +390,23 @@ def save_figure(plt, fig, path, dpi):
     buf = io.BytesIO()
     fig.savefig(buf, dpi=dpi, format="png")
     plt.close(fig)
+    write_file(path, buf.getbuffer())
+
+
+def write_file(path, data):
+    """T.write_atomic (temporary name, fsync, rename), its failure (a full disk, say) in one line."""
     try:
-        T.write_atomic(path, buf.getbuffer())
+        T.write_atomic(path, data)
     except OSError as e:
         raise T.InputError(f"cannot write {path}: {e.strerror}") from None
+
+
+def pyplot():
+    """matplotlib's pyplot on the Agg backend: files only, no display needed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def show_gather(ax, gather, clip, title):
@@ -586,9 +593,7 @@ def predict(opts):
 
 def draw_predictions(gathers, velocity, n, path, normalizer):
     """n samples, one row each: the middle shot gather and the predicted velocity map."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axs = plt.subplots(n, 2, figsize=(9, 3.6 * n), squeeze=False)
     for i in range(n):
         g = np.asarray(gathers[i, 2], dtype=np.float32)
@@ -631,10 +636,7 @@ def export(opts):
     program = torch.export.export(model, (torch.zeros(2, *T.DATA_SHAPE),), dynamic_shapes={"x": {0: batch}})
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"normalization.json": json.dumps(normalizer.as_dict())})
-    try:
-        T.write_atomic(opts.export, buf.getbuffer())
-    except OSError as e:
-        raise T.InputError(f"--export {opts.export}: {e.strerror}") from None
+    write_file(opts.export, buf.getbuffer())
     print(f"exported InversionNet to {opts.export} ({dtype_name(dtype)}{' autocast' if dtype else ''}): "
           f"torch.export.load(path).module() maps normalised shot gathers (B, 5, 1000, 70) to velocity in [-1, 1]; "
           f"normalisation {normalizer.as_dict()}")

@@ -1754,6 +1754,11 @@ def wrap_model(model, device, parallel, local, sync_bn, amp_dtype):
     return model, "none"
 
 
+def scaled_lr(args, world):
+    """--lr for the whole batch of WORLD ranks: multiplied by the world size under --scale-lr, as OpenFWI does."""
+    return args.lr * (world if args.scale_lr else 1)
+
+
 def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
     """InversionNet, its wrappers, optimizer, schedule and scaler as the flags ask (speed flags resolved by
     resolve_speed); returns (Run, parallel mode)."""
@@ -1767,7 +1772,7 @@ def build_run(args, device, iters_per_epoch, world=1, local=0, normalizer=None):
     if args.compile:
         model = torch.compile(model, mode=None if args.compile_mode == "default" else args.compile_mode)
     opt_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(raw.parameters(), lr=args.lr * (world if args.scale_lr else 1), betas=tuple(args.betas),
+    optimizer = opt_cls(raw.parameters(), lr=scaled_lr(args, world), betas=tuple(args.betas),
                         weight_decay=args.weight_decay, **({"fused": True} if args.fused_adam else {}))
     scaler = torch.amp.GradScaler(device.type if device.type != "mps" else "cpu", enabled=args.amp == "fp16")
     run = Run(model, raw, optimizer, build_scheduler(optimizer, args, iters_per_epoch), scaler, device, normalizer,
@@ -2249,7 +2254,7 @@ def restore(run, args, rank):
                              f"{path} for its weights)") from None
     rebased = ""
     if ckpt.get("world", run.world) != run.world:
-        lr, iters_per_epoch = args.lr * (run.world if args.scale_lr else 1), run.meta["batches_per_epoch"]
+        lr, iters_per_epoch = scaled_lr(args, run.world), run.meta["batches_per_epoch"]
         for g in run.optimizer.param_groups:
             g["initial_lr"] = lr
         run.step, run.batch_in_epoch = run.epoch * iters_per_epoch, 0
