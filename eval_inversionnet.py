@@ -447,6 +447,9 @@ def run_evaluation(opts, argv):
     T.on_rank0(rank, make_results_dir, out)
     perturb = Perturb(opts.noise_std, opts.missing_traces, opts.seed) if opts.noise_std or opts.missing_traces else None
     cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed)
+    if cfg.kind == "gpu":
+        need = T.cache_size(-(-sum(counts) // world), cfg.cache_dtype) * T.host_share(device)
+        T.check_cache_fits(need, T.free_memory(device), device, "use --loader map")
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
     amp_dtype, channels_last = forward_settings(opts, model, device, targs)
     metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=opts.progress)

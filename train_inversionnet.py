@@ -586,13 +586,10 @@ def resolve_speed(args, device, cache_samples=0):
     if amp == "fp16" and device.type == "mps":
         raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
     cache_dtype = args.cache_dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
-    cache_bytes = cache_samples * (math.prod(DATA_SHAPE) * torch.finfo(getattr(torch, cache_dtype)).bits // 8
-                                   + math.prod(LABEL_SHAPE) * 4)  # labels stay float32
-    share = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1  # ranks on a host share its RAM
-    free = free_memory(device)
-    if args.loader == "gpu" and 0 < free < cache_bytes * share:  # (0: not known) an OOM kill or error mid-fill otherwise
-        raise InputError(f"--loader gpu: the split's cache needs {cache_bytes * share / 1e9:.2f} GB on {device.type} and "
-                         f"{free / 1e9:.2f} GB is free; use --loader map, or a smaller --cache-dtype")
+    cache_bytes = cache_size(cache_samples, cache_dtype)
+    share, free = host_share(device), free_memory(device)
+    if args.loader == "gpu":
+        check_cache_fits(cache_bytes * share, free, device, "use --loader map, or a smaller --cache-dtype")
     if args.fast:
         short = float(cache_bytes * share > free / 2)
         # every rank takes the same loader (they shard the samples differently): the cache only where all have room
@@ -612,6 +609,24 @@ def resolve_speed(args, device, cache_samples=0):
     return (f"speed: amp {args.amp}, channels-last {onoff(args.channels_last)}, compile {onoff(args.compile)}, fused adam "
             f"{onoff(args.fused_adam)}, loader {args.loader}{cache}; {why if args.fast else 'defaults'}"
             f"{', given: ' + ' '.join(given) if given else ''}{warn}")
+
+
+def cache_size(samples, cache_dtype):
+    """Bytes of a --loader gpu cache of SAMPLES samples: shot gathers in CACHE_DTYPE, labels in float32."""
+    return samples * (math.prod(DATA_SHAPE) * torch.finfo(getattr(torch, cache_dtype)).bits // 8 + math.prod(LABEL_SHAPE) * 4)
+
+
+def host_share(device):
+    """How many processes' caches one device holds: a host's RAM holds every local rank's, a GPU one rank's."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
+
+
+def check_cache_fits(need, free, device, instead):
+    """Refuse --loader gpu where its caches (NEED bytes) exceed the FREE memory (0: not known): the fill would
+    otherwise end in an out-of-memory error or kill."""
+    if 0 < free < need:
+        raise InputError(f"--loader gpu: the split's cache needs {need / 1e9:.2f} GB on {device.type} and "
+                         f"{free / 1e9:.2f} GB is free; {instead}")
 
 
 def device_name(device):

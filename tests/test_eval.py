@@ -459,6 +459,15 @@ def test_device_cache_loader_gives_the_map_loaders_metrics(tiny_run, tmp_path):
         assert cached[k] == pytest.approx(mapped[k], rel=1e-6), k
 
 
+def test_a_device_cache_that_would_not_fit_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(T, "free_memory", lambda device: 4 * 10**6)  # 4 MB: the 4 samples' cache needs 5.7
+    out = tmp_path / "ev"
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--loader", "gpu",
+                  "--device", "cpu", "--no-progress", "--vis", "0"]) == 2
+    assert capsys.readouterr().err == ("eval_inversionnet.py: error: --loader gpu: the split's cache needs 0.01 GB on cpu "
+                                       "and 0.00 GB is free; use --loader map\n")
+
+
 def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_path, capsys):
     ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
     assert evaluate_to(tmp_path / "same", tiny_run / "run" / "best.pt")["split_changed_since_training"] is None
