@@ -2302,6 +2302,10 @@ def load_optimizer_state(run, ckpt, path, amp):
         saved = ckpt["optimizer"]
         run.optimizer.load_state_dict({**saved, "param_groups": [{**g, **impl} for g in saved["param_groups"]]})
         run.scheduler.load_state_dict(ckpt["scheduler"])
+        # the next step's rate from this run's schedule: the saved one is the old schedule's, which a larger
+        # --epochs or --max-steps (the cosine horizon) changes
+        for g, base, fn in zip(run.optimizer.param_groups, run.scheduler.base_lrs, run.scheduler.lr_lambdas):
+            g["lr"] = base * fn(run.scheduler.last_epoch)
         if ckpt["scaler"]:  # (a disabled scaler ignores what it is given)
             run.scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, KeyError, TypeError) as e:

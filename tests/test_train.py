@@ -1118,6 +1118,19 @@ def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_p
     assert logged == [("0", "1.000e-03")] * 4 + [("1", "1.000e-04")] * 4
 
 
+def test_a_finished_cosine_run_extended_by_epochs_steps_on_the_new_schedule(ids_data, tmp_path, capsys):
+    """One epoch of cosine ends at lr 0; continued to --epochs 2, its first step trains at the new schedule's
+    rate for step 4 of 8 (half of --lr), not at the 0 the checkpoint saved."""
+    _, lists = ids_data
+    argv = [*map(str, lists), *BASE_RUN, "--log-every", "1", "--lr-scheduler", "cosine", "--lr-warmup-epochs", "0",
+            "--val-every", "0", "--output-dir", str(tmp_path / "run")]
+    assert T.cli([*argv, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert T.cli([*argv, "--epochs", "2", "--resume", "auto"]) == 0
+    logged = re.findall(r"^epoch 1 step (\d) batch \d/4 loss \S+ lr (\S+) ", capsys.readouterr().out, re.M)
+    assert logged[0] == ("5", "5.000e-04") and len(logged) == 4
+
+
 def test_overfit_batch_trains_max_steps_steps_on_one_batch_and_its_loss_falls(ids_data, tmp_path, capsys, monkeypatch):
     """--overfit-batch, the sanity check of the module docstring: one fixed batch served --max-steps times in one
     epoch whatever --epochs says, never validated; the logged loss (the epoch's running mean) falls."""
