@@ -608,7 +608,7 @@ def resolve_speed(args, device, cache_samples=0):
         warn += f"; note: --cache-dtype has no effect with --loader {args.loader} (it sets the --loader gpu cache)"
     return (f"speed: amp {args.amp}, channels-last {onoff(args.channels_last)}, compile {onoff(args.compile)}, fused adam "
             f"{onoff(args.fused_adam)}, loader {args.loader}{cache}; {why if args.fast else 'defaults'}"
-            f"{', given: ' + ' '.join(given) if given else ''}{warn}")
+            f"{(', given' + (' or from --config' if args.config else '') + ': ' + ' '.join(given)) if given else ''}{warn}")
 
 
 def cache_size(samples, cache_dtype):

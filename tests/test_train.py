@@ -667,6 +667,10 @@ def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, na
     line = T.resolve_speed(args, cpu, cache_samples=1000)
     assert (args.amp, args.channels_last, args.loader, args.cache_dtype, args.compile) == ("off", False, "map", "float32", False)
     assert line.endswith("given: --amp --channels-last --loader")
+    args = parsed("--fast", "--amp", "off")
+    args.config = "runs/a/args.json"  # its speed flags arrive as if given: the line says where they may come from
+    assert T.resolve_speed(args, cpu, cache_samples=1000).endswith("; --fast for cpu (native bf16: "
+                                                                   f"{'yes' if native else 'no'}), given or from --config: --amp")
     args = parsed("--fast")
     T.resolve_speed(args, cpu, cache_samples=8000)  # 5.6-11.2 GB: more than half the free memory
     assert args.loader == "map"
