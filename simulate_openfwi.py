@@ -833,7 +833,8 @@ def main(args):
     print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
           f"{n - len(todo)} complete, {len(todo)} to make")
     t0 = time.time()
-    with tqdm(total=len(todo) * N, unit="sample", disable=not args.progress or not todo, dynamic_ncols=True) as bar:
+    # disable=None: no bar where stderr is not a terminal (a log file would get every redraw)
+    with tqdm(total=len(todo) * N, unit="sample", disable=None if args.progress and todo else True, dynamic_ncols=True) as bar:
         make_files(args, todo, device, bar.update)  # a stop closes the bar first, so its line ends before the stop's
     if todo:
         rate = len(todo) * N / max(time.time() - t0, 1e-9)

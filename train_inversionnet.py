@@ -2063,7 +2063,8 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # MAE, MSE, SSIM, count, loss (sums)
     rows, first = [], None
     batches = device_batches(loader, device, normalizer, channels_last)
-    for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=not (progress and is_main())):
+    # disable=None: no bar where stderr is not a terminal (a log file would get every redraw)
+    for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=None if progress and is_main() else True):
         pred, y = forward(model, x, amp_dtype).float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
         m = per_sample_metrics(pred, y)
         sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).double() * len(m))[None]])
