@@ -1546,13 +1546,14 @@ def load_exactly(model, sd, whose, hint=""):
     first tensors that do not fit or are missing (torch's own message lists every key, and cut short, none)."""
     if not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{whose} not a state_dict of tensors")
-    own = model.state_dict()
-    unfit, missing = unfit_tensors(own, sd), [k for k in own if k not in sd]
-    if unfit or missing:
+    try:  # torch decides what fits (BatchNorm fills in a num_batches_tracked an older checkpoint lacks)
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError:
+        own = model.state_dict()
+        unfit, missing = unfit_tensors(own, sd), [k for k in own if k not in sd]
         what = ([f"{len(unfit)} tensors that do not fit: {listed(unfit)}"] if unfit else []) + (
             [f"{len(missing)} of the model's missing: {listed(missing)}"] if missing else [])
-        raise InputError(f"{whose} incompatible with InversionNet ({'; '.join(what)}){hint}")
-    model.load_state_dict(sd, strict=True)
+        raise InputError(f"{whose} incompatible with InversionNet ({'; '.join(what)}){hint}") from None
 
 
 def unfit_tensors(own, sd):
@@ -2134,7 +2135,8 @@ def check_resumable(ckpt, path, args, meta, world, normalization):
     scaled = ("scale_lr",) if same_world and world > 1 else ()  # (a new world size rebases the rate)
     for key in (*position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2"):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
-            where = "the position inside the epoch" if ckpt.get("batch_in_epoch", 0) else "the steps per epoch of the lr schedule"
+            where = ("the position inside the epoch" if ckpt.get("batch_in_epoch", 0) else
+                     "the steps per epoch of the lr schedule" if key == "batch_size" else "the batches of the epochs to come")
             why = (where if key in position else
                    "the validation loss that keeps best.pt" if key.startswith("lambda") else "the optimizer state")
             was = spelled(key, saved[key]) if isinstance(saved[key], bool) else shown(saved[key])
@@ -2177,7 +2179,7 @@ def first_difference(was, now):
     """'; file i is now X, was Y' for the first file where two split records differ, a file one of them lacks
     included (files added to a set, or removed from it)."""
     pad = [None] * abs(len(was) - len(now))
-    i = next((i for i, (a, b) in enumerate(zip(now + pad, was + pad)) if a != b), None)
+    i = next((i for i, (a, b) in enumerate(zip(list(now) + pad, list(was) + pad)) if a != b), None)
     if i is None:
         return ""
     return "; file {} is now {}, was {}".format(
@@ -2363,10 +2365,10 @@ def check_output_dir(args, own_restart=False):
     in_out = args.resume not in (None, "auto") and os.path.isdir(out) and os.path.samefile(
         os.path.dirname(os.path.abspath(args.resume)), out)  # one of this run's own checkpoints
     if has_run and not (args.resume == "auto" or in_out or args.overwrite or own_restart):
-        if not any(os.path.exists(p) for p in taken_paths):  # a start that failed before its first checkpoint
-            raise InputError(f"--output-dir {out} holds a run that wrote no checkpoint (its train.log says how it ended); "
-                             f"pass --resume auto to start it there anew, --overwrite to replace its files, or choose "
-                             f"another --output-dir")
+        if not any(os.path.exists(p) for p in taken_paths):  # a start that failed, or a run in its first epoch
+            raise InputError(f"--output-dir {out} holds a run that has written no checkpoint yet (one in its first epoch, "
+                             f"or a start that failed: its train.log says); pass --resume auto to start it there anew, "
+                             f"--overwrite to replace its files, or choose another --output-dir")
         raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite to "
                          f"replace it, or choose another --output-dir")
     if args.overwrite and in_out:

@@ -308,7 +308,7 @@ def test_a_restarted_group_continues_its_own_run_only(tmp_path, monkeypatch):
     prov.write_text(json.dumps([{"launcher": "elsewhere:1"}]))
     args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=False)
     assert not T.continue_elastic_run(args, 0) and args.resume is None
-    with pytest.raises(T.InputError, match="holds a run that wrote no checkpoint"):
+    with pytest.raises(T.InputError, match="holds a run that has written no checkpoint yet"):
         T.check_output_dir(args)
     prov.write_text(json.dumps([{"launcher": "elsewhere:1"}, {"launcher": T.launcher()}]))
     args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=True)

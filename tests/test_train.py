@@ -53,6 +53,8 @@ def test_openfwi_style_checkpoint_loads_strictly(tmp_path):
     T.load_weights(dst, str(path))
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k])
+    old = {k: v for k, v in src.state_dict().items() if not k.endswith("num_batches_tracked")}  # as older torch saved
+    T.load_exactly(T.InversionNet(), old, "old.pth:")
     bad = dict(src.state_dict())
     bad.pop("deconv6.layers.0.weight")
     torch.save({"model": bad}, tmp_path / "bad.pth")
@@ -592,9 +594,10 @@ def test_existing_run_is_not_overwritten(tmp_path, capsys):
     (out / "last.pt").unlink()  # a start that failed before its first checkpoint (a NaN in a file, say)
     (out / "args.json").write_text("{}")
     assert T.cli(["--data-root", str(tmp_path / "never-read"), "--output-dir", str(out)]) == 2
-    assert capsys.readouterr().err == (f"train_inversionnet.py: error: --output-dir {out} holds a run that wrote no "
-                                       "checkpoint (its train.log says how it ended); pass --resume auto to start it "
-                                       "there anew, --overwrite to replace its files, or choose another --output-dir\n")
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: --output-dir {out} holds a run that has written "
+                                       "no checkpoint yet (one in its first epoch, or a start that failed: its train.log "
+                                       "says); pass --resume auto to start it there anew, --overwrite to replace its "
+                                       "files, or choose another --output-dir\n")
     assert (out / "args.json").read_text() == "{}"
 
 
@@ -807,7 +810,8 @@ def short_run(tmp_path_factory, ids_data):
 @pytest.mark.parametrize("change, needle", [
     (["--batch-size", "4"], "--batch-size 4 differs from the 2 that {last} was trained with: the steps per epoch of the lr "
                             "schedule would mean something else"),  # at an epoch's end: its schedule counts in steps
-    (["--loader", "iterable"], "--loader iterable differs from the map that"),
+    (["--loader", "iterable"], "--loader iterable differs from the map that {last} was trained with: the batches of the "
+                               "epochs to come would mean something else"),
     (["--train-list", "THREE"], "the training split (3 files, 12 samples) differs from the one {last} was trained on (2 "
                                 "files, 8 samples; file 3 is now data4.npy model4.npy 4, was absent)"),  # a file added
     (["--val-list", "FOUR"], "the validation split (1 file, 4 samples) differs from the one {last} was validated on (1 "
@@ -1113,7 +1117,7 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
 
 def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_path, capsys):
     """A milestone at epoch 1 divides the rate from epoch 1's first step on: epoch 0's last step (logged after
-    the schedule moved on) still trained at --lr, and its log line says so (TensorBoard's train/lr is the same figure)."""
+    the schedule moved on) still trained at --lr, and its log line says so."""
     _, lists = ids_data
     assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--log-every", "1", "--lr-scheduler", "warmup-multistep",
                   "--lr-warmup-epochs", "0", "--lr-milestones", "1", "--lr-gamma", "0.1", "--val-every", "0",
