@@ -41,7 +41,6 @@ Velocity families (70 x 70 cells, 1500-4500 m/s), each drawn from a numpy Genera
 import argparse
 import concurrent.futures
 import contextlib
-import fcntl
 import glob
 import hashlib
 import json
@@ -474,7 +473,9 @@ def _build_kernel():
 def one_build_at_a_time(cpp_extension, name):
     """Our builds of the kernel one at a time, under a lock that the OS releases however its holder ends.
     Inside it no build of ours is under way, so a `lock` file in the build folder (torch's own build lock,
-    which torch waits on for ever) was left by a build killed outright (SIGKILL, a power cut): it goes."""
+    which torch waits on for ever) was left by a build killed outright (SIGKILL, a power cut): it goes. Where
+    the file system takes no such lock (some network homes), the build goes on as torch alone does it."""
+    import fcntl  # POSIX: where it is missing, cpu_kernel() falls back to the PyTorch loop as for any failed build
     root = os.environ.get("TORCH_EXTENSIONS_DIR")  # where cpp_extension builds: ROOT/NAME, or DEFAULT/pyXY_cpu/NAME
     folders = os.path.join(glob.escape(root), name) if root else os.path.join(
         glob.escape(cpp_extension.get_default_build_root()), "*", name)
@@ -486,6 +487,9 @@ def one_build_at_a_time(cpp_extension, name):
         except BlockingIOError:
             print("simulate_openfwi: waiting for another process's build of the C++ kernel", file=sys.stderr)
             fcntl.flock(fh, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK, say: no lock, so no telling a stale torch lock from a live one
+            yield
+            return
         for stale in glob.glob(os.path.join(folders, "lock")):
             os.remove(stale)
         yield

@@ -170,11 +170,31 @@ def test_a_build_killed_outright_does_not_leave_the_next_run_waiting(tmp_path):
     folder = tmp_path / "ext" / os.path.basename(built)
     shutil.copytree(built, folder)
     (folder / "lock").touch()
+    so_file = next(folder.glob("*.so"))
+    mtime = so_file.stat().st_mtime_ns
     r = run_script(SIMULATE, "--out", tmp_path / "o", "--files", 1, "--samples-per-file", 1,
                    "--device", "cpu", env={"TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}, timeout=120)
     # the kernel, not the PyTorch loop's fallback line; and no progress bar drawn into a pipe
     assert r.returncode == 0 and r.stderr == "", r.stderr
-    assert not (folder / "lock").exists()
+    assert not (folder / "lock").exists() and so_file.stat().st_mtime_ns == mtime  # cleared, and not rebuilt
+
+
+def test_a_stale_build_lock_is_cleared_only_under_our_own_lock(tmp_path, monkeypatch):
+    import fcntl
+
+    from torch.utils import cpp_extension
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (tmp_path / "k").mkdir()
+    (tmp_path / "k" / "lock").touch()
+    with so.one_build_at_a_time(cpp_extension, "k"):
+        assert not (tmp_path / "k" / "lock").exists()
+    (tmp_path / "k" / "lock").touch()
+
+    def no_locks(fh, op):  # a network file system without flock
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with so.one_build_at_a_time(cpp_extension, "k"):  # the build goes on, as torch alone runs it
+        assert (tmp_path / "k" / "lock").exists()  # without our lock it could be a live build's: kept
 
 
 @pytest.mark.parametrize("shape, pml, src_cols, src_row, rec_row", [
