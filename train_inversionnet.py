@@ -1893,6 +1893,12 @@ class Stop:
         return self.now
 
 
+def shows_bar(progress):
+    """Whether a tqdm bar is drawn: asked for, on rank 0, and on a terminal (a pipe or a log file would get
+    every redraw; the lines the bar stands for are printed instead)."""
+    return progress and is_main() and sys.stderr.isatty()
+
+
 NO_BAD_BATCH = torch.iinfo(torch.long).max  # Monitor.bad_at while every loss of the epoch is finite
 
 
@@ -1908,7 +1914,7 @@ class Monitor:
         from tqdm import tqdm
         self.n_batches, self.first_batch = n_batches, run.batch_in_epoch
         self.bar = tqdm(total=n_batches, initial=run.batch_in_epoch, desc=f"epoch {run.epoch}", dynamic_ncols=True,
-                        leave=False, disable=not (self.progress and is_main()))
+                        leave=False, disable=not shows_bar(self.progress))
         self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
         self.samples = 0
         self.bad_at = torch.full((), NO_BAD_BATCH, device=run.device, dtype=torch.long)
@@ -1959,7 +1965,7 @@ class Monitor:
         self.bar.update(run.batch_in_epoch - self.bar.n)
         line = (f"epoch {run.epoch} step {run.step} batch {run.batch_in_epoch}/{self.n_batches} loss {mean:.5f} "
                 f"lr {lr:.3e} samples/s {rate:.1f} data-wait {100 * wait:.1f}%")
-        if self.progress:  # the bar shows these figures; train.log keeps the record
+        if shows_bar(self.progress):  # the bar shows these figures; train.log keeps the record
             log0(line)
         else:
             print0(line)
@@ -2064,8 +2070,7 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # MAE, MSE, SSIM, count, loss (sums)
     rows, first = [], None
     batches = device_batches(loader, device, normalizer, channels_last)
-    # disable=None: no bar where stderr is not a terminal (a log file would get every redraw)
-    for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=None if progress and is_main() else True):
+    for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=not shows_bar(progress)):
         pred, y = forward(model, x, amp_dtype).float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
         m = per_sample_metrics(pred, y)
         sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).double() * len(m))[None]])

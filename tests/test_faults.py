@@ -3,6 +3,7 @@ import argparse
 import collections
 import gc
 import hashlib
+import io
 import json
 import math
 import os
@@ -489,7 +490,10 @@ def test_fp16_grad_scaler_skipped_steps_are_logged_not_fatal(capsys):
     assert run.step == 2 and scaler.get_scale() == 2.0 ** 98
 
 
-def test_epoch_loss_is_a_mean_per_sample_and_step_lines_reach_train_log_under_a_progress_bar(tmp_path, capsys):
+def test_epoch_loss_is_a_mean_per_sample_and_step_lines_reach_train_log_under_a_progress_bar(tmp_path, capsys, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
     model = torch.nn.Linear(3, 3)
     run = toy_run(model, torch.amp.GradScaler("cpu", enabled=False))
     monitor = T.Monitor(log_every=1, progress=True)
@@ -499,12 +503,17 @@ def test_epoch_loss_is_a_mean_per_sample_and_step_lines_reach_train_log_under_a_
     assert monitor.end_epoch() == pytest.approx(2.0)  # (4 * 1 + 2 * 4) / 6, not the batches' mean 2.5
     T.set_log_file(str(tmp_path / "train.log"))
     try:
+        with monkeypatch.context() as m:
+            m.setattr(sys, "stderr", Terminal())  # where the bar is drawn
+            T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 2), monitor, T.Stop())
+        logged = (tmp_path / "train.log").read_text()
+        assert re.findall(r"^epoch 0 step (\d) batch \d/2 loss", logged, flags=re.M) == ["1", "2"], logged
+        assert "step 1 batch" not in capsys.readouterr().out  # on the console the bar shows them
+        run.epoch, run.batch_in_epoch = 1, 0  # stderr a pipe or a log file: no bar, the lines themselves
         T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 2), monitor, T.Stop())
+        assert re.findall(r"^epoch 1 step (\d) batch", capsys.readouterr().out, flags=re.M) == ["3", "4"]
     finally:
         T.set_log_file(None)
-    logged = (tmp_path / "train.log").read_text()
-    assert re.findall(r"^epoch 0 step (\d) batch \d/2 loss", logged, flags=re.M) == ["1", "2"], logged
-    assert "step 1 batch" not in capsys.readouterr().out  # on the console the bar shows them
 
 
 # ---- storage ----
