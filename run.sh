@@ -33,8 +33,10 @@ USAGE
 }
 
 install() {
-  # pip ends a Ctrl-C with exit 1, as it ends a failed download: without the trap it would read as "offline"
+  # pip ends a Ctrl-C with exit 1, as it ends a failed download: without the traps it would read as "offline".
+  # A SIGTERM to run.sh alone waits for pip to finish, as it does for a stage
   trap 'echo "run.sh: interrupted during the install" >&2; exit 130' INT
+  trap 'echo "run.sh: stopped by SIGTERM during the install; the same command goes on" >&2; exit 143' TERM
   # torch first and pinned. PyPI's x86-64 Linux torch brings GBs of CUDA packages, so a machine without an
   # NVIDIA driver asks for the CPU build by name (2.13.0+cpu: PyTorch's CPU index or a local wheel; PyPI has
   # none, so an unreachable index cannot turn into the CUDA build). Elsewhere the pin alone (macOS wheels
@@ -50,8 +52,8 @@ install() {
     || { echo "run.sh: error: pip could not install $spec (above); install torch 2.3 or later and run again" >&2; exit 1; }
   # an offline machine (a cluster node, a lent GPU box) may lack an extra such as torch-tb-profiler: what the
   # job imports ($1) decides whether it can go on
-  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt && { trap - INT; return; }
-  trap - INT
+  PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt && { trap - INT TERM; return; }
+  trap - INT TERM
   "$PY" -c "import $1" || { echo "run.sh: error: pip could not install requirements.txt (above) and $1 do not all import" >&2; exit 1; }
   echo "run.sh: note: pip could not install all of requirements.txt (offline?); $1 import, so the job goes on" >&2
 }
@@ -115,6 +117,11 @@ owned --train-args "$train_args" --output-dir=--run "--resume=--run, whose run i
 owned --eval-args "$eval_args" --checkpoint=--run --output-dir=--run
 
 install "numpy, tqdm, matplotlib, tensorboard"
+# a SIGTERM to this shell alone (kill PID; docker stop of a container whose first process is run.sh) cannot
+# reach the stage under way without signalling it twice when the group is signalled too: that stage finishes
+# and no other starts (after the last stage, the evaluation, the summary follows, exit 0: the job is done)
+stopped=""
+trap 'stopped=1' TERM
 if [[ "$profile" == auto ]]; then
   profile=$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
 fi
@@ -140,11 +147,7 @@ fi
 
 # a stage's exit code is run.sh's; an input error (exit 2) has already said what is wrong, in one line; a
 # stage stopped by Ctrl-C (SIGINT) or by a SIGTERM to the whole process group (timeout, a batch scheduler)
-# exits 130 / 143, and the trap keeps this shell alive to say how to go on. A SIGTERM to this shell alone
-# (kill PID; docker stop of a container whose first process is run.sh) cannot reach the stage under way
-# without signalling it twice when the group is signalled too: that stage finishes and no other starts
-stopped=""
-trap 'stopped=1' TERM
+# exits 130 / 143, and the trap keeps this shell alive to say how to go on
 step() {
   [[ -z "$stopped" ]] || { echo "run.sh: stopped by SIGTERM before $1; the same bash run.sh command goes on" >&2; exit 143; }
   echo; echo "== $1"
