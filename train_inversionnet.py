@@ -2349,7 +2349,6 @@ def continue_elastic_run(args, rank):
     own = rank == 0 and bool(starts) and isinstance(starts[-1], dict) and starts[-1].get("launcher") == launcher()
     if not all_reduce_sum(torch.tensor([float(own)])).item():
         return False
-    args.overwrite = False
     if args.resume is None or os.path.isfile(os.path.join(args.output_dir, "last.pt")):
         args.resume = "auto"
     return True
