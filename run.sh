@@ -18,8 +18,8 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
                auto (default): gpu when CUDA is available, else cpu
   --family     velocity-model family to simulate (default flatvel)
   --data DIR   the simulated data (default data/<family>: train_inversionnet.py's default --data-root for
-               flatvel, so a bare `torchrun --nproc_per_node=2 train_inversionnet.py` trains on it next, on the
-               same split)
+               flatvel, so a bare torchrun launch of train_inversionnet.py trains on it next, on the same split;
+               the summary prints the launch line)
   --run DIR    checkpoints, logs and evaluation (default runs/<family>-<profile>); a re-run continues the run
                there, so to start over remove DIR or name another
   --*-args     extra flags passed to the simulator, the trainer and the evaluator, split at spaces (no quoting
@@ -27,7 +27,8 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
                stage (--out, --family, --output-dir, --resume, --train-list, --val-list, --data-root,
                --checkpoint) come from --data, --family and --run and are refused there, as is a stage's --help
 Options take --opt value or --opt=value.
-Both profiles write files of 100 samples, so either one extends the other's data set.
+Both profiles write files of 100 samples: the gpu profile extends the cpu one's data set (the cpu profile run after
+it lists its own 8 files again, and the simulator says so).
 test: the same install step, then ruff's pyflakes checks and pytest over tests/ and bench/ (--benchmark-disable).
 USAGE
 }
