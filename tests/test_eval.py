@@ -110,9 +110,11 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
     assert len(rows) == 4
     assert np.mean([float(r["mae"]) for r in rows]) == pytest.approx(metrics["model"]["mae"])
-    assert float(rows[0]["mae_ms"]) == pytest.approx(float(rows[0]["mae"]) * 1500)
+    for row in rows:
+        assert (float(row["mae_ms"]), float(row["rmse_ms"])) == pytest.approx((float(row["mae"]) * 1500, float(row["rmse"]) * 1500))
     model = metrics["model"]  # OpenFWI's test.py also reports MAE and MSE in m/s
     assert (model["mae_ms"], model["mse_ms2"]) == pytest.approx((model["mae"] * 1500, model["mse"] * 1500 ** 2))
+    assert (model["rmse"], model["rmse_ms"]) == pytest.approx((model["mse"] ** 0.5, model["mse"] ** 0.5 * 1500))
     # the verdict line follows the two rows it compares (it is printed whatever the verdict)
     base = metrics["baseline_mean_map"]
     verdict = (f"beats the baseline: MAE {'yes' if model['mae'] < base['mae'] else 'NO'}, "

@@ -38,6 +38,8 @@ def test_ricker_matches_openfwi_convention():
     assert w.shape == (1000,)
     assert np.argmax(w) == 73 and w[73] == pytest.approx(1.0)
     assert np.flatnonzero(w).max() == 146 and np.all(w[147:] == 0)  # 2.2 / f long
+    w = so.ricker(f=10.0)  # 220 samples long rounds up to 221, so the peak still falls on a sample
+    assert np.argmax(w) == 110 and w[110] == pytest.approx(1.0) and np.flatnonzero(w).max() == 220
 
 
 def test_shapes_dtype_and_openfwi_amplitude_range():
@@ -505,7 +507,10 @@ def test_cli_never_replaces_other_data(tmp_path):
     assert code == 2 and err.strip() == (f"simulate_openfwi.py: error: --out {out} holds data made with "
                                                       "--seed 1, --samples-per-file 2; re-run with those settings to "
                                                       "resume it, or choose another --out")
-    assert (out / "data" / "data1.npy").read_bytes() == before
+    code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "2", "--val-files", "0", "--seed", "1",
+                           "--pml-width", "8")  # the absorbing layer changes every trace: files of two widths must not mix
+    assert code == 2 and f"--out {out} holds data made with --pml-width 12;" in err
+    assert (out / "data" / "data1.npy").read_bytes() == before and not (out / "data" / "data2.npy").exists()
     foreign = tmp_path / "openfwi"
     (foreign / "data").mkdir(parents=True)
     np.save(foreign / "data" / "data1.npy", np.ones((3, 5, 1000, 70), np.float32))  # e.g. a downloaded set

@@ -318,6 +318,10 @@ def test_schedulers_follow_their_definitions():
     assert lrs[15] == 1.0 and lrs[25] == pytest.approx(0.1) and lrs[35] == pytest.approx(0.01)
     lrs = lr_trace(20, lr_scheduler="cosine", epochs=2)
     assert lrs[0] == 1.0 and lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
+    # cosine after warm-up: the ramp, then the half-cosine over the steps after it
+    lrs = lr_trace(30, lr_scheduler="cosine", lr_warmup_epochs=1, epochs=3)
+    assert lrs[0] == pytest.approx(1e-5) and lrs[5] == pytest.approx(0.5, abs=1e-5)
+    assert lrs[10] == 1.0 and lrs[20] == pytest.approx(0.5) and lrs[29] < 0.01
     # cosine under --max-steps anneals to its end over the steps that run, not over --epochs
     lrs = lr_trace(20, lr_scheduler="cosine", epochs=10, max_steps=20)
     assert lrs[10] == pytest.approx(0.5) and lrs[19] < 0.01
@@ -440,16 +444,18 @@ def test_build_run_takes_the_optimizer_flags():
     assert run.grad_clip == 0 and not run.optimizer.param_groups[0]["fused"]
 
 
-def test_grad_clip_scales_the_gradient_norm_down_to_the_limit():
+@pytest.mark.parametrize("loss_scaling", [False, True], ids=["unscaled", "fp16-grad-scaler"])
+def test_grad_clip_scales_the_gradient_norm_down_to_the_limit(loss_scaling):
     """--grad-clip: the script's own train_step rescales a gradient whose norm exceeds the limit to that norm
-    (direction kept) before the optimizer step; one under the limit is applied as is. SGD with lr 1 makes the
-    weights' change the applied gradient."""
+    (direction kept) before the optimizer step; one under the limit is applied as is. Under fp16's GradScaler
+    the limit applies to the true gradient, not the scaled one. SGD with lr 1 makes the weights' change the
+    applied gradient."""
     def step(clip, scale):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 3)
         opt = torch.optim.SGD(model.parameters(), lr=1.0)
         run = T.Run(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0),
-                    torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), grad_clip=clip)
+                    torch.amp.GradScaler("cpu", enabled=loss_scaling), torch.device("cpu"), grad_clip=clip)
         x, y = torch.randn(2, 4) * scale, torch.zeros(2, 3)
         before = torch.cat([p.detach().flatten() for p in model.parameters()])
         T.loss_fn(model(x), y).backward()
@@ -689,13 +695,16 @@ def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, na
                                                                  fused_adam=False, loader="map", cache_dtype="float32")
 
 
-def test_fast_on_cuda(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+@pytest.mark.parametrize("bf16", [True, False], ids=["bf16", "fp16-without-bf16"])
+def test_fast_on_cuda(monkeypatch, bf16):
+    """bf16 where the GPU has it (no loss scaling); fp16 and its GradScaler on one without (a V100, say)."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     monkeypatch.setattr(T, "free_memory", lambda device: 80e9)
     args = parsed("--fast")
     T.resolve_speed(args, torch.device("cuda", 0), cache_samples=30000)  # OpenFWI's FlatVel-A in bf16: 21 GB
-    assert {k: getattr(args, k) for k in T.SPEED_FLAGS} == dict(amp="bf16", channels_last=True, compile=True, fused_adam=True,
-                                                                 loader="gpu", cache_dtype="bfloat16")
+    half = ("bf16", "bfloat16") if bf16 else ("fp16", "float16")
+    assert {k: getattr(args, k) for k in T.SPEED_FLAGS} == dict(amp=half[0], channels_last=True, compile=True, fused_adam=True,
+                                                                 loader="gpu", cache_dtype=half[1])
 
 
 def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_data, capsys):
@@ -751,6 +760,16 @@ def test_a_data_root_given_beside_config_replaces_its_split_lists(tmp_path):
     assert (args.data_root, args.train_list, args.val_list, args.seed) == ("other", None, None, 5)
     args = T.parse_args(["--config", str(path), "--val-list", "b/val.txt"])  # one list given: the other stays
     assert (args.train_list, args.val_list) == ("a/train.txt", "b/val.txt")
+
+
+def test_config_never_replays_resume_or_overwrite(tmp_path):
+    """A saved args.json that continued or replaced a run: repeating it must not continue or delete anything."""
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"resume": "auto", "overwrite": True, "seed": 5}))
+    args = T.parse_args(["--config", str(path)])
+    assert (args.resume, args.overwrite, args.seed) == (None, False, 5)
+    path.write_text(json.dumps({"resume": str(tmp_path / "last.pt"), "overwrite": False}))
+    assert T.parse_args(["--config", str(path)]).resume is None
 
 
 def test_config_replays_the_resolved_speed_flags_unless_fast_is_given(tmp_path):
