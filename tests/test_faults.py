@@ -307,8 +307,9 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed_and_resumes(tmp_pa
 
 def test_a_restarted_group_continues_its_own_run_only(tmp_path, monkeypatch):
     """A restart continues the run its first start made (known by the launcher in provenance.json), from its
-    last.pt once written, and never with --overwrite again; a directory another launch made is checked as on
-    a first start, so a start it refused is refused again instead of taking that run over."""
+    last.pt once written (--overwrite cannot come back with it: check_args refuses it in a launch that can
+    restart); a directory another launch made is checked as on a first start, so a start it refused is refused
+    again instead of taking that run over."""
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     out, other = tmp_path / "run", tmp_path / "other" / "last.pt"
@@ -323,8 +324,8 @@ def test_a_restarted_group_continues_its_own_run_only(tmp_path, monkeypatch):
     with pytest.raises(T.InputError, match="holds a run that has written no checkpoint yet"):
         T.check_output_dir(args)
     prov.write_text(json.dumps([{"launcher": "elsewhere:1"}, {"launcher": T.launcher()}]))
-    args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=True)
-    assert T.continue_elastic_run(args, 0) and (args.resume, args.overwrite) == ("auto", False)
+    args = argparse.Namespace(output_dir=str(out), resume=None, overwrite=False)
+    assert T.continue_elastic_run(args, 0) and args.resume == "auto"
     args = argparse.Namespace(output_dir=str(out), resume=str(other), overwrite=False)
     assert T.continue_elastic_run(args, 0) and args.resume == str(other)  # no last.pt of its own yet
     T.check_output_dir(args, own_restart=True)
