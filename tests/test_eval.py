@@ -77,6 +77,9 @@ def test_perturbations_are_seeded_per_sample_and_do_what_they_say():
     a = p(x, 7)
     assert torch.equal(a, p(x, 7)) and torch.equal(x, keep)
     assert not torch.equal(a, E.Perturb(0.1, 4, seed=2)(x, 7)) and not torch.equal(a, p(x, 8))
+    for i in range(20):  # K distinct receivers muted in every shot, whatever the draw
+        muted = (E.Perturb(0, 30, seed=1)(x, i) == 0).all(dim=1)
+        assert (muted.sum(dim=1) == 30).all() and (muted == muted[0]).all()
     muted = (a.abs().sum(dim=(0, 1)) == 0).sum().item()
     assert muted == 4  # the same receivers in every shot
     noisy = E.Perturb(0.1, 0, seed=1)(x, 0) - x

@@ -761,6 +761,7 @@ def make(tmp_path, token):
     (["--eval-args", "--export m.pt2"], "--eval-args evaluates the run; --export and --predict are jobs of"),
     (["--data", ""], "--data needs a directory, got an empty value"),
     (["--profile=tpu"], "--profile must be auto, cpu or gpu, got tpu"),  # the --opt=value form
+    (["--profile=tp=u"], "--profile must be auto, cpu or gpu, got tp=u"),  # split at the first '=' only
     # the paths one stage hands to the next: elsewhere, the next stage would read (and eval's --overwrite replace) other files
     (["--train-args", "--epochs 2 --output-dir=runs/x"], "--train-args: --output-dir is run.sh's to set (from its --run)"),
     (["--train-args", "--epochs 2\t--output-dir\nruns/x"], "--train-args: --output-dir is run.sh's to set"),  # split there too
@@ -812,6 +813,15 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
                        env=dict(os.environ, PYTHON=sys.executable))
     # the stage's one line and nothing of run.sh's own (pip may add warnings of its own before it)
     assert r.returncode == 2 and r.stderr.splitlines()[-1] == "simulate_openfwi.py: error: --files must be positive, got 0"
+    assert "run.sh" not in r.stderr
+    fake = tmp_path / "python"  # the simulation stage passes at once: the training stage's error is the one passed on
+    fake.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == simulate_openfwi.py ]]; then exit 0; fi\nexec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--data", tmp_path / "d", "--run", tmp_path / "r",
+                        "--train-args", "--batch-size 1"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHON=str(fake)))
+    assert r.returncode == 2 and r.stderr.splitlines()[-1] == ("train_inversionnet.py: error: --batch-size must be at least "
+                                                               "2: BatchNorm cannot train on one sample")
     assert "run.sh" not in r.stderr
 
 

@@ -139,8 +139,25 @@ def test_family_maps(family):
         assert min(n_layers) >= 2 and max(n_layers) <= 5
         increasing = np.mean([np.all(np.diff(m[:, 0]) >= 0) for m in maps])
         assert increasing >= 0.5  # mostly increasing with depth
+        many = so.flatvel(np.random.default_rng(7), 400)
+        columns = many[:, :, 0]
+        counts = [len(np.unique(c)) for c in columns]
+        assert set(counts) == {2, 3, 4, 5}  # 2-5 layers, each drawn
+        thickness = [np.diff(np.flatnonzero(np.diff(c)))  for c in columns]  # rows between interfaces
+        assert min(t.min() for t in thickness if len(t)) >= 4  # interfaces at least 4 cells apart
+        swapped = np.mean([not np.all(np.diff(c) >= 0) for c, k in zip(columns, counts) if k >= 3])
+        assert 0.15 < swapped < 0.35  # one adjacent pair swapped with probability 0.25
     else:
         assert sum(laterally_constant) <= 2
+
+
+def test_curves_and_faults_span_their_documented_ranges():
+    """curvevel's first sinusoid reaches amplitudes up to 8 cells (with the second, up to 11); a fault throws its
+    hanging wall 4-15 cells."""
+    peaks = [np.abs(so._curve(np.random.default_rng(i))).max() for i in range(300)]
+    assert 8 < max(peaks) <= 11
+    throws = [abs(f[3]) for i in range(300) for f in so._faults(np.random.default_rng(i))]
+    assert min(throws) >= 4 and 14 < max(throws) <= 15
 
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "simulate_reference.npz")

@@ -162,6 +162,9 @@ def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
         sizes = [len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm)]
         assert sizes == ([3, 2] if rank == 0 else [3, 1])  # --val-batch-size 3 over 5 and 4 of the 9 samples
     assert len(set(world_seen)) == 8
+    # the sampler drops the remainder that would leave the ranks uneven rather than padding it with repeats
+    idx = [i for r in (0, 1) for i in T.EpochSampler(T.MapDataset(pairs, [5, 4]), 2, r, 0, 2)]
+    assert len(idx) == len(set(idx)) == 8
     one = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [5, 4], norm, torch.device("cpu"))
     assert len(one) == 4 and one.dropped == 1  # one process: the partial last batch is what is left out
     data = (pairs, [5, 4], [], [])
@@ -264,6 +267,10 @@ def test_split_pairs_by_file_is_seeded():
     assert len(tr) == 8 and len(va) == 2 and set(tr).isdisjoint(va)
     assert T.split_pairs(pairs, 0.8, seed=1) == (tr, va)
     assert T.split_pairs(pairs, 0.8, seed=2) != (tr, va)
+    assert tr == [p for p in pairs if p in tr] and va == [p for p in pairs if p in va]  # each list in file order
+    twelve = [(f"d{i}", f"m{i}") for i in range(12)]
+    assert len(T.split_pairs(twelve, 0.8, seed=0)[0]) == 10  # 9.6 rounds to 10 files, not down to 9
+    assert tuple(map(len, T.split_pairs(pairs[:3], 0.9, seed=0))) == (2, 1)  # a validation file is always kept
 
 
 def test_a_released_openfwi_set_splits_as_openfwi_does_unless_train_size_is_given(tmp_path):
@@ -328,6 +335,33 @@ def test_schedulers_follow_their_definitions():
     # step: gamma per --lr-step-size epochs; a step size of almost nothing decays to 0, not to an OverflowError
     for step_size, expected in ((1.5, [1.0] * 15 + [0.5] * 5), (1e-320, [1.0] + [0.0] * 19)):
         assert lr_trace(20, lr_scheduler="step", lr_step_size=step_size, lr_gamma=0.5, epochs=2) == expected
+
+
+def test_best_pt_follows_the_lowest_validation_loss_of_the_runs_own_loss(monkeypatch):
+    """An epoch improves (and rewrites best.pt) only on a strictly lower validation loss than every earlier one;
+    the loss is the run's own, with its --lambda-l1 / --lambda-l2 weights."""
+    losses, weights_seen = iter([0.5, 0.5, 0.7, 0.4, 0.6]), []
+
+    def evaluate(model, loader, device, normalizer, amp_dtype, channels_last, loss_weights=(1.0, 0.0)):
+        weights_seen.append(loss_weights)
+        return {"loss": next(losses), "mae": 0.0, "rmse": 0.0, "ssim": 0.0, "first": None}
+    monkeypatch.setattr(T, "evaluate", evaluate)
+    run = argparse.Namespace(eval_model=None, device=None, normalizer=None, amp_dtype=None, channels_last=False,
+                             loss_weights=(1.0, 0.5), best_loss=math.inf, step=0)
+    monitor = argparse.Namespace(scalars=lambda *a: None, image=lambda *a: None)
+    assert [T.validate(run, None, monitor)[1] for _ in range(5)] == [True, False, False, True, False]
+    assert run.best_loss == 0.4 and weights_seen == [(1.0, 0.5)] * 5
+
+
+def test_provenance_names_the_whole_commit_and_whether_tracked_files_changed():
+    import subprocess
+    git = lambda *cmd: subprocess.run(["git", "-C", T.__file__.rsplit("/", 1)[0], *cmd], capture_output=True, text=True)
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    prov = T.provenance(torch.device("cpu"), ["x"])
+    assert prov["git_commit"] == head.stdout.strip() and len(prov["git_commit"]) == 40
+    assert prov["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
 
 
 def test_a_file_in_both_split_lists_is_refused(ids_data, tmp_path, capsys):
