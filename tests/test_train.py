@@ -40,8 +40,17 @@ def test_parameter_count_output_shape_and_openfwi_keys():
     assert sd["deconv6.layers.0.weight"].shape == (1, 32, 3, 3)
     assert sd["deconv6.layers.1.num_batches_tracked"].shape == ()
     m.eval()
+    seen = {}
+    for name in ("convblock1", "convblock4_1", "convblock5_1", "convblock6_1", "convblock8", "deconv1_1", "deconv5_2", "deconv6"):
+        getattr(m, name).register_forward_hook(lambda mod, inp, out, name=name: seen.update({name: (inp[0], out)}))
     out = m(torch.randn(2, 5, 1000, 70))
     assert out.shape == (2, 1, 70, 70) and out.abs().max() <= 1
+    # the feature shapes of OpenFWI's network, and the decoder's 80 x 80 cropped by 5 cells on each side
+    assert {k: tuple(o.shape[1:]) for k, (_, o) in seen.items()} == {
+        "convblock1": (32, 500, 70), "convblock4_1": (128, 63, 70), "convblock5_1": (128, 32, 35),
+        "convblock6_1": (256, 16, 18), "convblock8": (512, 1, 1), "deconv1_1": (512, 5, 5), "deconv5_2": (32, 80, 80),
+        "deconv6": (1, 70, 70)}
+    assert torch.equal(seen["deconv6"][0], seen["deconv5_2"][1][..., 5:75, 5:75])
 
 
 def test_openfwi_style_checkpoint_loads_strictly(tmp_path):
@@ -335,6 +344,15 @@ def test_schedulers_follow_their_definitions():
     # step: gamma per --lr-step-size epochs; a step size of almost nothing decays to 0, not to an OverflowError
     for step_size, expected in ((1.5, [1.0] * 15 + [0.5] * 5), (1e-320, [1.0] + [0.0] * 19)):
         assert lr_trace(20, lr_scheduler="step", lr_step_size=step_size, lr_gamma=0.5, epochs=2) == expected
+
+
+def test_channels_last_reaches_the_batches_the_model_sees():
+    """--channels-last converts the model and every input batch; a channels-first input would make each
+    convolution convert it again."""
+    x, y = torch.randn(2, 5, 1000, 70), torch.zeros(2, 1, 70, 70)
+    for flag in (True, False):
+        bx, _ = next(T.device_batches(T.RepeatedBatch(x, y, 1), torch.device("cpu"), None, channels_last=flag))
+        assert bx.is_contiguous(memory_format=torch.channels_last) == flag and torch.equal(bx, x)
 
 
 def test_best_pt_follows_the_lowest_validation_loss_of_the_runs_own_loss(monkeypatch):
