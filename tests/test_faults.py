@@ -143,7 +143,7 @@ def test_sigterm_to_run_sh_alone_lets_the_stage_finish_and_starts_no_other(tmp_p
     fake, began, later = tmp_path / "python", tmp_path / "began", tmp_path / "later"
     nxt = {"-m pip": "simulate_openfwi.py", "simulate_openfwi.py": "train_inversionnet.py"}.get(stage, "no-such-stage")
     fake.write_text("#!/usr/bin/env bash\n"
-                    f'if [[ "$1" == {stage.split()[-1]} || "$1 $2" == "{stage}" ]]; then touch {began}; sleep 3; exit 0; fi\n'
+                    f'if [[ "$1" == "{stage}" || "$1 $2" == "{stage}" ]]; then touch {began}; sleep 3; exit 0; fi\n'
                     f'if [[ "$1" == {nxt} ]]; then touch {later}; exit 0; fi\n'
                     'if [[ "$1" == simulate_openfwi.py || "$1" == train_inversionnet.py ]]; then exit 0; fi\n'
                     f'exec {sys.executable} "$@"\n')

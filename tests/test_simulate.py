@@ -143,7 +143,7 @@ def test_family_maps(family):
         columns = many[:, :, 0]
         counts = [len(np.unique(c)) for c in columns]
         assert set(counts) == {2, 3, 4, 5}  # 2-5 layers, each drawn
-        thickness = [np.diff(np.flatnonzero(np.diff(c)))  for c in columns]  # rows between interfaces
+        thickness = [np.diff(np.flatnonzero(np.diff(c))) for c in columns]  # rows between interfaces
         assert min(t.min() for t in thickness if len(t)) >= 4  # interfaces at least 4 cells apart
         swapped = np.mean([not np.all(np.diff(c) >= 0) for c, k in zip(columns, counts) if k >= 3])
         assert 0.15 < swapped < 0.35  # one adjacent pair swapped with probability 0.25

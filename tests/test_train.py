@@ -373,7 +373,7 @@ def test_best_pt_follows_the_lowest_validation_loss_of_the_runs_own_loss(monkeyp
 
 def test_provenance_names_the_whole_commit_and_whether_tracked_files_changed():
     import subprocess
-    git = lambda *cmd: subprocess.run(["git", "-C", T.__file__.rsplit("/", 1)[0], *cmd], capture_output=True, text=True)
+    git = lambda *cmd: subprocess.run(["git", "-C", os.path.dirname(T.__file__), *cmd], capture_output=True, text=True)
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         pytest.skip("not a git checkout")
