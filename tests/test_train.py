@@ -1197,6 +1197,34 @@ def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_p
     assert logged == [("0", "1.000e-03")] * 4 + [("1", "1.000e-04")] * 4
 
 
+def test_the_log_line_counts_samples_over_every_rank_and_the_share_of_time_spent_waiting_for_data(monkeypatch, capsys):
+    """Between two log steps of a two-rank run each rank trains 3 batches of 4 in 0.6 s, 0.15 s of it waiting for
+    batches: the line says 2 x 12 samples / 0.6 s = 40 samples/s and a 25 % data wait, then starts counting anew."""
+    clock = iter([0.0,                                 # start_epoch
+                  0.0, 0.05, 0.2, 0.25, 0.4, 0.45,       # three batches, each waited for 0.05 s
+                  0.6, 0.6,                            # the log step; the loader says it is done
+                  0.6, 0.7, 1.0, 1.0])                 # one more batch, waited 0.1 s, logged 0.4 s after the first
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = T.Run(model, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 1.0),
+                torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), world=2)
+    monitor = T.Monitor(log_every=3)
+    monitor.start_epoch(run, n_batches=4)
+
+    def train(batches):
+        for _ in monitor.timed(batches):
+            run.step, run.batch_in_epoch = run.step + 1, run.batch_in_epoch + 1
+            monitor.after_step(run, torch.tensor(0.5), 4)
+            if monitor.due(run):
+                monitor.log(run)
+
+    train(range(3))
+    train(range(1))
+    lines = re.findall(r"batch (\d)/4 loss 0.50000 .* samples/s (\S+) data-wait (\S+)%", capsys.readouterr().out)
+    assert lines == [("3", "40.0", "25.0"), ("4", "20.0", "25.0")]
+
+
 def test_a_finished_cosine_run_extended_by_epochs_steps_on_the_new_schedule(ids_data, tmp_path, capsys):
     """One epoch of cosine ends at lr 0; continued to --epochs 2, its first step trains at the new schedule's
     rate for step 4 of 8 (half of --lr), not at the 0 the checkpoint saved."""
