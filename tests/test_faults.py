@@ -219,7 +219,8 @@ def test_ddp_ranks_check_for_a_signal_every_few_seconds_of_training(monkeypatch)
     other_rank_every = [1000]
 
     def all_reduce(t, op):  # this rank's values against another rank's: signal 0, cadence other_rank_every
-        t.copy_(torch.maximum(t, torch.tensor([0, -other_rank_every[0]])))
+        reduce = {T.dist.ReduceOp.MAX: torch.maximum, T.dist.ReduceOp.MIN: torch.minimum}.get(op, torch.add)
+        t.copy_(reduce(t, torch.tensor([0, -other_rank_every[0]])))
 
     monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(T.dist, "get_backend", lambda: "gloo")
