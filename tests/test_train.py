@@ -124,6 +124,23 @@ def test_iterable_loader_sees_every_sample_once_with_exact_batch_count(tmp_path,
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled per epoch
 
 
+def test_iterable_loader_reads_the_files_in_a_new_order_each_epoch_and_the_same_order_for_the_same_epoch(tmp_path):
+    """Six files of two samples, batch 2: each batch is one file, so the batches show the order the files were
+    read in. That order is drawn anew per epoch (not only the samples within each file) and repeats exactly for
+    the same seed and epoch, which a resume relies on."""
+    pairs = write_ids_dataset(tmp_path, [2] * 6)
+
+    def file_order(epoch):
+        ds = T.IterableFileDataset(pairs, [2] * 6, 2, seed=3)
+        ds.set_epoch(epoch)
+        return [sorted({i // 2 for i in ids_of([b])}) for b in ds]
+
+    orders = [file_order(e) for e in range(3)]
+    assert all(len(o) == 6 and sorted(f for [f] in o) == list(range(6)) for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    assert file_order(1) == orders[1]
+
+
 def test_iterable_loader_eval_mode_keeps_every_sample(tmp_path):
     pairs = write_ids_dataset(tmp_path, (3, 4))
     seen = []
