@@ -246,7 +246,10 @@ def test_data_parallel_never_gets_a_batch_that_leaves_a_gpu_one_sample(monkeypat
     with pytest.raises(T.InputError, match=r"^--batch-size 9 over 8 GPUs \(DataParallel\) leaves a GPU one sample, "
                                            r"on which BatchNorm cannot train: use a multiple of 8 of at least 16$"):
         T.check_device_args(small_args(batch_size=9), cuda)
+    with pytest.raises(T.InputError, match=r"^--batch-size 15 over 8 GPUs"):  # seven pieces of 2 and one of 1
+        T.check_device_args(small_args(batch_size=15), cuda)
     T.check_device_args(small_args(batch_size=16), cuda)
+    T.check_device_args(small_args(batch_size=10), cuda)  # not a multiple of 8, but five pieces of 2 train
     T.check_device_args(small_args(batch_size=9, parallel="none"), cuda)  # one GPU takes the whole batch
 
 
