@@ -1484,8 +1484,9 @@ def test_settings_without_effect_in_this_run_are_noted(tmp_path):
         assert T.settings_notes(small_args(**unset), 4, torch.device("cpu")) == ""
 
 
-def test_batch_size_one_is_refused(capsys):
-    assert T.cli(["--batch-size", "1"]) == 2
+@pytest.mark.parametrize("extra", [[], ["--overfit-batch"]])  # one fixed batch of one cannot train either
+def test_batch_size_one_is_refused(capsys, extra):
+    assert T.cli(["--batch-size", "1", *extra]) == 2
     assert capsys.readouterr().err == "train_inversionnet.py: error: --batch-size must be at least 2: BatchNorm cannot train on one sample\n"
 
 
