@@ -128,7 +128,10 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     pngs = sorted(p.name for p in out.glob("*.png"))
     tags = sorted(p.rsplit("_", 1)[1] for p in pngs if p.startswith("sample_") and not p.endswith("shots.png"))
     assert tags == ["best.png", "p50.png", "worst.png"]  # p50: the median sample by MAE
-    assert any(p.endswith("_shots.png") for p in pngs) and "ssim_histogram.png" in pngs
+    drawn = {p.rsplit("_", 1)[1][:-4]: int(p.split("_")[1]) for p in pngs if p.startswith("sample_")}
+    by_mae = [int(r["index"]) for r in sorted(rows, key=lambda r: float(r["mae"]))]
+    assert drawn == {"best": by_mae[0], "p50": by_mae[2], "worst": by_mae[3], "shots": by_mae[0]}
+    assert "ssim_histogram.png" in pngs
 
 
 def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path, capsys):
