@@ -643,7 +643,7 @@ def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_r
     ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
     ck["model"]["deconv6.layers.0.weight"][0] = float("nan")
     torch.save(ck, tmp_path / "nan.pt")
-    np.save(tmp_path / "shots.npy", np.load(tiny_run / "d" / "data" / "data1.npy")[:2])
+    np.save(tmp_path / "shots.npy", np.load(tiny_run / "d" / "data" / "data1.npy"))
     common = ["--no-progress", "--vis", "0", "--device", "cpu", "--num-workers", "0"]
     for job in ([], ["--predict", str(tmp_path / "shots.npy")]):
         assert E.cli(["--checkpoint", str(tmp_path / "nan.pt"), "--output-dir", str(tmp_path / "o"), *common, *job]) == 2
@@ -656,10 +656,23 @@ def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_r
     assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {best}: the model's predictions hold NaN or Inf in its "
                                        "float32 forward pass\n")
     assert not list((tmp_path / "e").glob("*"))
-    assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "p"), *common, "--predict", str(tmp_path / "shots.npy")]) == 2
-    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'shots.npy'} sample 0: the model's prediction "
+    batches = []
+
+    def nan_in_the_second_batchs_second_sample(model, x, amp):
+        out = forward(model, x, amp)
+        batches.append(len(x))
+        if len(batches) == 2:
+            out[1] = float("nan")
+        return out
+
+    monkeypatch.setattr(T, "forward", nan_in_the_second_batchs_second_sample)
+    assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "p"), *common, "--predict", str(tmp_path / "shots.npy"),
+                  "--batch-size", "2"]) == 2
+    assert batches == [2, 2]
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'shots.npy'} sample 3: the model's prediction "
                                        "holds NaN or Inf in its float32 forward pass\n")
     assert not list((tmp_path / "p").glob("*"))
+    monkeypatch.setattr(T, "forward", lambda model, x, amp: forward(model, x, amp) * float("nan"))
     assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "e"), *common, "--amp", "bf16"]) == 2
     assert capsys.readouterr().err.endswith("in its bfloat16 forward pass; evaluate with --amp off\n")  # the likely cause
 
