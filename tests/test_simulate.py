@@ -415,6 +415,10 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
     assert code == 0 and "1 complete, 1 to make" in stdout and (out / "data" / "data2.npy").read_bytes() == first
     assert "note" not in stdout  # the same split lists
+    labels = (out / "model" / "model2.npy").read_bytes()  # the velocity maps are checked as the gathers are
+    (out / "model" / "model2.npy").write_bytes(labels[: len(labels) // 2])
+    code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+    assert code == 0 and "1 complete, 1 to make" in stdout and (out / "model" / "model2.npy").read_bytes() == labels
     # fewer files: the lists shrink (file 2 leaves the training list) and it is said
     code, stdout, _ = run_cli("--out", out, "--files", "1", "--samples-per-file", "2", "--val-files", "0")
     assert code == 0 and (out / "train.txt").read_text() == "data/data1.npy\tmodel/model1.npy\n"
