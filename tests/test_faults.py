@@ -826,6 +826,31 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     assert "run.sh" not in r.stderr
 
 
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "auto"])
+def test_run_sh_gives_each_stage_its_profiles_flags_then_the_users(tmp_path, profile):
+    """The stages' command lines as run.sh builds them (a stand-in interpreter records them): the profile asked
+    for, or with auto the one this machine's torch sees CUDA for, and the user's --*-args after its flags."""
+    fake, log = tmp_path / "python", tmp_path / "stages.log"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    f'case "$1" in *_openfwi.py|*_inversionnet.py) echo "$*" >> {log}; exit 0 ;; esac\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    d, r = tmp_path / "d", tmp_path / "r"
+    done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--profile", profile, "--data", d, "--run", r,
+                           "--sim-args", "--seed 5", "--train-args", "--seed 6", "--eval-args", "--seed 7"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHON=str(fake)))
+    assert done.returncode == 0, done.stderr
+    chosen = ("gpu" if torch.cuda.is_available() else "cpu") if profile == "auto" else profile
+    assert f"== 1/3 simulate (flatvel, profile {chosen}) -> {d}\n" in done.stdout
+    sim, train, ev = log.read_text().splitlines()
+    files = "--files 150 --samples-per-file 100 --val-files 30" if chosen == "gpu" else "--files 8 --samples-per-file 100 --val-files 1"
+    assert sim == f"simulate_openfwi.py --family flatvel --out {d} {files} --seed 5"
+    recipe = "--epochs 170 --batch-size 256 --lr 1e-3" if chosen == "gpu" else "--epochs 13 --batch-size 16 --lr 5e-4"
+    assert train.startswith(f"train_inversionnet.py --train-list {d}/train.txt --val-list {d}/val.txt --output-dir {r} "
+                            f"--fast {recipe} ") and train.endswith(" --resume auto --seed 6")
+    assert ev == f"eval_inversionnet.py --checkpoint {r}/best.pt --vis 3 --overwrite --seed 7"
+
+
 @pytest.mark.parametrize("importable", [True, False])
 def test_run_sh_goes_on_offline_when_what_the_job_imports_is_there(tmp_path, importable):
     """pip fails (an offline node lacking, say, torch-tb-profiler): run.sh says so and goes on when the
