@@ -391,15 +391,34 @@ def test_best_pt_follows_the_lowest_validation_loss_of_the_runs_own_loss(monkeyp
     assert run.best_loss == 0.4 and weights_seen == [(1.0, 0.5)] * 5
 
 
-def test_provenance_names_the_whole_commit_and_whether_tracked_files_changed():
+def test_provenance_names_the_whole_commit_and_whether_tracked_files_changed(tmp_path, monkeypatch):
+    """Provenance of code in a repository of its own: clean, with an untracked file (not a change to the code),
+    with a tracked file edited, and outside any repository."""
     import subprocess
-    git = lambda *cmd: subprocess.run(["git", "-C", os.path.dirname(T.__file__), *cmd], capture_output=True, text=True)
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = lambda *cmd: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *cmd],
+                                      capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(T, "__file__", str(tmp_path / "train_inversionnet.py"))
+    for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):  # set when the suite runs from a git hook
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # git looks no higher than tmp_path
+    assert {k: T.provenance(torch.device("cpu"), ["x"])[k] for k in ("git_commit", "git_dirty")} == {
+        "git_commit": None, "git_dirty": None}  # not a repository yet
+    git("init", "-q")
+    (tmp_path / "train_inversionnet.py").write_text("v1\n")
+    git("add", "train_inversionnet.py")
+    git("commit", "-q", "-m", "v1")
     head = git("rev-parse", "HEAD")
-    if head.returncode != 0:
-        pytest.skip("not a git checkout")
+    states = []
+    for change in (lambda: (tmp_path / "notes.txt").write_text("untracked"),
+                   lambda: (tmp_path / "train_inversionnet.py").write_text("v2\n")):
+        prov = T.provenance(torch.device("cpu"), ["x"])
+        states.append((prov["git_commit"], prov["git_dirty"]))
+        change()
     prov = T.provenance(torch.device("cpu"), ["x"])
-    assert prov["git_commit"] == head.stdout.strip() and len(prov["git_commit"]) == 40
-    assert prov["git_dirty"] == bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    states.append((prov["git_commit"], prov["git_dirty"]))
+    assert len(head) == 40 and states == [(head, False), (head, False), (head, True)]
 
 
 def test_a_file_in_both_split_lists_is_refused(ids_data, tmp_path, capsys):
