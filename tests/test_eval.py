@@ -77,6 +77,8 @@ def test_perturbations_are_seeded_per_sample_and_do_what_they_say():
     a = p(x, 7)
     assert torch.equal(a, p(x, 7)) and torch.equal(x, keep)
     assert not torch.equal(a, E.Perturb(0.1, 4, seed=2)(x, 7)) and not torch.equal(a, p(x, 8))
+    # one stream per (seed, sample): another --seed is not the same draws shifted by one sample
+    assert not torch.equal(E.Perturb(0.1, 4, seed=1)(x, 0), E.Perturb(0.1, 4, seed=0)(x, 1))
     for i in range(20):  # K distinct receivers muted in every shot, whatever the draw
         muted = (E.Perturb(0, 30, seed=1)(x, i) == 0).all(dim=1)
         assert (muted.sum(dim=1) == 30).all() and (muted == muted[0]).all()
@@ -113,6 +115,7 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
     assert len(rows) == 4
     assert np.mean([float(r["mae"]) for r in rows]) == pytest.approx(metrics["model"]["mae"])
+    assert np.mean([float(r["rmse"]) ** 2 for r in rows]) == pytest.approx(metrics["model"]["mse"])  # per sample, RMSE
     for row in rows:
         assert (float(row["mae_ms"]), float(row["rmse_ms"])) == pytest.approx((float(row["mae"]) * 1500, float(row["rmse"]) * 1500))
     model = metrics["model"]  # OpenFWI's test.py also reports MAE and MSE in m/s
@@ -203,6 +206,14 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
                                                   "read any: leave it out"),
     (["--export", "m.pt2", "--noise-std", "0.1"], "--noise-std belongs to an evaluation on labelled data; --export does not "
                                                   "read any: leave it out"),
+    (["--predict", "X.npy", "--missing-traces", "5"], "--missing-traces belongs to an evaluation on labelled data; --predict "
+                                                      "does not read any: leave it out"),
+    (["--predict", "X.npy", "--export", "m.pt2"], "--predict and --export are separate jobs: give one of them"),
+    (["--vis", "-1"], "--vis must be >= 0, got -1"),
+    (["--noise-std", "10.5"], "--noise-std must be in [0, 10] (times each trace's peak), got 10.5"),
+    # the device cache holds the normalised data: a perturbation of the raw gathers would be skipped, not refused
+    (["--loader", "gpu", "--noise-std", "0.1"], "--noise-std/--missing-traces perturb raw data: use --loader map"),
+    (["--loader", "gpu", "--missing-traces", "3"], "--noise-std/--missing-traces perturb raw data: use --loader map"),
 ])
 def test_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
     (tmp_path / "never-read.pt").touch()  # there, so the flag's own check is the one that fails
@@ -210,6 +221,13 @@ def test_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
     args = [str(tmp_path / "val.txt") if a == "VAL" else a for a in args]
     assert E.cli(["--checkpoint", str(tmp_path / "never-read.pt"), *args]) == 2
     assert capsys.readouterr().err.strip() == f"eval_inversionnet.py: error: {needle}"
+
+
+def test_the_ends_of_each_flags_range_are_accepted(tmp_path):
+    (tmp_path / "ck.pt").touch()
+    for flags in (["--noise-std", "10", "--missing-traces", "70", "--seed", str(T.MAX_SEED), "--vis", "0"],
+                  ["--noise-std", "0", "--missing-traces", "0", "--seed", "0"]):
+        E.check_opts(E.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "ck.pt"), *flags]))
 
 
 def test_a_missing_checkpoint_flag_is_one_line(capsys):
@@ -256,10 +274,10 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
     is replaced by one whose output is its input's spread: a trained InversionNet maps tiny_run's noise data
     to nearly the same map whatever the perturbation."""
     monkeypatch.setattr(T.InversionNet, "forward", lambda self, x: x.float().std(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 1, 70, 70))
-    results = []
-    for batch, perturb, seed in ((1, True, 0), (3, True, 0), (3, False, 0), (3, True, 1)):
-        out = tmp_path / f"b{batch}{perturb}{seed}"
-        flags = ["--noise-std", "0.2", "--missing-traces", "9", "--seed", str(seed)] if perturb else []
+    results, both, muted = [], ["--noise-std", "0.2", "--missing-traces", "9"], ["--missing-traces", "9"]
+    for batch, perturb, seed in ((1, both, 0), (3, both, 0), (3, [], 0), (3, both, 1), (3, muted, 0)):
+        out = tmp_path / f"b{batch}{len(perturb)}{seed}"
+        flags = [*perturb, "--seed", str(seed)]
         assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
                       "--no-progress", "--vis", "0", "--batch-size", str(batch), "--device", "cpu", *flags]) == 0
         results.append(json.loads((out / "metrics.json").read_text())["model"])
@@ -268,7 +286,19 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
     assert results[0] == pytest.approx(results[1], rel=1e-5)
     assert results[1]["mae"] != pytest.approx(results[2]["mae"], rel=1e-3)  # the perturbation reached the model
     assert results[3]["mae"] != results[1]["mae"]  # --seed draws it: another seed, other noise and muted receivers
-    assert json.loads((tmp_path / "b3True1" / "metrics.json").read_text())["perturbation"]["seed"] == 1
+    assert json.loads((tmp_path / "b341" / "metrics.json").read_text())["perturbation"]["seed"] == 1
+    assert results[4]["mae"] != pytest.approx(results[2]["mae"], rel=1e-3)  # muted receivers alone perturb too
+
+
+def test_the_pictures_show_the_input_as_it_was_evaluated(tiny_run, tmp_path, monkeypatch):
+    """With --missing-traces 9 the shot gathers drawn beside the best sample are its perturbed input: nine
+    receivers silent in every shot."""
+    shown = []
+    monkeypatch.setattr(E, "draw_shots", lambda plt, gather, path: shown.append(gather))
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(tmp_path / "o"), "--num-workers",
+                  "0", "--no-progress", "--vis", "1", "--device", "cpu", "--missing-traces", "9"]) == 0
+    [gather] = shown
+    assert gather.shape == (5, 1000, 70) and (np.abs(gather).sum(axis=(0, 1)) == 0).sum() == 9
 
 
 def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path, monkeypatch):
