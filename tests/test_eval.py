@@ -488,6 +488,11 @@ def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
             "the model was trained with (data -26.95 to 52.77, velocity 1500 to 4500)") in capsys.readouterr().out
     evaluate_to(tmp_path / "own", ck, "--dataset", "flatvel-a")  # the constants it was trained with
     assert "note: normalisation" not in capsys.readouterr().out
+    saved = torch.load(ck, weights_only=False)  # a run trained with --stats: --dataset named here replaces its file
+    saved["args"]["stats"] = str(tmp_path / "s.json")
+    torch.save(saved, tmp_path / "stats_run.pt")
+    m = evaluate_to(tmp_path / "ds2", tmp_path / "stats_run.pt", "--dataset", "curvevel-a")
+    assert (m["normalization"]["data_min"], m["normalization"]["data_max"]) == (lo, hi)
 
 
 def test_device_cache_loader_gives_the_map_loaders_metrics(tiny_run, tmp_path):
@@ -524,6 +529,24 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
     note = evaluate_to(tmp_path / "other", tmp_path / "other.pt")["split_changed_since_training"]
     assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 2 (8 samples; "
                            f"file 2 is now {now}, was elsewhere.npy {now.split(' ', 1)[1]}): the evaluated split")
+
+
+def test_a_result_file_that_cannot_be_written_leaves_no_metrics_json(tiny_run, tmp_path, capsys, monkeypatch):
+    """metrics.json marks a complete result, so it is written last: a disk that fills on result.txt leaves none."""
+    import errno
+    import os
+    real_fsync = os.fsync
+
+    def full_disk(fd):
+        if "result.txt.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    out = tmp_path / "ev"
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
+                  "--no-progress", "--vis", "0", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"eval_inversionnet.py: error: cannot write {out}/result.txt: No space left on device\n"
+    assert sorted(p.name for p in out.iterdir()) == ["per_sample.csv"]
 
 
 def test_a_picture_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch):
@@ -618,7 +641,7 @@ def model_of(checkpoint):
     return model.eval(), T.Normalizer(n["data_min"], n["data_max"], n["label_min"], n["label_max"])
 
 
-def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run, tmp_path, capsys):
+def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run, tmp_path, capsys, monkeypatch):
     ck = tiny_run / "run" / "best.pt"
     shots = np.load(tiny_run / "d" / "data" / "data1.npy")  # no labels are read
     (tmp_path / "in").mkdir()
@@ -644,6 +667,16 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out),
                   "--overwrite", "--vis", "0"]) == 0
     assert (out / "line7_velocity.npy").exists() and not (out / "line7_predictions.png").exists()  # it showed the old maps
+    # no --output-dir: RUN/predict beside the checkpoint; --vis 3 (the default) on a file of two draws both
+    (tmp_path / "run").mkdir()
+    shutil.copy(ck, tmp_path / "run" / "best.pt")
+    np.save(tmp_path / "two.npy", shots[:2])
+    shown = []
+    monkeypatch.setattr(E, "draw_predictions", lambda gathers, velocity, n, path, normalizer: shown.append((n, path)))
+    assert E.cli(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "two.npy")]) == 0
+    monkeypatch.undo()
+    assert np.load(tmp_path / "run" / "predict" / "two_velocity.npy").shape == (2, 1, 70, 70)
+    assert shown == [(2, str(tmp_path / "run" / "predict" / "two_predictions.png"))]
     # predictions written beside their inputs, twice: the *_velocity.npy files are outputs, never inputs
     again = ["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(tmp_path / "in"), "--vis", "0"]
     assert E.cli(again) == 0 and E.cli([*again, "--overwrite"]) == 0
@@ -852,6 +885,8 @@ def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):
         x = torch.randn(batch, 5, 1000, 70)
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), model(x), rtol=1e-5, atol=1e-5)
+    # any batch a user infers at, not only those tried here (a batch of 4,096 would need 6 GB to try)
+    assert [(r.lower, r.upper) for r in program.range_constraints.values()] == [(1, 1 << 16)]
     assert E.cli(["--checkpoint", str(ck), "--export", str(path)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     # a model trained in bf16 is exported under bf16 autocast: the same numbers as eval's forward pass
