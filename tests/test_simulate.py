@@ -109,7 +109,9 @@ def test_stable_at_max_velocity():
 
 @pytest.mark.parametrize("bad, match", [
     (torch.full((1, 70, 70), 7000.0), "unstable"),
+    (torch.full((1, 70, 70), 6200.0), r"unstable .* v < 6124 m/s"),  # just past the limit at dx 10 m, dt 1 ms
     (torch.full((1, 70, 70), -10.0), "positive"),
+    (torch.full((1, 70, 70), 0.0), "positive"),
     (torch.full((1, 70, 70), float("nan")), "NaN"),
     (torch.zeros(70, 70), "shape"),
 ])
@@ -156,8 +158,12 @@ def test_curves_and_faults_span_their_documented_ranges():
     hanging wall 4-15 cells."""
     peaks = [np.abs(so._curve(np.random.default_rng(i))).max() for i in range(300)]
     assert 8 < max(peaks) <= 11
-    throws = [abs(f[3]) for i in range(300) for f in so._faults(np.random.default_rng(i))]
+    faults = [f for i in range(300) for f in so._faults(np.random.default_rng(i))]
+    throws = [abs(f[3]) for f in faults]
     assert min(throws) >= 4 and 14 < max(throws) <= 15
+    columns, dips = [f[0] for f in faults], [np.rad2deg(f[1]) for f in faults]
+    assert 15 <= min(columns) < 17 and 53 < max(columns) <= 55  # through the top edge, away from the sides
+    assert 45 <= min(dips) < 47 and 78 < max(dips) <= 80
 
 
 REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "simulate_reference.npz")
@@ -297,7 +303,14 @@ def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
     every = np.concatenate([np.load(a / "data" / f"data{i}.npy").ravel() for i in (1, 2)])
     assert meta["data_min"] == pytest.approx(float(every.min())) and meta["data_max"] == pytest.approx(float(every.max()))
     assert meta["label_min"] == 1500 and meta["label_max"] == 4500 and meta["nt"] == 1000
+    assert (meta["seed"], meta["family"], meta["files"], meta["samples_per_file"]) == (11, "flatvel", 2, 2)
     assert not list(a.rglob("*.tmp-*"))
+    # the extremes come from every file, whichever holds them: file 1 scaled past file 2's, and re-run
+    np.save(b / "data" / "data1.npy", np.load(b / "data" / "data1.npy") * 10)
+    assert run_cli("--out", b, "--files", "2", "--samples-per-file", "2", "--seed", "11")[0] == 0
+    first = np.load(b / "data" / "data1.npy")
+    meta = json.loads((b / "dataset.json").read_text())
+    assert (meta["data_min"], meta["data_max"]) == pytest.approx((float(first.min()), float(first.max())))
 
 
 def test_cli_simulates_with_the_pml_width_it_is_given(tmp_path):
@@ -410,6 +423,9 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     assert (out / "data" / "data2.npy").read_bytes() == first
     assert (out / "data" / "data1.npy").stat().st_mtime_ns == kept
     assert not list(out.rglob("*.tmp-*"))
+    np.save(out / "data" / "data2.npy", np.load(out / "data" / "data2.npy").astype(np.float64))  # the right shape, not float32
+    code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+    assert code == 0 and "1 complete, 1 to make" in stdout and (out / "data" / "data2.npy").read_bytes() == first
     np.savez(out / "data" / "zipped.npz", np.zeros(3))  # a zip archive where a .npy should be: remade, not a crash
     (out / "data" / "zipped.npz").replace(out / "data" / "data2.npy")
     code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
@@ -485,6 +501,16 @@ def test_cli_refuses_a_set_larger_than_the_free_disk_in_readable_units(tmp_path,
                                  f"{tmp_path / 'o'}, and its disk has 0.0 MB free\n")
 
 
+def test_a_complete_set_re_run_on_a_full_disk_is_not_refused(tmp_path, monkeypatch):
+    """The disk check counts what the set already holds: re-running the same command (to rewrite its lists, or
+    after a stop) needs no more room."""
+    out = tmp_path / "o"
+    assert run_cli("--out", out, "--files", "2", "--samples-per-file", "2")[0] == 0
+    monkeypatch.setattr(so.shutil, "disk_usage", lambda path: types.SimpleNamespace(free=0))
+    code, stdout, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+    assert code == 0 and "2 complete, 0 to make" in stdout, err
+
+
 def test_cli_refuses_to_replace_a_directory_with_a_file(tmp_path):
     out = tmp_path / "o"
     assert run_cli("--out", out, "--files", "2", "--samples-per-file", "2")[0] == 0
@@ -532,6 +558,9 @@ def test_cli_never_replaces_other_data(tmp_path):
                            "--pml-width", "8")  # the absorbing layer changes every trace: files of two widths must not mix
     assert code == 2 and f"--out {out} holds data made with --pml-width 12;" in err
     assert (out / "data" / "data1.npy").read_bytes() == before and not (out / "data" / "data2.npy").exists()
+    code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "2", "--val-files", "0", "--seed", "1",
+                           "--family", "curvevel")  # one set, one family
+    assert code == 2 and f"--out {out} holds data made with --family flatvel;" in err
     foreign = tmp_path / "openfwi"
     (foreign / "data").mkdir(parents=True)
     np.save(foreign / "data" / "data1.npy", np.ones((3, 5, 1000, 70), np.float32))  # e.g. a downloaded set
