@@ -769,13 +769,22 @@ def make(tmp_path, token):
     (["--train-args=--resume last.pt"], "--train-args: --resume is run.sh's to set (from its --run, whose run it continues)"),
     (["--eval-args", "--noise-std 0.2 --checkpoint a.pt"], "--eval-args: --checkpoint is run.sh's to set (from its --run)"),
     (["--sim-args", "--family curvevel"], "--sim-args: --family is run.sh's to set (from its --family)"),
+    (["--sim-args", "--out=elsewhere"], "--sim-args: --out is run.sh's to set (from its --data)"),
+    (["--train-args", "--train-list a.txt"], "--train-args: --train-list is run.sh's to set (from its --data)"),
+    (["--train-args", "--val-list a.txt"], "--train-args: --val-list is run.sh's to set (from its --data)"),
+    (["--train-args", "--data-root d"], "--train-args: --data-root is run.sh's to set (from its --data)"),
+    (["--eval-args", "--output-dir o"], "--eval-args: --output-dir is run.sh's to set (from its --run)"),
+    (["--eval-args", "--predict shots.npy"], "--eval-args evaluates the run; --export and --predict are jobs of"),
     (["--eval-args", "--vis 0\t--export m.pt2"], "--eval-args evaluates the run; --export and --predict are jobs of"),
     # a stage's help would end that stage with exit 0 and start the next
     (["--sim-args", "--files 2 --help"], "--sim-args cannot hold --help: run python simulate_openfwi.py --help"),
     (["--train-args=-h"], "--train-args cannot hold --help: run python train_inversionnet.py --help"),
+    (["--eval-args", "--help"], "--eval-args cannot hold --help: run python eval_inversionnet.py --help"),
 ])
 def test_run_sh_bad_options_one_line_exit_2_before_installing_anything(args, needle):
-    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, timeout=60)
+    # an interpreter that fails at once: an option let through would end here (exit 1), installing and running nothing
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *args], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, PYTHON="false"))
     assert r.returncode == 2 and r.stdout == "" and needle in one_line_error(r.stderr)
 
 
@@ -826,29 +835,45 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     assert "run.sh" not in r.stderr
 
 
-@pytest.mark.parametrize("profile", ["cpu", "gpu", "auto"])
-def test_run_sh_gives_each_stage_its_profiles_flags_then_the_users(tmp_path, profile):
-    """The stages' command lines as run.sh builds them (a stand-in interpreter records them): the profile asked
-    for, or with auto the one this machine's torch sees CUDA for, and the user's --*-args after its flags."""
+def run_sh_stages(tmp_path, *args):
+    """run.sh ARGS with a stand-in interpreter that records each stage's command line instead of running it:
+    (run.sh's stdout, [simulate, train, evaluate] command lines)."""
     fake, log = tmp_path / "python", tmp_path / "stages.log"
     fake.write_text("#!/usr/bin/env bash\n"
                     f'case "$1" in *_openfwi.py|*_inversionnet.py) echo "$*" >> {log}; exit 0 ;; esac\n'
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
-    d, r = tmp_path / "d", tmp_path / "r"
-    done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--profile", profile, "--data", d, "--run", r,
-                           "--sim-args", "--seed 5", "--train-args", "--seed 6", "--eval-args", "--seed 7"],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHON=str(fake)))
+    done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=dict(os.environ, PYTHON=str(fake)))
     assert done.returncode == 0, done.stderr
+    return done.stdout, log.read_text().splitlines()
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu", "auto"])
+def test_run_sh_gives_each_stage_its_profiles_flags_then_the_users(tmp_path, profile):
+    """The stages' command lines as run.sh builds them: the profile asked for, or with auto the one this
+    machine's torch sees CUDA for, and the user's --*-args after its flags."""
+    d, r = tmp_path / "d", tmp_path / "r"
+    stdout, (sim, train, ev) = run_sh_stages(tmp_path, "--profile", profile, "--data", d, "--run", r, "--sim-args", "--seed 5",
+                                             "--train-args", "--seed 6", "--eval-args", "--seed 7")
     chosen = ("gpu" if torch.cuda.is_available() else "cpu") if profile == "auto" else profile
-    assert f"== 1/3 simulate (flatvel, profile {chosen}) -> {d}\n" in done.stdout
-    sim, train, ev = log.read_text().splitlines()
+    assert f"== 1/3 simulate (flatvel, profile {chosen}) -> {d}\n" in stdout
     files = "--files 150 --samples-per-file 100 --val-files 30" if chosen == "gpu" else "--files 8 --samples-per-file 100 --val-files 1"
     assert sim == f"simulate_openfwi.py --family flatvel --out {d} {files} --seed 5"
     recipe = "--epochs 170 --batch-size 256 --lr 1e-3" if chosen == "gpu" else "--epochs 13 --batch-size 16 --lr 5e-4"
     assert train.startswith(f"train_inversionnet.py --train-list {d}/train.txt --val-list {d}/val.txt --output-dir {r} "
                             f"--fast {recipe} ") and train.endswith(" --resume auto --seed 6")
     assert ev == f"eval_inversionnet.py --checkpoint {r}/best.pt --vis 3 --overwrite --seed 7"
+
+
+def test_run_sh_keeps_each_family_in_folders_of_its_own(tmp_path):
+    """Without --data and --run: data/FAMILY and runs/FAMILY-PROFILE (in the repository, where run.sh works)."""
+    stdout, (sim, train, ev) = run_sh_stages(tmp_path, "--profile", "cpu", "--family", "curvevel")
+    assert sim.startswith("simulate_openfwi.py --family curvevel --out data/curvevel --files 8 ")
+    assert train.startswith("train_inversionnet.py --train-list data/curvevel/train.txt --val-list data/curvevel/val.txt "
+                            "--output-dir runs/curvevel-cpu ")
+    assert ev.startswith("eval_inversionnet.py --checkpoint runs/curvevel-cpu/best.pt ")
+    assert "(next: torchrun --nproc_per_node=2 train_inversionnet.py --data-root data/curvevel)" in stdout
 
 
 @pytest.mark.parametrize("importable", [True, False])
