@@ -749,6 +749,8 @@ def make(tmp_path, token):
         path.write_text('{"data_min": -1, "data_max": Infinity}')
     elif token == "BOOLSTATS":  # float() would read true as 1.0
         path.write_text('{"data_min": -1, "data_max": true}')
+    elif token == "EQSTATS":  # normalising would divide by zero
+        path.write_text('{"data_min": 3, "data_max": 3}')
     else:
         return token
     return str(path)
@@ -960,6 +962,13 @@ def test_run_sh_ctrl_c_during_the_install_stops_it(tmp_path):
     (["--num-workers", "100000"], "--num-workers 100000 is more than 4 per CPU of this machine"),  # an unset shell variable must not mean "not given"
     (["--resume", "auto", "--overwrite"], "--overwrite replaces the run in --output-dir and --resume auto continues it"),
     (["--train-size", "1.0"], "--train-size must be in (0, 1), got 1.0"),
+    (["--train-size", "0"], "--train-size must be in (0, 1), got 0.0"),
+    (["--ema-decay", "1"], "--ema-decay must be in [0, 1), got 1.0"),  # an average that never moves
+    (["--betas", "1", "0.9"], "--betas must both be in [0, 1), got 1.0 0.9"),
+    (["--lambda-l1", "0", "--lambda-l2", "0"], "--lambda-l1 and --lambda-l2 must not both be 0"),
+    (["--max-steps", "0"], "--max-steps must be positive, got 0"),
+    (["--precise-bn", "-1"], "--precise-bn must be >= 0, got -1"),
+    (["--stats", "EQSTATS"], "min must be below max"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),
     (["--data-root", "ONEFILE"], "the validation split is empty: the split is by file and --data-root holds one"),
     (["--data-root", "AFILE"], "is a file: a split list goes to --train-list / --val-list"),

@@ -96,6 +96,14 @@ def test_stats_resolution(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({"data_min": -3.0, "data_max": 7.0, "label_min": 1500, "label_max": 4500}))
     norm, src = T.resolve_stats(small_args(data_root=str(tmp_path)))
     assert (norm.data_min, norm.data_max) == (-3.0, 7.0) and src.endswith("dataset.json")
+    norm, src = T.resolve_stats(a)  # --dataset, named, wins over the dataset.json now there
+    assert (norm.data_min, norm.data_max) == (-29.04, 57.03) and "curvevel-b" in src
+    lists = tmp_path / "lists"  # split lists (run.sh --data DIR): the dataset.json beside them, not DATA_ROOT's
+    lists.mkdir()
+    (lists / "dataset.json").write_text(json.dumps({"data_min": -5.0, "data_max": 9.0, "label_min": 1500, "label_max": 4500}))
+    (lists / "train.txt").write_text("")
+    norm, src = T.resolve_stats(small_args(train_list=str(lists / "train.txt"), val_list=str(lists / "train.txt")))
+    assert (norm.data_min, norm.data_max) == (-5.0, 9.0) and src == str(lists / "dataset.json")
 
 
 # ---- loaders ----
@@ -168,6 +176,19 @@ def test_persistent_workers_follow_set_epoch_and_labels_stay_intact(tmp_path):
     assert labels[0] == pytest.approx(labels[1]) and labels[1] == pytest.approx(labels[2])  # nothing normalised twice
     for (_, m), b in zip(pairs, before):
         assert np.array_equal(np.load(m), b)
+
+
+@pytest.mark.parametrize("kind", ["map", "gpu"])
+def test_seed_draws_the_training_order_of_the_map_and_device_loaders(tmp_path, kind):
+    pairs = write_ids_dataset(tmp_path, (5, 4))
+
+    def order(seed, epoch=0):
+        args = small_args(data_root=str(tmp_path), loader=kind, num_workers=0, batch_size=2, seed=seed)
+        loader = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [5, 4], T.Normalizer(-30, 60), torch.device("cpu"))
+        loader.set_epoch(epoch)
+        return [float(v) for x, _ in loader for v in x[:, 0, 0, 0]]
+
+    assert order(4) == order(4) and order(4) != order(0) and order(4, epoch=1) != order(4)
 
 
 @pytest.mark.parametrize("kind", ["map", "gpu"])
