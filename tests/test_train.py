@@ -527,6 +527,7 @@ def test_lambda_l2_adds_that_weight_of_mse_to_the_l1_loss():
     assert T.loss_fn(pred, target).item() == pytest.approx(l1)  # the default: pure L1, as the paper trains
     assert T.loss_fn(pred, target, 1.0, 0.5).item() == pytest.approx(l1 + 0.5 * mse)
     assert T.loss_fn(pred, target, 0.0, 2.0).item() == pytest.approx(2 * mse)
+    assert T.loss_fn(pred, target, 0.5, 0.0).item() == pytest.approx(0.5 * l1)  # --lambda-l1 weighs the L1 term
     loss = T.loss_fn(pred.bfloat16(), target, 1.0, 0.5)  # these values are exact in bf16
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(l1 + 0.5 * mse)
     run, _ = T.build_run(small_args(device="cpu", lambda_l2=0.5), torch.device("cpu"), 1)
@@ -554,6 +555,30 @@ def test_build_run_takes_the_optimizer_flags():
     assert run.grad_clip == 0.5 and group["fused"] is True and (group["lr"], group["weight_decay"]) == (3e-4, 0.01)
     run, _ = T.build_run(small_args(fused_adam=False), cpu, 4)
     assert run.grad_clip == 0 and not run.optimizer.param_groups[0]["fused"]
+
+
+def test_a_step_trains_at_the_rate_the_schedule_gives_it_then_moves_the_schedule_on():
+    """The rate of step k is the schedule's value at k (a warm-up's first step at its first factor): the
+    scheduler steps after the optimizer. SGD makes each step's change lr x gradient."""
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    factors = [0.1, 0.5, 1.0]
+    run = T.Run(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda k: factors[min(k, 2)]),
+                torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+    changes = []
+    for _ in range(3):
+        before = model.weight.item()
+        T.train_step(run, torch.ones(1, 1), torch.full((1, 1), -100.0))  # L1: the gradient is 1 while w > -100
+        changes.append(before - model.weight.item())
+    assert changes == pytest.approx(factors) and run.step == 3
+
+
+def test_a_float32_step_takes_a_reduced_precision_cache_batch():
+    """--loader gpu --cache-dtype bfloat16 with --amp off: the bf16 batch meets float32 weights as float32."""
+    model = torch.nn.Linear(3, 3)
+    loss = T.loss_fn(T.forward(model, torch.ones(2, 3, dtype=torch.bfloat16), None), torch.zeros(2, 3))
+    assert loss.dtype == torch.float32
 
 
 @pytest.mark.parametrize("loss_scaling", [False, True], ids=["unscaled", "fp16-grad-scaler"])
