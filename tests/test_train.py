@@ -1350,6 +1350,25 @@ def test_overfit_batch_trains_max_steps_steps_on_one_batch_and_its_loss_falls(id
     # it validates nothing, so a training list alone is enough
     args = T.check_args(T.get_args_parser().parse_args([*map(str, lists[:2]), "--epochs", "3", "--overfit-batch"]))
     assert (args.epochs, args.val_every) == (1, 0)
+    args.batch_size, args.num_workers = 2, 0
+    T.resolve_speed(args, torch.device("cpu"))
+    train, val = T.build_loaders(args, T.load_splits(args, 1), T.Normalizer(-30, 60), torch.device("cpu"), 0, 1)
+    assert len(train) == 100 and val is None  # without --max-steps, the documented 100 steps
+
+
+def test_a_split_of_exactly_one_global_batch_is_enough_and_one_sample_less_is_not(ids_data):
+    _, lists = ids_data  # 8 training samples
+    args = T.check_args(T.get_args_parser().parse_args([*map(str, lists), "--batch-size", "4"]))
+    assert sum(T.load_splits(args, 2)[1]) == 8  # 4 per rank x 2 ranks
+    args.batch_size = 3
+    with pytest.raises(T.DataError, match=r"^the training split has 8 samples, fewer than one global batch \(3 x 3\)"):
+        T.load_splits(args, 3)
+
+
+def test_the_ends_of_each_training_flags_range_are_accepted():
+    for flags in (["--lr", "10", "--ema-decay", "0.999", "--lr-gamma", "1", "--seed", str(T.MAX_SEED), "--betas", "0", "0.999"],
+                  ["--ema-decay", "0", "--seed", "0", "--precise-bn", "0", "--max-steps", "1", "--train-size", "0.99"]):
+        T.check_args(T.get_args_parser().parse_args(flags))
 
 
 def test_every_validation_sees_batchnorm_statistics_averaged_over_ranks(ids_data, tmp_path, monkeypatch):
