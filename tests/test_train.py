@@ -709,6 +709,12 @@ def test_resume_gives_identical_weights(tmp_path, ids_data):
     events.Reload()
     for part in ("train", "val", "checkpoint"):
         assert [e.step for e in events.Scalars(f"epoch_seconds/{part}")] == [4, 8]
+    for name in ("loss", "mae", "rmse", "ssim"):  # the validation curves, at the step each epoch ended
+        assert [e.step for e in events.Scalars(f"val/{name}")] == [4, 8], name
+    for name in ("loss", "lr", "samples_per_s", "data_wait"):  # --log-every 1: a point per step
+        assert [e.step for e in events.Scalars(f"train/{name}")] == list(range(1, 9)), name
+    val_loss = [float(v) for v in re.findall(r"^epoch \d train loss \S+ \| val loss (\S+) ", r.stdout, re.M)]
+    assert [e.value for e in events.Scalars("val/loss")] == pytest.approx(val_loss, abs=1e-4)
     r = run_script(TRAIN, *lists, *common, "--epochs", 1, "--output-dir", b)
     assert r.returncode == 0, r.stderr
     r = run_script(TRAIN, *lists, *common, "--epochs", 2, "--output-dir", b, "--resume", "auto")
@@ -1071,6 +1077,18 @@ def test_init_from_weights_start_the_weight_ema_too(ids_data, tmp_path, capsys):
     assert torch.allclose(ck["model"][k], d * init[k] + (1 - d) * ck["train_model"][k], atol=1e-6)
 
 
+def test_a_resumed_run_keeps_its_best_pt_until_a_validation_beats_the_best_loss_it_saved(short_run, ids_data, tmp_path):
+    _, lists = ids_data
+    run = tmp_path / "run"
+    shutil.copytree(short_run, run)
+    ck = torch.load(run / "last.pt", weights_only=False)
+    ck["best_loss"] = 0.0  # a loss no validation beats
+    torch.save(ck, run / "last.pt")
+    best = (run / "best.pt").read_bytes()
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(run), "--resume", "auto"]) == 0
+    assert (run / "best.pt").read_bytes() == best and torch.load(run / "last.pt", weights_only=False)["best_loss"] == 0.0
+
+
 def test_a_run_continued_into_a_new_directory_writes_its_best_pt(short_run, ids_data, tmp_path):
     _, lists = ids_data
     ck = torch.load(short_run / "last.pt", weights_only=False)
@@ -1171,10 +1189,16 @@ def test_resume_may_change_amp_and_fp16_then_starts_its_own_grad_scaler(short_ru
     assert "; --amp off -> fp16 (the fp16 GradScaler starts at its initial scale)" in capsys.readouterr().out
     ck = torch.load(run / "last.pt", weights_only=False)
     assert ck["step"] == 5 and ck["scaler"]["scale"] == 2.0 ** 16
-    assert T.cli([*argv, "--amp", "bf16", "--max-steps", "6"]) == 0
+    ck["scaler"]["scale"] = 1024.0  # as after overflows: an fp16 resume goes on from the saved scale
+    torch.save(ck, run / "last.pt")
+    assert T.cli([*argv, "--amp", "fp16", "--max-steps", "6"]) == 0
+    ck = torch.load(run / "last.pt", weights_only=False)
+    assert ck["step"] == 6 and ck["scaler"]["scale"] == 1024.0
+    capsys.readouterr()
+    assert T.cli([*argv, "--amp", "bf16", "--max-steps", "7"]) == 0
     out = capsys.readouterr().out
     assert "; --amp fp16 -> bf16\n" in out or "; --amp fp16 -> bf16;" in out
-    assert torch.load(run / "last.pt", weights_only=False)["step"] == 6
+    assert torch.load(run / "last.pt", weights_only=False)["step"] == 7
 
 
 def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys):
