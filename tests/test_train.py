@@ -608,14 +608,15 @@ def test_grad_clip_scales_the_gradient_norm_down_to_the_limit(loss_scaling):
     torch.testing.assert_close(applied, raw, rtol=1e-4, atol=1e-6)
 
 
-def test_precise_bn_replaces_running_statistics_by_the_batches_average():
+@pytest.mark.parametrize("ema_decay", [0.0, 0.9])  # with --ema-decay, the average's statistics (it is kept in eval mode)
+def test_precise_bn_replaces_running_statistics_by_the_batches_average(ema_decay):
     torch.manual_seed(0)
-    run, _ = T.build_run(small_args(device="cpu", lr_scheduler="none"), torch.device("cpu"), 1)
+    run, _ = T.build_run(small_args(device="cpu", lr_scheduler="none", ema_decay=ema_decay), torch.device("cpu"), 1)
     x, y = torch.randn(3, 5, 1000, 70), torch.zeros(3, 1, 70, 70)
     T.precise_bn(run, T.RepeatedBatch(x, y, 5), 2)  # two passes over the same batch: its own statistics
-    bn = run.raw_model.convblock1.layers[1]
+    bn = run.eval_model.convblock1.layers[1]
     with torch.no_grad():
-        h = run.raw_model.convblock1.layers[0](x)
+        h = run.eval_model.convblock1.layers[0](x)
     torch.testing.assert_close(bn.running_mean, h.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(bn.running_var, h.var((0, 2, 3)), rtol=1e-4, atol=1e-6)
     assert bn.momentum == 0.1 and bn.num_batches_tracked.item() == 2
