@@ -531,17 +531,21 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
                            f"file 2 is now {now}, was elsewhere.npy {now.split(' ', 1)[1]}): the evaluated split")
 
 
-def test_a_result_file_that_cannot_be_written_leaves_no_metrics_json(tiny_run, tmp_path, capsys, monkeypatch):
-    """metrics.json marks a complete result, so it is written last: a disk that fills on result.txt leaves none."""
+def disk_fills_on(monkeypatch, marker):
+    """The disk fills while a file whose temporary name holds MARKER is written, after its bytes went to it."""
     import errno
-    import os
     real_fsync = os.fsync
 
     def full_disk(fd):
-        if "result.txt.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+        if marker in os.readlink(f"/proc/self/fd/{fd}"):
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
     monkeypatch.setattr(os, "fsync", full_disk)
+
+
+def test_a_result_file_that_cannot_be_written_leaves_no_metrics_json(tiny_run, tmp_path, capsys, monkeypatch):
+    """metrics.json marks a complete result, so it is written last: a disk that fills on result.txt leaves none."""
+    disk_fills_on(monkeypatch, "result.txt.tmp-")
     out = tmp_path / "ev"
     assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
                   "--no-progress", "--vis", "0", "--device", "cpu"]) == 2
@@ -550,15 +554,7 @@ def test_a_result_file_that_cannot_be_written_leaves_no_metrics_json(tiny_run, t
 
 
 def test_a_picture_that_cannot_be_written_is_one_line_and_leaves_no_partial_file(tiny_run, tmp_path, capsys, monkeypatch):
-    import errno
-    import os
-    real_fsync = os.fsync
-
-    def full_disk(fd):  # the disk fills while a picture is written, after its bytes went to the temporary file
-        if ".png.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        real_fsync(fd)
-    monkeypatch.setattr(os, "fsync", full_disk)
+    disk_fills_on(monkeypatch, ".png.tmp-")
     out = tmp_path / "ev"
     assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
                   "--no-progress", "--vis", "1", "--device", "cpu"]) == 2
