@@ -788,6 +788,7 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("overflow", "bad.npy sample 2: NaN or Inf in the shot gathers"),  # float64 beyond float32's range, no numpy warning
     ("missing", "--predict MISSING: no such file or directory"),
     ("empty_dir", "no .npy files in this directory"),
+    ("no_samples", "shape (0, 5, 1000, 70), expected shot gathers (N, 5, 1000, 70) with N >= 1"),
 ])
 def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle):
     bad = tmp_path / "bad.npy"
@@ -810,6 +811,8 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
         x = np.zeros((3, 5, 1000, 70))
         x[2, 0, 0, 0] = 1e300
         np.save(bad, x)
+    elif case == "no_samples":
+        np.save(bad, np.zeros((0, 5, 1000, 70), np.float32))
     elif case == "missing":
         bad = tmp_path / "missing.npy"
         needle = needle.replace("MISSING", str(bad))
