@@ -134,20 +134,26 @@ def test_signal_under_run_sh_stops_with_a_resume_hint_and_the_same_command_conti
     assert load(tmp_path / "r" / "last.pt")["epoch"] == 2 and (tmp_path / "r" / "eval" / "metrics.json").exists()
 
 
+def stand_in_python(tmp_path, *cases):
+    """A bash script to pass run.sh as PYTHON: CASES, lines that handle some calls and exit, then the real
+    interpreter for every other call. Returns its path."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/usr/bin/env bash\n" + "".join(f"{c}\n" for c in cases) + f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    return fake
+
+
 @pytest.mark.parametrize("stage", ["-m pip", "simulate_openfwi.py", "eval_inversionnet.py"],
                          ids=["install", "simulation", "evaluation"])
 def test_sigterm_to_run_sh_alone_lets_the_stage_finish_and_starts_no_other(tmp_path, stage):
     """kill PID of run.sh (docker stop of a container it heads): the install or stage under way is not
     signalled twice when the group gets the signal too, so it finishes; no later stage starts, and run.sh
     says so, exit 143. Signalled during the evaluation, the last stage, the job is done: summary, exit 0."""
-    fake, began, later = tmp_path / "python", tmp_path / "began", tmp_path / "later"
+    began, later = tmp_path / "began", tmp_path / "later"
     nxt = {"-m pip": "simulate_openfwi.py", "simulate_openfwi.py": "train_inversionnet.py"}.get(stage, "no-such-stage")
-    fake.write_text("#!/usr/bin/env bash\n"
-                    f'if [[ "$1" == "{stage}" || "$1 $2" == "{stage}" ]]; then touch {began}; sleep 3; exit 0; fi\n'
-                    f'if [[ "$1" == {nxt} ]]; then touch {later}; exit 0; fi\n'
-                    'if [[ "$1" == simulate_openfwi.py || "$1" == train_inversionnet.py ]]; then exit 0; fi\n'
-                    f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
+    fake = stand_in_python(tmp_path, f'if [[ "$1" == "{stage}" || "$1 $2" == "{stage}" ]]; then touch {began}; sleep 3; exit 0; fi',
+                           f'if [[ "$1" == {nxt} ]]; then touch {later}; exit 0; fi',
+                           'if [[ "$1" == simulate_openfwi.py || "$1" == train_inversionnet.py ]]; then exit 0; fi')
     p = subprocess.Popen(["bash", os.path.join(ROOT, "run.sh"), "--profile", "cpu", "--data", str(tmp_path / "d"), "--run",
                           str(tmp_path / "r")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHON=str(fake)))
@@ -826,9 +832,8 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     # the stage's one line and nothing of run.sh's own (pip may add warnings of its own before it)
     assert r.returncode == 2 and r.stderr.splitlines()[-1] == "simulate_openfwi.py: error: --files must be positive, got 0"
     assert "run.sh" not in r.stderr
-    fake = tmp_path / "python"  # the simulation stage passes at once: the training stage's error is the one passed on
-    fake.write_text(f'#!/usr/bin/env bash\nif [[ "$1" == simulate_openfwi.py ]]; then exit 0; fi\nexec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
+    # the simulation stage passes at once: the training stage's error is the one passed on
+    fake = stand_in_python(tmp_path, 'if [[ "$1" == simulate_openfwi.py ]]; then exit 0; fi')
     r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--data", tmp_path / "d", "--run", tmp_path / "r",
                         "--train-args", "--batch-size 1"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHON=str(fake)))
@@ -840,11 +845,8 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
 def run_sh_stages(tmp_path, *args):
     """run.sh ARGS with a stand-in interpreter that records each stage's command line instead of running it:
     (run.sh's stdout, [simulate, train, evaluate] command lines)."""
-    fake, log = tmp_path / "python", tmp_path / "stages.log"
-    fake.write_text("#!/usr/bin/env bash\n"
-                    f'case "$1" in *_openfwi.py|*_inversionnet.py) echo "$*" >> {log}; exit 0 ;; esac\n'
-                    f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
+    log = tmp_path / "stages.log"
+    fake = stand_in_python(tmp_path, f'case "$1" in *_openfwi.py|*_inversionnet.py) echo "$*" >> {log}; exit 0 ;; esac')
     done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *map(str, args)], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ, PYTHON=str(fake)))
     assert done.returncode == 0, done.stderr
@@ -882,12 +884,8 @@ def test_run_sh_keeps_each_family_in_folders_of_its_own(tmp_path):
 def test_run_sh_goes_on_offline_when_what_the_job_imports_is_there(tmp_path, importable):
     """pip fails (an offline node lacking, say, torch-tb-profiler): run.sh says so and goes on when the
     pipeline's modules import, and stops with one line when they do not."""
-    fake = tmp_path / "python"
-    fake.write_text("#!/usr/bin/env bash\n"
-                    'if [[ "$1 $2" == "-m pip" ]]; then echo "ERROR: No matching distribution found" >&2; exit 1; fi\n'
-                    f'if [[ "$1" == -c && "$2" == "import numpy"* && -z "{"x" if importable else ""}" ]]; then exit 1; fi\n'
-                    f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
+    fake = stand_in_python(tmp_path, 'if [[ "$1 $2" == "-m pip" ]]; then echo "ERROR: No matching distribution found" >&2; exit 1; fi',
+                           f'if [[ "$1" == -c && "$2" == "import numpy"* && -z "{"x" if importable else ""}" ]]; then exit 1; fi')
     r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "--data", tmp_path / "d", "--run", tmp_path / "r",
                         "--sim-args", "--files 0"], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, PYTHON=str(fake)))
@@ -904,12 +902,9 @@ def test_run_sh_goes_on_offline_when_what_the_job_imports_is_there(tmp_path, imp
 def test_run_sh_asks_for_the_cpu_build_of_torch_without_an_nvidia_driver(tmp_path):
     """Where torch is missing: on an x86-64 Linux machine without an NVIDIA driver the CPU build by name,
     which PyPI (whose build is CUDA's) cannot serve; a failed install is one line, exit 1."""
-    fake, log = tmp_path / "python", tmp_path / "pip.log"
-    fake.write_text("#!/usr/bin/env bash\n"
-                    f'if [[ "$1 $2" == "-m pip" ]]; then echo "$@" >> {log}; exit 1; fi\n'
-                    'if [[ "$1" == -c && "$2" == *"import sys, torch"* ]]; then exit 1; fi\n'  # no torch here
-                    f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
+    log = tmp_path / "pip.log"
+    fake = stand_in_python(tmp_path, f'if [[ "$1 $2" == "-m pip" ]]; then echo "$@" >> {log}; exit 1; fi',
+                           'if [[ "$1" == -c && "$2" == *"import sys, torch"* ]]; then exit 1; fi')  # no torch here
     r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), "test"], capture_output=True, text=True, timeout=60,
                        env=dict(os.environ, PYTHON=str(fake)))
     driver = os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi")
@@ -922,11 +917,8 @@ def test_run_sh_asks_for_the_cpu_build_of_torch_without_an_nvidia_driver(tmp_pat
 def test_run_sh_ctrl_c_during_the_install_stops_it(tmp_path):
     """pip ends a Ctrl-C with exit 1, as it ends a failed download: run.sh stops (130, one line) rather than
     reading it as an offline machine and going on."""
-    fake, began = tmp_path / "python", tmp_path / "began"
-    fake.write_text("#!/usr/bin/env bash\n"
-                    f'if [[ "$1 $2" == "-m pip" ]]; then touch {began}; sleep 30; exit 1; fi\n'
-                    f'exec {sys.executable} "$@"\n')
-    fake.chmod(0o755)
+    began = tmp_path / "began"
+    fake = stand_in_python(tmp_path, f'if [[ "$1 $2" == "-m pip" ]]; then touch {began}; sleep 30; exit 1; fi')
     p = subprocess.Popen(["bash", os.path.join(ROOT, "run.sh"), "--data", str(tmp_path / "d")], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHON=str(fake)), start_new_session=True)
     assert wait_until(began.exists, 60)
