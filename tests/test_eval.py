@@ -709,7 +709,8 @@ def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_r
         assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'nan.pt'}: its weights hold NaN or Inf "
                                            "(deconv6.layers.0.weight); use a checkpoint saved before the run diverged\n")
     forward = T.forward
-    monkeypatch.setattr(T, "forward", lambda model, x, amp: forward(model, x, amp) * float("nan"))
+    all_nan = lambda model, x, amp: forward(model, x, amp) * float("nan")  # finite weights, NaN out (an fp16 overflow)
+    monkeypatch.setattr(T, "forward", all_nan)
     best = str(tiny_run / "run" / "best.pt")
     assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "e"), *common]) == 2
     assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {best}: the model's predictions hold NaN or Inf in its "
@@ -731,7 +732,7 @@ def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_r
     assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'shots.npy'} sample 3: the model's prediction "
                                        "holds NaN or Inf in its float32 forward pass\n")
     assert not list((tmp_path / "p").glob("*"))
-    monkeypatch.setattr(T, "forward", lambda model, x, amp: forward(model, x, amp) * float("nan"))
+    monkeypatch.setattr(T, "forward", all_nan)
     assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "e"), *common, "--amp", "bf16"]) == 2
     assert capsys.readouterr().err.endswith("in its bfloat16 forward pass; evaluate with --amp off\n")  # the likely cause
 
