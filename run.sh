@@ -14,7 +14,7 @@ Usage: bash run.sh [--profile auto|cpu|gpu] [--family flatvel|curvevel|flatfault
 Main job: install what is missing, simulate data with simulate_openfwi.py (reused when already
 there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, print a summary.
   --profile    cpu: 800 samples (700 train, 100 val), the --fast path and a recipe measured to finish within 10 minutes on 2 cores;
-               gpu: 15,000 samples (half of OpenFWI's FlatVel-A: 12,000 train, 3,000 val) and the --fast path with L1 + L2 for 170 epochs (about 9 minutes on an H100 with L1 alone);
+               gpu: 15,000 samples (half of OpenFWI's FlatVel-A: 12,000 train, 3,000 val) and the --fast path with L1 + L2 for 170 epochs (about 8 minutes on an H200);
                auto (default): gpu when CUDA is available, else cpu
   --family     velocity-model family to simulate (default flatvel)
   --data DIR   the simulated data (default data/<family>: train_inversionnet.py's default --data-root for
@@ -132,10 +132,10 @@ if [[ "$profile" == gpu ]]; then
   sim=(--files 150 --samples-per-file 100 --val-files 30)
   # on an H100 (a shortened run) the validation MAE swung 0.50 -> 0.93 -> 0.20 across epochs with the running BatchNorm statistics
   # (bench/RESULTS.md); --precise-bn recomputes them from 4 training batches, which settled the CPU recipe's curve
-  # 170 epochs: on an H100 the whole profile took about 9 minutes and ended at val MAE 0.018 (60 epochs: 4.6
-  # minutes, MAE 0.026), both with the L1 loss alone; OpenFWI's FlatVel-A row (MAE 0.013) is not reached yet.
   # L1 + L2 lowered the validation RMSE by 6 % against L1 alone in a 40-epoch trial from the same seed on an H100, as it
-  # lowered the CPU recipe's error (bench/RESULTS.md, time to accuracy)
+  # lowered the CPU recipe's error; 170 epochs of it: 8.2 minutes for the whole profile on an H200, val MAE 0.0176 /
+  # RMSE 0.0446 (L1 alone, on an H100: 0.0181 / 0.0472); OpenFWI's FlatVel-A row (0.0131 / 0.0211) is not reached yet
+  # (bench/RESULTS.md, time to accuracy)
   train=(--fast --epochs 170 --batch-size 256 --lr 1e-3 --lambda-l2 1 --lr-scheduler cosine --lr-warmup-epochs 1
          --num-workers 4 --precise-bn 4)
 else
