@@ -858,7 +858,7 @@ def find_pairs(data_root):
         out = {}
         for name in os.listdir(d):
             m = _PAIR_RE.match(name)
-            if m and m.group(1) in prefixes:
+            if m and m.group(1) in prefixes and not name.endswith("_velocity.npy"):  # --predict's output beside its input
                 out[m.group(2)] = os.path.join(d, name)
         return out
 
@@ -2458,6 +2458,10 @@ def check_device_args(args, device):
 def load_splits(args, world):
     """The train and val pairs with their sample counts, checked before anything is trained."""
     train_pairs, val_pairs = splits(args)
+    for kind, pairs in (("training", train_pairs), ("validation", val_pairs)):
+        paths = [os.path.realpath(d) for d, _ in pairs]
+        if again := next((d for i, (d, _) in enumerate(pairs) if paths[i] in paths[:i]), None):
+            raise DataError(f"{again} is listed twice in the {kind} split: its samples would count twice")
     trained = {os.path.realpath(d) for d, _ in train_pairs}
     both = next((d for d, _ in val_pairs if os.path.realpath(d) in trained), None)
     if both:

@@ -455,6 +455,26 @@ def test_a_file_in_both_split_lists_is_refused(ids_data, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_file_listed_twice_in_a_split_is_refused(ids_data, tmp_path, capsys):
+    """Its samples would count twice in the epoch (or in the validation metrics), however the path is spelt."""
+    root, _ = ids_data
+    pairs = [(root / "data" / f"data{i}.npy", root / "model" / f"model{i}.npy") for i in (1, 2)]
+    again = (root / "data" / ".." / "data" / "data1.npy", pairs[0][1])
+    for kind, lists in (("training", ([*pairs, again], [])), ("validation", ([pairs[1]], [pairs[0], again]))):
+        train, val = (write_split_list(tmp_path / f"{n}.txt", p) for n, p in (("train", lists[0]), ("val", lists[1])))
+        argv = ["--train-list", str(train), *(["--val-list", str(val)] if lists[1] else ["--val-every", "0"])]
+        assert T.cli([*argv, *BASE_RUN, "--output-dir", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err == (f"train_inversionnet.py: error: {again[0]} is listed twice in the {kind} "
+                                           "split: its samples would count twice\n")
+
+
+def test_predictions_written_beside_their_inputs_are_no_training_data(tmp_path):
+    """--predict writes <stem>_velocity.npy, beside the inputs if asked: --data-root pairs the files around them."""
+    write_ids_dataset(tmp_path, (2, 2))
+    (tmp_path / "data" / "data1_velocity.npy").touch()
+    assert [os.path.basename(d) for d, _ in T.find_pairs(str(tmp_path))] == ["data1.npy", "data2.npy"]
+
+
 def test_split_lists_hold_paths_with_spaces(tmp_path):
     d = tmp_path / "my data ü"
     d.mkdir()
