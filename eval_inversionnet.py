@@ -629,6 +629,8 @@ def export(opts):
     folder = os.path.dirname(os.path.abspath(opts.export))
     if not os.path.isdir(folder):
         raise T.InputError(f"--export {opts.export}: no such directory {folder}")
+    if os.path.exists(opts.export) and os.path.samefile(opts.export, opts.checkpoint):  # --overwrite or not
+        raise T.InputError(f"--export {opts.export} is the checkpoint it exports: name another file")
     if os.path.exists(opts.export) and not opts.overwrite:
         raise T.InputError(f"--export {opts.export} already exists; pass --overwrite to replace it")
     model, _, targs, normalizer, _ = load_model(opts, torch.device("cpu"))

@@ -900,6 +900,16 @@ def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):
     assert got.dtype == torch.float32 and torch.equal(got, expected) and not torch.equal(got, in_float32)
 
 
+def test_export_never_replaces_the_checkpoint_it_reads(tiny_run, tmp_path, capsys):
+    ck = tmp_path / "last.pt"
+    shutil.copyfile(tiny_run / "run" / "best.pt", ck)
+    before = ck.read_bytes()
+    assert E.cli(["--checkpoint", str(ck), "--export", str(tmp_path / "." / "last.pt"), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: --export {tmp_path / '.' / 'last.pt'} is the "
+                                       f"checkpoint it exports: name another file\n")
+    assert ck.read_bytes() == before
+
+
 def test_metrics_carry_the_provenance_of_training_and_evaluation(tiny_run, tmp_path):
     out = tmp_path / "ev"
     assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
