@@ -22,6 +22,7 @@ import concurrent.futures
 import copy
 import datetime
 import errno
+import fcntl
 import io
 import itertools
 import json
@@ -461,7 +462,12 @@ def print0(*msg):
     if not is_main():
         return
     text = " ".join(str(m) for m in msg)
-    print(text, flush=True)
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # the reader went (`| head`): training goes on, its lines in train.log alone
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, sys.stdout.fileno())  # so neither this line's unflushed bytes nor the exit's flush fail again
+        os.close(quiet)
     _append_log(text)
 
 
@@ -471,23 +477,23 @@ def log0(text):
         _append_log(text)
 
 
-def _append_log(text):
+def _append_log(text, warn=True):
     if _LOG_FILE is None:
         return
     try:
         with open(_LOG_FILE, "a") as fh:
             fh.write(text + "\n")
     except OSError as e:  # a full disk must not kill the run here; the checkpoint write reports it
-        print(f"train_inversionnet.py: warning: cannot append to {_LOG_FILE} ({e.strerror}); log file disabled",
-              file=sys.stderr, flush=True)
+        if warn:
+            print(f"train_inversionnet.py: warning: cannot append to {_LOG_FILE} ({e.strerror}); log file disabled",
+                  file=sys.stderr, flush=True)
         set_log_file(None)
 
 
 def error0(text):
     """A one-line error on stderr (and in train.log), rank 0 only."""
     if is_main():
-        print(f"train_inversionnet.py: error: {text}", file=sys.stderr, flush=True)
-        _append_log(f"error: {text}")
+        print_error("train_inversionnet.py", text)
 
 
 def seed_everything(seed):
@@ -2407,10 +2413,46 @@ def make_output_dir(out):
         os.remove(probe)
     except OSError as e:
         raise InputError(f"--output-dir {out} is not writable: {e.strerror}") from None
+    lock_run(out)  # before the clean-up below, which would take a live run's checkpoint write for a killed one's
     for name in sorted(os.listdir(out)):  # what a kill during a checkpoint write leaves behind
         if re.fullmatch(r"(last|best)\.pt\.tmp-\d+", name):
             os.remove(os.path.join(out, name))
             print0(f"removed {name} (the partial write of a run killed while saving; the checkpoint itself is intact)")
+
+
+_RUN_LOCK = None  # the open OUTPUT_DIR/.lock that this process holds while it trains there (rank 0)
+
+
+def lock_run(out):
+    """Hold OUT/.lock (an advisory flock) for as long as this process trains in OUT, so that a second training
+    started on the same directory is refused instead of interleaving its log and checkpoints with the first.
+    The system drops the lock when the process ends, however it ends, so a killed run never leaves OUT locked.
+    A file system without flock (some network mounts) runs unguarded."""
+    unlock_run()
+    global _RUN_LOCK
+    path = os.path.join(out, ".lock")
+    fh = open(path, "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        fh.seek(0)
+        holder = fh.read().strip() or "another process"
+        fh.close()
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise InputError(f"--output-dir {out} is in use by another training ({holder}, which holds {path}); "
+                             f"wait for it to end, or choose another --output-dir") from None
+        return
+    fh.truncate(0)
+    fh.write(f"PID {os.getpid()} on {platform.node()}\n")
+    fh.flush()
+    _RUN_LOCK = fh
+
+
+def unlock_run():
+    global _RUN_LOCK
+    if _RUN_LOCK is not None:
+        _RUN_LOCK.close()  # closing the file releases its flock
+        _RUN_LOCK = None
 
 
 def remove_previous_run(args):
@@ -2716,7 +2758,7 @@ def report_input_error(script, e):
     whose peer stopped on such an error says so in one line instead of the collective's traceback."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset) by peer", str(e)):
-        print(f"{script}: error: [rank {rank}] stopped: another rank failed (its line says why)", file=sys.stderr, flush=True)
+        print_error(script, f"[rank {rank}] stopped: another rank failed (its line says why)")
         return True
     if isinstance(e, OSError):
         if e.errno not in PATH_ERRNOS or not e.filename:  # out of memory, too many open files, a bug: its traceback
@@ -2731,8 +2773,16 @@ def report_input_error(script, e):
             return False
         msg, local = m.group(1), True
     if rank == 0 or local:
-        print(f"{script}: error: {f'[rank {rank}] ' if local and world > 1 else ''}{msg}", file=sys.stderr, flush=True)
+        print_error(script, f"{f'[rank {rank}] ' if local and world > 1 else ''}{msg}")
     return True
+
+
+def print_error(script, line):
+    """The error line on stderr, and in train.log once the run has one (rank 0): the log of a start that failed
+    says why, as the refusal of the next start tells the user it does (a second line about a full disk would not)."""
+    print(f"{script}: error: {line}", file=sys.stderr, flush=True)
+    if is_main():
+        _append_log(f"error: {line}", warn=False)
 
 
 def from_config(message, config, argv):
@@ -2786,6 +2836,7 @@ def cli(argv=None):
         return 128 + signal.SIGINT
     finally:
         set_log_file(None)
+        unlock_run()
         cleanup_distributed()
 
 

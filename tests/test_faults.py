@@ -1,6 +1,7 @@
 """Faults and bad input, triggered for real: signals, kills, non-finite losses, bad files, failing storage."""
 import argparse
 import collections
+import fcntl
 import gc
 import hashlib
 import io
@@ -682,6 +683,41 @@ def test_unwritable_output_dir_fails_before_training(data, tmp_path):
     assert "epoch" not in r.stdout and os.listdir(out) == []
 
 
+def test_a_second_training_in_a_directory_in_use_is_refused(data, tmp_path, capsys):
+    """While one training holds OUTPUT_DIR/.lock, another started there is refused before it writes or removes
+    anything (a live run's checkpoint write in flight included); the lock goes with the process that held it."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt.tmp-4242").write_bytes(b"a write under way")
+    argv = ["--data-root", str(data), "--output-dir", str(out), "--epochs", "1", "--resume", "auto", *BASE]
+    with open(out / ".lock", "a+") as held:  # flock locks open files, so this process's own cli() competes too
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("PID 4242 on elsewhere\n")
+        held.flush()
+        assert T.cli(argv) == 2
+        assert one_line_error(capsys.readouterr().err) == (
+            f"train_inversionnet.py: error: --output-dir {out} is in use by another training (PID 4242 on elsewhere, "
+            f"which holds {out / '.lock'}); wait for it to end, or choose another --output-dir\n")
+        assert sorted(os.listdir(out)) == [".lock", "last.pt.tmp-4242"]
+    assert T.cli(argv) == 0  # the holder gone, the run starts (and clears what a killed write left)
+    assert (out / ".lock").read_text() == f"PID {os.getpid()} on {platform.node()}\n"
+    assert "last.pt.tmp-4242" not in os.listdir(out) and (out / "last.pt").is_file()
+    assert T.cli(argv) == 0 and "the run is complete" in capsys.readouterr().out  # released when cli() returned
+
+
+def test_training_outlives_a_console_reader_that_goes_away(data, tmp_path):
+    """`train_inversionnet.py ... | head -1`: the pipe's reader leaves at the first line, and the run trains on to
+    its end, every line in train.log, no traceback."""
+    out = tmp_path / "run"
+    p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *BASE)
+    p.stdout.readline()
+    p.stdout.close()  # the epochs' lines, seconds later, meet a closed pipe
+    err = p.stderr.read()
+    assert p.wait(timeout=600) == 0 and "Error" not in err, err
+    assert load(out / "last.pt")["epoch"] == 2
+    assert re.search(r"^epoch 1 .*\| .* s checkpoint$", (out / "train.log").read_text(), re.M)
+
+
 # ---- bad input ----
 
 def corrupt(root, case):
@@ -738,6 +774,11 @@ def test_bad_data_one_line_exit_2(tmp_path, capsys, case):
     else:
         code, err = T.cli([str(a) for a in argv]), capsys.readouterr().err
     assert code == 2 and name in one_line_error(err) and needle in err, err
+    if case.startswith("nan"):  # met as a batch is read, in a run that has its log by then: the log says why it ended
+        line = err.strip().removeprefix("train_inversionnet.py: ")
+        assert (tmp_path / "o" / "train.log").read_text().splitlines()[-1] == line
+    else:  # met while the files are inspected, before the run directory is made
+        assert not (tmp_path / "o").exists()
 
 
 def make(tmp_path, token):
