@@ -149,7 +149,8 @@ def add_data_args(g):
 
 def add_optimisation_args(g):
     g.add_argument("--epochs", type=int, default=10, help="epochs to train")
-    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total, validating the model there")
+    g.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps in total, validating the model there; the cosine "
+                   "schedule decays to its end there, not at --epochs")
     g.add_argument("--batch-size", type=int, default=32, help="samples per step per process")
     g.add_argument("--val-batch-size", type=int, default=None, help="validation batch (default: --batch-size)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "adam"], help="optimizer")
