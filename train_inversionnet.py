@@ -820,9 +820,12 @@ def resolve_stats(args):
     try:
         with open(path) as fh:
             meta = json.load(fh)
-        values = meta["data_min"], meta["data_max"], meta.get("label_min", LABEL_MIN), meta.get("label_max", LABEL_MAX)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise InputError(f"{path}: not a usable stats file ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError) as e:  # (a UnicodeDecodeError is a ValueError)
+        raise InputError(f"{path}: not a usable stats file ({getattr(e, 'strerror', None) or e})") from None
+    if not (isinstance(meta, dict) and {"data_min", "data_max"} <= meta.keys()):
+        raise InputError(f"{path}: not a usable stats file (expected a JSON object with data_min and data_max, "
+                         f"and optionally label_min and label_max, as a simulated set's dataset.json holds)")
+    values = meta["data_min"], meta["data_max"], meta.get("label_min", LABEL_MIN), meta.get("label_max", LABEL_MAX)
     return checked_normalizer(path, *values), path
 
 

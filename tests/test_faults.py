@@ -798,6 +798,10 @@ def make(tmp_path, token):
         path.write_text('{"data_min": -1, "data_max": true}')
     elif token == "EQSTATS":  # normalising would divide by zero
         path.write_text('{"data_min": 3, "data_max": 3}')
+    elif token == "LISTSTATS":  # valid JSON, not an object
+        path.write_text('[-26.95, 52.77]')
+    elif token == "NOMAXSTATS":
+        path.write_text('{"data_min": -26.95}')
     else:
         return token
     return str(path)
@@ -1002,6 +1006,8 @@ def test_run_sh_ctrl_c_during_the_install_stops_it(tmp_path):
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
     (["--precise-bn", "-1"], "--precise-bn must be >= 0, got -1"),
     (["--stats", "EQSTATS"], "min must be below max"),
+    (["--stats", "LISTSTATS"], "liststats: not a usable stats file (expected a JSON object with data_min and data_max"),
+    (["--stats", "NOMAXSTATS"], "nomaxstats: not a usable stats file (expected a JSON object with data_min and data_max"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),
     (["--data-root", "ONEFILE"], "the validation split is empty: the split is by file and --data-root holds one"),
     (["--data-root", "AFILE"], "is a file: a split list goes to --train-list / --val-list"),
