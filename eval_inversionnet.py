@@ -231,19 +231,24 @@ def evaluation_pairs(opts, targs, ours):
     return pairs, train
 
 
-def split_change(ckpt, train_pairs):
+def split_change(ckpt, train_pairs, evaluated):
     """A line saying so when the training split read now is not the one the checkpoint recorded (files added
-    to a simulated set since, or --data-root for a run trained on lists): the validation split and the
-    baseline then come from other files."""
+    to a simulated set since, or removed, or --data-root for a run trained on lists): the validation split and
+    the baseline then come from other files, and it names the first EVALUATED file that the checkpoint trained on."""
     saved = ckpt.get("split")
     if not saved or not train_pairs:
         return None
     now = T.split_record(train_pairs, T.inspect_pairs(train_pairs))
     if now == saved:
         return None
-    return (f"the training split now has {len(now)} files ({sum(n for *_, n in now)} samples), the checkpoint was "
+    trained = {d for d, *_ in saved}  # file names, as checkpoints record them
+    seen = [os.path.basename(d) for d, _ in evaluated if os.path.basename(d) in trained]
+    files = f"{len(now)} file{'s' * (len(now) != 1)}"
+    return (f"the training split now has {files} ({sum(n for *_, n in now)} samples), the checkpoint was "
             f"trained on {len(saved)} ({sum(n for *_, n in saved)} samples{T.first_difference(saved, now)}): the "
-            f"evaluated split and the baseline come from today's files, which may include files it trained on")
+            f"evaluated split and the baseline come from today's files" +
+            (f", and the evaluated {seen[0]}{f' (and {len(seen) - 1} more)' if seen[1:] else ''} is one it trained "
+             f"on, so these metrics overstate the model" if seen else ""))
 
 
 def baseline_sums(train_pairs, pairs, normalizer):
@@ -461,7 +466,7 @@ def run_evaluation(opts, argv):
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
     base["from"] = "training split" if train_pairs else "evaluated maps"
     result = result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base)
-    result["split_changed_since_training"] = split_change(ckpt, train_pairs)
+    result["split_changed_since_training"] = split_change(ckpt, train_pairs, [] if opts.split == "train" else pairs)
     result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last,
                          "ssim": dtype_name(T.ssim_dtype(device))}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),

@@ -519,9 +519,15 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
     capsys.readouterr()
     note = evaluate_to(tmp_path / "grown", tmp_path / "grown.pt")["split_changed_since_training"]
     added = " ".join(map(str, torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"][1]))
-    assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 1 (4 samples; "
-                           f"file 2 is now {added}, was absent): ")
+    assert note == ("the training split now has 2 files (8 samples), the checkpoint was trained on 1 (4 samples; "
+                    f"file 2 is now {added}, was absent): the evaluated split and the baseline come from today's files")
     assert f"warning: {note}" in capsys.readouterr().out
+    trained = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    ck["split"] = trained["split"] + trained["val_split"]  # trained on every file: the set has shrunk since
+    torch.save(ck, tmp_path / "shrunk.pt")
+    note = evaluate_to(tmp_path / "shrunk", tmp_path / "shrunk.pt")["split_changed_since_training"]
+    assert note.endswith(f"come from today's files, and the evaluated {trained['val_split'][0][0]} is one it trained "
+                         "on, so these metrics overstate the model")
     ck["split"] = [list(f) for f in torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"]]
     now = " ".join(map(str, ck["split"][1]))
     ck["split"][1][0] = "elsewhere.npy"  # the same counts from other files: e.g. --data-root for a run trained on lists
