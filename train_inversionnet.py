@@ -1142,6 +1142,11 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
         kept = sum(sum(self.sizes(hi - lo)) for lo, hi in self.worker_ranges())
         return sum(self.counts) - kept * self.world if self.drop_remainder else 0
 
+    @property
+    def smaller(self):
+        """Batches of an epoch on this rank that are smaller than batch_size: each worker's remainder."""
+        return sum(b < self.batch for lo, hi in self.worker_ranges() for b in self.sizes(hi - lo))
+
     def rank_range(self):
         n = sum(self.counts)
         if self.drop_remainder:
@@ -1269,6 +1274,7 @@ class DeviceLoader:
         self.batch, self.seed, self.train, self.device = batch_size, seed, train, device
         self.epoch, self.start = 0, 0
         self.dropped = total - per // batch_size * batch_size * world if train else 0  # the partial batch too
+        self.smaller = 0  # every batch whole
 
     def set_epoch(self, epoch, start=0):
         self.epoch, self.start = epoch, start
@@ -1293,8 +1299,9 @@ class Loader:
     """A DataLoader plus what the loop needs: set_epoch(epoch, start), len, whether its batches come out
     normalised, and how many samples an epoch drops so that all ranks step together."""
 
-    def __init__(self, loader, epoch_source=None, normalized=False, dropped=0):
+    def __init__(self, loader, epoch_source=None, normalized=False, dropped=0, smaller=0):
         self.loader, self.epoch_source, self.normalized, self.dropped = loader, epoch_source, normalized, dropped
+        self.smaller = smaller  # batches of an epoch below the batch size (the iterable loader's remainders)
 
     def set_epoch(self, epoch, start=0):
         if self.epoch_source is not None:
@@ -1344,7 +1351,7 @@ def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=
         ds = IterableFileDataset(pairs, counts, cfg.batch_size, rank, world, cfg.num_workers, cfg.seed, shuffle=train,
                                  drop_remainder=train, normalizer=in_workers, replicas=cfg.replicas)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, **kw)
-        return Loader(dl, ds, in_workers is not None, ds.dropped)
+        return Loader(dl, ds, in_workers is not None, ds.dropped, ds.smaller)
     ds = MapDataset(pairs, counts, in_workers, transform)
     if not train:
         dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=EvalSampler(len(ds), rank, world), **kw)
@@ -1357,7 +1364,7 @@ def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=
 class RepeatedBatch:
     """--overfit-batch: one fixed batch, already on the device and normalised, served `n` times."""
 
-    normalized, dropped = True, 0
+    normalized, dropped, smaller = True, 0, 0
 
     def __init__(self, x, y, n):
         self.x, self.y, self.n, self.start = x, y, n, 0
@@ -2704,13 +2711,14 @@ def split_rule(args, pairs):
 
 def describe_data(data, train_loader, args, world, stats_from):
     train_pairs, train_counts, val_pairs, val_counts = data
-    dropped = train_loader.dropped
+    dropped, smaller = train_loader.dropped, train_loader.smaller
     left_out = "partial batches" + (f" and the remainder that would leave the {world} ranks uneven" if world > 1 else "")
 
     def files(pairs):
         return f"{len(pairs)} file{'s' * (len(pairs) != 1)}"
     return (f"data: train {files(train_pairs)} ({sum(train_counts)} samples), val {files(val_pairs)} "
             f"({sum(val_counts)} samples), {split_rule(args, train_pairs + val_pairs)}; loader {args.loader}, {len(train_loader)} batches/epoch of {args.batch_size}"
+            f"{f' ({smaller} of them smaller: each loader worker ends on its remainder)' if smaller else ''}"
             f"{f', {dropped} samples left out of each epoch ({left_out})' if dropped else ''}; "
             f"normalisation from {stats_from}")
 

@@ -132,6 +132,21 @@ def test_iterable_loader_sees_every_sample_once_with_exact_batch_count(tmp_path,
     assert seen_by_epoch[0] != seen_by_epoch[1]  # reshuffled per epoch
 
 
+def test_the_iterable_loaders_smaller_batches_are_counted_and_said(tmp_path, capsys):
+    """Each loader worker ends on its remainder (of at least 2 samples): the start-up line says how many
+    batches of an epoch are below --batch-size."""
+    pairs = write_ids_dataset(tmp_path, (6, 6))
+    ds = T.IterableFileDataset(pairs, [6, 6], 4, num_workers=2, seed=0)
+    batches = list(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2))
+    assert sorted(len(x) for x, _ in batches) == [2, 2, 4, 4] and ds.smaller == 2
+    lst = write_split_list(tmp_path / "train.txt", pairs)
+    assert T.cli(["--train-list", str(lst), "--val-every", "0", "--loader", "iterable", "--num-workers", "2",
+                  "--batch-size", "4", "--max-steps", "1", "--no-progress", "--device", "cpu", "--dataset", "flatvel-a",
+                  "--output-dir", str(tmp_path / "run")]) == 0
+    assert ("loader iterable, 4 batches/epoch of 4 (2 of them smaller: each loader worker ends on its remainder); "
+            "normalisation") in capsys.readouterr().out
+
+
 def test_iterable_loader_reads_the_files_in_a_new_order_each_epoch_and_the_same_order_for_the_same_epoch(tmp_path):
     """Six files of two samples, batch 2: each batch is one file, so the batches show the order the files were
     read in. That order is drawn anew per epoch (not only the samples within each file) and repeats exactly for
