@@ -1831,7 +1831,7 @@ def train_step(run, x, y):
             raise
         # --detect-anomaly: autograd names the op whose backward made NaN; say where it happened
         first = str(e).strip().splitlines()[0]
-        raise NonFiniteLoss(f"autograd anomaly at epoch {run.epoch}, batch {run.batch_in_epoch} (step {run.step + 1}): {first}") from None
+        raise NonFiniteLoss(f"autograd anomaly at epoch {run.epoch}, batch {run.batch_in_epoch + 1} (step {run.step + 1}): {first}") from None
     if run.grad_clip:
         run.scaler.unscale_(run.optimizer)
         nn.utils.clip_grad_norm_(run.raw_model.parameters(), run.grad_clip)
@@ -1970,7 +1970,7 @@ class Monitor:
         bad = self.bad_at.item()
         if bad != NO_BAD_BATCH:
             step = run.step - (run.batch_in_epoch - 1 - bad)
-            raise NonFiniteLoss(f"non-finite loss at epoch {run.epoch}, batch {bad} (step {step})")
+            raise NonFiniteLoss(f"non-finite loss at epoch {run.epoch}, batch {bad + 1}/{self.n_batches} (step {step})")
         now = time.perf_counter()
         span = max(now - self.t_last, 1e-9)
         rate, wait = self.seen * run.world / span, self.t_wait / span
@@ -2301,7 +2301,8 @@ def restore(run, args, rank):
         run.scheduler = build_scheduler(run.optimizer, args, iters_per_epoch, start=run.step)
         rebased = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
                    f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")
-    where = f"epoch {run.epoch}, batch {run.batch_in_epoch}" if run.batch_in_epoch else f"the start of epoch {run.epoch}"
+    where = (f"epoch {run.epoch} after batch {run.batch_in_epoch}/{run.meta['batches_per_epoch']}" if run.batch_in_epoch
+             else f"the start of epoch {run.epoch}")  # batch k/N as the log lines count: k batches done
     given, args.init_from = args.init_from, ckpt["args"].get("init_from")  # args.json: what the run began from
     unused = f"; --init-from {given} not used (the weights are {path}'s)" if given and given != args.init_from else ""
     return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{ema}{amp}{unused}"

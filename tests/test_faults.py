@@ -107,7 +107,7 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert not list(out.glob("*.tmp-*"))
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, "--resume", "auto", *EXACT)
     assert r.returncode == 0, r.stderr
-    assert f"continuing at epoch 0, batch {k}" in r.stdout
+    assert f"continuing at epoch 0 after batch {k}/5" in r.stdout
     assert f"epoch 0 step {k + 1} batch {k + 1}/5" in r.stdout  # the batches already trained are skipped
     assert_same_weights(load(out / "last.pt"), straight)
 
@@ -363,7 +363,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_the_group_resumes(t
     p = start(*args, "--resume", "auto", nproc=2)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
-    assert f"continuing at epoch 0, batch {ck['batch_in_epoch']}" in stdout
+    assert f"continuing at epoch 0 after batch {ck['batch_in_epoch']}/4" in stdout
     assert load(out / "last.pt")["step"] == 8
 
 
@@ -382,9 +382,9 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoin
         np.save(root / "model" / f, m)
     r = run_script(TRAIN, "--data-root", root, "--output-dir", out, "--epochs", 2, "--resume", "auto", *BASE)
     assert r.returncode == 3, r.stdout + r.stderr
-    m = re.search(r"error: non-finite loss at epoch 1, batch (\d) \(step (\d+)\); \S*last.pt keeps the last good state",
+    m = re.search(r"error: non-finite loss at epoch 1, batch (\d)/5 \(step (\d+)\); \S*last.pt keeps the last good state",
                   r.stderr)
-    assert m and int(m.group(2)) == 5 + int(m.group(1)) + 1, r.stderr  # epoch 0 took steps 1-5
+    assert m and int(m.group(2)) == 5 + int(m.group(1)), r.stderr  # epoch 0 took steps 1-5
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert digest(out / "last.pt") == before and load(out / "last.pt")["epoch"] == 1
     assert "non-finite loss" in (out / "train.log").read_text()
@@ -403,8 +403,8 @@ def test_non_finite_loss_under_torchrun_stops_every_rank(tmp_path):
     # torchrun may SIGTERM the second rank while it is already on its way out with 3
     assert p.returncode != 0 and "exitcode  : 3" in stderr and "exitcode  : 1 " not in stderr, stderr[-3000:]
     assert not re.search(r"\[rank\d\]: Traceback", stderr) and "Connection closed" not in stderr, stderr[-3000:]
-    found = re.findall(r"error: non-finite loss at epoch 0, batch (\d) \(step (\d)\); no checkpoint was written", stderr)
-    assert len(found) == 1 and int(found[0][1]) == int(found[0][0]) + 1, stderr[-3000:]  # printed once, by rank 0
+    found = re.findall(r"error: non-finite loss at epoch 0, batch (\d)/\d \(step (\d)\); no checkpoint was written", stderr)
+    assert len(found) == 1 and found[0][1] == found[0][0], stderr[-3000:]  # printed once, by rank 0
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
@@ -454,7 +454,7 @@ def test_under_ddp_a_non_finite_loss_is_named_by_the_earliest_batch_of_any_rank(
     step = T.train_step
     monkeypatch.setattr(T, "train_step", lambda run, x, y: step(run, x, y) * (math.nan if run.batch_in_epoch >= 3 else 1))
     run = toy_run(torch.nn.Linear(3, 3), torch.amp.GradScaler("cpu", enabled=False))
-    with pytest.raises(T.NonFiniteLoss, match=r"^non-finite loss at epoch 0, batch 1 \(step 2\)$"):
+    with pytest.raises(T.NonFiniteLoss, match=r"^non-finite loss at epoch 0, batch 2/5 \(step 2\)$"):
         T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 5), T.Monitor(log_every=5), T.Stop())
 
 
@@ -470,11 +470,11 @@ def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
     batches = T.RepeatedBatch(torch.ones(2, 3), torch.zeros(2, 3), 3)
     run = toy_run(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False), epoch=4)
     with torch.autograd.set_detect_anomaly(True), pytest.warns(UserWarning):
-        with pytest.raises(T.NonFiniteLoss, match=r"autograd anomaly at epoch 4, batch 0 \(step 1\): .*Sqrt.*nan"):
+        with pytest.raises(T.NonFiniteLoss, match=r"autograd anomaly at epoch 4, batch 1 \(step 1\): .*Sqrt.*nan"):
             T.train_one_epoch(run, batches, T.Monitor(log_every=10), T.Stop())
     # without it the NaN gradient is applied and only the next loss shows it, at the next log step
     run = toy_run(SqrtOfZero(), torch.amp.GradScaler("cpu", enabled=False))
-    with pytest.raises(T.NonFiniteLoss, match=r"non-finite loss at epoch 0, batch 1 \(step 2\)"):
+    with pytest.raises(T.NonFiniteLoss, match=r"non-finite loss at epoch 0, batch 2/3 \(step 2\)"):
         T.train_one_epoch(run, batches, T.Monitor(log_every=10), T.Stop())
 
 
