@@ -2426,10 +2426,10 @@ def make_output_dir(out):
     except OSError as e:
         raise InputError(f"--output-dir {out} is not writable: {e.strerror}") from None
     lock_run(out)  # before the clean-up below, which would take a live run's checkpoint write for a killed one's
-    for name in sorted(os.listdir(out)):  # what a kill during a checkpoint write leaves behind
-        if re.fullmatch(r"(last|best)\.pt\.tmp-\d+", name):
+    for name in sorted(os.listdir(out)):  # what a kill during a write leaves behind
+        if re.fullmatch(r"(last\.pt|best\.pt|args\.json|provenance\.json)\.tmp-\d+", name):
             os.remove(os.path.join(out, name))
-            print0(f"removed {name} (the partial write of a run killed while saving; the checkpoint itself is intact)")
+            print0(f"removed {name} (the partial write of a run killed while saving; {name.split('.tmp-')[0]} itself is intact)")
 
 
 _RUN_LOCK = None  # the open OUTPUT_DIR/.lock that this process holds while it trains there (rank 0)

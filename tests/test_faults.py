@@ -688,7 +688,8 @@ def test_a_second_training_in_a_directory_in_use_is_refused(data, tmp_path, caps
     anything (a live run's checkpoint write in flight included); the lock goes with the process that held it."""
     out = tmp_path / "run"
     out.mkdir()
-    (out / "last.pt.tmp-4242").write_bytes(b"a write under way")
+    for name in ("last.pt.tmp-4242", "args.json.tmp-4242"):
+        (out / name).write_bytes(b"a write under way")
     argv = ["--data-root", str(data), "--output-dir", str(out), "--epochs", "1", "--resume", "auto", *BASE]
     with open(out / ".lock", "a+") as held:  # flock locks open files, so this process's own cli() competes too
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -698,10 +699,12 @@ def test_a_second_training_in_a_directory_in_use_is_refused(data, tmp_path, caps
         assert one_line_error(capsys.readouterr().err) == (
             f"train_inversionnet.py: error: --output-dir {out} is in use by another training (PID 4242 on elsewhere, "
             f"which holds {out / '.lock'}); wait for it to end, or choose another --output-dir\n")
-        assert sorted(os.listdir(out)) == [".lock", "last.pt.tmp-4242"]
+        assert sorted(os.listdir(out)) == [".lock", "args.json.tmp-4242", "last.pt.tmp-4242"]
     assert T.cli(argv) == 0  # the holder gone, the run starts (and clears what a killed write left)
+    assert "removed args.json.tmp-4242 (the partial write of a run killed while saving; args.json itself is intact)" in (
+        capsys.readouterr().out)
     assert (out / ".lock").read_text() == f"PID {os.getpid()} on {platform.node()}\n"
-    assert "last.pt.tmp-4242" not in os.listdir(out) and (out / "last.pt").is_file()
+    assert not list(out.glob("*.tmp-*")) and (out / "last.pt").is_file()
     assert T.cli(argv) == 0 and "the run is complete" in capsys.readouterr().out  # released when cli() returned
 
 
