@@ -133,7 +133,8 @@ def add_data_args(g):
                         "if present, else flatvel-a")
     g.add_argument("--stats", type=path_arg, default=None, help="JSON with data_min/data_max/label_min/label_max (simulate_openfwi.py writes one)")
     g.add_argument("--loader", default=None, choices=["map", "iterable", "gpu"],
-                   help="map: random access over mmaps; iterable: whole files sharded over ranks and workers; gpu: the normalised "
+                   help="map: random access over mmaps; iterable: whole files sharded over ranks and workers (a worker's last batch "
+                        "may be smaller; the start-up line counts them); gpu: the normalised "
                         "split cached on the training device (in RAM on a CPU). Unset: map, or with --fast gpu when the split "
                         "takes at most half the free device memory")
     g.add_argument("--cache-dtype", default=None, choices=["float32", "bfloat16", "float16"],
