@@ -989,7 +989,9 @@ def inspect_pairs(pairs):
                 raise DataError(f"{path}: {'a directory, not a .npy file' if os.path.isdir(path) else 'no such file'}")
             a = open_npy(path)
             if a.dtype != np.float32:
-                raise DataError(f"{path}: dtype {a.dtype}, expected float32")
+                other = "float32 in the other byte order" if a.dtype == np.dtype(np.float32).newbyteorder() else a.dtype
+                raise DataError(f"{path}: dtype {a.dtype.str} ({other}), expected float32 in this machine's byte order "
+                                f"({np.dtype(np.float32).str}; numpy's .astype(np.float32) converts)")
             if a.ndim != 4 or tuple(a.shape[1:]) != shape:
                 raise DataError(f"{path}: shape {tuple(a.shape)}, expected (N, {', '.join(map(str, shape))})")
             arrays.append(a)

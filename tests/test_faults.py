@@ -730,7 +730,10 @@ def corrupt(root, case):
         return "data1.npy", "truncated"
     if case == "wrong_dtype":
         np.save(d, np.load(d).astype(np.float64))
-        return "data1.npy", "float64"
+        return "data1.npy", "dtype <f8 (float64), expected float32 in this machine's byte order (<f4; "
+    if case == "big_endian":  # float32 still, which the message must not seem to deny
+        np.save(d, np.load(d).astype(">f4"))
+        return "data1.npy", "dtype >f4 (float32 in the other byte order), expected float32 in this machine's byte order"
     if case == "wrong_shape":
         np.save(d, np.load(d)[:, :, :500])
         return "data1.npy", "expected (N, 5, 1000, 70)"
@@ -762,7 +765,7 @@ def one_line_error(err):
     return err
 
 
-@pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "wrong_shape", "unpaired", "count_mismatch", "npz", "nan_label",
+@pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "big_endian", "wrong_shape", "unpaired", "count_mismatch", "npz", "nan_label",
                                   "nan_gpu", "nan_map", "nan_iterable"])
 def test_bad_data_one_line_exit_2(tmp_path, capsys, case):
     root = tmp_path / "d"
