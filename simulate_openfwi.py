@@ -41,6 +41,8 @@ Velocity families (70 x 70 cells, 1500-4500 m/s), each drawn from a numpy Genera
 import argparse
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -762,6 +764,30 @@ def check_existing(args):
                               f"it, or choose another --out")
 
 
+@contextlib.contextmanager
+def lock_out(out):
+    """Hold OUT/.lock (an advisory flock, which the system drops however the process ends) while simulating
+    into OUT: a second simulator started there (a second `bash run.sh`) would take the first one's files in
+    flight for a killed run's leftovers and remove them. A file system without flock runs unguarded."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        fh = open(os.path.join(out, ".lock"), "a+")
+    except OSError as e:
+        raise SimulationError(f"cannot write into --out {out}: {e.filename}: {e.strerror}") from None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fh.truncate(0)
+            fh.write(f"PID {os.getpid()} on {platform.node()}\n")
+            fh.flush()
+        except OSError as e:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                fh.seek(0)
+                raise SimulationError(f"--out {out} is in use by another simulate_openfwi.py ({fh.read().strip() or 'a process'}, "
+                                      f"which holds {fh.name}); wait for it to end, or choose another --out") from None
+        yield
+
+
 def prepare_out(args):
     """Make OUT/data and OUT/model, remove the partial writes of a run killed mid-write, and record the
     settings in OUT/simulate.json before the first file is written."""
@@ -830,20 +856,21 @@ def main(args):
     n, N = args.files, args.samples_per_file
     check_existing(args)  # before anything in --out is touched
     check_capacity(args)
-    prepare_out(args)
-    todo = [i for i in range(1, n + 1)
-            if not (npy_complete(pair_paths(args.out, i)[0], (N, *DATA_SHAPE))
-                    and npy_complete(pair_paths(args.out, i)[1], (N, *MODEL_SHAPE)))]
-    print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
-          f"{n - len(todo)} complete, {len(todo)} to make")
-    t0 = time.time()
-    # disable=None: no bar where stderr is not a terminal (a log file would get every redraw)
-    with tqdm(total=len(todo) * N, unit="sample", disable=None if args.progress and todo else True, dynamic_ncols=True) as bar:
-        make_files(args, todo, device, bar.update)  # a stop closes the bar first, so its line ends before the stop's
-    if todo:
-        rate = len(todo) * N / max(time.time() - t0, 1e-9)
-        print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
-    write_metadata(args)
+    with lock_out(args.out):
+        prepare_out(args)
+        todo = [i for i in range(1, n + 1)
+                if not (npy_complete(pair_paths(args.out, i)[0], (N, *DATA_SHAPE))
+                        and npy_complete(pair_paths(args.out, i)[1], (N, *MODEL_SHAPE)))]
+        print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
+              f"{n - len(todo)} complete, {len(todo)} to make")
+        t0 = time.time()
+        # disable=None: no bar where stderr is not a terminal (a log file would get every redraw)
+        with tqdm(total=len(todo) * N, unit="sample", disable=None if args.progress and todo else True, dynamic_ncols=True) as bar:
+            make_files(args, todo, device, bar.update)  # a stop closes the bar first, so its line ends before the stop's
+        if todo:
+            rate = len(todo) * N / max(time.time() - t0, 1e-9)
+            print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
+        write_metadata(args)
     return 0
 
 

@@ -1,6 +1,7 @@
 """Physics and file behaviour of simulate_openfwi.py, checked against independent expectations."""
 import contextlib
 import errno
+import fcntl
 import importlib.util
 import io
 import json
@@ -408,6 +409,26 @@ def test_a_signal_mid_run_keeps_whole_files_says_so_and_the_same_command_resumes
     argv[4] = len(made) + 1  # --files: the same command, shortened to one more file
     r = run_script(SIMULATE, *argv)
     assert r.returncode == 0 and f"{len(made)} complete, 1 to make" in r.stdout
+
+
+def test_a_second_simulator_in_an_out_in_use_is_refused(tmp_path):
+    """While one simulator holds OUT/.lock, another started there stops before it removes anything (the first
+    one's file in flight looks like a killed run's leftover); the lock goes with the process that held it."""
+    out = tmp_path / "set"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "data1.npy.tmp-4242").write_bytes(b"a write under way")
+    with open(out / ".lock", "a+") as held:  # flock locks open files, so this process's own cli() competes too
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("PID 4242 on elsewhere\n")
+        held.flush()
+        code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+        assert code == 2 and err == (f"simulate_openfwi.py: error: --out {out} is in use by another simulate_openfwi.py "
+                                     f"(PID 4242 on elsewhere, which holds {out / '.lock'}); wait for it to end, or choose "
+                                     "another --out\n")
+        assert sorted(p.name for p in out.rglob("*")) == [".lock", "data", "data1.npy.tmp-4242"]
+    assert run_cli("--out", out, "--files", "2", "--samples-per-file", "2")[0] == 0
+    assert not list(out.rglob("*.tmp-*")) and (out / "val.txt").is_file()
+    assert run_cli("--out", out, "--files", "2", "--samples-per-file", "2")[0] == 0  # released when cli() returned
 
 
 def test_cli_resumes_interrupted_generation(tmp_path):
