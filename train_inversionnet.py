@@ -2450,12 +2450,11 @@ def lock_run(out):
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
-        fh.seek(0)
-        holder = fh.read().strip() or "another process"
-        fh.close()
-        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise InputError(f"--output-dir {out} is in use by another training ({holder}, which holds {path}); "
-                             f"wait for it to end, or choose another --output-dir") from None
+        with fh:
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                fh.seek(0)
+                raise InputError(f"--output-dir {out} is in use by another training ({fh.read().strip() or 'a process'}, "
+                                 f"which holds {path}); wait for it to end, or choose another --output-dir") from None
         return
     fh.truncate(0)
     fh.write(f"PID {os.getpid()} on {platform.node()}\n")
