@@ -2514,12 +2514,14 @@ def check_device_args(args, device):
 def load_splits(args, world):
     """The train and val pairs with their sample counts, checked before anything is trained."""
     train_pairs, val_pairs = splits(args)
+    real = {}  # split -> {real path: the path as given}, however each file is spelt
     for kind, pairs in (("training", train_pairs), ("validation", val_pairs)):
-        paths = [os.path.realpath(d) for d, _ in pairs]
-        if again := next((d for i, (d, _) in enumerate(pairs) if paths[i] in paths[:i]), None):
-            raise DataError(f"{again} is listed twice in the {kind} split: its samples would count twice")
-    trained = {os.path.realpath(d) for d, _ in train_pairs}
-    both = next((d for d, _ in val_pairs if os.path.realpath(d) in trained), None)
+        real[kind] = {}
+        for d, _ in pairs:
+            if (r := os.path.realpath(d)) in real[kind]:
+                raise DataError(f"{d} is listed twice in the {kind} split: its samples would count twice")
+            real[kind][r] = d
+    both = next((d for r, d in real["validation"].items() if r in real["training"]), None)
     if both:
         raise DataError(f"{both} is in both the training and the validation split: validation would score samples "
                         f"the model trained on")
