@@ -1003,6 +1003,23 @@ def inspect_pairs(pairs):
     return counts
 
 
+def check_label_range(pairs, normalizer, stats_from):
+    """Refuse labels in the wrong units (km/s, already normalised) before training on them: the model's tanh
+    output cannot reach them, and nothing else would say so. A unit is the set's, so the median of a split's
+    first file tells (an outlier or a NaN there is the loaders' and the loss guard's to name); a quarter of the
+    range beyond either end still passes, for a set a little wider than its constants."""
+    lo, hi = normalizer.label_min, normalizer.label_max
+    margin = (hi - lo) / 4
+    for _, lpath in pairs:
+        median = float(np.median(np.load(lpath, mmap_mode="r")))
+        if math.isnan(median) or lo - margin <= median <= hi + margin:
+            continue
+        raise DataError(f"{lpath}: velocities around {median:.4g} (the file's median), far outside the "
+                        f"normalisation's {lo:g} to {hi:g} m/s ({stats_from}): labels are velocities in m/s, "
+                        f"not km/s or normalised; a set with another range gives its label_min and label_max "
+                        f"in --stats")
+
+
 def check_finite(x, y, pair, samples):
     """Raise DataError naming the file (of the pair) and the sample if the blocks x, y (rows numbered SAMPLES
     in their files) hold NaN/Inf: the first such row, its data before its label."""
@@ -2735,6 +2752,7 @@ def main(args, argv=()):
     check_output_dir(args, continue_elastic_run(args, rank))
     normalizer, stats_from = resolve_stats(args)
     data = load_splits(args, world)  # before the output directory exists: bad data leaves nothing behind
+    check_label_range(data[0][:1] + data[2][:1], normalizer, stats_from)
     absolute_paths(args)
     on_rank0(rank, make_output_dir, args.output_dir)
     set_log_file(os.path.join(args.output_dir, "train.log"))

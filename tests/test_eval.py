@@ -151,7 +151,8 @@ def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path, capsys):
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["samples"] == 4
 
 
-@pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "no_normalization", "inf_normalization", "empty_split"])
+@pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "no_normalization", "inf_normalization", "empty_split",
+                                  "km_per_s"])
 def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
     ck = tiny_run / "run" / "best.pt"
     args = ["--num-workers", "0", "--no-progress", "--vis", "0", "--output-dir", str(tmp_path / "o")]
@@ -178,10 +179,16 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
         torch.save(ckpt, tmp_path / "inf.pt")
         args += ["--checkpoint", str(tmp_path / "inf.pt")]
         needle = "inf.pt (its normalisation): the constants must be finite numbers, got"
-    else:
+    elif case == "empty_split":
         (tmp_path / "empty.txt").write_text("\n")
         args += ["--checkpoint", str(ck), "--val-list", str(tmp_path / "empty.txt")]
         needle = "empty split"
+    else:  # labels in km/s would score a model against maps it can never draw
+        pairs = write_ids_dataset(tmp_path / "d", (2,))
+        np.save(pairs[0][1], np.load(pairs[0][1]) / 1000)
+        (tmp_path / "val.txt").write_text(f"{pairs[0][0]} {pairs[0][1]}\n")
+        args += ["--checkpoint", str(ck), "--val-list", str(tmp_path / "val.txt")]
+        needle = "(the file's median), far outside the normalisation's 1500 to 4500 m/s (the checkpoint)"
     assert E.cli(args) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

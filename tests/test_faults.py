@@ -752,6 +752,14 @@ def corrupt(root, case):
         y[2, 0, 5, 5] = np.inf
         np.save(m, y)
         return "model1.npy sample 2", "NaN or Inf in the label"
+    if case == "km_per_s":  # a unit that would train a model on maps its tanh output can never reach
+        np.save(m, np.load(m) / 1000)
+        return "model1.npy: velocities around 3.0", ("(the file's median), far outside the normalisation's 1500 to "
+                                                     "4500 m/s (--dataset flatvel-a): labels are velocities in m/s, "
+                                                     "not km/s or normalised")
+    if case == "normalised_labels":
+        np.save(m, (np.load(m) - 1500) / 1500 - 1)
+        return "model1.npy", "(the file's median), far outside the normalisation's"
     if case in ("nan_gpu", "nan_map", "nan_iterable"):
         x = np.load(d)
         x[:, 1, 10, 10] = np.nan
@@ -766,7 +774,7 @@ def one_line_error(err):
 
 
 @pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "big_endian", "wrong_shape", "unpaired", "count_mismatch", "npz", "nan_label",
-                                  "nan_gpu", "nan_map", "nan_iterable"])
+                                  "nan_gpu", "nan_map", "nan_iterable", "km_per_s", "normalised_labels"])
 def test_bad_data_one_line_exit_2(tmp_path, capsys, case):
     root = tmp_path / "d"
     write_ids_dataset(root, (4, 4))
