@@ -13,8 +13,8 @@ Sanity check (overfit one batch): python train_inversionnet.py --overfit-batch -
 
 Data stay as stored (float32 mmaps or file reads); OpenFWI's log + min-max normalisation runs on the
 training device (or in the loader workers with --normalize workers), never in place on loaded arrays.
-Exit codes: 0 done, 2 bad input (one line on stderr), 130/143 interrupted by SIGINT/SIGTERM after
-writing last.pt, 3 a non-finite loss.
+Exit codes: 0 done, 2 bad input (one line on stderr), 130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP
+after writing last.pt, 3 a non-finite loss.
 """
 import argparse
 import collections
@@ -467,10 +467,17 @@ def print0(*msg):
     try:
         print(text, flush=True)
     except BrokenPipeError:  # the reader went (`| head`): training goes on, its lines in train.log alone
-        quiet = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(quiet, sys.stdout.fileno())  # so neither this line's unflushed bytes nor the exit's flush fail again
-        os.close(quiet)
+        detach_console((sys.stdout.fileno(),))
     _append_log(text)
+
+
+def detach_console(fds=(1, 2)):
+    """Point the descriptors FDS (stdout, stderr) at /dev/null, so that neither the next line, the unflushed
+    bytes of the last one nor the flush at exit fail again on a console that went away."""
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(quiet, fd)
+    os.close(quiet)
 
 
 def log0(text):
@@ -1878,7 +1885,7 @@ STOP_CHECK_SECONDS = 5  # under DDP, the most training time between two checks f
 
 
 class Stop:
-    """Whether to leave the loop, decided in one place: a SIGINT/SIGTERM on any rank, or --max-steps.
+    """Whether to leave the loop, decided in one place: a SIGINT/SIGTERM/SIGHUP on any rank, or --max-steps.
     check() all-reduces the signal under DDP, so every rank leaves at the same step; `now` and `signum`
     hold that agreed decision. A second Ctrl-C stops at once."""
 
@@ -1890,8 +1897,14 @@ class Stop:
     def install(self):
         for s in (signal.SIGINT, signal.SIGTERM):
             self._old[s] = signal.signal(s, self._handle)
+        # the terminal closing (an ssh session dropped) ends the run as SIGTERM does, with its checkpoint; unless
+        # the launch asked to outlive it (nohup leaves SIGHUP ignored)
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) == signal.SIG_DFL:
+            self._old[signal.SIGHUP] = signal.signal(signal.SIGHUP, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == getattr(signal, "SIGHUP", None):
+            detach_console()  # writes to a terminal that hung up fail (EIO): the lines go to train.log alone
         # not inside a finaliser (a DataLoader iterator's __del__ joining its workers as the epoch ends):
         # Python would print its traceback as "Exception ignored" and go on as if the key had not been pressed
         if self.received is not None and signum == signal.SIGINT and not in_finalizer(frame):

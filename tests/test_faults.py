@@ -112,6 +112,47 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert_same_weights(load(out / "last.pt"), straight)
 
 
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_terminal_that_hangs_up_ends_the_run_with_its_checkpoint(data, tmp_path):
+    """An ssh session dropped: the terminal goes (its writes then fail with EIO) and SIGHUP arrives. The run,
+    progress bar and all, saves last.pt as SIGTERM would and says why in train.log."""
+    import pty
+    import select
+    primary, secondary = pty.openpty()
+    out = tmp_path / "run"
+    argv = ["--data-root", data, "--output-dir", out, "--epochs", 2, "--progress", *EXACT]
+    p = subprocess.Popen([sys.executable, TRAIN, *map(str, argv)], stdout=secondary, stderr=secondary, cwd=ROOT,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2"))
+    os.close(secondary)
+    seen, deadline = b"", time.monotonic() + 300
+    while b"epoch 0" not in seen and time.monotonic() < deadline and p.poll() is None:  # the bar is drawn
+        if select.select([primary], [], [], 1)[0]:
+            seen += os.read(primary, 65536)
+    assert b"epoch 0" in seen, seen.decode(errors="replace")
+    os.close(primary)  # the terminal is gone
+    p.send_signal(signal.SIGHUP)
+    assert p.wait(timeout=300) == 128 + signal.SIGHUP
+    assert (out / "train.log").read_text().splitlines()[-1].startswith(f"stopped by signal {int(signal.SIGHUP)} at step")
+    assert load(out / "last.pt")["step"] >= 1
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
+def test_a_launch_under_nohup_keeps_ignoring_sighup():
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        stop = T.Stop()
+        stop.install()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        stop.restore()
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a plain launch: the run handles it
+        stop.install()
+        assert signal.getsignal(signal.SIGHUP) == stop._handle
+        stop.restore()
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_signal_under_run_sh_stops_with_a_resume_hint_and_the_same_command_continues(tmp_path, sig):
     """Ctrl-C, or a SIGTERM to the process group (timeout, a scheduler), signals run.sh and the
