@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -57,7 +58,8 @@ def get_args_parser():
                         "normalisation constants as the extra file normalization.json, and stop")
     p.add_argument("--output-dir", type=T.path_arg, default=None, help="where results go (default: CHECKPOINT_DIR/eval, or CHECKPOINT_DIR/predict)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help="replace the results (or --export file) already there")
-    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"], help="device")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
+                   help="device (auto: CUDA when there is one; --export traces on the CPU unless this names another)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
     p.add_argument("--amp", default="auto", choices=["auto", *T.AMP_DTYPES],
                    help="autocast dtype of the forward pass (metrics are computed in float32, SSIM in float64, or float32 on MPS); auto: the one the checkpoint was "
@@ -209,6 +211,7 @@ def evaluation_pairs(opts, targs, ours):
                            f"--val-list or --data-root")
     if opts.val_list:
         pairs, train = T.read_split_list(opts.val_list), None
+        T.real_paths(pairs, "--val-list")
         if ours:
             try:
                 train = T.splits(targs)[0]
@@ -231,24 +234,44 @@ def evaluation_pairs(opts, targs, ours):
     return pairs, train
 
 
-def split_change(ckpt, train_pairs, evaluated):
-    """A line saying so when the training split read now is not the one the checkpoint recorded (files added
-    to a simulated set since, or removed, or --data-root for a run trained on lists): the validation split and
-    the baseline then come from other files, and it names the first EVALUATED file that the checkpoint trained on."""
+def own_data(opts, ckpt):
+    """Whether the evaluation reads the data set the checkpoint trained on: no --data-root, or the one it saved."""
+    saved = saved_args(ckpt) or {}
+    return opts.data_root is None or (not saved.get("train_list") and saved.get("data_root") is not None
+                                      and os.path.realpath(opts.data_root) == os.path.realpath(saved["data_root"]))
+
+
+def split_change(ckpt, train_pairs):
+    """A line saying so when the training split read now from the checkpoint's own data is not the one it
+    recorded (files added to a simulated set since, or removed): the validation split and the baseline then
+    come from other files."""
     saved = ckpt.get("split")
     if not saved or not train_pairs:
         return None
     now = T.split_record(train_pairs, T.inspect_pairs(train_pairs))
     if now == saved:
         return None
-    trained = {d for d, *_ in saved}  # file names, as checkpoints record them
-    seen = [os.path.basename(d) for d, _ in evaluated if os.path.basename(d) in trained]
     files = f"{len(now)} file{'s' * (len(now) != 1)}"
     return (f"the training split now has {files} ({sum(n for *_, n in now)} samples), the checkpoint was "
             f"trained on {len(saved)} ({sum(n for *_, n in saved)} samples{T.first_difference(saved, now)}): the "
-            f"evaluated split and the baseline come from today's files" +
-            (f", and the evaluated {seen[0]}{f' (and {len(seen) - 1} more)' if seen[1:] else ''} is one it trained "
-             f"on, so these metrics overstate the model" if seen else ""))
+            f"evaluated split and the baseline come from today's files")
+
+
+def trained_on(ckpt, pairs):
+    """The names of the evaluated data files that the checkpoint trained on, in order. A file is known by where
+    it is, not by its name (every simulated set has a data1.npy): the names its split record holds, under the
+    --data-root or in the --train-list its training arguments saved, as far as they can still be found."""
+    saved, record = saved_args(ckpt), ckpt.get("split")
+    if not saved or not record:  # an OpenFWI checkpoint records neither
+        return []
+    names = {d for d, *_ in record}
+    try:
+        listed = ([d for d, _ in T.read_split_list(saved["train_list"])] if saved.get("train_list")
+                  else [os.path.join(saved.get("data_root") or "", "data", n) for n in names])
+    except T.InputError:  # the list moved since: nothing tells
+        return []
+    trained = {os.path.realpath(d) for d in listed if os.path.basename(d) in names and os.path.isfile(d)}
+    return [os.path.basename(d) for d, _ in pairs if os.path.realpath(d) in trained]
 
 
 def baseline_sums(train_pairs, pairs, normalizer):
@@ -291,8 +314,10 @@ def paper_reference(opts, targs):
     simulate_openfwi.py, not OpenFWI's generator); else the set named in training; None when nothing says."""
     name, source = opts.dataset, "OpenFWI"
     if name is None:
+        # the stats file of the data evaluated: beside a --val-list, as the simulator writes it
+        stats = os.path.join(os.path.dirname(os.path.abspath(opts.val_list)), "dataset.json") if opts.val_list else None
         try:
-            with open(T.stats_path(targs)) as fh:
+            with open(stats or T.stats_path(targs)) as fh:
                 name, source = f"{json.load(fh)['family']}-a", "simulate_openfwi.py (indicative)"
         except (TypeError, OSError, ValueError, KeyError):
             name = targs.dataset
@@ -340,6 +365,10 @@ def report(r):
         lines.append(f"paper row: OpenFWI's {p['dataset']}; this data was drawn by {p['data']}")
     if r["split_changed_since_training"]:
         lines.append(f"warning: {r['split_changed_since_training']}")
+    if (seen := r["evaluated_files_trained_on"]) and r["split"] != "train":
+        lines.append(f"warning: the evaluated {seen[0]}{f' (and {len(seen) - 1} more)' if seen[1:] else ''} "
+                     f"{'is one' if len(seen) == 1 else 'are files'} the checkpoint trained on, so these metrics "
+                     f"overstate the model")
     return "\n".join(lines) + "\n"
 
 
@@ -350,6 +379,8 @@ def write_results(out, result, rows):
     w = csv.writer(table)
     w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
     w.writerows(rows)
+    if os.path.exists(os.path.join(out, "metrics.json")):  # --overwrite: a failure below must not leave it beside
+        os.remove(os.path.join(out, "metrics.json"))      # new files, as if they were the complete old result
     for name, content in (("per_sample.csv", table.getvalue()), ("result.txt", report(result)),
                           ("metrics.json", json.dumps(result, indent=2))):
         write_file(os.path.join(out, name), content)
@@ -467,7 +498,8 @@ def run_evaluation(opts, argv):
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
     base["from"] = "training split" if train_pairs else "evaluated maps"
     result = result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base)
-    result["split_changed_since_training"] = split_change(ckpt, train_pairs, [] if opts.split == "train" else pairs)
+    result["split_changed_since_training"] = split_change(ckpt, train_pairs) if own_data(opts, ckpt) else None
+    result["evaluated_files_trained_on"] = trained_on(ckpt, pairs)
     result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last,
                          "ssim": dtype_name(T.ssim_dtype(device))}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
@@ -486,6 +518,7 @@ def make_results_dir(out):
         raise T.InputError(f"--output-dir {out} exists and is not a directory")
     try:
         os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()  # now, not after the minutes of evaluation it would waste
     except OSError as e:
         raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
 
@@ -515,6 +548,8 @@ def prediction_inputs(path):
         files = [os.path.join(path, n) for n in names]
     elif os.path.isfile(path):
         files = [path]
+    elif os.path.exists(path):
+        raise T.InputError(f"--predict {path}: not a regular file or a directory")
     else:
         raise T.InputError(f"--predict {path}: no such file or directory")
     maps = []
@@ -617,7 +652,7 @@ def draw_predictions(gathers, velocity, n, path, normalizer):
 
 class UnderAutocast(torch.nn.Module):
     """The model's forward pass under autocast, output in float32: the exported program then computes in the
-    precision that eval and --predict use (torch.export records the region for the CPU it is traced on)."""
+    precision that eval and --predict use (torch.export records the region for the device it is traced on)."""
 
     def __init__(self, model, dtype):
         super().__init__()
@@ -629,8 +664,9 @@ class UnderAutocast(torch.nn.Module):
 
 def export(opts):
     """--export: the model in eval mode as a torch.export program, batch dimension dynamic, in the precision of
-    --amp (auto: the checkpoint's). Its input is normalised shot gathers (B, 5, 1000, 70), its output velocity
-    in [-1, 1]; the normalisation constants travel with it as the extra file normalization.json."""
+    --amp (auto: the checkpoint's), traced on the CPU unless --device names another (its inputs then go there).
+    Its input is normalised shot gathers (B, 5, 1000, 70), its output velocity in [-1, 1]; the normalisation
+    constants travel with it as the extra file normalization.json."""
     T.refuse_non_file(opts.export)  # before the minute of tracing, not after
     folder = os.path.dirname(os.path.abspath(opts.export))
     if not os.path.isdir(folder):
@@ -639,16 +675,17 @@ def export(opts):
         raise T.InputError(f"--export {opts.export} is the checkpoint it exports: name another file")
     if os.path.exists(opts.export) and not opts.overwrite:
         raise T.InputError(f"--export {opts.export} already exists; pass --overwrite to replace it")
-    model, _, targs, normalizer, _ = load_model(opts, torch.device("cpu"))
+    device = torch.device("cpu") if opts.device == "auto" else T.resolve_device(opts.device)  # auto: portable
+    model, _, targs, normalizer, _ = load_model(opts, device)
     dtype = forward_dtype(opts, targs)
     if dtype is not None:
         model = UnderAutocast(model, dtype)
     batch = torch.export.Dim("batch", min=1, max=1 << 16)
-    program = torch.export.export(model, (torch.zeros(2, *T.DATA_SHAPE),), dynamic_shapes={"x": {0: batch}})
+    program = torch.export.export(model, (torch.zeros(2, *T.DATA_SHAPE, device=device),), dynamic_shapes={"x": {0: batch}})
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"normalization.json": json.dumps(normalizer.as_dict())})
     write_file(opts.export, buf.getbuffer())
-    print(f"exported InversionNet to {opts.export} ({dtype_name(dtype)}{' autocast' if dtype else ''}): "
+    print(f"exported InversionNet to {opts.export} ({dtype_name(dtype)}{' autocast' if dtype else ''} on {device.type}): "
           f"torch.export.load(path).module() maps normalised shot gathers (B, 5, 1000, 70) to velocity in [-1, 1]; "
           f"normalisation {normalizer.as_dict()}")
     return 0

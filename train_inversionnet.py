@@ -917,6 +917,17 @@ def read_split_list(path):
     return pairs
 
 
+def real_paths(pairs, kind):
+    """{real path: the path as given} of the data files of a split, however each is spelt; a file listed twice
+    is refused (its samples would count twice). KIND names the split in the message."""
+    real = {}
+    for d, _ in pairs:
+        if (r := os.path.realpath(d)) in real:
+            raise DataError(f"{d} is listed twice in the {kind} split: its samples would count twice")
+        real[r] = d
+    return real
+
+
 def split_record(pairs, counts):
     """A split as checkpoints record it: [data file name, label file name, samples] per file."""
     return [[os.path.basename(d), os.path.basename(m), n] for (d, m), n in zip(pairs, counts)]
@@ -2544,13 +2555,7 @@ def check_device_args(args, device):
 def load_splits(args, world):
     """The train and val pairs with their sample counts, checked before anything is trained."""
     train_pairs, val_pairs = splits(args)
-    real = {}  # split -> {real path: the path as given}, however each file is spelt
-    for kind, pairs in (("training", train_pairs), ("validation", val_pairs)):
-        real[kind] = {}
-        for d, _ in pairs:
-            if (r := os.path.realpath(d)) in real[kind]:
-                raise DataError(f"{d} is listed twice in the {kind} split: its samples would count twice")
-            real[kind][r] = d
+    real = {kind: real_paths(pairs, kind) for kind, pairs in (("training", train_pairs), ("validation", val_pairs))}
     both = next((d for r, d in real["validation"].items() if r in real["training"]), None)
     if both:
         raise DataError(f"{both} is in both the training and the validation split: validation would score samples "

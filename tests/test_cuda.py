@@ -274,6 +274,29 @@ def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):
 
 
 @needs_cuda
+def test_export_on_cuda_traces_there_and_gives_the_models_outputs(tmp_path, capsys):
+    """--device cuda traces the program on the GPU (under CUDA autocast with --amp bf16): fed CUDA inputs, it
+    gives eval's forward pass; --device auto still exports for the CPU, which loads anywhere."""
+    torch.manual_seed(0)
+    model = T.InversionNet()
+    ck = tmp_path / "ck.pt"
+    torch.save({"model": model.state_dict()}, ck)
+    base = ["--checkpoint", str(ck), "--dataset", "flatvel-a"]
+    assert E.cli([*base, "--export", str(tmp_path / "cuda.pt2"), "--device", "cuda", "--amp", "bf16"]) == 0
+    assert E.cli([*base, "--export", str(tmp_path / "auto.pt2")]) == 0
+    out = capsys.readouterr().out
+    assert "(bfloat16 autocast on cuda)" in out and "(float32 on cpu)" in out
+    model = model.to(DEVICE).eval()
+    x = torch.randn(3, *T.DATA_SHAPE, device=DEVICE)
+    with torch.no_grad():
+        expected = T.forward(model, x, torch.bfloat16).float()
+        got = torch.export.load(str(tmp_path / "cuda.pt2")).module()(x)
+        on_cpu = torch.export.load(str(tmp_path / "auto.pt2")).module()(x.cpu())
+        assert got.device.type == "cuda" and torch.equal(got, expected)
+        torch.testing.assert_close(on_cpu, model.cpu()(x.cpu()), rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
 @pytest.mark.slow
 def test_ddp_with_sync_bn_under_torchrun(tmp_path):
     """torchrun with one process: --parallel ddp --sync-bn initialises NCCL, trains through DDP with the

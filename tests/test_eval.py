@@ -9,6 +9,7 @@ import stat
 import numpy as np
 import pytest
 import torch
+from unittest.mock import ANY
 
 import eval_inversionnet as E
 import train_inversionnet as T
@@ -469,6 +470,12 @@ def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
     # trained with --dataset flatvel-a, evaluated on simulated curvevel data with its stats: the data's family counts
     paper = evaluate_to(tmp_path / "s", tiny_run / "run" / "best.pt", "--stats", tmp_path / "curvevel.json")["paper_reference"]
     assert (paper["dataset"], paper["data"]) == ("curvevel-a", "simulate_openfwi.py (indicative)")
+    # a --val-list beside a simulated set's dataset.json: that set's family, not the one trained on
+    (tmp_path / "cv").mkdir()
+    (tmp_path / "cv" / "dataset.json").write_text(json.dumps({**stats, "family": "curvefault"}))
+    (tmp_path / "cv" / "val.txt").write_text(f"{tiny_run / 'd' / 'data' / 'data3.npy'}\t{tiny_run / 'd' / 'model' / 'model3.npy'}\n")
+    paper = evaluate_to(tmp_path / "v", tiny_run / "run" / "best.pt", "--val-list", tmp_path / "cv" / "val.txt")["paper_reference"]
+    assert (paper["dataset"], paper["data"]) == ("curvefault-a", "simulate_openfwi.py (indicative)")
 
 
 def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
@@ -532,9 +539,11 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
     trained = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
     ck["split"] = trained["split"] + trained["val_split"]  # trained on every file: the set has shrunk since
     torch.save(ck, tmp_path / "shrunk.pt")
-    note = evaluate_to(tmp_path / "shrunk", tmp_path / "shrunk.pt")["split_changed_since_training"]
-    assert note.endswith(f"come from today's files, and the evaluated {trained['val_split'][0][0]} is one it trained "
-                         "on, so these metrics overstate the model")
+    m = evaluate_to(tmp_path / "shrunk", tmp_path / "shrunk.pt")
+    assert m["split_changed_since_training"].endswith("come from today's files")
+    assert m["evaluated_files_trained_on"] == [trained["val_split"][0][0]]
+    assert (f"warning: the evaluated {trained['val_split'][0][0]} is one the checkpoint trained on, so these metrics "
+            "overstate the model") in (tmp_path / "shrunk" / "result.txt").read_text()
     ck["split"] = [list(f) for f in torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"]]
     now = " ".join(map(str, ck["split"][1]))
     ck["split"][1][0] = "elsewhere.npy"  # the same counts from other files: e.g. --data-root for a run trained on lists
@@ -542,6 +551,60 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
     note = evaluate_to(tmp_path / "other", tmp_path / "other.pt")["split_changed_since_training"]
     assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 2 (8 samples; "
                            f"file 2 is now {now}, was elsewhere.npy {now.split(' ', 1)[1]}): the evaluated split")
+
+
+def test_files_the_checkpoint_trained_on_are_known_by_where_they_are_not_by_name(tiny_run, tmp_path):
+    """Every data set has a data1.npy: another set's is no file the model saw, and it is no change of the
+    checkpoint's split either. The checkpoint's own training files are, under any name a list spells them by."""
+    ck = tiny_run / "run" / "best.pt"
+    write_ids_dataset(tmp_path / "other", (4, 4, 4), seed=5)  # the same names, other samples
+    m = evaluate_to(tmp_path / "o", ck, "--data-root", tmp_path / "other")
+    assert m["evaluated_files_trained_on"] == [] and m["split_changed_since_training"] is None
+    assert "warning" not in (tmp_path / "o" / "result.txt").read_text()
+    assert evaluate_to(tmp_path / "own", ck)["evaluated_files_trained_on"] == []  # its own validation split
+    trained = torch.load(ck, weights_only=False)["split"][0][0]
+    lst = tmp_path / "val.txt"  # a training file, spelt through a relative path with a detour
+    lst.write_text(f"{os.path.relpath(tiny_run / 'd' / 'data', tmp_path)}/../data/{trained}\t"
+                   f"{tiny_run / 'd' / 'model' / trained.replace('data', 'model')}\n")
+    m = evaluate_to(tmp_path / "l", ck, "--val-list", lst)
+    assert m["evaluated_files_trained_on"] == [trained]
+    assert (f"warning: the evaluated {trained} is one the checkpoint trained on, so these metrics overstate the "
+            "model") in (tmp_path / "l" / "result.txt").read_text()
+    assert evaluate_to(tmp_path / "t", ck, "--split", "train")["evaluated_files_trained_on"] == [trained, ANY]
+    assert "overstate" not in (tmp_path / "t" / "result.txt").read_text()  # asked for: the report says so otherwise
+
+
+def test_a_val_list_that_names_a_file_twice_is_refused(tiny_run, tmp_path, capsys):
+    d, m = tiny_run / "d" / "data" / "data3.npy", tiny_run / "d" / "model" / "model3.npy"
+    (tmp_path / "val.txt").write_text(f"{d}\t{m}\n{tiny_run / 'd' / '.' / 'data' / 'data3.npy'}\t{m}\n")
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--val-list", str(tmp_path / "val.txt"),
+                  "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tiny_run / 'd' / '.' / 'data' / 'data3.npy'} is "
+                                       f"listed twice in the --val-list split: its samples would count twice\n")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_overwrite_that_fails_leaves_no_old_metrics_beside_new_files(tiny_run, tmp_path, capsys, monkeypatch):
+    """metrics.json marks a complete result: after a failed --overwrite it must not vouch for a mixed set."""
+    out = tmp_path / "ev"
+    evaluate_to(out, tiny_run / "run" / "best.pt")
+    disk_fills_on(monkeypatch, "result.txt.tmp-")
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
+                  "--no-progress", "--vis", "0", "--device", "cpu", "--overwrite"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["per_sample.csv", "result.txt"]  # result.txt: the old one
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_evaluation(tiny_run, tmp_path, capsys, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*a, **kw):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(T, "evaluate", lambda *a, **kw: pytest.fail("evaluated into a folder it cannot write"))
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(tmp_path / "o"),
+                  "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err == f"eval_inversionnet.py: error: --output-dir {tmp_path / 'o'}: Read-only file system\n"
 
 
 def disk_fills_on(monkeypatch, marker):
@@ -802,6 +865,7 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("overflow", "bad.npy sample 2: NaN or Inf in the shot gathers"),  # float64 beyond float32's range, no numpy warning
     ("missing", "--predict MISSING: no such file or directory"),
     ("empty_dir", "no .npy files in this directory"),
+    ("device_file", "--predict /dev/null: not a regular file or a directory"),
     ("no_samples", "shape (0, 5, 1000, 70), expected shot gathers (N, 5, 1000, 70) with N >= 1"),
 ])
 def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle):
@@ -830,6 +894,8 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
     elif case == "missing":
         bad = tmp_path / "missing.npy"
         needle = needle.replace("MISSING", str(bad))
+    elif case == "device_file":
+        bad = "/dev/null"
     else:
         bad = tmp_path / "nothing"
         bad.mkdir()
@@ -889,7 +955,7 @@ def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):
     ck = tiny_run / "run" / "best.pt"
     path = tmp_path / "inversionnet.pt2"
     assert E.cli(["--checkpoint", str(ck), "--export", str(path)]) == 0
-    assert f"exported InversionNet to {path} (float32): " in capsys.readouterr().out
+    assert f"exported InversionNet to {path} (float32 on cpu): " in capsys.readouterr().out
     extra = {"normalization.json": ""}
     program = torch.export.load(str(path), extra_files=extra)
     model, norm = model_of(ck)
@@ -904,7 +970,7 @@ def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):
     assert "already exists; pass --overwrite" in capsys.readouterr().err
     # a model trained in bf16 is exported under bf16 autocast: the same numbers as eval's forward pass
     assert E.cli(["--checkpoint", str(ck), "--export", str(path), "--overwrite", "--amp", "bf16"]) == 0
-    assert "(bfloat16 autocast)" in capsys.readouterr().out
+    assert "(bfloat16 autocast on cpu)" in capsys.readouterr().out
     x = torch.randn(3, 5, 1000, 70)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
         expected = model(x).float()
