@@ -1776,13 +1776,27 @@ class WeightEMA:
 
     def __init__(self, model, decay):
         self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
-        pairs = list(zip(self.model.state_dict().values(), model.state_dict().values()))  # views of the live tensors
-        self.floats = tuple(map(list, zip(*[p for p in pairs if p[0].is_floating_point()])))
-        self.counters = [p for p in pairs if not p[0].is_floating_point()]  # BatchNorm's num_batches_tracked
+        mine, live = self.model.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+        params = {n for n, _ in model.named_parameters()}
+        self.weights = ([mine[k].data for k in params], [live[k].data for k in params])  # views of the live tensors
+        floats = [k for k in live if k not in params and live[k].is_floating_point()]  # BatchNorm's statistics
+        self.stats = ([mine[k].data for k in floats], [live[k].data for k in floats])
+        self.counters = [(mine[k].data, live[k].data) for k in live if not live[k].is_floating_point()]
 
     @torch.no_grad()
     def update(self, step):
-        torch._foreach_lerp_(*self.floats, 1 - min(self.decay, (1 + step) / (10 + step)))
+        weight = 1 - min(self.decay, (1 + step) / (10 + step))
+        torch._foreach_lerp_(*self.weights, weight)
+        ema_stats, stats = self.stats
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # DDP keeps the weights equal on every rank, not the BatchNorm statistics (each follows its own
+            # batches): the average follows their mean, so that every rank holds the same average at every step
+            # and rank 0's, which a checkpoint saves mid-epoch, is the whole of it. One small all-reduce.
+            flat = torch.cat([t.flatten() for t in stats])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            stats = [t.view_as(b) for t, b in zip(flat.split([b.numel() for b in stats]), stats)]
+        torch._foreach_lerp_(ema_stats, stats, weight)
         for mine, theirs in self.counters:
             mine.copy_(theirs)
 
@@ -2642,7 +2656,7 @@ def fit(run, train_loader, val_loader, monitor, args):
             part = ((f" from batch {monitor.first_batch}" if monitor.first_batch else "")
                     + ("" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"))
             line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
-            average_over_ranks([*run.raw_model.buffers(), *(run.ema.model.buffers() if run.ema else ())])
+            average_over_ranks(run.raw_model.buffers())  # (the average's are the same on every rank already)
             if args.precise_bn:  # inside an epoch too: the resumed epoch's end recomputes them again
                 precise_bn(run, train_loader, args.precise_bn)
             # the run's last training is validated too (the last epoch, --max-steps), so a run whose --val-every

@@ -1,7 +1,7 @@
 """Run under torchrun by tests/test_ddp.py: two CPU ranks train InversionNet through DDP (Gloo) with the
-training script's own Run and train_step, checking after each step that all ranks hold the same weights,
-and that average_over_ranks gives them the same BatchNorm statistics; rank 0 saves what the test needs
-to recompute the first update in one process."""
+training script's own Run and train_step, checking after each step that all ranks hold the same weights
+and the same weight average (--ema-decay), and that average_over_ranks gives them the same BatchNorm
+statistics; rank 0 saves what the test needs to recompute the first update in one process."""
 import sys
 
 import torch
@@ -14,34 +14,34 @@ from helpers import resolved_args  # noqa: E402  (beside this file)
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-args = resolved_args(torch.device("cpu"), "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none")
+args = resolved_args(torch.device("cpu"), "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none", "--ema-decay", "0.9")
 run, parallel = T.build_run(args, torch.device("cpu"), iters_per_epoch=2, world=world)
 assert parallel == "ddp"
 init = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
 g = torch.Generator().manual_seed(100 + rank)  # each rank its own data
 batches = [(torch.randn(2, 5, 1000, 70, generator=g), torch.rand(2, 1, 70, 70, generator=g) * 2 - 1) for _ in range(2)]
-for step, (x, y) in enumerate(batches):
-    T.train_step(run, x, y)
-    flat = torch.cat([p.detach().flatten() for p in run.raw_model.parameters()])
-    gathered = [torch.zeros_like(flat) for _ in range(world)]
-    dist.all_gather(gathered, flat)
-    if rank == 0:
-        assert all(torch.equal(gathered[0], t) for t in gathered[1:]), f"ranks differ after step {step}"
-        print(f"step {step}: ranks identical", flush=True)
-    if step == 0:
-        after_first = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
-
-
-def gathered_buffers():
-    flat = torch.cat([b.flatten() for b in run.raw_model.buffers() if b.is_floating_point()])
+def gathered(tensors):
+    flat = torch.cat([t.detach().flatten() for t in tensors if t.is_floating_point()])
     out = [torch.zeros_like(flat) for _ in range(world)]
     dist.all_gather(out, flat)
     return out
 
 
-before = gathered_buffers()  # each rank's BatchNorm statistics followed its own batches
+for step, (x, y) in enumerate(batches):
+    T.train_step(run, x, y)
+    weights, ema = gathered(run.raw_model.parameters()), gathered(run.ema.model.state_dict().values())
+    if rank == 0:
+        assert all(torch.equal(weights[0], t) for t in weights[1:]), f"ranks differ after step {step}"
+        # the average (BatchNorm statistics included) too, so rank 0's checkpoint holds all of it at any step
+        assert all(torch.equal(ema[0], t) for t in ema[1:]), f"the ranks' weight averages differ after step {step}"
+        print(f"step {step}: ranks identical", flush=True)
+    if step == 0:
+        after_first = {k: v.clone() for k, v in run.raw_model.state_dict().items()}
+
+
+before = gathered(run.raw_model.buffers())  # each rank's BatchNorm statistics followed its own batches
 T.average_over_ranks(run.raw_model.buffers())
-after = gathered_buffers()
+after = gathered(run.raw_model.buffers())
 if rank == 0:
     assert not torch.equal(before[0], before[1])
     assert all(torch.equal(after[0], t) for t in after[1:])

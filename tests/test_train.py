@@ -1433,15 +1433,15 @@ def test_the_ends_of_each_training_flags_range_are_accepted():
 
 def test_every_validation_sees_batchnorm_statistics_averaged_over_ranks(ids_data, tmp_path, monkeypatch):
     """Under DDP each rank's statistics follow its own batches: the epoch's end averages those of the trained
-    model and of its EMA before validating (and --precise-bn averages what it recomputes). In one process
-    averaging is a no-op; here the calls are counted."""
+    model before validating (the EMA's follow the ranks' mean at every step: tests/ddp_worker.py), and
+    --precise-bn averages what it recomputes. In one process averaging is a no-op; here the calls are counted."""
     _, lists = ids_data
     calls, average = [], T.average_over_ranks
     monkeypatch.setattr(T, "average_over_ranks", lambda tensors: calls.append(list(tensors)) or average(calls[-1]))
     assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(tmp_path / "run"),
                   "--ema-decay", "0.9", "--precise-bn", "2"]) == 0
     n = len(list(T.InversionNet().buffers()))
-    assert [len(c) for c in calls] == [2 * n, n]  # the trained model's and the EMA's, then precise_bn's (the EMA's)
+    assert [len(c) for c in calls] == [n, n]  # the trained model's, then precise_bn's (the EMA's)
 
 
 def test_weight_ema_averages_weights_and_statistics_with_a_ramped_decay():
