@@ -1,6 +1,7 @@
 """Faults and bad input, triggered for real: signals, kills, non-finite losses, bad files, failing storage."""
 import argparse
 import collections
+import errno
 import fcntl
 import gc
 import hashlib
@@ -594,11 +595,35 @@ def test_failing_checkpoint_write_is_one_line_and_keeps_previous_checkpoints(dat
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, "--resume", "auto", *BASE,
                    preexec_fn=limit_file_size(50))  # a checkpoint is ~290 MB
     assert r.returncode == 2, r.stdout + r.stderr
-    assert re.search(r"^train_inversionnet.py: error: cannot write checkpoint \S*last.pt: File too large; the previous one is intact$", r.stderr.strip()), r.stderr
+    assert re.search(r"^train_inversionnet.py: error: cannot write checkpoint \S*(best|last).pt: File too large; the previous one is "
+                     r"intact$", r.stderr.strip()), r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert digest(out / "last.pt") == last and digest(out / "best.pt") == best
     assert load(out / "last.pt")["epoch"] == 1
     assert not list(out.glob("*.tmp-*"))
+
+
+def test_a_write_cut_between_best_and_last_leaves_no_claim_on_a_best_pt_not_written(data, tmp_path, monkeypatch, capsys):
+    """A kill or a full disk between the epoch's two checkpoint files: last.pt's best_loss must never be one
+    that best.pt does not hold, or the resumed run would keep a worse best.pt for good."""
+    out = tmp_path / "run"
+    argv = ["--data-root", str(data), "--output-dir", str(out), *map(str, BASE)]
+    assert T.cli([*argv, "--epochs", "1"]) == 0
+    ck = load(out / "last.pt")
+    ck["best_loss"] = float("inf")  # so that epoch 1's validation surely improves on it
+    torch.save(ck, out / "last.pt")
+    real, written = T.write_atomic, []
+
+    def second_fails(path, data):
+        if path.endswith(".pt") and written:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real(path, data)
+        written.extend([path] if path.endswith(".pt") else [])
+    monkeypatch.setattr(T, "write_atomic", second_fails)
+    assert T.cli([*argv, "--epochs", "2", "--resume", "auto"]) == 2
+    assert [os.path.basename(p) for p in written] == ["best.pt"]
+    assert load(out / "best.pt")["epoch"] == 2 and load(out / "last.pt")["epoch"] == 1  # last.pt retrains epoch 1
+    assert load(out / "last.pt")["best_loss"] == float("inf")
 
 
 def save_now(obj, *paths):
