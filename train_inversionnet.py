@@ -2604,12 +2604,14 @@ def build_loaders(args, data, normalizer, device, rank, world):
     return train, val
 
 
-def open_monitor(args, device):
-    """The Monitor with rank 0's TensorBoard writer and, with --profile, a torch.profiler schedule."""
+def open_monitor(args, device, resumed_at=None):
+    """The Monitor with rank 0's TensorBoard writer and, with --profile, a torch.profiler schedule. A run resumed
+    at step RESUMED_AT marks its restart there, so TensorBoard drops what a killed start logged past it."""
     writer = profiler = None
     if is_main() and args.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(os.path.join(args.output_dir, "tb"))
+        purge = None if resumed_at is None else resumed_at + 1
+        writer = SummaryWriter(os.path.join(args.output_dir, "tb"), purge_step=purge)
     if is_main() and args.profile:
         from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -2813,7 +2815,7 @@ def main(args, argv=()):
     print0(describe_data(data, train_loader, args, world, stats_from))
     if notes := settings_notes(args, len(train_loader), device):
         print0(f"note: {notes}")
-    return fit(run, train_loader, val_loader, open_monitor(args, device), args)
+    return fit(run, train_loader, val_loader, open_monitor(args, device, run.step if resumed else None), args)
 
 
 PATH_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.EPERM, errno.EROFS,

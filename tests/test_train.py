@@ -753,9 +753,18 @@ def test_resume_gives_identical_weights(tmp_path, ids_data):
     assert [e.value for e in events.Scalars("val/loss")] == pytest.approx(val_loss, abs=1e-4)
     r = run_script(TRAIN, *lists, *common, "--epochs", 1, "--output-dir", b)
     assert r.returncode == 0, r.stderr
+    shutil.copy(b / "last.pt", tmp_path / "epoch1.pt")
+    r = run_script(TRAIN, *lists, *common, "--epochs", 2, "--output-dir", b, "--resume", "auto")
+    assert r.returncode == 0, r.stderr
+    # as if that start had been killed after logging steps 5-8 but before its checkpoint: resumed again, the
+    # TensorBoard curves hold each step once (the killed start's points past step 4 are dropped)
+    shutil.copy(tmp_path / "epoch1.pt", b / "last.pt")
     r = run_script(TRAIN, *lists, *common, "--epochs", 2, "--output-dir", b, "--resume", "auto")
     assert r.returncode == 0, r.stderr
     assert "resuming from" in r.stdout and "start of epoch 1" in r.stdout
+    events = EventAccumulator(str(b / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
     sa = torch.load(a / "last.pt", weights_only=False)
     sb = torch.load(b / "last.pt", weights_only=False)
     assert sa["epoch"] == sb["epoch"] == 2 and sa["step"] == sb["step"] == 8
