@@ -252,9 +252,9 @@ def shown(value):
 CONFIG_SKIP = ("config", "resume", "overwrite")  # a repeated run must not continue or replace the one it repeats
 
 
-def config_argv(path, skip=()):
-    """The arguments saved in a run's args.json as command-line flags (less those named in SKIP), checked by
-    the parser itself."""
+def config_argv(path, given, skip=()):
+    """The arguments saved in a run's args.json as command-line flags (less those named in SKIP, and those
+    check_args derived from a setting GIVEN afresh), checked by the parser itself."""
     require_file("--config", path)
     try:
         with open(path) as fh:
@@ -264,7 +264,13 @@ def config_argv(path, skip=()):
         raise InputError(f"--config {path}: not a readable args.json") from None
     if saved.get("loader") != "gpu":  # the cache dtype of a run without the device cache set nothing
         skip = (*skip, "cache_dtype")
-    return saved_argv(saved, f"--config {path}", skip)
+    # what check_args filled in follows what it came from: a --val-batch-size that was --batch-size's, and the
+    # one epoch without validation that --overfit-batch imposed
+    if "batch_size" in given and saved.get("val_batch_size") == saved.get("batch_size"):
+        skip = (*skip, "val_batch_size")
+    if "overfit_batch" in given and saved.get("overfit_batch"):
+        skip = (*skip, "epochs", "val_every")
+    return saved_argv(saved, f"--config {path}", tuple(k for k in skip if k not in given))
 
 
 def saved_argv(saved, where, skip=(), known_only=False):
@@ -312,7 +318,7 @@ def parse_args(argv=None):
     skip = ("train_list", "val_list") if "data_root" in given and "train_list" not in given else ()
     if "fast" in given:  # args.json holds the speed flags as resolved; --fast / --no-fast here resolves them afresh
         skip += tuple(k for k in SPEED_FLAGS if k not in given)
-    return get_args_parser().parse_args(config_argv(args.config, skip) + argv)
+    return get_args_parser().parse_args(config_argv(args.config, given, skip) + argv)
 
 
 def given_names(argv):

@@ -960,6 +960,23 @@ def test_config_never_replays_resume_or_overwrite(tmp_path):
     assert T.parse_args(["--config", str(path)]).resume is None
 
 
+def test_config_lets_values_check_args_derived_follow_what_they_came_from(tmp_path):
+    """args.json holds resolved values: a --val-batch-size that was --batch-size's follows a --batch-size given
+    beside --config, and the one unvalidated epoch --overfit-batch imposed goes with --no-overfit-batch."""
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(vars(T.check_args(T.parse_args(["--batch-size", "2"])))))
+    assert T.check_args(T.parse_args(["--config", str(path), "--batch-size", "4"])).val_batch_size == 4
+    assert T.check_args(T.parse_args(["--config", str(path)])).val_batch_size == 2
+    path.write_text(json.dumps(vars(T.check_args(T.parse_args(["--batch-size", "2", "--val-batch-size", "8"])))))
+    assert T.check_args(T.parse_args(["--config", str(path), "--batch-size", "4"])).val_batch_size == 8  # chosen
+    path.write_text(json.dumps(vars(T.check_args(T.parse_args(["--overfit-batch", "--epochs", "30"])))))
+    args = T.check_args(T.parse_args(["--config", str(path), "--no-overfit-batch"]))
+    default = T.get_args_parser().parse_args([])
+    assert (args.epochs, args.val_every) == (default.epochs, default.val_every)
+    args = T.check_args(T.parse_args(["--config", str(path), "--no-overfit-batch", "--epochs", "3"]))
+    assert (args.epochs, args.val_every) == (3, default.val_every)
+
+
 def test_config_replays_the_resolved_speed_flags_unless_fast_is_given(tmp_path):
     """args.json holds the speed flags as resolved (a CUDA --fast run's here); --fast or --no-fast given beside
     --config chooses afresh for this device all but the speed flags given with it."""
