@@ -2679,7 +2679,9 @@ def fit(run, train_loader, val_loader, monitor, args):
             try:  # the epoch's line is printed even when the previous checkpoint's write turns out to have failed
                 # best.pt before the last.pt whose best_loss vouches for it: a kill or a full disk between the
                 # two then leaves a last.pt that retrains the epoch, never one claiming a best.pt not written
-                save_checkpoint(run, args, writer, *(["best.pt"] if improved or val_loader is None else []), "last.pt")
+                # a run that never validated keeps every epoch's weights there for eval; one that did keeps its best
+                unvalidated = val_loader is None and math.isinf(run.best_loss)
+                save_checkpoint(run, args, writer, *(["best.pt"] if improved or unvalidated else []), "last.pt")
             finally:
                 times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
                 monitor.scalars("epoch_seconds", times, run.step)

@@ -960,6 +960,20 @@ def test_config_never_replays_resume_or_overwrite(tmp_path):
     assert T.parse_args(["--config", str(path)]).resume is None
 
 
+def test_a_validated_best_pt_is_kept_when_a_resume_stops_validating(ids_data, tmp_path):
+    """best.pt takes every epoch's weights only in a run that never validated: a validated run resumed with
+    --val-every 0 keeps the best model it measured."""
+    _, lists = ids_data
+    argv = [*map(str, lists), *BASE_RUN, "--output-dir", str(tmp_path / "run")]
+    assert T.cli([*argv, "--epochs", "1"]) == 0
+    best = (tmp_path / "run" / "best.pt").read_bytes()
+    assert T.cli([*argv, "--epochs", "2", "--resume", "auto", "--val-every", "0"]) == 0
+    assert (tmp_path / "run" / "best.pt").read_bytes() == best
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 2
+    assert T.cli([*map(str, lists), *BASE_RUN, "--output-dir", str(tmp_path / "never"), "--epochs", "1", "--val-every", "0"]) == 0
+    assert torch.load(tmp_path / "never" / "best.pt", weights_only=False)["epoch"] == 1  # for eval to take
+
+
 def test_config_lets_values_check_args_derived_follow_what_they_came_from(tmp_path):
     """args.json holds resolved values: a --val-batch-size that was --batch-size's follows a --batch-size given
     beside --config, and the one unvalidated epoch --overfit-batch imposed goes with --no-overfit-batch."""
