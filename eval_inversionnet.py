@@ -264,10 +264,11 @@ def trained_on(ckpt, pairs):
     saved, record = saved_args(ckpt), ckpt.get("split")
     if not saved or not record:  # an OpenFWI checkpoint records neither
         return []
-    names = {d for d, *_ in record}
+    names, root = {d for d, *_ in record}, saved.get("data_root") or ""
+    folder = os.path.join(root, "data") if os.path.isdir(os.path.join(root, "data")) else root  # (OpenFWI's fault layout)
     try:
         listed = ([d for d, _ in T.read_split_list(saved["train_list"])] if saved.get("train_list")
-                  else [os.path.join(saved.get("data_root") or "", "data", n) for n in names])
+                  else [os.path.join(folder, n) for n in names])
     except T.InputError:  # the list moved since: nothing tells
         return []
     trained = {os.path.realpath(d) for d in listed if os.path.basename(d) in names and os.path.isfile(d)}

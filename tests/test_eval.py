@@ -571,6 +571,16 @@ def test_files_the_checkpoint_trained_on_are_known_by_where_they_are_not_by_name
     assert (f"warning: the evaluated {trained} is one the checkpoint trained on, so these metrics overstate the "
             "model") in (tmp_path / "l" / "result.txt").read_text()
     assert evaluate_to(tmp_path / "t", ck, "--split", "train")["evaluated_files_trained_on"] == [trained, ANY]
+    # OpenFWI's fault layout: seis*.npy and vel*.npy side by side in --data-root, no data/ folder
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(tiny_run / "d" / "data" / "data1.npy", flat / "seis1_0.npy")
+    shutil.copy(tiny_run / "d" / "model" / "model1.npy", flat / "vel1_0.npy")
+    saved = torch.load(ck, weights_only=False)
+    saved["args"]["data_root"], saved["split"] = str(flat), [["seis1_0.npy", "vel1_0.npy", 4]]
+    torch.save(saved, tmp_path / "flat.pt")
+    (tmp_path / "flat.txt").write_text(f"{flat / 'seis1_0.npy'}\t{flat / 'vel1_0.npy'}\n")
+    assert evaluate_to(tmp_path / "f", tmp_path / "flat.pt", "--val-list", tmp_path / "flat.txt")["evaluated_files_trained_on"] == ["seis1_0.npy"]
     assert "overstate" not in (tmp_path / "t" / "result.txt").read_text()  # asked for: the report says so otherwise
 
 
