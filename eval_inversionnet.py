@@ -59,7 +59,7 @@ def get_args_parser():
     p.add_argument("--output-dir", type=T.path_arg, default=None, help="where results go (default: CHECKPOINT_DIR/eval, or CHECKPOINT_DIR/predict)")
     p.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False, help="replace the results (or --export file) already there")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
-                   help="device (auto: CUDA when there is one; --export traces on the CPU unless this names another)")
+                   help="device (auto: CUDA, else MPS, when there is one; --export traces on the CPU unless this names another)")
     p.add_argument("--batch-size", type=int, default=32, help="samples per batch per process")
     p.add_argument("--amp", default="auto", choices=["auto", *T.AMP_DTYPES],
                    help="autocast dtype of the forward pass (metrics are computed in float32, SSIM in float64, or float32 on MPS); auto: the one the checkpoint was "
@@ -234,13 +234,6 @@ def evaluation_pairs(opts, targs, ours):
     return pairs, train
 
 
-def own_data(opts, ckpt):
-    """Whether the evaluation reads the data set the checkpoint trained on: no --data-root, or the one it saved."""
-    saved = saved_args(ckpt) or {}
-    return opts.data_root is None or (not saved.get("train_list") and saved.get("data_root") is not None
-                                      and os.path.realpath(opts.data_root) == os.path.realpath(saved["data_root"]))
-
-
 def split_change(ckpt, train_pairs):
     """A line saying so when the training split read now from the checkpoint's own data is not the one it
     recorded (files added to a simulated set since, or removed): the validation split and the baseline then
@@ -257,22 +250,31 @@ def split_change(ckpt, train_pairs):
             f"evaluated split and the baseline come from today's files")
 
 
-def trained_on(ckpt, pairs):
-    """The names of the evaluated data files that the checkpoint trained on, in order. A file is known by where
-    it is, not by its name (every simulated set has a data1.npy): the names its split record holds, under the
-    --data-root or in the --train-list its training arguments saved, as far as they can still be found."""
+def trained_files(ckpt):
+    """The real paths of the data files the checkpoint trained on, as far as they can still be found: the names
+    its split record holds, under the --data-root or in the --train-list its training arguments saved. A file
+    is known by where it is, not by its name: every simulated set has a data1.npy."""
     saved, record = saved_args(ckpt), ckpt.get("split")
     if not saved or not record:  # an OpenFWI checkpoint records neither
-        return []
+        return set()
     names, root = {d for d, *_ in record}, saved.get("data_root") or ""
     folder = os.path.join(root, "data") if os.path.isdir(os.path.join(root, "data")) else root  # (OpenFWI's fault layout)
     try:
         listed = ([d for d, _ in T.read_split_list(saved["train_list"])] if saved.get("train_list")
                   else [os.path.join(folder, n) for n in names])
     except T.InputError:  # the list moved since: nothing tells
-        return []
-    trained = {os.path.realpath(d) for d in listed if os.path.basename(d) in names and os.path.isfile(d)}
-    return [os.path.basename(d) for d, _ in pairs if os.path.realpath(d) in trained]
+        return set()
+    return {os.path.realpath(d) for d in listed if os.path.basename(d) in names and os.path.isfile(d)}
+
+
+def training_record(ckpt, opts, train_pairs, pairs):
+    """What the results say about the data the checkpoint trained on: whether its training split changed since
+    (asked of its own data: without --data-root, or with one whose training files include some it trained on;
+    another set's split is no change of this one), and the names of the evaluated files it trained on."""
+    trained = trained_files(ckpt)
+    own = opts.data_root is None or any(os.path.realpath(d) in trained for d, _ in train_pairs or ())
+    return {"split_changed_since_training": split_change(ckpt, train_pairs) if own else None,
+            "evaluated_files_trained_on": [os.path.basename(d) for d, _ in pairs if os.path.realpath(d) in trained]}
 
 
 def baseline_sums(train_pairs, pairs, normalizer):
@@ -315,10 +317,11 @@ def paper_reference(opts, targs):
     simulate_openfwi.py, not OpenFWI's generator); else the set named in training; None when nothing says."""
     name, source = opts.dataset, "OpenFWI"
     if name is None:
-        # the stats file of the data evaluated: beside a --val-list, as the simulator writes it
-        stats = os.path.join(os.path.dirname(os.path.abspath(opts.val_list)), "dataset.json") if opts.val_list else None
+        # the stats file of the data evaluated: --stats, else the one beside a --val-list (as the simulator writes
+        # it), else the run's
+        beside = os.path.join(os.path.dirname(os.path.abspath(opts.val_list)), "dataset.json") if opts.val_list else ""
         try:
-            with open(stats or T.stats_path(targs)) as fh:
+            with open(opts.stats or (beside if os.path.isfile(beside) else T.stats_path(targs))) as fh:
                 name, source = f"{json.load(fh)['family']}-a", "simulate_openfwi.py (indicative)"
         except (TypeError, OSError, ValueError, KeyError):
             name = targs.dataset
@@ -380,8 +383,8 @@ def write_results(out, result, rows):
     w = csv.writer(table)
     w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
     w.writerows(rows)
-    if os.path.exists(os.path.join(out, "metrics.json")):  # --overwrite: a failure below must not leave it beside
-        os.remove(os.path.join(out, "metrics.json"))      # new files, as if they were the complete old result
+    remove_results(out, ["metrics.json"])  # --overwrite: a failure below must not leave it beside new files, as
+                                           # if they were the complete old result
     for name, content in (("per_sample.csv", table.getvalue()), ("result.txt", report(result)),
                           ("metrics.json", json.dumps(result, indent=2))):
         write_file(os.path.join(out, name), content)
@@ -499,14 +502,13 @@ def run_evaluation(opts, argv):
     base = T.summarize(baseline_sums(train_pairs or pairs, pairs, normalizer))
     base["from"] = "training split" if train_pairs else "evaluated maps"
     result = result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base)
-    result["split_changed_since_training"] = split_change(ckpt, train_pairs) if own_data(opts, ckpt) else None
-    result["evaluated_files_trained_on"] = trained_on(ckpt, pairs)
+    result |= training_record(ckpt, opts, train_pairs, pairs)
     result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last,
                          "ssim": dtype_name(T.ssim_dtype(device))}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance")}
     write_results(out, result, rows)
-    remove_pictures(out, [n for n in found if n.endswith(".png")])  # after the new results are in: a failed run keeps them
+    remove_results(out, [n for n in found if n.endswith(".png")])  # after the new results are in: a failed run keeps them
     if opts.vis:
         draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, opts.vis, amp_dtype)
     print(report(result), end="")
@@ -524,9 +526,9 @@ def make_results_dir(out):
         raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
 
 
-def remove_pictures(out, names):
-    """The pictures of the evaluation that --overwrite replaces: they show other samples, or another model,
-    and would otherwise stay beside the new ones."""
+def remove_results(out, names):
+    """Files of the evaluation that --overwrite replaces: pictures that show other samples, or another model,
+    and would otherwise stay beside the new ones; the metrics.json that would vouch for a mix."""
     for name in names:
         try:
             os.remove(os.path.join(out, name))
@@ -630,7 +632,7 @@ def predict(opts):
             draw_predictions(gathers, np.load(dest, mmap_mode="r"), n, stem + "_predictions.png", normalizer)
             line += f"; the first {n} beside their shot gathers: {stem}_predictions.png"
         elif opts.overwrite:  # an earlier picture showed the maps just replaced
-            remove_pictures(out, [os.path.basename(stem) + "_predictions.png"])
+            remove_results(out, [os.path.basename(stem) + "_predictions.png"])
         print(line)
     print(f"normalisation from {stats_from}; forward pass {dtype_name(amp_dtype)}")
     return 0

@@ -147,14 +147,14 @@ else
 fi
 
 # a stage's exit code is run.sh's; an input error (exit 2) has already said what is wrong, in one line; a
-# stage stopped by Ctrl-C (SIGINT) or by a SIGTERM to the whole process group (timeout, a batch scheduler)
-# exits 130 / 143, and the trap keeps this shell alive to say how to go on
+# stage stopped by Ctrl-C (SIGINT), by a SIGTERM to the whole process group (timeout, a batch scheduler) or by
+# a SIGHUP exits 130 / 143 / 129, and the trap keeps this shell alive to say how to go on
 step() {
   [[ -z "$stopped" ]] || { echo "run.sh: stopped by SIGTERM before $1; the same bash run.sh command goes on" >&2; exit 143; }
   echo; echo "== $1"
 }
 failed() {
-  if (( $1 == 130 || $1 == 143 )); then echo "run.sh: $2 stopped by a signal; the same bash run.sh command goes on" >&2
+  if (( $1 == 129 || $1 == 130 || $1 == 143 )); then echo "run.sh: $2 stopped by a signal; the same bash run.sh command goes on" >&2
   elif (( $1 != 2 )); then echo "run.sh: $2 failed (exit $1)" >&2; fi
   exit "$1"
 }
@@ -170,7 +170,7 @@ rc=0
 # shellcheck disable=SC2086
 "$PY" train_inversionnet.py --train-list "$data/train.txt" --val-list "$data/val.txt" \
   --output-dir "$run" "${train[@]}" --resume auto $train_args || rc=$?
-if (( rc == 130 || rc == 143 )); then
+if (( rc == 129 || rc == 130 || rc == 143 )); then
   [[ -f "$run/last.pt" ]] && hint="; the same bash run.sh command continues it from $run/last.pt" || hint=""
   echo "run.sh: training stopped by a signal$hint" >&2
   exit "$rc"

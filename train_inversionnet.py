@@ -34,6 +34,7 @@ import random
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -472,17 +473,21 @@ def print0(*msg):
     text = " ".join(str(m) for m in msg)
     try:
         print(text, flush=True)
-    except BrokenPipeError:  # the reader went (`| head`): training goes on, its lines in train.log alone
+    except OSError as e:  # the reader went (`| head`), the terminal hung up: training goes on, its lines in train.log
+        if e.errno not in (errno.EPIPE, errno.EIO):
+            raise
         detach_console((sys.stdout.fileno(),))
     _append_log(text)
 
 
-def detach_console(fds=(1, 2)):
+def detach_console(fds=(1, 2), terminals_only=False):
     """Point the descriptors FDS (stdout, stderr) at /dev/null, so that neither the next line, the unflushed
-    bytes of the last one nor the flush at exit fail again on a console that went away."""
+    bytes of the last one nor the flush at exit fail again on a console that went away; with TERMINALS_ONLY,
+    those on a terminal alone (a file or pipe they were redirected to keeps its lines)."""
     quiet = os.open(os.devnull, os.O_WRONLY)
     for fd in fds:
-        os.dup2(quiet, fd)
+        if not terminals_only or stat.S_ISCHR(os.fstat(fd).st_mode):  # (isatty itself fails on a hung-up one)
+            os.dup2(quiet, fd)
     os.close(quiet)
 
 
@@ -753,7 +758,7 @@ class CheckpointWriter:
             try:  # popped: once serialised the copy is freed, not held beside buf while the file is written
                 torch.save(box.pop(), buf)
             except Exception as e:  # e.g. MemoryError: one line through wait() or close(), as a failed write
-                raise InputError(f"cannot serialise checkpoint {paths[0]}: {type(e).__name__}: {e}") from None
+                raise InputError(f"cannot serialise checkpoint {' and '.join(paths)}: {type(e).__name__}: {e}") from None
             data = buf.getbuffer()
             for path in paths:
                 try:
@@ -1029,13 +1034,13 @@ def inspect_pairs(pairs):
 
 def check_label_range(pairs, normalizer, stats_from):
     """Refuse labels in the wrong units (km/s, already normalised) before training on them: the model's tanh
-    output cannot reach them, and nothing else would say so. A unit is the set's, so the median of a split's
-    first file tells (an outlier or a NaN there is the loaders' and the loss guard's to name); a quarter of the
+    output cannot reach them, and nothing else would say so. A unit is the set's, so the median of the first maps
+    of a split's first file tells (an outlier or a NaN there is the loaders' and the loss guard's to name); a quarter of the
     range beyond either end still passes, for a set a little wider than its constants."""
     lo, hi = normalizer.label_min, normalizer.label_max
     margin = (hi - lo) / 4
     for _, lpath in pairs:
-        median = float(np.median(np.load(lpath, mmap_mode="r")))
+        median = float(np.median(np.load(lpath, mmap_mode="r")[:64]))  # a few maps tell, in bounded memory
         if math.isnan(median) or lo - margin <= median <= hi + margin:
             continue
         raise DataError(f"{lpath}: velocities around {median:.4g} (the file's median), far outside the "
@@ -1555,13 +1560,13 @@ def checkpoint_types():
             type(torch.__version__)]
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """torch.load without running code from the file (torch before 2.5 has no allow-list to give weights_only
-    loading, and loads as torch.save wrote)."""
+    loading, and loads as torch.save wrote); with MMAP, tensors are read only when used."""
     if not hasattr(torch.serialization, "safe_globals"):
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     with torch.serialization.safe_globals(checkpoint_types()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def read_state_dict(path):
@@ -1794,7 +1799,7 @@ class WeightEMA:
         weight = 1 - min(self.decay, (1 + step) / (10 + step))
         torch._foreach_lerp_(*self.weights, weight)
         ema_stats, stats = self.stats
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if stats and dist.is_initialized() and dist.get_world_size() > 1:
             # DDP keeps the weights equal on every rank, not the BatchNorm statistics (each follows its own
             # batches): the average follows their mean, so that every rank holds the same average at every step
             # and rank 0's, which a checkpoint saves mid-epoch, is the whole of it. One small all-reduce.
@@ -1935,7 +1940,7 @@ class Stop:
 
     def _handle(self, signum, frame):
         if signum == getattr(signal, "SIGHUP", None):
-            detach_console()  # writes to a terminal that hung up fail (EIO): the lines go to train.log alone
+            detach_console(terminals_only=True)  # writes to a terminal that hung up fail (EIO): train.log has them
         # not inside a finaliser (a DataLoader iterator's __del__ joining its workers as the epoch ends):
         # Python would print its traceback as "Exception ignored" and go on as if the key had not been pressed
         if self.received is not None and signum == signal.SIGINT and not in_finalizer(frame):
@@ -2346,7 +2351,7 @@ def restore(run, args, rank):
     elif run.ema is None and "train_model" in ckpt:
         ema = "; its weight EMA ('model') is not continued without --ema-decay: the trained weights go on"
     amp = load_optimizer_state(run, ckpt, path, args.amp)
-    run.step, run.best_loss = ckpt["step"], ckpt["best_loss"]
+    run.step, run.best_loss = ckpt["step"], min(ckpt["best_loss"], newer_best_loss(args.output_dir, ckpt["step"]))
     if args.overwrite or not os.path.isfile(os.path.join(args.output_dir, "best.pt")):
         run.best_loss = math.inf  # a run continued into a new directory: its first validation writes best.pt there
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
@@ -2370,6 +2375,17 @@ def restore(run, args, rank):
     given, args.init_from = args.init_from, ckpt["args"].get("init_from")  # args.json: what the run began from
     unused = f"; --init-from {given} not used (the weights are {path}'s)" if given and given != args.init_from else ""
     return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{ema}{amp}{unused}"
+
+
+def newer_best_loss(output_dir, step):
+    """The best loss OUTPUT_DIR/best.pt records if it was written after the checkpoint at STEP (a kill between an
+    epoch's two writes, best.pt first): the resumed run's validation must beat that, or it would replace a better
+    best.pt. inf when there is no such file, or none readable (eval names what is wrong with it)."""
+    try:  # memory-mapped: the weights are not read
+        best = load_checkpoint(os.path.join(output_dir, "best.pt"), mmap=True)
+        return float(best["best_loss"]) if best["step"] > step else math.inf
+    except Exception:  # missing, truncated, another kind of file: nothing newer to go by
+        return math.inf
 
 
 def check_ranks_agree(run):

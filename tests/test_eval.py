@@ -13,7 +13,7 @@ from unittest.mock import ANY
 
 import eval_inversionnet as E
 import train_inversionnet as T
-from helpers import EVAL, TRAIN, layered_maps, module_dir, run_script, write_ids_dataset
+from helpers import EVAL, TRAIN, layered_maps, module_dir, run_script, write_ids_dataset, write_split_list
 
 
 def ssim_reference(a, b):
@@ -476,6 +476,13 @@ def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
     (tmp_path / "cv" / "val.txt").write_text(f"{tiny_run / 'd' / 'data' / 'data3.npy'}\t{tiny_run / 'd' / 'model' / 'model3.npy'}\n")
     paper = evaluate_to(tmp_path / "v", tiny_run / "run" / "best.pt", "--val-list", tmp_path / "cv" / "val.txt")["paper_reference"]
     assert (paper["dataset"], paper["data"]) == ("curvefault-a", "simulate_openfwi.py (indicative)")
+    # --stats named here wins over the file beside the list; a list with none beside it keeps the run's row
+    paper = evaluate_to(tmp_path / "vs", tiny_run / "run" / "best.pt", "--val-list", tmp_path / "cv" / "val.txt",
+                        "--stats", tmp_path / "curvevel.json")["paper_reference"]
+    assert paper["dataset"] == "curvevel-a"
+    (tmp_path / "val.txt").write_text((tmp_path / "cv" / "val.txt").read_text())
+    assert evaluate_to(tmp_path / "vn", tiny_run / "run" / "best.pt", "--val-list", tmp_path / "val.txt")[
+        "paper_reference"]["dataset"] == "flatvel-a"
 
 
 def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
@@ -546,11 +553,16 @@ def test_a_training_split_that_changed_since_training_is_reported(tiny_run, tmp_
             "overstate the model") in (tmp_path / "shrunk" / "result.txt").read_text()
     ck["split"] = [list(f) for f in torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"]]
     now = " ".join(map(str, ck["split"][1]))
-    ck["split"][1][0] = "elsewhere.npy"  # the same counts from other files: e.g. --data-root for a run trained on lists
+    ck["split"][1][0] = "elsewhere.npy"  # the same counts from other files: a file replaced by another since
     torch.save(ck, tmp_path / "other.pt")
     note = evaluate_to(tmp_path / "other", tmp_path / "other.pt")["split_changed_since_training"]
     assert note.startswith("the training split now has 2 files (8 samples), the checkpoint was trained on 2 (8 samples; "
                            f"file 2 is now {now}, was elsewhere.npy {now.split(' ', 1)[1]}): the evaluated split")
+    # its own data under another spelling (a link to the folder) is still its own: the change is reported
+    (tmp_path / "link").symlink_to(tiny_run / "d")
+    assert evaluate_to(tmp_path / "linked", tmp_path / "grown.pt", "--data-root", tmp_path / "link")[
+        "split_changed_since_training"].startswith("the training split now has 2 files (8 samples), the checkpoint was "
+                                                   "trained on 1 (4 samples")
 
 
 def test_files_the_checkpoint_trained_on_are_known_by_where_they_are_not_by_name(tiny_run, tmp_path):
@@ -571,6 +583,14 @@ def test_files_the_checkpoint_trained_on_are_known_by_where_they_are_not_by_name
     assert (f"warning: the evaluated {trained} is one the checkpoint trained on, so these metrics overstate the "
             "model") in (tmp_path / "l" / "result.txt").read_text()
     assert evaluate_to(tmp_path / "t", ck, "--split", "train")["evaluated_files_trained_on"] == [trained, ANY]
+    # a run trained on split lists: its files are the list's; a list gone since tells nothing
+    listed = torch.load(ck, weights_only=False)
+    listed["args"]["train_list"] = str(write_split_list(tmp_path / "train.txt", [
+        (tiny_run / "d" / "data" / trained, tiny_run / "d" / "model" / trained.replace("data", "model"))]))
+    torch.save(listed, tmp_path / "listed.pt")
+    assert evaluate_to(tmp_path / "tl", tmp_path / "listed.pt", "--val-list", lst)["evaluated_files_trained_on"] == [trained]
+    (tmp_path / "train.txt").unlink()
+    assert evaluate_to(tmp_path / "gone", tmp_path / "listed.pt", "--val-list", lst)["evaluated_files_trained_on"] == []
     # OpenFWI's fault layout: seis*.npy and vel*.npy side by side in --data-root, no data/ folder
     flat = tmp_path / "flat"
     flat.mkdir()

@@ -93,7 +93,7 @@ def digest(path):
 
 # ---- interruption ----
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)])
 def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, straight, tmp_path, sig, code):
     out = tmp_path / "run"
     p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *EXACT)
@@ -624,6 +624,13 @@ def test_a_write_cut_between_best_and_last_leaves_no_claim_on_a_best_pt_not_writ
     assert [os.path.basename(p) for p in written] == ["best.pt"]
     assert load(out / "best.pt")["epoch"] == 2 and load(out / "last.pt")["epoch"] == 1  # last.pt retrains epoch 1
     assert load(out / "last.pt")["best_loss"] == float("inf")
+    # resumed, the retrained epoch must beat best.pt's loss, not last.pt's older figure: the same loss again
+    # (the same weights) does not, so best.pt is left as it is
+    monkeypatch.undo()
+    best = (out / "best.pt").read_bytes()
+    assert T.cli([*argv, "--epochs", "2", "--resume", "auto"]) == 0
+    assert (out / "best.pt").read_bytes() == best
+    assert load(out / "last.pt")["best_loss"] == load(out / "best.pt")["best_loss"] < float("inf")
 
 
 def save_now(obj, *paths):
@@ -707,10 +714,11 @@ def test_a_checkpoint_that_cannot_be_serialised_is_one_line(tmp_path, monkeypatc
         raise MemoryError("cannot allocate 293 MB")
     monkeypatch.setattr(T.torch, "save", no_memory)
     writer = T.CheckpointWriter()
-    writer.save({"w": torch.zeros(2)}, str(tmp_path / "last.pt"), str(tmp_path / "best.pt"))
+    writer.save({"w": torch.zeros(2)}, str(tmp_path / "best.pt"), str(tmp_path / "last.pt"))
     writer.close()
     assert capsys.readouterr().err.strip() == (f"train_inversionnet.py: error: cannot serialise checkpoint "
-                                                f"{tmp_path / 'last.pt'}: MemoryError: cannot allocate 293 MB")
+                                                f"{tmp_path / 'best.pt'} and {tmp_path / 'last.pt'}: MemoryError: "
+                                                f"cannot allocate 293 MB")
     assert not list(tmp_path.iterdir())
 
 

@@ -89,6 +89,31 @@ def test_normalizer_matches_openfwi_formula_and_never_writes_in_place():
     assert n.label_to_velocity(n.label(v)).tolist() == pytest.approx(v.tolist())
 
 
+def test_label_units_are_told_by_the_median_of_a_files_first_maps(tmp_path):
+    """m/s within a quarter of the range beyond either end passes; km/s or normalised labels do not; a NaN or
+    an outlier is left to the loaders and the loss guard, which name its sample."""
+    norm, path = T.Normalizer(-30, 60), tmp_path / "model1.npy"
+
+    def check(y):
+        np.save(path, np.asarray(y, np.float32).reshape(-1, 1, 70, 70))
+        T.check_label_range([("unused", str(path))], norm, "here")
+    for fine in (np.full(4900, 1500.0), np.full(4900, 4500.0), np.full(4900, 800.0), np.full(4900, 5200.0)):
+        check(fine)
+    y = np.full((3, 4900), 3000.0)
+    y[0] = 3.4e38  # an outlier
+    check(y)
+    y[1, 7] = np.nan
+    check(y)
+    for bad in (np.full(4900, 3.0), np.full(4900, 0.2), np.full(4900, 700.0), np.full(4900, 5300.0)):
+        with pytest.raises(T.DataError, match=r"model1\.npy: velocities around \S+ \(the file's median\), far outside "
+                                              r"the normalisation's 1500 to 4500 m/s \(here\)"):
+            check(bad)
+    y = np.full((80, 4900), 3.0)
+    y[64:] = 3000.0  # only the first 64 maps are read
+    with pytest.raises(T.DataError):
+        check(y)
+
+
 def test_stats_resolution(tmp_path):
     a = small_args(data_root=str(tmp_path), dataset="curvevel-b")
     norm, src = T.resolve_stats(a)
