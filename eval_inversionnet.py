@@ -313,12 +313,11 @@ def gather_rows(per_sample, rank, world, scale):
 
 def paper_reference(opts, targs):
     """The paper's row for the data: the OpenFWI set named by --dataset here; else the A row of the family that the
-    stats file in use names (a simulated set's dataset.json: indicative only, as that data comes from
-    simulate_openfwi.py, not OpenFWI's generator); else the set named in training; None when nothing says."""
+    stats file of the evaluated data names (--stats, else the dataset.json beside a --val-list, else the run's: a
+    simulated set's dataset.json, indicative only, as that data comes from simulate_openfwi.py, not OpenFWI's
+    generator); else the set named in training; None when nothing says."""
     name, source = opts.dataset, "OpenFWI"
     if name is None:
-        # the stats file of the data evaluated: --stats, else the one beside a --val-list (as the simulator writes
-        # it), else the run's
         beside = os.path.join(os.path.dirname(os.path.abspath(opts.val_list)), "dataset.json") if opts.val_list else ""
         try:
             with open(opts.stats or (beside if os.path.isfile(beside) else T.stats_path(targs))) as fh:
