@@ -1034,9 +1034,9 @@ def inspect_pairs(pairs):
 
 def check_label_range(pairs, normalizer, stats_from):
     """Refuse labels in the wrong units (km/s, already normalised) before training on them: the model's tanh
-    output cannot reach them, and nothing else would say so. A unit is the set's, so the median of the first maps
-    of a split's first file tells (an outlier or a NaN there is the loaders' and the loss guard's to name); a quarter of the
-    range beyond either end still passes, for a set a little wider than its constants."""
+    output cannot reach them, and nothing else would say so. A unit is the set's, so the median of the first
+    maps of a split's first file tells (an outlier or a NaN there is the loaders' and the loss guard's to
+    name); a quarter of the range beyond either end still passes, for a set a little wider than its constants."""
     lo, hi = normalizer.label_min, normalizer.label_max
     margin = (hi - lo) / 4
     for _, lpath in pairs:
@@ -1788,7 +1788,7 @@ class WeightEMA:
     def __init__(self, model, decay):
         self.decay, self.model = decay, copy.deepcopy(model).eval().requires_grad_(False)
         mine, live = self.model.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
-        params = {n for n, _ in model.named_parameters()}
+        params = dict.fromkeys(n for n, _ in model.named_parameters())  # in the model's order
         self.weights = ([mine[k].data for k in params], [live[k].data for k in params])  # views of the live tensors
         floats = [k for k in live if k not in params and live[k].is_floating_point()]  # BatchNorm's statistics
         self.stats = ([mine[k].data for k in floats], [live[k].data for k in floats])
@@ -2351,9 +2351,11 @@ def restore(run, args, rank):
     elif run.ema is None and "train_model" in ckpt:
         ema = "; its weight EMA ('model') is not continued without --ema-decay: the trained weights go on"
     amp = load_optimizer_state(run, ckpt, path, args.amp)
-    run.step, run.best_loss = ckpt["step"], min(ckpt["best_loss"], newer_best_loss(args.output_dir, ckpt["step"]))
+    run.step = ckpt["step"]
     if args.overwrite or not os.path.isfile(os.path.join(args.output_dir, "best.pt")):
         run.best_loss = math.inf  # a run continued into a new directory: its first validation writes best.pt there
+    else:
+        run.best_loss = min(ckpt["best_loss"], newer_best_loss(args.output_dir, ckpt["step"]))
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     if ckpt.get("rng") and rank == 0:
         try:
@@ -2693,9 +2695,9 @@ def fit(run, train_loader, val_loader, monitor, args):
                 run.epoch, run.batch_in_epoch = run.epoch + 1, 0
             t2 = time.perf_counter()
             try:  # the epoch's line is printed even when the previous checkpoint's write turns out to have failed
-                # best.pt before the last.pt whose best_loss vouches for it: a kill or a full disk between the
-                # two then leaves a last.pt that retrains the epoch, never one claiming a best.pt not written
-                # a run that never validated keeps every epoch's weights there for eval; one that did keeps its best
+                # a run that never validated keeps every epoch's weights in best.pt for eval; one that did keeps
+                # its best. best.pt goes before the last.pt whose best_loss vouches for it: a kill or a full disk
+                # between the two then leaves a last.pt that retrains the epoch, never one claiming a best.pt not written
                 unvalidated = val_loader is None and math.isinf(run.best_loss)
                 save_checkpoint(run, args, writer, *(["best.pt"] if improved or unvalidated else []), "last.pt")
             finally:
