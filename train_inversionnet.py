@@ -62,6 +62,7 @@ LABEL_MIN, LABEL_MAX = 1500.0, 4500.0
 DATA_SHAPE, LABEL_SHAPE = (5, 1000, 70), (1, 70, 70)
 DEFAULT_TRAIN_SIZE = 0.8  # the fraction of --data-root's files that train, unless they are a released OpenFWI set
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OVERFIT_STEPS = 100  # --overfit-batch's steps when --max-steps is not given
 MAX_SEED = 2**31 - 1  # offset by rank and epoch, a seed must stay well inside the 64 bits torch.manual_seed takes
 
 
@@ -195,8 +196,8 @@ def add_speed_args(g):
                    help="channels-last memory format. Unset: off, or with --fast on CUDA and CPU")
     g.add_argument("--fast", action=argparse.BooleanOptionalAction, default=False,
                    help="the fastest combination measured for this device (bench/RESULTS.md), filling in only the speed flags "
-                        "not given: CUDA bf16 autocast, channels-last, compile, fused AdamW, device cache; CPU bf16 autocast "
-                        "where native, channels-last, fused AdamW, device cache, no compile. The run's log and args.json say what it chose")
+                        "not given: CUDA bf16 autocast (fp16 where the GPU lacks bf16), channels-last, compile, fused AdamW, device "
+                        "cache; CPU bf16 autocast where native, channels-last, fused AdamW (torch 2.4+), device cache, no compile. The run's log and args.json say what it chose")
     g.add_argument("--seed", type=int, default=0, help="seed for python, numpy, torch (plus the rank) and the file split")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=False,
                    help="deterministic algorithms, cudnn.benchmark off: a repeated run gives the same weights")
@@ -213,11 +214,11 @@ def add_run_args(g):
                         "--config RUN/args.json --output-dir NEW repeats RUN, with its speed flags as resolved unless "
                         "--fast or --no-fast is given here (--resume and --overwrite are never taken from it)")
     g.add_argument("--resume", type=path_arg, default=None,
-                   help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused if --batch-size, --loader (map and "
-                        "gpu agree in one process), --seed (inside an epoch), the training split, the validation split (once "
-                        "validated), the normalisation, --optimizer, --lr, --weight-decay, --betas, --scale-lr (same world "
-                        "size above 1) or --lambda-l1/-l2 differ from the checkpoint's; a different world size restarts the "
-                        "current epoch")
+                   help="'auto' (OUTPUT_DIR/last.pt if present) or a checkpoint path. Refused, naming the flag, where a setting "
+                        "differs from the checkpoint's that would change what the saved position, optimizer state or best.pt "
+                        "mean: --batch-size, --loader (map and gpu agree in one process), --num-workers (iterable), --seed "
+                        "(inside an epoch), the splits, the normalisation, the optimizer's flags, --lambda-l1/-l2; a different "
+                        "world size restarts the current epoch")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=False,
                    help="replace the run in --output-dir: its checkpoints, args.json, provenance.json, train.log, tb/ and "
                         "eval_inversionnet.py's results in eval/ are removed once the new run's checks pass")
@@ -230,7 +231,7 @@ def add_run_args(g):
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True, help="TensorBoard logs in OUTPUT_DIR/tb")
     g.add_argument("--profile", action=argparse.BooleanOptionalAction, default=False, help="torch.profiler trace of a few steps into OUTPUT_DIR/tb (torch-tb-profiler)")
     g.add_argument("--detect-anomaly", action=argparse.BooleanOptionalAction, default=False, help="autograd anomaly detection (slow; for debugging; one process only)")
-    g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help="sanity mode: train on one fixed batch for --max-steps steps (default 100) in one epoch, no validation")
+    g.add_argument("--overfit-batch", action=argparse.BooleanOptionalAction, default=False, help=f"sanity mode: train on one fixed batch for --max-steps steps (default {OVERFIT_STEPS}) in one epoch, no validation")
 
 
 def flag_of(dest):
@@ -322,6 +323,14 @@ def parse_args(argv=None):
     return get_args_parser().parse_args(config_argv(args.config, given, skip) + argv)
 
 
+def from_config(message, config, argv):
+    """MESSAGE, naming the --config file when the flag it is about came from that file, not the command line."""
+    flag = re.match(r"--([\w-]+)", message)
+    if not (config and flag):
+        return message
+    return message if flag.group(1).replace("-", "_") in given_names(argv) else f"{message} (the value comes from --config {config})"
+
+
 def given_names(argv):
     """The settings that ARGV itself sets, read as argparse reads it (--batch-size 0 and --batch-size=0 alike)."""
     unset = object()
@@ -362,7 +371,7 @@ def check_args(args):
         raise InputError("--batch-size must be at least 2: BatchNorm cannot train on one sample")
     if args.val_batch_size is None:
         args.val_batch_size = args.batch_size
-    if args.overfit_batch:  # one fixed batch, served --max-steps (default 100) times in one epoch: nothing to validate
+    if args.overfit_batch:  # one fixed batch, served --max-steps times in one epoch: nothing to validate
         args.epochs, args.val_every = 1, 0
     if not 0 < args.lr <= 10:  # beyond 10, Adam's first step overflows float32 long before it means anything
         raise InputError(f"--lr must be in (0, 10], got {args.lr}")
@@ -516,15 +525,23 @@ def error0(text):
         print_error("train_inversionnet.py", text)
 
 
+def print_error(script, line):
+    """The error line on stderr, and in train.log once the run has one (rank 0): the log of a start that failed
+    says why, as the refusal of the next start tells the user it does (a second line about a full disk would not)."""
+    print(f"{script}: error: {line}", file=sys.stderr, flush=True)
+    if is_main():
+        _append_log(f"error: {line}", warn=False)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
-def seed_worker(worker_id):
-    """DataLoader worker_init_fn: numpy/random streams derived from the worker's torch seed. Each worker
-    leads its own process group: torchrun, SLURM and a terminal's Ctrl-C signal the rank's whole group, and
+def init_worker(worker_id):
+    """DataLoader worker_init_fn: numpy/random streams derived from the worker's torch seed, and the worker
+    out of the rank's signals. Each worker leads its own process group: torchrun, SLURM and a terminal's Ctrl-C signal the rank's whole group, and
     a worker killed under the step would abort the run before Stop can finish the step and save last.pt.
     The DataLoader still stops its workers by pid, and a worker exits by itself when its parent dies."""
     os.setpgid(0, 0)
@@ -731,7 +748,7 @@ class CheckpointWriter:
     """Checkpoints copied to the CPU on the caller's thread, then serialised and written (write_atomic:
     fsync, rename) on a background one, so training goes on while a 293 MB file is made: on an H100 an
     epoch of the gpu profile trains in 1.5 s, and serialising on the training thread cost it 0.3-0.5 s
-    more; on the 2-core CPU machine copying takes 0.04-0.08 s, serialising 0.36 s, each file 0.3-0.9 s.
+    more (bench/RESULTS.md).
     Serialised once for all PATHS (last.pt and best.pt), in memory first: torch.save writing into a file
     that hits a full disk reports only "unexpected pos", not the cause. One write at a time: save() and
     wait() first finish the one in flight and raise its error. The thread is not a daemon, so an exit
@@ -1173,13 +1190,14 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
     `world` equal contiguous ranges (dropping fewer than `world` samples, so every rank runs the same
     number of steps), each rank's range into `num_workers` contiguous pieces, and each worker reads
     its files' slices, shuffles samples within each file and yields batches. len() is exact.
-    set_epoch(epoch, start) begins the epoch at batch `start`; files wholly before it are not read."""
+    set_epoch(epoch, start) begins the epoch at batch `start`; files wholly before it are not read.
+    train=False (validation) keeps the file and sample order and every sample."""
 
-    def __init__(self, pairs, counts, batch_size, rank=0, world=1, num_workers=0, seed=0, shuffle=True,
-                 drop_remainder=True, normalizer=None, replicas=1):
+    def __init__(self, pairs, counts, batch_size, rank=0, world=1, num_workers=0, seed=0, train=True,
+                 normalizer=None, replicas=1):
         self.pairs, self.counts, self.batch, self.replicas = pairs, counts, batch_size, replicas
         self.rank, self.world, self.workers = rank, world, max(1, num_workers)
-        self.seed, self.shuffle, self.drop_remainder, self.normalizer = seed, shuffle, drop_remainder, normalizer
+        self.seed, self.train, self.normalizer = seed, train, normalizer
         self._epoch, self._start = mp.Value("i", 0), mp.Value("i", 0)  # shared, so persistent workers see them
 
     def set_epoch(self, epoch, start=0):
@@ -1189,7 +1207,7 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
     def dropped(self):
         """Samples an epoch leaves out, over all ranks (every rank holds as many)."""
         kept = sum(sum(self.sizes(hi - lo)) for lo, hi in self.worker_ranges())
-        return sum(self.counts) - kept * self.world if self.drop_remainder else 0
+        return sum(self.counts) - kept * self.world if self.train else 0
 
     @property
     def smaller(self):
@@ -1198,7 +1216,7 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
 
     def rank_range(self):
         n = sum(self.counts)
-        if self.drop_remainder:
+        if self.train:
             per = n // self.world
             return self.rank * per, (self.rank + 1) * per
         return shard_ranges(n, self.world)[self.rank]
@@ -1212,7 +1230,7 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
         model replica (a worker's lone sample, or a remainder DataParallel splits down to one) is not trained
         on: BatchNorm cannot train on a batch of one."""
         s = batch_sizes(n, self.batch)
-        return [b for b in s if min(replica_sizes(b, self.replicas)) > 1] if self.drop_remainder else s
+        return [b for b in s if min(replica_sizes(b, self.replicas)) > 1] if self.train else s
 
     def __len__(self):
         return sum(len(self.sizes(hi - lo)) for lo, hi in self.worker_ranges())
@@ -1229,17 +1247,16 @@ class IterableFileDataset(torch.utils.data.IterableDataset):
         lo, hi = ranges[wid]
         sizes, skip = self.sizes(hi - lo), skips[wid]
         rng = np.random.default_rng([self.seed, epoch, self.rank, wid])
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)) if self.shuffle else np.arange(len(self.pairs))
-        skip_samples, pieces, k, pos = sum(sizes[:skip]), [], skip, 0
-        for f in order:
-            start, stop = max(lo, pos), min(hi, pos + self.counts[f])
-            first = pos
-            pos += self.counts[f]
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.pairs)) if self.train else np.arange(len(self.pairs))
+        skip_samples, pieces, k, file_start = sum(sizes[:skip]), [], skip, 0
+        for f in order:  # positions below are in the epoch's concatenation of the ordered files
+            start, stop = max(lo, file_start), min(hi, file_start + self.counts[f])  # this worker's slice of file f
+            s, e = start - file_start, stop - file_start  # the same slice inside file f
+            file_start += self.counts[f]
             if start >= stop:
                 continue
-            perm = rng.permutation(stop - start) if self.shuffle else np.arange(stop - start)  # drawn even when skipped
-            s, e = start - first, stop - first
-            if start + len(perm) - lo <= skip_samples:
+            perm = rng.permutation(stop - start) if self.train else np.arange(stop - start)  # drawn even when skipped
+            if stop - lo <= skip_samples:
                 continue  # every sample of this slice belongs to a skipped batch
             x = np.array(np.load(self.pairs[f][0], mmap_mode="r")[s:e])
             y = np.array(np.load(self.pairs[f][1], mmap_mode="r")[s:e])
@@ -1392,13 +1409,13 @@ def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=
                             rank, world, cfg.seed, train)
     in_workers = normalizer if cfg.normalize_in_workers else None
     pin = device.type == "cuda" and cfg.pin_memory is not False  # pinning helps copies to a GPU only
-    kw = dict(num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=seed_worker,
+    kw = dict(num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=init_worker,
               generator=torch.Generator().manual_seed(cfg.seed + rank))
     if cfg.num_workers > 0:
         kw.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
     if cfg.kind == "iterable":
-        ds = IterableFileDataset(pairs, counts, cfg.batch_size, rank, world, cfg.num_workers, cfg.seed, shuffle=train,
-                                 drop_remainder=train, normalizer=in_workers, replicas=cfg.replicas)
+        ds = IterableFileDataset(pairs, counts, cfg.batch_size, rank, world, cfg.num_workers, cfg.seed, train,
+                                 in_workers, cfg.replicas)
         dl = torch.utils.data.DataLoader(ds, batch_size=None, **kw)
         return Loader(dl, ds, in_workers is not None, ds.dropped, ds.smaller)
     ds = MapDataset(pairs, counts, in_workers, transform)
@@ -1697,9 +1714,9 @@ def metric_sums(per_sample):
 
 def summarize(sums):
     """(sum, count) -> means: MAE, MSE, RMSE = sqrt(MSE), SSIM, all on the normalised scale."""
-    mae, mse, ssim_sum, n = sums.tolist()
-    n = max(n, 1.0)
-    return {"mae": mae / n, "mse": mse / n, "rmse": math.sqrt(mse / n), "ssim": ssim_sum / n, "count": int(n)}
+    mae, mse, ssim_sum, count = sums.tolist()
+    n = max(count, 1.0)  # an empty set: zeros, not a division by zero
+    return {"mae": mae / n, "mse": mse / n, "rmse": math.sqrt(mse / n), "ssim": ssim_sum / n, "count": int(count)}
 
 
 def all_reduce_sum(t):
@@ -1884,7 +1901,8 @@ def quiet_schedule_order_warning():
 
 
 def train_step(run, x, y):
-    """One optimizer step on a batch already on the device; returns the detached loss (no host sync)."""
+    """One optimizer step on a batch already on the device; returns the detached loss. No host sync, but for
+    GradScaler's check for inf gradients with fp16 and an unfused optimizer."""
     try:
         loss = loss_fn(forward(run.model, x, run.amp_dtype), y, *run.loss_weights)
         run.optimizer.zero_grad(set_to_none=True)
@@ -1990,7 +2008,7 @@ NO_BAD_BATCH = torch.iinfo(torch.long).max  # Monitor.bad_at while every loss of
 
 class Monitor:
     """The log step: progress bar, a fixed-format line, TensorBoard scalars and the NaN check. Losses
-    and the first non-finite batch stay on the device between log steps: log() is the one host sync."""
+    and the first non-finite batch stay on the device between log steps: log() is their one host sync."""
 
     def __init__(self, log_every=10, progress=False, writer=None, profiler=None):
         self.log_every, self.progress, self.writer, self.profiler = log_every, progress, writer, profiler
@@ -2170,6 +2188,82 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
     if per_sample:
         out["per_sample"] = torch.cat(rows) if rows else torch.zeros(0, 3)
     return out
+
+
+def validate(run, loader, monitor):
+    """Validation metrics of run.eval_model (unwrapped, the average with --ema-decay); returns (log text, whether
+    the loss improved)."""
+    m = evaluate(run.eval_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights)
+    monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
+    if m["first"] is not None:  # None on a DDP rank whose share of a small split is empty
+        monitor.image("val/prediction_vs_truth", *m["first"], run.step)
+    improved = m["loss"] < run.best_loss
+    run.best_loss = min(run.best_loss, m["loss"])
+    return f" | val loss {m['loss']:.5f} MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} SSIM {m['ssim']:.4f}", improved
+
+
+def fit(run, train_loader, val_loader, monitor, args):
+    """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
+    stop, writer = Stop(args.max_steps), CheckpointWriter()
+    start = run.step
+    if run.epoch >= args.epochs and args.overfit_batch:
+        print0(f"the run is complete: its --overfit-batch epoch of {len(train_loader)} steps is trained; --overwrite "
+               f"runs it again")
+    elif run.epoch >= args.epochs:
+        print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
+    elif stop.reached_max(run):
+        print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
+    stop.install()
+    try:
+        while run.epoch < args.epochs and not stop.check(run):
+            t0 = time.perf_counter()
+            train_loss = train_one_epoch(run, train_loader, monitor, stop)
+            done = run.batch_in_epoch == len(train_loader)
+            if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
+                save_checkpoint(run, args, writer, "last.pt")
+                break
+            # the loss is the mean over the batches trained here: a resumed epoch's line says where they began
+            part = ((f" from batch {monitor.first_batch}" if monitor.first_batch else "")
+                    + ("" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"))
+            line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
+            average_over_ranks(run.raw_model.buffers())  # (the average's are the same on every rank already)
+            if args.precise_bn:  # inside an epoch too: the resumed epoch's end recomputes them again
+                precise_bn(run, train_loader, args.precise_bn)
+            # the run's last training is validated too (the last epoch, --max-steps), so a run whose --val-every
+            # does not divide it still ends with a validated best.pt: run.sh's eval stage reads it
+            final = run.epoch + 1 == args.epochs or stop.reached_max(run)
+            if val_loader is not None and (((run.epoch + 1) % args.val_every == 0 and done) or final):
+                text, improved = validate(run, val_loader, monitor)
+                line += text
+            if done:
+                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+            t2 = time.perf_counter()
+            try:  # the epoch's line is printed even when the previous checkpoint's write turns out to have failed
+                # a run that never validated keeps every epoch's weights in best.pt for eval; one that did keeps
+                # its best. best.pt goes before the last.pt whose best_loss vouches for it: a kill or a full disk
+                # between the two then leaves a last.pt that retrains the epoch, never one claiming a best.pt not written
+                unvalidated = val_loader is None and math.isinf(run.best_loss)
+                save_checkpoint(run, args, writer, *(["best.pt"] if improved or unvalidated else []), "last.pt")
+            finally:
+                times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
+                monitor.scalars("epoch_seconds", times, run.step)
+                print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
+        writer.wait()
+    except NonFiniteLoss as e:
+        writer.close()
+        last_pt = os.path.join(args.output_dir, "last.pt")
+        error0(f"{e}; {last_pt + ' keeps the last good state' if os.path.isfile(last_pt) else 'no checkpoint was written before it'}")
+        return 3
+    finally:
+        stop.restore()
+        monitor.close()
+        writer.close()  # whatever ends the loop, a write under way lands (or says why not) first
+    if stop.signum is not None:
+        print0(f"stopped by signal {stop.signum} at step {run.step}; last.pt written, resume with --resume auto")
+        return 128 + stop.signum
+    if stop.reached_max(run) and run.epoch < args.epochs and run.step > start:
+        print0(f"stopped at --max-steps {args.max_steps} (epoch {run.epoch}, batch {run.batch_in_epoch}); last.pt written")
+    return 0
 
 
 # ---- checkpoints ----
@@ -2423,7 +2517,7 @@ def load_optimizer_state(run, ckpt, path, amp):
     return f"; --amp {before} -> {amp}{fresh}" if before != amp else ""
 
 
-# ---- main ----
+# ---- main: the output directory, the pieces main() assembles, the command line ----
 
 RUN_FILES = ("last.pt", "best.pt", "args.json", "provenance.json", "train.log", "tb")  # what a run writes
 
@@ -2619,9 +2713,9 @@ def build_loaders(args, data, normalizer, device, rank, world):
     if len(train) == 0:  # the iterable loader's shards (files split over ranks x workers) can each hold less than a batch
         raise DataError(f"no full batch of {args.batch_size} per epoch: --loader {args.loader} splits {sum(train_counts)} "
                         f"samples over {world} rank(s) x {args.num_workers} worker(s); lower --num-workers or --batch-size")
-    if args.overfit_batch:  # one fixed batch, repeated for --max-steps (default 100) steps in one epoch
+    if args.overfit_batch:
         x, y = next(iter(device_batches(train, device, normalizer)))
-        return RepeatedBatch(x, y, args.max_steps or 100), None
+        return RepeatedBatch(x, y, args.max_steps or OVERFIT_STEPS), None
     val = None
     if val_pairs and args.val_every:
         val = build_loader(LoaderConfig.from_args(args, False), val_pairs, val_counts, normalizer, device, rank, world, train=False)
@@ -2637,89 +2731,18 @@ def open_monitor(args, device, resumed_at=None):
         purge = None if resumed_at is None else resumed_at + 1
         writer = SummaryWriter(os.path.join(args.output_dir, "tb"), purge_step=purge)
     if is_main() and args.profile:
-        from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        profiler = profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
-                           on_trace_ready=tensorboard_trace_handler(os.path.join(args.output_dir, "tb")),
-                           record_shapes=True, profile_memory=True, with_stack=False)
+        profiler = make_profiler(os.path.join(args.output_dir, "tb"), device)
         profiler.start()
     return Monitor(args.log_every, args.progress, writer, profiler)
 
 
-def validate(run, loader, monitor):
-    """Validation metrics of run.eval_model (unwrapped, the average with --ema-decay); returns (log text, whether
-    the loss improved)."""
-    m = evaluate(run.eval_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights)
-    monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
-    if m["first"] is not None:  # None on a DDP rank whose share of a small split is empty
-        monitor.image("val/prediction_vs_truth", *m["first"], run.step)
-    improved = m["loss"] < run.best_loss
-    run.best_loss = min(run.best_loss, m["loss"])
-    return f" | val loss {m['loss']:.5f} MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} SSIM {m['ssim']:.4f}", improved
-
-
-def fit(run, train_loader, val_loader, monitor, args):
-    """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
-    stop, writer = Stop(args.max_steps), CheckpointWriter()
-    start = run.step
-    if run.epoch >= args.epochs and args.overfit_batch:
-        print0(f"the run is complete: its --overfit-batch epoch of {len(train_loader)} steps is trained; --overwrite "
-               f"runs it again")
-    elif run.epoch >= args.epochs:
-        print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
-    elif stop.reached_max(run):
-        print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
-    stop.install()
-    try:
-        while run.epoch < args.epochs and not stop.check(run):
-            t0 = time.perf_counter()
-            train_loss = train_one_epoch(run, train_loader, monitor, stop)
-            done = run.batch_in_epoch == len(train_loader)
-            if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
-                save_checkpoint(run, args, writer, "last.pt")
-                break
-            # the loss is the mean over the batches trained here: a resumed epoch's line says where they began
-            part = ((f" from batch {monitor.first_batch}" if monitor.first_batch else "")
-                    + ("" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"))
-            line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
-            average_over_ranks(run.raw_model.buffers())  # (the average's are the same on every rank already)
-            if args.precise_bn:  # inside an epoch too: the resumed epoch's end recomputes them again
-                precise_bn(run, train_loader, args.precise_bn)
-            # the run's last training is validated too (the last epoch, --max-steps), so a run whose --val-every
-            # does not divide it still ends with a validated best.pt: run.sh's eval stage reads it
-            final = run.epoch + 1 == args.epochs or stop.reached_max(run)
-            if val_loader is not None and (((run.epoch + 1) % args.val_every == 0 and done) or final):
-                text, improved = validate(run, val_loader, monitor)
-                line += text
-            if done:
-                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
-            t2 = time.perf_counter()
-            try:  # the epoch's line is printed even when the previous checkpoint's write turns out to have failed
-                # a run that never validated keeps every epoch's weights in best.pt for eval; one that did keeps
-                # its best. best.pt goes before the last.pt whose best_loss vouches for it: a kill or a full disk
-                # between the two then leaves a last.pt that retrains the epoch, never one claiming a best.pt not written
-                unvalidated = val_loader is None and math.isinf(run.best_loss)
-                save_checkpoint(run, args, writer, *(["best.pt"] if improved or unvalidated else []), "last.pt")
-            finally:
-                times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
-                monitor.scalars("epoch_seconds", times, run.step)
-                print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
-        writer.wait()
-    except NonFiniteLoss as e:
-        writer.close()
-        last_pt = os.path.join(args.output_dir, "last.pt")
-        error0(f"{e}; {last_pt + ' keeps the last good state' if os.path.isfile(last_pt) else 'no checkpoint was written before it'}")
-        return 3
-    finally:
-        stop.restore()
-        monitor.close()
-        writer.close()  # whatever ends the loop, a write under way lands (or says why not) first
-    if stop.signum is not None:
-        print0(f"stopped by signal {stop.signum} at step {run.step}; last.pt written, resume with --resume auto")
-        return 128 + stop.signum
-    if stop.reached_max(run) and run.epoch < args.epochs and run.step > start:
-        print0(f"stopped at --max-steps {args.max_steps} (epoch {run.epoch}, batch {run.batch_in_epoch}); last.pt written")
-    return 0
+def make_profiler(trace_dir, device):
+    """A torch.profiler that skips one step (its timing is not typical), warms up on one and traces three
+    into TRACE_DIR for the torch-tb-profiler TensorBoard plugin; call .step() after each training step."""
+    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=acts, schedule=schedule(wait=1, warmup=1, active=3, repeat=1),
+                   on_trace_ready=tensorboard_trace_handler(trace_dir), record_shapes=True, profile_memory=True)
 
 
 def record_run(args, prov):
@@ -2857,8 +2880,10 @@ def report_input_error(script, e):
     if world > 1 and isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset) by peer", str(e)):
         print_error(script, f"[rank {rank}] stopped: another rank failed (its line says why)")
         return True
+    if isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e)):
+        e = InputError(out_of_memory(script, str(e)), local=True)
     if isinstance(e, OSError):
-        if e.errno not in PATH_ERRNOS or not e.filename:  # out of memory, too many open files, a bug: its traceback
+        if e.errno not in PATH_ERRNOS or not e.filename:  # too many open files, a bug: its traceback
             return False
         e = InputError(f"{e.filename}: {e.strerror}", local=True)
     if isinstance(e, InputError):  # a loader worker's DataError is re-raised with its text alone: local too
@@ -2874,20 +2899,20 @@ def report_input_error(script, e):
     return True
 
 
-def print_error(script, line):
-    """The error line on stderr, and in train.log once the run has one (rank 0): the log of a start that failed
-    says why, as the refusal of the next start tells the user it does (a second line about a full disk would not)."""
-    print(f"{script}: error: {line}", file=sys.stderr, flush=True)
-    if is_main():
-        _append_log(f"error: {line}", warn=False)
+# what torch says when CUDA, MPS or the CPU allocator refuses an allocation (torch.OutOfMemoryError on CUDA,
+# a RuntimeError elsewhere)
+OUT_OF_MEMORY = re.compile(r"(CUDA|MPS backend) out of memory|DefaultCPUAllocator: can't allocate memory")
 
 
-def from_config(message, config, argv):
-    """MESSAGE, naming the --config file when the flag it is about came from that file, not the command line."""
-    flag = re.match(r"--([\w-]+)", message)
-    if not (config and flag):
-        return message
-    return message if flag.group(1).replace("-", "_") in given_names(argv) else f"{message} (the value comes from --config {config})"
+def out_of_memory(script, text):
+    """The one line of an allocation the device refused: its size, and the flags that lower what a step needs."""
+    which = OUT_OF_MEMORY.search(text).group(1)
+    in_bytes, asked = re.search(r"allocate (\d+) bytes", text), re.search(r"[Tt]ried to allocate ([\d.]+ \w+)", text)
+    size = f"{int(in_bytes.group(1)) / 2**30:.2f} GiB" if in_bytes else asked.group(1) if asked else ""
+    lower = {"train_inversionnet.py": "--batch-size (--val-batch-size for validation), or --loader map in place "
+                                      "of the device cache",
+             "eval_inversionnet.py": "--batch-size, or --loader map in place of the device cache"}[script]
+    return f"{which.split()[0] if which else 'CPU'} out of memory{f' allocating {size}' if size else ''}; lower {lower}"
 
 
 STOPPED_AT_ONCE = threading.Event()

@@ -368,18 +368,15 @@ def test_simulator_throughput(benchmark):
 
 
 def test_profiler_trace(benchmark, tmp_path):
-    """A torch.profiler trace of a few training steps for the torch-tb-profiler TensorBoard plugin."""
-    from torch.profiler import ProfilerActivity, profile, schedule, tensorboard_trace_handler
+    """A torch.profiler trace of training steps, as --profile takes it, for the torch-tb-profiler plugin."""
     out = os.environ.get("BENCH_TRACE_DIR") or str(tmp_path)
     run = make_run()
     x = torch.randn(2, 5, 1000, 70, device=DEVICE)
     y = torch.rand(2, 1, 70, 70, device=DEVICE)
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
 
     def trace():
-        with profile(activities=acts, schedule=schedule(wait=0, warmup=1, active=2, repeat=1),
-                     on_trace_ready=tensorboard_trace_handler(out)) as prof:
-            for _ in range(3):
+        with T.make_profiler(out, DEVICE) as prof:
+            for _ in range(5):  # the schedule's skipped, warm-up and three traced steps
                 T.train_step(run, x, y)
                 prof.step()
 

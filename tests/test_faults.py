@@ -500,6 +500,44 @@ def test_under_ddp_a_non_finite_loss_is_named_by_the_earliest_batch_of_any_rank(
         T.train_one_epoch(run, T.RepeatedBatch(torch.ones(4, 3), torch.zeros(4, 3), 5), T.Monitor(log_every=5), T.Stop())
 
 
+def test_out_of_memory_is_one_line_naming_the_flags_that_lower_it(data, tmp_path, monkeypatch, capsys):
+    """A batch the device cannot hold: the allocator's refusal, raised for real inside a training step (4 PB, past any
+    address space, from the CPU allocator), ends the run with one line and exit 2, in train.log too."""
+    def greedy_forward(model, x, amp_dtype):
+        return torch.empty(10**15, device=x.device)
+    monkeypatch.setattr(T, "forward", greedy_forward)
+    out = tmp_path / "run"
+    assert T.cli(["--data-root", str(data), "--output-dir", str(out), "--epochs", "1", *BASE]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["train_inversionnet.py: error: CPU out of memory allocating 3725290.30 GiB; lower "
+                                        "--batch-size (--val-batch-size for validation), or --loader map in place of "
+                                        "the device cache"], err
+    assert "error: CPU out of memory" in (out / "train.log").read_text()
+    # CUDA's and MPS's wording, as torch 2.13 raises them (torch.OutOfMemoryError on CUDA), for eval too
+    cuda = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                  "79.11 GiB of which 3.20 GiB is free. Including non-PyTorch memory, this process has ...")
+    mps = RuntimeError("MPS backend out of memory (MPS allocated: 17.00 GB, other allocations: 1.20 GB, max allowed: "
+                       "18.13 GB). Tried to allocate 512.00 MB on private pool. Use ...")
+    assert T.report_input_error("eval_inversionnet.py", cuda) and T.report_input_error("eval_inversionnet.py", mps)
+    assert capsys.readouterr().err.splitlines() == [
+        "eval_inversionnet.py: error: CUDA out of memory allocating 20.00 GiB; lower --batch-size, or --loader map in "
+        "place of the device cache",
+        "eval_inversionnet.py: error: MPS out of memory allocating 512.00 MB; lower --batch-size, or --loader map in "
+        "place of the device cache"]
+    assert not T.report_input_error("train_inversionnet.py", RuntimeError("a bug"))  # other errors keep their traceback
+
+
+def test_simulator_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
+    import simulate_openfwi as S
+    def greedy_simulate(velocity, **kw):
+        return torch.empty(10**15, device=velocity.device)
+    monkeypatch.setattr(S, "simulate", greedy_simulate)
+    assert S.cli(["--out", str(tmp_path / "d"), "--files", "1", "--samples-per-file", "2", "--val-files", "0",
+                  "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "simulate_openfwi.py: error: out of memory simulating --batch-size 16 velocity models at once; lower --batch-size"]
+
+
 def test_detect_anomaly_names_the_batch_whose_backward_made_nan():
     class SqrtOfZero(torch.nn.Module):  # d/dx sqrt(x) at 0 is inf; times the zero upstream gradient: NaN
         def __init__(self):

@@ -193,7 +193,7 @@ def test_iterable_loader_eval_mode_keeps_every_sample(tmp_path):
     pairs = write_ids_dataset(tmp_path, (3, 4))
     seen = []
     for rank in range(2):
-        ds = T.IterableFileDataset(pairs, [3, 4], 3, rank, 2, 0, shuffle=False, drop_remainder=False)
+        ds = T.IterableFileDataset(pairs, [3, 4], 3, rank, 2, 0, train=False)
         seen += ids_of(list(ds))
     assert sorted(seen) == list(range(7))
 
