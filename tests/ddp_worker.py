@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_ddp.py: two CPU ranks train InversionNet through DDP (Gloo) with the
 training script's own Run and train_step, checking after each step that all ranks hold the same weights
-and the same weight average (--ema-decay), and that average_over_ranks gives them the same BatchNorm
-statistics; rank 0 saves what the test needs to recompute the first update in one process."""
+and the same weight average (--ema-decay; its BatchNorm statistics follow the ranks' mean), and that
+average_over_ranks gives them the same BatchNorm statistics; rank 0 saves what the test needs to recompute
+the first update in one process."""
 import sys
 
 import torch
@@ -27,8 +28,16 @@ def gathered(tensors):
     return out
 
 
+ema_stats_init = torch.cat([t.flatten() for t in run.ema.stats[0]])
 for step, (x, y) in enumerate(batches):
     T.train_step(run, x, y)
+    if step == 0:  # the average's BatchNorm statistics follow the ranks' mean, at the ramped decay of step 1
+        live, w = gathered(run.ema.stats[1]), 1 - min(0.9, 2 / 11)
+        mean = sum(live) / world
+        if rank == 0:
+            assert not torch.equal(live[0], live[1])
+            torch.testing.assert_close(torch.cat([t.flatten() for t in run.ema.stats[0]]),
+                                       ema_stats_init + w * (mean - ema_stats_init))
     weights, ema = gathered(run.raw_model.parameters()), gathered(run.ema.model.state_dict().values())
     if rank == 0:
         assert all(torch.equal(weights[0], t) for t in weights[1:]), f"ranks differ after step {step}"

@@ -3,6 +3,7 @@ import argparse
 import json
 import math
 import os
+import random
 import re
 import shutil
 import threading
@@ -187,6 +188,13 @@ def test_iterable_loader_reads_the_files_in_a_new_order_each_epoch_and_the_same_
     assert all(len(o) == 6 and sorted(f for [f] in o) == list(range(6)) for o in orders)
     assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
     assert file_order(1) == orders[1]
+    one_file = write_ids_dataset(tmp_path / "one", [8])  # the samples inside a file are shuffled anew each epoch too
+
+    def sample_order(epoch):
+        ds = T.IterableFileDataset(one_file, [8], 2, seed=3)
+        ds.set_epoch(epoch)
+        return ids_of(list(ds))
+    assert sorted(sample_order(0)) == list(range(8)) and sample_order(0) != sample_order(1) == sample_order(1)
 
 
 def test_iterable_loader_eval_mode_keeps_every_sample(tmp_path):
@@ -1342,6 +1350,27 @@ def test_resume_from_a_hand_edited_checkpoint_is_one_line(short_run, ids_data, t
                   str(tmp_path / "edited.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"train_inversionnet.py: error: {tmp_path / 'edited.pt'}: {needle}") and err.count("\n") == 1, err
+
+
+def test_resume_restores_the_global_random_generators(short_run, ids_data, tmp_path, monkeypatch):
+    """The loaders draw from their own seeded generators, but anything else random in a step (an augmentation
+    added later, dropout) draws from Python's, NumPy's and torch's global ones: a resume continues them where
+    the checkpoint left them."""
+    _, lists = ids_data
+    shutil.copytree(short_run, tmp_path / "run")
+    ck = torch.load(short_run / "last.pt", weights_only=False)
+    random.seed(7), np.random.seed(7), torch.manual_seed(7)  # states that the run's own seeding cannot give
+    ck["rng"] |= {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save(ck, tmp_path / "run" / "last.pt")
+    seen = {}
+
+    def record(run, *rest):
+        seen.update(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+        return 0
+    monkeypatch.setattr(T, "fit", record)
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--output-dir", str(tmp_path / "run"), "--resume", "auto"]) == 0
+    assert seen["python"] == ck["rng"]["python"] and torch.equal(seen["torch"], ck["rng"]["torch"])
+    assert np.array_equal(seen["numpy"][1], ck["rng"]["numpy"][1]) and seen["numpy"][2] == ck["rng"]["numpy"][2]
 
 
 class Planted:
