@@ -486,7 +486,8 @@ def run_evaluation(opts, argv):
     T.check_label_range(pairs[:1], normalizer, stats_from)
     T.on_rank0(rank, make_results_dir, out)
     perturb = Perturb(opts.noise_std, opts.missing_traces, opts.seed) if opts.noise_std or opts.missing_traces else None
-    cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed)
+    cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed,
+                         persistent_workers=False)  # one pass
     if cfg.kind == "gpu":
         need = T.cache_size(-(-sum(counts) // world), cfg.cache_dtype) * T.host_share(device)
         T.check_cache_fits(need, T.free_memory(device), device, "use --loader map")

@@ -147,7 +147,9 @@ def add_data_args(g):
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank")
     g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None, help="pinned host batches (default: on with CUDA)")
     g.add_argument("--prefetch-factor", type=int, default=2, help="batches prefetched per worker")
-    g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=False, help="keep workers between epochs")
+    g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep each loader's workers from epoch to epoch (default: on): no start-up per epoch, and no fork "
+                        "as another thread ends, which can hang the new worker on Python before 3.12 (CPython gh-112275)")
 
 
 def add_optimisation_args(g):
@@ -1388,7 +1390,7 @@ class LoaderConfig:
     num_workers: int = 2
     pin_memory: bool | None = None    # None: on with CUDA
     prefetch_factor: int = 2
-    persistent_workers: bool = False
+    persistent_workers: bool | None = None  # None: on (workers forked once, not each epoch)
     cache_dtype: str = "float32"      # of the --loader gpu cache
     normalize_in_workers: bool = False
     seed: int = 0
@@ -1412,7 +1414,7 @@ def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=
     kw = dict(num_workers=cfg.num_workers, pin_memory=pin, worker_init_fn=init_worker,
               generator=torch.Generator().manual_seed(cfg.seed + rank))
     if cfg.num_workers > 0:
-        kw.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers)
+        kw.update(prefetch_factor=cfg.prefetch_factor, persistent_workers=cfg.persistent_workers is not False)
     if cfg.kind == "iterable":
         ds = IterableFileDataset(pairs, counts, cfg.batch_size, rank, world, cfg.num_workers, cfg.seed, train,
                                  in_workers, cfg.replicas)

@@ -272,9 +272,13 @@ def test_worker_flags_reach_the_dataloader(tmp_path, kind):
     """--num-workers, --prefetch-factor and --persistent-workers as the DataLoader takes them; pinning only
     where it helps (copies to a GPU)."""
     pairs = write_ids_dataset(tmp_path, (4, 4))
-    args = small_args(loader=kind, num_workers=1, prefetch_factor=3, persistent_workers=True, pin_memory=True)
-    dl = T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [4, 4], T.Normalizer(-30, 60), torch.device("cpu")).loader
+    def loader(**kw):
+        args = small_args(loader=kind, num_workers=1, prefetch_factor=3, pin_memory=True, **kw)
+        return T.build_loader(T.LoaderConfig.from_args(args, True), pairs, [4, 4], T.Normalizer(-30, 60),
+                              torch.device("cpu")).loader
+    dl = loader()  # persistent unless told otherwise: no worker forked per epoch
     assert (dl.num_workers, dl.prefetch_factor, dl.persistent_workers, dl.pin_memory) == (1, 3, True, False)
+    assert not loader(persistent_workers=False).persistent_workers
 
 
 def test_device_cache_reads_the_kept_samples_in_order(tmp_path):
