@@ -6,9 +6,9 @@
 Writes OUT/data/data{i}.npy (N, 5, 1000, 70) and OUT/model/model{i}.npy (N, 1, 70, 70), float32,
 i from 1, plus OUT/train.txt / OUT/val.txt (OpenFWI split lists, `data<TAB>label`, paths relative to OUT)
 and OUT/dataset.json (normalisation constants and modelling parameters, which train_inversionnet.py
-and eval_inversionnet.py take from beside the split lists or --data-root, or by `--stats`). Files are written under a temporary name and renamed, and a
-re-run skips the files that are already complete, so an interrupted generation resumes where it
-stopped. The same seed and arguments give byte-identical files on the same device.
+and eval_inversionnet.py take from beside the split lists or --data-root, or by `--stats`). Files
+are written under a temporary name and renamed, and a re-run skips the files that are already
+complete, so an interrupted generation resumes where it stopped. The same seed and arguments give byte-identical files on the same device.
 
 Physics (OpenFWI's conventions): 2-D constant-density acoustic wave equation
 u_tt = v^2 lap(u) + v^2 s, second order in time, fourth order in space, dx = 10 m, dt = 1 ms,

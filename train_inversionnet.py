@@ -543,9 +543,10 @@ def seed_everything(seed):
 
 def init_worker(worker_id):
     """DataLoader worker_init_fn: numpy/random streams derived from the worker's torch seed, and the worker
-    out of the rank's signals. Each worker leads its own process group: torchrun, SLURM and a terminal's Ctrl-C signal the rank's whole group, and
-    a worker killed under the step would abort the run before Stop can finish the step and save last.pt.
-    The DataLoader still stops its workers by pid, and a worker exits by itself when its parent dies."""
+    out of the rank's signals. Each worker leads its own process group: torchrun, SLURM and a terminal's
+    Ctrl-C signal the rank's whole group, and a worker killed under the step would abort the run before Stop
+    can finish the step and save last.pt. The DataLoader still stops its workers by pid, and a worker exits
+    by itself when its parent dies."""
     os.setpgid(0, 0)
     s = torch.initial_seed() % 2**32
     np.random.seed(s)
