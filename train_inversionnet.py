@@ -1791,6 +1791,7 @@ class Run:
     epoch: int = 0                    # the epoch under way, or the next to start
     batch_in_epoch: int = 0           # batches of `epoch` already trained
     best_loss: float = math.inf       # lowest validation loss so far
+    epoch_loss: tuple = (0.0, 0)      # (loss summed over samples, samples) of `epoch` so far, over every rank
     meta: dict = field(default_factory=dict)  # what checkpoints carry besides the state: split, provenance
     ema: "WeightEMA | None" = None    # --ema-decay
 
@@ -2019,11 +2020,16 @@ class Monitor:
 
     def start_epoch(self, run, n_batches):
         from tqdm import tqdm
-        self.n_batches, self.first_batch = n_batches, run.batch_in_epoch
+        self.n_batches = n_batches
         self.bar = tqdm(total=n_batches, initial=run.batch_in_epoch, desc=f"epoch {run.epoch}", dynamic_ncols=True,
                         leave=False, disable=not shows_bar(self.progress))
-        self.loss_sum = torch.zeros((), device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
-        self.samples = 0
+        # a resumed epoch's running mean goes on from the checkpoint's sums; one rank carries them, as mean_loss adds
+        # the ranks' (a checkpoint without them: the mean covers the batches from loss_from on)
+        loss, samples = run.epoch_loss if is_main() else (0.0, 0)
+        self.loss_from = 0 if run.epoch_loss[1] else run.batch_in_epoch
+        run.epoch_loss = (0.0, 0)
+        self.loss_sum = torch.full((), loss, device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
+        self.samples = samples
         self.bad_at = torch.full((), NO_BAD_BATCH, device=run.device, dtype=torch.long)
         self.seen, self.t_wait, self.t_last = 0, 0.0, time.perf_counter()
         self.scale = run.scaler.get_scale() if run.scaler.is_enabled() else None
@@ -2087,6 +2093,7 @@ class Monitor:
         if dist.is_initialized():
             dist.all_reduce(total)
         loss_sum, samples = total.tolist()  # one host sync for both
+        self.totals = (loss_sum, int(samples))
         return loss_sum / max(samples, 1)
 
     def scalars(self, prefix, values, step):
@@ -2222,11 +2229,13 @@ def fit(run, train_loader, val_loader, monitor, args):
             t0 = time.perf_counter()
             train_loss = train_one_epoch(run, train_loader, monitor, stop)
             done = run.batch_in_epoch == len(train_loader)
+            run.epoch_loss = (0.0, 0) if done else monitor.totals  # what the epoch's resume goes on from
             if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
                 save_checkpoint(run, args, writer, "last.pt")
                 break
-            # the loss is the mean over the batches trained here: a resumed epoch's line says where they began
-            part = ((f" from batch {monitor.first_batch}" if monitor.first_batch else "")
+            # the loss is the mean over the epoch's batches so far, resumed or not (a checkpoint of an older format
+            # holds no sums: then the line says where the batches it covers began)
+            part = ((f" from batch {monitor.loss_from}" if monitor.loss_from else "")
                     + ("" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"))
             line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
             average_over_ranks(run.raw_model.buffers())  # (the average's are the same on every rank already)
@@ -2294,6 +2303,7 @@ def save_checkpoint(run, args, writer, *names):
     ckpt = {**weights, "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_loss": run.best_loss,
+            "epoch_loss": list(run.epoch_loss),
             "world": run.world, "args": vars(args), "normalization": run.normalizer.as_dict(), "rng": rng_state(),
             **run.meta, "format": "inversionnet-harness-2"}
     writer.save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
@@ -2381,11 +2391,16 @@ def is_training_checkpoint(ckpt):
     counters = ("epoch", "step", "batch_in_epoch", "world", "batches_per_epoch")
     return (isinstance(ckpt, dict) and all(k in ckpt for k in required)
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
-            and isinstance(ckpt["best_loss"], float)
+            and isinstance(ckpt["best_loss"], float) and epoch_loss_ok(ckpt.get("epoch_loss", [0.0, 0]))
             and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model", "scheduler", "scaler"))
             and split_record_ok(ckpt.get("split", [])) and split_record_ok(ckpt.get("val_split", []))  # where recorded
             and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
             and rng_record_ok(ckpt.get("rng", {})))
+
+
+def epoch_loss_ok(record):
+    return (isinstance(record, (list, tuple)) and len(record) == 2 and isinstance(record[0], float)
+            and type(record[1]) is int and record[1] >= 0)
 
 
 def rng_record_ok(st):
@@ -2454,6 +2469,7 @@ def restore(run, args, rank):
     else:
         run.best_loss = min(ckpt["best_loss"], newer_best_loss(args.output_dir, ckpt["step"]))
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
+    run.epoch_loss = tuple(ckpt.get("epoch_loss", (0.0, 0))) if run.batch_in_epoch else (0.0, 0)
     if ckpt.get("rng") and rank == 0:
         try:
             set_rng_state(ckpt["rng"])
@@ -2465,7 +2481,7 @@ def restore(run, args, rank):
         lr, iters_per_epoch = scaled_lr(args, run.world), run.meta["batches_per_epoch"]
         for g in run.optimizer.param_groups:
             g["initial_lr"] = lr
-        run.step, run.batch_in_epoch = run.epoch * iters_per_epoch, 0
+        run.step, run.batch_in_epoch, run.epoch_loss = run.epoch * iters_per_epoch, 0, (0.0, 0)
         run.scheduler = build_scheduler(run.optimizer, args, iters_per_epoch, start=run.step)
         rebased = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
                    f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")

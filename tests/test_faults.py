@@ -402,6 +402,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_the_group_resumes(t
     assert not re.search(r"\[rank\d\]: Traceback", stderr) and "killed by signal" not in stderr, stderr[-3000:]
     ck = load(out / "last.pt")
     assert ck["epoch"] == 0 and 2 <= ck["batch_in_epoch"] < 4 and ck["step"] == ck["batch_in_epoch"]
+    assert ck["epoch_loss"][1] == 4 * ck["batch_in_epoch"]  # the resumed epoch's loss sums are over both ranks
     p = start(*args, "--resume", "auto", nproc=2)
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]

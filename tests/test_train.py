@@ -1424,9 +1424,34 @@ def test_a_max_steps_stop_is_validated_and_leaves_a_best_pt(ids_data, tmp_path, 
     assert (best["step"], best["epoch"], best["batch_in_epoch"]) == (1, 0, 1) and best["best_loss"] < math.inf
     assert T.cli([*argv, "--max-steps", "8", "--resume", "auto"]) == 0  # the end of epoch 1: not a --val-every epoch
     printed = capsys.readouterr().out
-    assert re.search(r"^epoch 0 from batch 1 train loss [\d.]+ \| [\d.]+ s train", printed, re.M), printed  # not validated
+    assert re.search(r"^epoch 0 train loss [\d.]+ \| [\d.]+ s train", printed, re.M), printed  # not validated
     assert re.search(r"^epoch 1 train loss [\d.]+ \| val loss", printed, re.M), printed
     assert torch.load(out / "last.pt", weights_only=False)["step"] == 8
+
+
+def test_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(ids_data, tmp_path, capsys):
+    """Stopped inside an epoch and resumed, the running-mean train loss goes on from the checkpoint's sums:
+    the log steps, TensorBoard's curve and the epoch's line read as in the run that was never stopped."""
+    _, lists = ids_data
+    argv = [*map(str, lists), *BASE_RUN, "--epochs", "1", "--log-every", "1", "--deterministic", "--device", "cpu"]
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
+    straight = capsys.readouterr().out
+    resumed = tmp_path / "resumed"
+    assert T.cli([*argv, "--output-dir", str(resumed), "--max-steps", "2"]) == 0
+    assert torch.load(resumed / "last.pt", weights_only=False)["epoch_loss"][1] == 4  # 2 batches of 2 samples
+    assert T.cli([*argv, "--output-dir", str(resumed), "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+
+    def losses(text):
+        return (re.findall(r"^epoch 0 step (\d) batch \d/4 loss (\S+) ", text, re.M),
+                re.findall(r"^epoch 0 train loss (\S+) ", text, re.M))
+    steps, epoch = losses(straight)
+    assert len(steps) == 4 and len(epoch) == 1
+    assert losses(printed) == (steps, epoch)  # steps 1-2 before the stop, 3-4 after it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(resumed / "tb"))
+    events.Reload()
+    assert [(str(e.step), f"{e.value:.5f}") for e in events.Scalars("train/loss")] == steps
 
 
 def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_path, capsys):
