@@ -181,7 +181,7 @@ nproc=2  # a CPU takes two processes as well as one; on CUDA, one process per GP
 cat <<SUMMARY
 
 == done
-data          $data (next: torchrun --nproc_per_node=$nproc train_inversionnet.py$([[ "$data" == data/flatvel ]] || echo " --data-root $data"))
+data          $data (next: torchrun --nproc_per_node=$nproc train_inversionnet.py$([[ "$data" == data/flatvel ]] || echo " --data-root $data") --resume auto)
 checkpoints   $run/best.pt, $run/last.pt
 metrics       $run/eval/metrics.json, result.txt, per_sample.csv
 pictures      $run/eval/*.png

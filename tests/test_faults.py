@@ -1049,7 +1049,7 @@ def test_run_sh_keeps_each_family_in_folders_of_its_own(tmp_path):
     assert train.startswith("train_inversionnet.py --train-list data/curvevel/train.txt --val-list data/curvevel/val.txt "
                             "--output-dir runs/curvevel-cpu ")
     assert ev.startswith("eval_inversionnet.py --checkpoint runs/curvevel-cpu/best.pt ")
-    assert "(next: torchrun --nproc_per_node=2 train_inversionnet.py --data-root data/curvevel)" in stdout
+    assert "(next: torchrun --nproc_per_node=2 train_inversionnet.py --data-root data/curvevel --resume auto)" in stdout
 
 
 @pytest.mark.parametrize("importable", [True, False])
