@@ -511,8 +511,9 @@ def run_evaluation(opts, argv):
     remove_results(out, [n for n in found if n.endswith(".png")])  # after the new results are in: a failed run keeps them
     if opts.vis:
         draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, opts.vis, amp_dtype)
-    print(report(result), end="")
-    print(f"results in {out}")
+    # (print0: a reader that goes, `| head`, ends the lines, not the job; the files are written by now anyway)
+    T.print0(report(result).rstrip("\n"))
+    T.print0(f"results in {out}")
     return 0
 
 
@@ -633,8 +634,8 @@ def predict(opts):
             line += f"; the first {n} beside their shot gathers: {stem}_predictions.png"
         elif opts.overwrite:  # an earlier picture showed the maps just replaced
             remove_results(out, [os.path.basename(stem) + "_predictions.png"])
-        print(line)
-    print(f"normalisation from {stats_from}; forward pass {dtype_name(amp_dtype)}")
+        T.print0(line)  # a reader that goes (`| head`) ends the lines, not the files still to predict
+    T.print0(f"normalisation from {stats_from}; forward pass {dtype_name(amp_dtype)}")
     return 0
 
 
@@ -688,9 +689,9 @@ def export(opts):
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"normalization.json": json.dumps(normalizer.as_dict())})
     write_file(opts.export, buf.getbuffer())
-    print(f"exported InversionNet to {opts.export} ({dtype_name(dtype)}{' autocast' if dtype else ''} on {device.type}): "
-          f"torch.export.load(path).module() maps normalised shot gathers (B, 5, 1000, 70) to velocity in [-1, 1]; "
-          f"normalisation {normalizer.as_dict()}")
+    T.print0(f"exported InversionNet to {opts.export} ({dtype_name(dtype)}{' autocast' if dtype else ''} on {device.type}): "
+             f"torch.export.load(path).module() maps normalised shot gathers (B, 5, 1000, 70) to velocity in [-1, 1]; "
+             f"normalisation {normalizer.as_dict()}")
     return 0
 
 

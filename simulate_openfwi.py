@@ -734,8 +734,13 @@ def check_existing(args):
     """Resume only our own files made with the same settings; never replace anyone else's data: .npy files,
     split lists or a dataset.json in --out that no simulate.json of ours accounts for stop the run, and so do
     .npy files beside them (OpenFWI's fault families keep seis*.npy and vel*.npy there, which our data/ and
-    model/ would hide from the trainer's --data-root)."""
-    beside = sorted(n for n in os.listdir(args.out) if n.endswith(".npy")) if os.path.isdir(args.out) else []
+    model/ would hide from the trainer's --data-root), as does a training run's or an evaluation's folder."""
+    listed = sorted(os.listdir(args.out)) if os.path.isdir(args.out) else []
+    runs = [n for n in listed if n.endswith(".pt") or n in ("args.json", "train.log", "metrics.json")]
+    if runs:
+        raise SimulationError(f"--out {args.out} holds {', '.join(runs)}: a training run or evaluation results, not a "
+                              f"dataset; choose another --out")
+    beside = [n for n in listed if n.endswith(".npy")]
     if beside:
         raise SimulationError(f"--out {args.out} already holds {beside[0]}{' and more .npy files' if beside[1:] else ''}, "
                               f"which simulate_openfwi.py does not write (a dataset in OpenFWI's layout?); choose "
@@ -802,6 +807,19 @@ def prepare_out(args):
         raise SimulationError(f"cannot write into --out {args.out}: {e.filename}: {e.strerror}") from None
 
 
+def say(text):
+    """Print a line of progress. A reader that went (`| head`) or a terminal that hung up ends the lines, not the
+    run: stdout then points at /dev/null, so neither the next line nor the flush at exit fails on it."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        if e.errno not in (errno.EPIPE, errno.EIO):
+            raise
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, sys.stdout.fileno())
+        os.close(quiet)
+
+
 def read_text(path):
     """The text of PATH, or None where it cannot be read (absent, say)."""
     try:
@@ -825,8 +843,8 @@ def write_metadata(args):
         write_text_atomic(os.path.join(out, name), text)
     if None not in before.values() and before != texts:  # another --files or --val-files: a run trained on the old lists
         now, was = (" / ".join(str(d[n].count("\n")) for n in texts) for d in (texts, before))
-        print(f"simulate_openfwi: note: train.txt / val.txt now list {now} files (they listed {was}): a run "
-              f"trained on the old split resumes only on it")
+        say(f"simulate_openfwi: note: train.txt / val.txt now list {now} files (they listed {was}): a run "
+            f"trained on the old split resumes only on it")
     lo, hi = math.inf, -math.inf
     for d, _ in pairs:
         arr = np.load(d, mmap_mode="r")
@@ -860,15 +878,15 @@ def main(args):
         todo = [i for i in range(1, n + 1)
                 if not (npy_complete(pair_paths(args.out, i)[0], (N, *DATA_SHAPE))
                         and npy_complete(pair_paths(args.out, i)[1], (N, *MODEL_SHAPE)))]
-        print(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
-              f"{n - len(todo)} complete, {len(todo)} to make")
+        say(f"simulate_openfwi: {args.family}, {n} files x {N} samples into {args.out} on {device}; "
+            f"{n - len(todo)} complete, {len(todo)} to make")
         t0 = time.time()
         # disable=None: no bar where stderr is not a terminal (a log file would get every redraw)
         with tqdm(total=len(todo) * N, unit="sample", disable=None if args.progress and todo else True, dynamic_ncols=True) as bar:
             make_files(args, todo, device, bar.update)  # a stop closes the bar first, so its line ends before the stop's
         if todo:
             rate = len(todo) * N / max(time.time() - t0, 1e-9)
-            print(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
+            say(f"simulate_openfwi: made {len(todo) * N} samples at {rate:.2f} samples/s")
         write_metadata(args)
     return 0
 

@@ -88,6 +88,18 @@ def run_script(script, *args, timeout=600, **kw):
     return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
+def run_without_reader(script, *args, timeout=600):
+    """start() with its stdout's reader gone before the first line (`script | head -0`): (exit code, stderr)."""
+    p = start(script, *args)
+    p.stdout.close()
+    try:
+        err = p.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise
+    return p.returncode, err
+
+
 def wait_until(cond, seconds):
     """Poll COND until it holds (True) or SECONDS pass (False): for work that finishes on another thread."""
     deadline = time.monotonic() + seconds

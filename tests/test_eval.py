@@ -13,7 +13,8 @@ from unittest.mock import ANY
 
 import eval_inversionnet as E
 import train_inversionnet as T
-from helpers import EVAL, TRAIN, layered_maps, module_dir, run_script, write_ids_dataset, write_split_list
+from helpers import (EVAL, TRAIN, layered_maps, module_dir, run_script, run_without_reader, write_ids_dataset,
+                     write_split_list)
 
 
 def ssim_reference(a, b):
@@ -785,6 +786,20 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["line12.npy", "line12_velocity.npy", "line7.npy",
                                                                    "line7_velocity.npy"]
     assert np.array_equal(np.load(tmp_path / "in" / "line7.npy"), shots[:3])
+
+
+def test_a_reader_that_goes_ends_the_lines_not_the_job(tiny_run, tmp_path):
+    """`eval_inversionnet.py ... | head -1`: every file is still written, exit 0, no traceback."""
+    (tmp_path / "in").mkdir()
+    for name in ("a.npy", "b.npy"):
+        np.save(tmp_path / "in" / name, np.load(tiny_run / "d" / "data" / "data1.npy")[:2])
+    common = ["--checkpoint", tiny_run / "run" / "best.pt", "--no-progress", "--num-workers", 0, "--vis", 0]
+    code, err = run_without_reader(EVAL, *common, "--predict", tmp_path / "in", "--output-dir", tmp_path / "p")
+    assert code == 0 and "Traceback" not in err and "Broken pipe" not in err, err
+    assert sorted(os.listdir(tmp_path / "p")) == ["a_velocity.npy", "b_velocity.npy"]
+    code, err = run_without_reader(EVAL, *common, "--output-dir", tmp_path / "e")
+    assert code == 0 and "Traceback" not in err and "Broken pipe" not in err, err
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["samples"] == 4
 
 
 def test_predict_with_amp_bf16_computes_in_bf16_and_writes_float32_m_per_s(tiny_run, tmp_path, capsys):

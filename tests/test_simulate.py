@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import simulate_openfwi as so
-from helpers import SIMULATE, run_script, start, wait_until
+from helpers import SIMULATE, run_script, run_without_reader, start, wait_until
 
 
 def run_cli(*args):
@@ -616,6 +616,25 @@ def test_cli_never_replaces_split_lists_or_stats_it_did_not_write(tmp_path):
                                          "dataset.json that simulate_openfwi.py did not make (no simulate.json); choose another --out")
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train.txt", "val.txt"]
     assert all((out / n).read_text() == f"their {n}" for n in ("train.txt", "val.txt", "dataset.json"))
+
+
+def test_cli_never_writes_into_a_training_run_or_evaluation_folder(tmp_path):
+    for names in (("args.json", "last.pt", "train.log"), ("metrics.json",)):
+        out = tmp_path / names[0]
+        out.mkdir()
+        for name in names:
+            (out / name).write_text("theirs")
+        code, _, err = run_cli("--out", out, "--files", "1", "--samples-per-file", "1")
+        assert code == 2 and err == (f"simulate_openfwi.py: error: --out {out} holds {', '.join(sorted(names))}: a "
+                                     f"training run or evaluation results, not a dataset; choose another --out\n")
+        assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+def test_a_reader_that_goes_ends_the_lines_not_the_run(tmp_path):
+    """`simulate_openfwi.py | head -1`: the files, the split lists and dataset.json are all written, exit 0."""
+    code, err = run_without_reader(SIMULATE, "--no-progress", "--out", tmp_path, "--files", "2", "--samples-per-file", "1")
+    assert code == 0 and "Traceback" not in err and "Broken pipe" not in err, err
+    assert json.loads((tmp_path / "dataset.json").read_text())["files"] == 2 and (tmp_path / "model" / "model2.npy").exists()
 
 
 @pytest.mark.skipif(so.triton is not None, reason="triton is installed here")
