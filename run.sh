@@ -178,10 +178,13 @@ step "3/3 evaluate -> $run/eval"
   || failed $? evaluation
 nproc=2  # a CPU takes two processes as well as one; on CUDA, one process per GPU (more are refused)
 [[ "$profile" == cpu ]] || nproc=$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")
+# the trainer's defaults are data/flatvel into runs/inversionnet; --resume auto lets the line be run again
+launch="torchrun --nproc_per_node=$nproc train_inversionnet.py"
+[[ "$data" == data/flatvel ]] || launch+=" --data-root $data --output-dir runs/$(basename "$data")-torchrun"
 cat <<SUMMARY
 
 == done
-data          $data (next: torchrun --nproc_per_node=$nproc train_inversionnet.py$([[ "$data" == data/flatvel ]] || echo " --data-root $data") --resume auto)
+data          $data (next: $launch --resume auto)
 checkpoints   $run/best.pt, $run/last.pt
 metrics       $run/eval/metrics.json, result.txt, per_sample.csv
 pictures      $run/eval/*.png

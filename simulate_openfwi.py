@@ -808,13 +808,11 @@ def prepare_out(args):
 
 
 def say(text):
-    """Print a line of progress. A reader that went (`| head`) or a terminal that hung up ends the lines, not the
-    run: stdout then points at /dev/null, so neither the next line nor the flush at exit fails on it."""
+    """Print a line of progress. A reader that went (`| head`) ends the lines, not the run: stdout then points
+    at /dev/null, so neither the next line nor the flush at exit fails on the pipe."""
     try:
         print(text, flush=True)
-    except OSError as e:
-        if e.errno not in (errno.EPIPE, errno.EIO):
-            raise
+    except BrokenPipeError:
         quiet = os.open(os.devnull, os.O_WRONLY)
         os.dup2(quiet, sys.stdout.fileno())
         os.close(quiet)

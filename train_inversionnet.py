@@ -1772,6 +1772,11 @@ def build_scheduler(optimizer, args, iters_per_epoch, start=0):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=start - 1)
 
 
+# (loss summed over samples and ranks, those samples, the batch they begin at): a stopped epoch's running
+# mean, which its checkpoint keeps so that the resumed epoch's loss goes on from it
+NO_EPOCH_LOSS = (0.0, 0, 0)
+
+
 @dataclass
 class Run:
     """What a training step touches, and the counters a checkpoint records."""
@@ -1791,7 +1796,7 @@ class Run:
     epoch: int = 0                    # the epoch under way, or the next to start
     batch_in_epoch: int = 0           # batches of `epoch` already trained
     best_loss: float = math.inf       # lowest validation loss so far
-    epoch_loss: tuple = (0.0, 0)      # (loss summed over samples, samples) of `epoch` so far, over every rank
+    epoch_loss: tuple = NO_EPOCH_LOSS  # where a stopped epoch's running loss stood, for its resume
     meta: dict = field(default_factory=dict)  # what checkpoints carry besides the state: split, provenance
     ema: "WeightEMA | None" = None    # --ema-decay
 
@@ -2023,11 +2028,12 @@ class Monitor:
         self.n_batches = n_batches
         self.bar = tqdm(total=n_batches, initial=run.batch_in_epoch, desc=f"epoch {run.epoch}", dynamic_ncols=True,
                         leave=False, disable=not shows_bar(self.progress))
-        # a resumed epoch's running mean goes on from the checkpoint's sums; one rank carries them, as mean_loss adds
-        # the ranks' (a checkpoint without them: the mean covers the batches from loss_from on)
-        loss, samples = run.epoch_loss if is_main() else (0.0, 0)
-        self.loss_from = 0 if run.epoch_loss[1] else run.batch_in_epoch
-        run.epoch_loss = (0.0, 0)
+        # a resumed epoch's running mean goes on from its checkpoint's sums (a checkpoint without them: the mean
+        # covers the batches from loss_from on); one rank carries them, as mean_loss adds the ranks'
+        loss, samples, self.loss_from = run.epoch_loss if run.epoch_loss[1] else (0.0, 0, run.batch_in_epoch)
+        if not is_main():
+            loss, samples = 0.0, 0
+        run.epoch_loss = NO_EPOCH_LOSS
         self.loss_sum = torch.full((), loss, device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
         self.samples = samples
         self.bad_at = torch.full((), NO_BAD_BATCH, device=run.device, dtype=torch.long)
@@ -2229,12 +2235,12 @@ def fit(run, train_loader, val_loader, monitor, args):
             t0 = time.perf_counter()
             train_loss = train_one_epoch(run, train_loader, monitor, stop)
             done = run.batch_in_epoch == len(train_loader)
-            run.epoch_loss = (0.0, 0) if done else monitor.totals  # what the epoch's resume goes on from
+            run.epoch_loss = NO_EPOCH_LOSS if done else (*monitor.totals, monitor.loss_from)  # for the epoch's resume
             if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
                 save_checkpoint(run, args, writer, "last.pt")
                 break
             # the loss is the mean over the epoch's batches so far, resumed or not (a checkpoint of an older format
-            # holds no sums: then the line says where the batches it covers began)
+            # holds no sums: then the line says where the batches it covers began, and so do the resumes after it)
             part = ((f" from batch {monitor.loss_from}" if monitor.loss_from else "")
                     + ("" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"))
             line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
@@ -2391,7 +2397,7 @@ def is_training_checkpoint(ckpt):
     counters = ("epoch", "step", "batch_in_epoch", "world", "batches_per_epoch")
     return (isinstance(ckpt, dict) and all(k in ckpt for k in required)
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
-            and isinstance(ckpt["best_loss"], float) and epoch_loss_ok(ckpt.get("epoch_loss", [0.0, 0]))
+            and isinstance(ckpt["best_loss"], float) and epoch_loss_ok(ckpt.get("epoch_loss", NO_EPOCH_LOSS))
             and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model", "scheduler", "scaler"))
             and split_record_ok(ckpt.get("split", [])) and split_record_ok(ckpt.get("val_split", []))  # where recorded
             and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
@@ -2399,8 +2405,10 @@ def is_training_checkpoint(ckpt):
 
 
 def epoch_loss_ok(record):
-    return (isinstance(record, (list, tuple)) and len(record) == 2 and isinstance(record[0], float)
-            and type(record[1]) is int and record[1] >= 0)
+    """A finite, non-negative loss sum, the samples it is over (none: a zero sum) and the batch they begin at."""
+    return (isinstance(record, (list, tuple)) and len(record) == 3 and isinstance(record[0], float)
+            and math.isfinite(record[0]) and record[0] >= 0 and all(type(n) is int and n >= 0 for n in record[1:])
+            and (record[1] > 0 or record[0] == 0))
 
 
 def rng_record_ok(st):
@@ -2469,7 +2477,7 @@ def restore(run, args, rank):
     else:
         run.best_loss = min(ckpt["best_loss"], newer_best_loss(args.output_dir, ckpt["step"]))
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
-    run.epoch_loss = tuple(ckpt.get("epoch_loss", (0.0, 0))) if run.batch_in_epoch else (0.0, 0)
+    run.epoch_loss = tuple(ckpt.get("epoch_loss", NO_EPOCH_LOSS)) if run.batch_in_epoch else NO_EPOCH_LOSS
     if ckpt.get("rng") and rank == 0:
         try:
             set_rng_state(ckpt["rng"])
@@ -2481,7 +2489,7 @@ def restore(run, args, rank):
         lr, iters_per_epoch = scaled_lr(args, run.world), run.meta["batches_per_epoch"]
         for g in run.optimizer.param_groups:
             g["initial_lr"] = lr
-        run.step, run.batch_in_epoch, run.epoch_loss = run.epoch * iters_per_epoch, 0, (0.0, 0)
+        run.step, run.batch_in_epoch, run.epoch_loss = run.epoch * iters_per_epoch, 0, NO_EPOCH_LOSS
         run.scheduler = build_scheduler(run.optimizer, args, iters_per_epoch, start=run.step)
         rebased = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
                    f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")

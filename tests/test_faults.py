@@ -407,6 +407,7 @@ def test_sigterm_to_torchrun_stops_all_ranks_at_one_step_and_the_group_resumes(t
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == 0, stderr[-3000:]
     assert f"continuing at epoch 0 after batch {ck['batch_in_epoch']}/4" in stdout
+    assert re.search(r"^epoch 0 train loss ", stdout, re.M), stdout  # the whole epoch's, as the sums were saved
     assert load(out / "last.pt")["step"] == 8
 
 
@@ -1049,7 +1050,8 @@ def test_run_sh_keeps_each_family_in_folders_of_its_own(tmp_path):
     assert train.startswith("train_inversionnet.py --train-list data/curvevel/train.txt --val-list data/curvevel/val.txt "
                             "--output-dir runs/curvevel-cpu ")
     assert ev.startswith("eval_inversionnet.py --checkpoint runs/curvevel-cpu/best.pt ")
-    assert "(next: torchrun --nproc_per_node=2 train_inversionnet.py --data-root data/curvevel --resume auto)" in stdout
+    assert ("(next: torchrun --nproc_per_node=2 train_inversionnet.py --data-root data/curvevel --output-dir "
+            "runs/curvevel-torchrun --resume auto)") in stdout
 
 
 @pytest.mark.parametrize("importable", [True, False])

@@ -7,6 +7,7 @@ import random
 import re
 import shutil
 import threading
+import types
 
 import numpy as np
 import pytest
@@ -1338,6 +1339,8 @@ def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys)
     (lambda ck: ck.update(batches_per_epoch="x"), "not a training checkpoint of this script"),
     (lambda ck: ck["rng"].pop("python"), "not a training checkpoint of this script"),
     (lambda ck: ck.update(scheduler="x"), "not a training checkpoint of this script"),
+    (lambda ck: ck.update(epoch_loss=[float("nan"), 4, 0]), "not a training checkpoint of this script"),
+    (lambda ck: ck.update(epoch_loss=[1.0, 0, 0]), "not a training checkpoint of this script"),
     (lambda ck: ck["rng"].update(numpy=("MT19937",)), "its RNG record is not a generator state"),
     (lambda ck: ck["rng"].update(torch=torch.zeros(3)), "its RNG record is not a generator state"),
     (lambda ck: ck["args"].update(batch_size="abc"), "its training arguments: argument --batch-size: invalid int value: 'abc'"),
@@ -1438,7 +1441,7 @@ def test_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(ids_data, tmp_path, ca
     straight = capsys.readouterr().out
     resumed = tmp_path / "resumed"
     assert T.cli([*argv, "--output-dir", str(resumed), "--max-steps", "2"]) == 0
-    assert torch.load(resumed / "last.pt", weights_only=False)["epoch_loss"][1] == 4  # 2 batches of 2 samples
+    assert torch.load(resumed / "last.pt", weights_only=False)["epoch_loss"][1:] == [4, 0]  # 2 batches of 2, from batch 0
     assert T.cli([*argv, "--output-dir", str(resumed), "--resume", "auto"]) == 0
     printed = capsys.readouterr().out
 
@@ -1451,7 +1454,23 @@ def test_a_resumed_epoch_logs_the_loss_of_the_whole_epoch(ids_data, tmp_path, ca
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(resumed / "tb"))
     events.Reload()
-    assert [(str(e.step), f"{e.value:.5f}") for e in events.Scalars("train/loss")] == steps
+    assert [e.step for e in events.Scalars("train/loss")] == [int(step) for step, _ in steps]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([float(v) for _, v in steps], abs=1e-5)
+
+
+def test_one_rank_alone_carries_a_resumed_epochs_loss_sums(monkeypatch):
+    """mean_loss adds the ranks' sums: were every rank to start from the checkpoint's, they would count once per
+    rank. A checkpoint without sums (an older format) starts the mean at the resumed batch."""
+    run = types.SimpleNamespace(epoch=0, batch_in_epoch=3, device=torch.device("cpu"),
+                                scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                optimizer=types.SimpleNamespace(param_groups=[{"lr": 0.1}]))
+    for main, record, expected in ((True, (6.0, 12, 0), (6.0, 12, 0)), (False, (6.0, 12, 0), (0.0, 0, 0)),
+                                   (True, T.NO_EPOCH_LOSS, (0.0, 0, 3)), (True, (6.0, 12, 1), (6.0, 12, 1))):
+        monkeypatch.setattr(T, "is_main", lambda: main)
+        run.epoch_loss, monitor = record, T.Monitor()
+        monitor.start_epoch(run, 4)
+        assert (monitor.loss_sum.item(), monitor.samples, monitor.loss_from) == expected
+        assert run.epoch_loss == T.NO_EPOCH_LOSS  # consumed: the epoch's end saves no stale sums
 
 
 def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_path, capsys):
