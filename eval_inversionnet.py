@@ -270,10 +270,15 @@ def trained_files(ckpt):
 def training_record(ckpt, opts, train_pairs, pairs):
     """What the results say about the data the checkpoint trained on: whether its training split changed since
     (asked of its own data: without --data-root, or with one whose training files include some it trained on;
-    another set's split is no change of this one), and the names of the evaluated files it trained on."""
+    another set's split is no change of this one), the names of the evaluated files it trained on, and how far
+    its weights were trained (last.pt and best.pt of one run differ there; None for a file without counters)."""
     trained = trained_files(ckpt)
     own = opts.data_root is None or any(os.path.realpath(d) in trained for d, _ in train_pairs or ())
-    return {"split_changed_since_training": split_change(ckpt, train_pairs) if own else None,
+    counters = {k: ckpt.get(k) for k in ("step", "epoch", "batch_in_epoch")}
+    counters["batch_in_epoch"] = counters["batch_in_epoch"] or 0
+    known = all(type(v) is int for v in counters.values())
+    return {"trained_to": counters if known else None,
+            "split_changed_since_training": split_change(ckpt, train_pairs) if own else None,
             "evaluated_files_trained_on": [os.path.basename(d) for d, _ in pairs if os.path.realpath(d) in trained]}
 
 
@@ -346,12 +351,20 @@ def result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base):
 SPLIT_NAMES = {"val": "the validation split", "train": "the training split", "list": "the --val-list files"}
 
 
+def trained_to(counters):
+    if counters is None:
+        return ""
+    epochs, batches = counters["epoch"], counters["batch_in_epoch"]
+    return (f", step {counters['step']}: {epochs} epoch{'s' * (epochs != 1)}"
+            f"{f' and {batches} batch' + 'es' * (batches != 1) if batches else ''} trained")
+
+
 def report(r):
     m, b, p = r["model"], r["baseline_mean_map"], r["paper_reference"]
     pert = r["perturbation"]
     baseline = "baseline (train mean)" if b["from"] == "training split" else "baseline (eval mean)"
     lines = [f"InversionNet evaluation of {SPLIT_NAMES[r['split']]}: {r['samples']} samples from {r['files']} file{'s' * (r['files'] != 1)} "
-             f"({r['checkpoint']}, weights: {r['weights']})",
+             f"({r['checkpoint']}, weights: {r['weights']}{trained_to(r['trained_to'])})",
              f"perturbation: noise {pert['noise_std']:g} x trace peak, {pert['missing_traces']} muted receivers, seed {pert['seed']}",
              f"forward pass: {r['forward']['amp']}{', channels-last' if r['forward']['channels_last'] else ''}; metrics in float32, the model's SSIM in {r['forward']['ssim']}",
              f"{'':24s}{'MAE':>9s}{'RMSE':>9s}{'SSIM':>9s}{'MAE m/s':>10s}{'RMSE m/s':>10s}",

@@ -168,9 +168,9 @@ def add_optimisation_args(g):
     g.add_argument("--lambda-l2", type=float, default=0.0, help="weight of the MSE loss")
     g.add_argument("--lr-scheduler", default="warmup-multistep", choices=["warmup-multistep", "step", "cosine", "none"],
                    help="learning-rate schedule, stepped every iteration")
-    g.add_argument("--lr-warmup-epochs", type=float, default=0, help="linear warm-up (warmup-multistep, cosine)")
+    g.add_argument("--lr-warmup-epochs", type=float, default=0.0, help="linear warm-up (warmup-multistep, cosine)")
     g.add_argument("--lr-milestones", type=float, nargs="*", default=[], help="epochs where warmup-multistep multiplies lr by --lr-gamma")
-    g.add_argument("--lr-step-size", type=float, default=30, help="StepLR period in epochs")
+    g.add_argument("--lr-step-size", type=float, default=30.0, help="StepLR period in epochs")
     g.add_argument("--lr-gamma", type=float, default=0.1, help="decay factor of warmup-multistep and step")
     g.add_argument("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this (0: off)")
     g.add_argument("--ema-decay", type=float, default=0.0,
@@ -1753,6 +1753,14 @@ def loss_fn(pred, target, l1=1.0, l2=0.0):
 def build_scheduler(optimizer, args, iters_per_epoch, start=0):
     """Every schedule as a per-iteration LambdaLR, so it is stepped (and resumed) the same way; `start`:
     the iteration it begins at (the optimizer's param groups then carry their 'initial_lr')."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args, iters_per_epoch), last_epoch=start - 1)
+
+
+SCHEDULE_FLAGS = ("lr_scheduler", "epochs", "max_steps", "lr_warmup_epochs", "lr_milestones", "lr_step_size", "lr_gamma")
+
+
+def lr_factor(args, iters_per_epoch):
+    """The schedule's multiplier of the learning rate at each iteration, as the SCHEDULE_FLAGS set it."""
     ipe = max(iters_per_epoch, 1)
     warm = args.lr_warmup_epochs * ipe
     total = args.epochs * ipe if args.max_steps is None else min(args.epochs * ipe, args.max_steps)
@@ -1769,7 +1777,21 @@ def build_scheduler(optimizer, args, iters_per_epoch, start=0):
         fn = lambda it: warmup(it) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, it - warm) / max(1, total - warm))))
     else:
         fn = lambda it: 1.0
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn, last_epoch=start - 1)
+    return fn
+
+
+def schedule_note(saved, args, run):
+    """'; note: ...' when the flags give the steps to come another learning rate than the run's own schedule
+    did (SAVED: its arguments): a cosine schedule spans --epochs and --max-steps, so extending a run draws the
+    rest of it out anew, and a run that had decayed to nothing trains at a high rate again."""
+    ipe, base = run.meta["batches_per_epoch"], scaled_lr(args, run.world)
+    now, was = (base * lr_factor(a, ipe)(run.step + 1) for a in (args, saved))
+    if math.isclose(now, was, rel_tol=1e-9):
+        return ""
+    changed = ", ".join(f"{spelled(k, getattr(args, k))} (was {shown(getattr(saved, k))})" for k in SCHEDULE_FLAGS
+                        if getattr(args, k) != getattr(saved, k))  # (numbers: 30 == 30.0)
+    return (f"; note: {changed} changes the learning-rate schedule: the next steps train at {now:.3g}, where the "
+            f"run's schedule gives {was:.3g}")
 
 
 # (loss summed over samples and ranks, those samples, the batch they begin at): a stopped epoch's running
@@ -2484,20 +2506,20 @@ def restore(run, args, rank):
         except (ValueError, TypeError, IndexError, RuntimeError):  # of the right types, yet no generator state
             raise InputError(f"{path}: its RNG record is not a generator state (start a new run with --init-from "
                              f"{path} for its weights)") from None
-    rebased = ""
+    schedule = schedule_note(saved_namespace(ckpt["args"], f"{path}: its training arguments"), args, run)
     if ckpt.get("world", run.world) != run.world:
         lr, iters_per_epoch = scaled_lr(args, run.world), run.meta["batches_per_epoch"]
         for g in run.optimizer.param_groups:
             g["initial_lr"] = lr
         run.step, run.batch_in_epoch, run.epoch_loss = run.epoch * iters_per_epoch, 0, NO_EPOCH_LOSS
         run.scheduler = build_scheduler(run.optimizer, args, iters_per_epoch, start=run.step)
-        rebased = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
-                   f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")
+        schedule = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
+                    f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")
     where = (f"epoch {run.epoch} after batch {run.batch_in_epoch}/{run.meta['batches_per_epoch']}" if run.batch_in_epoch
              else f"the start of epoch {run.epoch}")  # batch k/N as the log lines count: k batches done
     given, args.init_from = args.init_from, ckpt["args"].get("init_from")  # args.json: what the run began from
     unused = f"; --init-from {given} not used (the weights are {path}'s)" if given and given != args.init_from else ""
-    return f"resuming from {path}: step {run.step}, continuing at {where}{rebased}{ema}{amp}{unused}"
+    return f"resuming from {path}: step {run.step}, continuing at {where}{schedule}{ema}{amp}{unused}"
 
 
 def newer_best_loss(output_dir, step):

@@ -113,6 +113,10 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["samples"] == 4 and metrics["files"] == 1  # the split rule of training, from the checkpoint
     assert (out / "result.txt").read_text().startswith("InversionNet evaluation of the validation split: 4 samples from 1 file (")
+    assert "best.pt, weights: trained, step 4: 1 epoch trained)\n" in (out / "result.txt").read_text()
+    assert metrics["trained_to"] == {"step": 4, "epoch": 1, "batch_in_epoch": 0}  # 8 training samples, batch 2
+    assert E.trained_to({"step": 9, "epoch": 2, "batch_in_epoch": 1}) == ", step 9: 2 epochs and 1 batch trained"
+    assert E.trained_to(None) == ""  # a file without counters (OpenFWI's own checkpoints)
     assert metrics["perturbation"] == {"noise_std": 0.05, "missing_traces": 2, "seed": 0}
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
     assert len(rows) == 4

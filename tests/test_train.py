@@ -1473,6 +1473,32 @@ def test_one_rank_alone_carries_a_resumed_epochs_loss_sums(monkeypatch):
         assert run.epoch_loss == T.NO_EPOCH_LOSS  # consumed: the epoch's end saves no stale sums
 
 
+def test_schedule_note_says_when_the_flags_move_the_rate_of_the_steps_to_come():
+    """Extending a cosine run (--epochs, --max-steps) draws the rest of its schedule out anew: a resume says so
+    with the rate the next steps get; a schedule the change leaves alone (warmup-multistep) gets no note."""
+    run = types.SimpleNamespace(meta={"batches_per_epoch": 10}, step=20, world=1)
+    cosine = small_args(lr_scheduler="cosine", epochs=2, lr=1e-3)
+    assert T.schedule_note(cosine, small_args(lr_scheduler="cosine", epochs=2, lr=1e-3), run) == ""
+    note = T.schedule_note(cosine, small_args(lr_scheduler="cosine", epochs=4, lr=1e-3), run)
+    assert note == ("; note: --epochs 4 (was 2) changes the learning-rate schedule: the next steps train at 0.000461, "
+                    "where the run's schedule gives 0")  # (1 + cos(pi * 21/40)) / 2: from nothing back to near half
+    run.step = 5
+    assert "--max-steps 10 (was None)" in T.schedule_note(cosine, small_args(lr_scheduler="cosine", epochs=2, lr=1e-3,
+                                                                             max_steps=10), run)
+    steps = small_args(lr_milestones=[1], epochs=2, lr=1e-3)
+    assert T.schedule_note(steps, small_args(lr_milestones=[1], epochs=4, lr=1e-3), run) == ""
+
+
+def test_a_resume_that_extends_a_cosine_run_says_what_the_rate_becomes(ids_data, tmp_path, capsys):
+    _, lists = ids_data
+    argv = [*map(str, lists), *BASE_RUN, "--lr-scheduler", "cosine", "--output-dir", str(tmp_path), "--device", "cpu"]
+    assert T.cli([*argv, "--epochs", "1"]) == 0
+    capsys.readouterr()
+    assert T.cli([*argv, "--epochs", "2", "--resume", "auto"]) == 0
+    assert "; note: --epochs 2 (was 1) changes the learning-rate schedule: the next steps train at 0.000309, where " \
+           "the run's schedule gives 0" in capsys.readouterr().out
+
+
 def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_path, capsys):
     """A milestone at epoch 1 divides the rate from epoch 1's first step on: epoch 0's last step (logged after
     the schedule moved on) still trained at --lr, and its log line says so."""
