@@ -2053,7 +2053,7 @@ class Monitor:
         # a resumed epoch's running mean goes on from its checkpoint's sums (a checkpoint without them: the mean
         # covers the batches from loss_from on); one rank carries them, as mean_loss adds the ranks'
         loss, samples, self.loss_from = run.epoch_loss if run.epoch_loss[1] else (0.0, 0, run.batch_in_epoch)
-        if not is_main():
+        if samples and not is_main():
             loss, samples = 0.0, 0
         run.epoch_loss = NO_EPOCH_LOSS
         self.loss_sum = torch.full((), loss, device=run.device, dtype=torch.float64)  # sum over samples, kept on the device

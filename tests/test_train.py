@@ -1652,7 +1652,7 @@ def test_ema_run_validates_saves_and_resumes_the_average_exactly(ids_data, tmp_p
     assert E.cli(["--checkpoint", str(tmp_path / "a" / "last.pt"), "--output-dir", str(out), "--num-workers", "0",
                   "--no-progress", "--vis", "0", "--amp", "off"]) == 0
     assert val_mae == [f"{json.loads((out / 'metrics.json').read_text())['model']['mae']:.4f}"]
-    assert f"({tmp_path / 'a' / 'last.pt'}, weights: EMA, decay 0.5)\n" in (out / "result.txt").read_text()
+    assert f"({tmp_path / 'a' / 'last.pt'}, weights: EMA, decay 0.5, step 8: 2 epochs trained)\n" in (out / "result.txt").read_text()
     plain = [a for a in argv if a not in ("--ema-decay", "0.5")]
     capsys.readouterr()
     assert T.cli([*plain, "--epochs", "3", "--max-steps", "9", "--output-dir", str(tmp_path / "a"), "--resume", "auto"]) == 0
