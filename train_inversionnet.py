@@ -2506,8 +2506,9 @@ def restore(run, args, rank):
         except (ValueError, TypeError, IndexError, RuntimeError):  # of the right types, yet no generator state
             raise InputError(f"{path}: its RNG record is not a generator state (start a new run with --init-from "
                              f"{path} for its weights)") from None
-    schedule = schedule_note(saved_namespace(ckpt["args"], f"{path}: its training arguments"), args, run)
-    if ckpt.get("world", run.world) != run.world:
+    if ckpt.get("world", run.world) == run.world:
+        schedule = schedule_note(saved_namespace(ckpt["args"], f"{path}: its training arguments"), args, run)
+    else:
         lr, iters_per_epoch = scaled_lr(args, run.world), run.meta["batches_per_epoch"]
         for g in run.optimizer.param_groups:
             g["initial_lr"] = lr
