@@ -530,11 +530,16 @@ def run_evaluation(opts, argv):
     return 0
 
 
+_MADE_DIRS = []  # the output folders this process made: cli removes those still empty, so a failure leaves none
+
+
 def make_results_dir(out):
     if os.path.exists(out) and not os.path.isdir(out):
         raise T.InputError(f"--output-dir {out} exists and is not a directory")
     try:
-        os.makedirs(out, exist_ok=True)
+        if not os.path.isdir(out):
+            os.makedirs(out)
+            _MADE_DIRS.append(out)
         tempfile.TemporaryFile(dir=out).close()  # now, not after the minutes of evaluation it would waste
     except OSError as e:
         raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
@@ -717,6 +722,14 @@ def main(opts, argv=()):
     return run_evaluation(opts, argv)
 
 
+def remove_empty(dirs):
+    while dirs:
+        try:
+            os.rmdir(dirs.pop())  # only an empty folder goes: one that holds results stays
+        except OSError:
+            pass
+
+
 class Terminated(BaseException):
     """SIGTERM (a scheduler, `timeout`) raised on the main thread as Ctrl-C is, so that the file being written
     is removed on the way out (predict_file's finally) instead of left behind as a temporary file."""
@@ -746,6 +759,7 @@ def cli(argv=None):
         return 128 + signum
     finally:
         T.cleanup_distributed()
+        remove_empty(_MADE_DIRS)
         if main_thread:
             signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: a handler not set from Python
 

@@ -840,7 +840,7 @@ def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_r
     assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "e"), *common]) == 2
     assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {best}: the model's predictions hold NaN or Inf in its "
                                        "float32 forward pass\n")
-    assert not list((tmp_path / "e").glob("*"))
+    assert not (tmp_path / "e").exists()  # nor the folder it made for them
     batches = []
 
     def nan_in_the_second_batchs_second_sample(model, x, amp):
@@ -856,8 +856,12 @@ def test_non_finite_weights_or_predictions_are_one_line_and_write_nothing(tiny_r
     assert batches == [2, 2]
     assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'shots.npy'} sample 3: the model's prediction "
                                        "holds NaN or Inf in its float32 forward pass\n")
-    assert not list((tmp_path / "p").glob("*"))
+    assert not (tmp_path / "p").exists()
     monkeypatch.setattr(T, "forward", all_nan)
+    (tmp_path / "p").mkdir()  # the user's own folder stays, empty as it was
+    assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "p"), *common, "--predict", str(tmp_path / "shots.npy")]) == 2
+    assert (tmp_path / "p").is_dir() and not list((tmp_path / "p").glob("*"))
+    capsys.readouterr()
     assert E.cli(["--checkpoint", best, "--output-dir", str(tmp_path / "e"), *common, "--amp", "bf16"]) == 2
     assert capsys.readouterr().err.endswith("in its bfloat16 forward pass; evaluate with --amp off\n")  # the likely cause
 
@@ -973,7 +977,7 @@ def test_predict_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_run,
                   "--output-dir", str(tmp_path / "o"), "--vis", "0"]) == 2
     assert capsys.readouterr().err == (f"eval_inversionnet.py: error: cannot write {tmp_path / 'o' / 'shots_velocity.npy'} "
                                        "(0.04 MB): No space left on device\n")
-    assert list((tmp_path / "o").iterdir()) == []
+    assert not (tmp_path / "o").exists()  # nothing partial, nor the folder made for it
 
 
 def test_outputs_that_are_not_regular_files_are_refused_even_with_overwrite(tiny_run, tmp_path, capsys):
