@@ -2204,15 +2204,19 @@ def average_over_ranks(tensors):
 
 @torch.no_grad()
 def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_last=False, loss_weights=(1.0, 0.0),
-             per_sample=False, progress=False):
+             per_sample=False, progress=False, stop=None):
     """Loss and metrics over a split, reduced exactly over ranks as (sum, count); `first` holds the first
-    prediction and truth. With per_sample, `per_sample` is this rank's (n, 3) MAE, MSE, SSIM in loader order."""
+    prediction and truth. With per_sample, `per_sample` is this rank's (n, 3) MAE, MSE, SSIM in loader order.
+    A signal that STOP receives ends the pass early (its figures then cover part of the split: the caller
+    asks Stop.check whether to use them); every rank still meets the others in the final reduction."""
     from tqdm import tqdm
     model.eval()
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # MAE, MSE, SSIM, count, loss (sums)
     rows, first = [], None
     batches = device_batches(loader, device, normalizer, channels_last)
     for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=not shows_bar(progress)):
+        if stop is not None and stop.received is not None:
+            break
         pred, y = forward(model, x, amp_dtype).float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
         m = per_sample_metrics(pred, y)
         sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).double() * len(m))[None]])
@@ -2228,10 +2232,14 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
     return out
 
 
-def validate(run, loader, monitor):
+def validate(run, loader, monitor, stop):
     """Validation metrics of run.eval_model (unwrapped, the average with --ema-decay); returns (log text, whether
-    the loss improved)."""
-    m = evaluate(run.eval_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights)
+    the loss improved), or (None, False) when a signal stopped it: a validation of a large split on a CPU takes
+    minutes, which a Ctrl-C should not have to wait for."""
+    m = evaluate(run.eval_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights,
+                 stop=stop)
+    if stop.check(run) and stop.signum is not None:  # agreed over ranks, as in the epoch
+        return None, False
     monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
     if m["first"] is not None:  # None on a DDP rank whose share of a small split is empty
         monitor.image("val/prediction_vs_truth", *m["first"], run.step)
@@ -2240,24 +2248,27 @@ def validate(run, loader, monitor):
     return f" | val loss {m['loss']:.5f} MAE {m['mae']:.4f} RMSE {m['rmse']:.4f} SSIM {m['ssim']:.4f}", improved
 
 
-def fit(run, train_loader, val_loader, monitor, args):
-    """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
-    stop, writer = Stop(args.max_steps), CheckpointWriter()
-    start = run.step
+def say_if_complete(run, args, stop, n_batches):
     if run.epoch >= args.epochs and args.overfit_batch:
-        print0(f"the run is complete: its --overfit-batch epoch of {len(train_loader)} steps is trained; --overwrite "
-               f"runs it again")
+        print0(f"the run is complete: its --overfit-batch epoch of {n_batches} steps is trained; --overwrite runs it again")
     elif run.epoch >= args.epochs:
         print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
     elif stop.reached_max(run):
         print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
+
+
+def fit(run, train_loader, val_loader, monitor, args):
+    """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
+    stop, writer = Stop(args.max_steps), CheckpointWriter()
+    start = run.step
+    say_if_complete(run, args, stop, len(train_loader))
     stop.install()
     try:
         while run.epoch < args.epochs and not stop.check(run):
             t0 = time.perf_counter()
             train_loss = train_one_epoch(run, train_loader, monitor, stop)
             done = run.batch_in_epoch == len(train_loader)
-            run.epoch_loss = NO_EPOCH_LOSS if done else (*monitor.totals, monitor.loss_from)  # for the epoch's resume
+            run.epoch_loss = (*monitor.totals, monitor.loss_from)  # until the epoch is closed: what its resume goes on from
             if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
                 save_checkpoint(run, args, writer, "last.pt")
                 break
@@ -2273,10 +2284,14 @@ def fit(run, train_loader, val_loader, monitor, args):
             # does not divide it still ends with a validated best.pt: run.sh's eval stage reads it
             final = run.epoch + 1 == args.epochs or stop.reached_max(run)
             if val_loader is not None and (((run.epoch + 1) % args.val_every == 0 and done) or final):
-                text, improved = validate(run, val_loader, monitor)
+                text, improved = validate(run, val_loader, monitor, stop)
+                if text is None:  # last.pt keeps the epoch trained but not validated: a resume validates it
+                    save_checkpoint(run, args, writer, "last.pt")
+                    print0(f"{line} | validation stopped by the signal; a resume runs it")
+                    break
                 line += text
             if done:
-                run.epoch, run.batch_in_epoch = run.epoch + 1, 0
+                run.epoch, run.batch_in_epoch, run.epoch_loss = run.epoch + 1, 0, NO_EPOCH_LOSS
             t2 = time.perf_counter()
             try:  # the epoch's line is printed even when the previous checkpoint's write turns out to have failed
                 # a run that never validated keeps every epoch's weights in best.pt for eval; one that did keeps

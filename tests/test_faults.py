@@ -113,6 +113,39 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert_same_weights(load(out / "last.pt"), straight)
 
 
+def test_a_signal_during_validation_stops_it_and_a_resume_validates_the_epoch(tmp_path, capsys, monkeypatch):
+    """Ctrl-C does not wait for a validation to end (minutes on a CPU): last.pt keeps the epoch trained but not
+    validated, best.pt stays the earlier epoch's, and the resume validates the epoch first, to the figures and
+    weights of the run that was never stopped."""
+    write_ids_dataset(tmp_path / "d", (4, 4, 4))  # trains on 8 samples (4 batches), validates on 4 (2 batches)
+    argv = ["--data-root", str(tmp_path / "d"), *EXACT, "--epochs", "2"]
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
+    epoch_lines = lambda text: [line.rsplit(" | ", 1)[0] for line in text.splitlines() if line.startswith("epoch 1 train")]
+    straight = epoch_lines(capsys.readouterr().out)
+    metrics, calls = T.per_sample_metrics, []
+
+    def ctrl_c_in_the_second_validation(pred, target):
+        calls.append(len(pred))
+        if len(calls) == 3:  # epoch 1's first validation batch
+            os.kill(os.getpid(), signal.SIGINT)
+        return metrics(pred, target)
+    monkeypatch.setattr(T, "per_sample_metrics", ctrl_c_in_the_second_validation)
+    out = tmp_path / "run"
+    assert T.cli([*argv, "--output-dir", str(out)]) == 130
+    printed = capsys.readouterr().out
+    assert calls == [2, 2, 2]  # the batch under way, and no other
+    assert "epoch 1 train loss" in printed and "| validation stopped by the signal; a resume runs it" in printed
+    assert "stopped by signal 2 at step 8; last.pt written" in printed
+    last, best = load(out / "last.pt"), load(out / "best.pt")
+    assert (last["epoch"], last["batch_in_epoch"], last["step"], best["step"]) == (1, 4, 8, 4)
+    monkeypatch.setattr(T, "per_sample_metrics", metrics)
+    assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert "continuing at epoch 1 after batch 4/4" in printed
+    assert epoch_lines(printed) == straight  # the whole epoch's train loss, then its validation
+    assert_same_weights(load(out / "last.pt"), load(tmp_path / "straight" / "last.pt"))
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
 def test_a_terminal_that_hangs_up_ends_the_run_with_its_checkpoint(data, tmp_path):
     """An ssh session dropped: the terminal goes (its writes then fail with EIO) and SIGHUP arrives. The run,

@@ -454,14 +454,14 @@ def test_best_pt_follows_the_lowest_validation_loss_of_the_runs_own_loss(monkeyp
     the loss is the run's own, with its --lambda-l1 / --lambda-l2 weights."""
     losses, weights_seen = iter([0.5, 0.5, 0.7, 0.4, 0.6]), []
 
-    def evaluate(model, loader, device, normalizer, amp_dtype, channels_last, loss_weights=(1.0, 0.0)):
+    def evaluate(model, loader, device, normalizer, amp_dtype, channels_last, loss_weights=(1.0, 0.0), stop=None):
         weights_seen.append(loss_weights)
         return {"loss": next(losses), "mae": 0.0, "rmse": 0.0, "ssim": 0.0, "first": None}
     monkeypatch.setattr(T, "evaluate", evaluate)
     run = argparse.Namespace(eval_model=None, device=None, normalizer=None, amp_dtype=None, channels_last=False,
                              loss_weights=(1.0, 0.5), best_loss=math.inf, step=0)
     monitor = argparse.Namespace(scalars=lambda *a: None, image=lambda *a: None)
-    assert [T.validate(run, None, monitor)[1] for _ in range(5)] == [True, False, False, True, False]
+    assert [T.validate(run, None, monitor, T.Stop())[1] for _ in range(5)] == [True, False, False, True, False]
     assert run.best_loss == 0.4 and weights_seen == [(1.0, 0.5)] * 5
 
 
@@ -705,7 +705,7 @@ def test_loaders_start_an_epoch_at_a_given_batch(tmp_path, kind, workers):
     loader.set_epoch(3)
     whole = [x[:, 0, 0, 0].tolist() for x, _ in T.device_batches(loader, torch.device("cpu"), norm)]  # normalised ids
     assert len(whole) == len(loader) >= 6
-    for start in (1, 4, len(whole) - 1):
+    for start in (1, 4, len(whole) - 1, len(whole)):  # the last: an epoch trained whose validation a signal stopped
         loader.set_epoch(3, start=start)
         rest = [x[:, 0, 0, 0].tolist() for x, _ in T.device_batches(loader, torch.device("cpu"), norm)]
         assert len(loader) == len(whole) and rest == whole[start:], start
