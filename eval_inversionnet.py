@@ -157,8 +157,12 @@ def load_model(opts, device):
     model = T.InversionNet()
     ckpt = T.load_weights(model, opts.checkpoint)
     targs, ours = train_args_from(ckpt, opts)
+    named = None if ours else getattr(ckpt.get("args"), "dataset", None)  # OpenFWI saves its argparse Namespace
     if not ours and opts.dataset is None and opts.stats is None:
-        raise T.InputError(f"{opts.checkpoint} carries no training arguments (OpenFWI checkpoint?): name the constants with --dataset or --stats")
+        if named not in T.DATASETS:
+            raise T.InputError(f"{opts.checkpoint} records neither our training arguments nor an OpenFWI dataset name "
+                               f"(OpenFWI checkpoint?): name the constants with --dataset or --stats")
+        targs.dataset = named
     if ours and not T.split_record_ok(ckpt.get("split", [])):
         raise T.InputError(f"{opts.checkpoint}: its split record is unreadable (not a list of [data file, label file, samples])")
     if ours and opts.dataset is None and opts.stats is None and "normalization" in ckpt:
@@ -170,6 +174,8 @@ def load_model(opts, device):
         stats_from = "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
+        if not ours and opts.dataset is None and opts.stats is None:
+            stats_from = f"OpenFWI's {named} constants (the dataset the checkpoint names)"
         trained = ckpt.get("normalization") if ours else None
         if T.normalization_ok(trained) and not T.same_normalization(trained, normalizer.as_dict()):
             T.print0(f"note: normalisation from {stats_from} ({T.shown_normalization(normalizer.as_dict())}), not the "
@@ -226,8 +232,13 @@ def evaluation_pairs(opts, targs, ours):
                 raise
             raise T.DataError(f"the data the checkpoint was trained on: {e}; --data-root or --val-list names the data "
                               f"to evaluate") from None
-        T.inspect_pairs(train)  # the baseline reads its labels: a broken file is named before anything is written
         pairs = train if opts.split == "train" else val
+        gone = next((f for pair in train for f in pair if not os.path.exists(f)), None)
+        if gone and opts.split != "train":  # (a run copied with its validation files alone)
+            T.print0(f"note: {gone} of the training split is gone: the baseline is the mean of the evaluated maps")
+            train = None
+        else:
+            T.inspect_pairs(train)  # the baseline reads its labels: a broken file is named before anything is written
     if not pairs:
         raise T.DataError(f"the {opts.split or 'val'} split to evaluate is empty (a run trained without validation?): "
                           f"name the data with --val-list or --data-root, or pass --split train")
@@ -277,6 +288,8 @@ def training_record(ckpt, opts, train_pairs, pairs):
     counters = {k: ckpt.get(k) for k in ("step", "epoch", "batch_in_epoch")}
     counters["batch_in_epoch"] = counters["batch_in_epoch"] or 0
     known = all(type(v) is int for v in counters.values())
+    if known and saved_args(ckpt) is None:  # OpenFWI saves the index of the epoch just trained: one fewer than trained
+        counters["epoch"] += 1
     return {"trained_to": counters if known else None,
             "split_changed_since_training": split_change(ckpt, train_pairs) if own else None,
             "evaluated_files_trained_on": [os.path.basename(d) for d, _ in pairs if os.path.realpath(d) in trained]}
@@ -376,7 +389,7 @@ def report(r):
     if r["split"] == "train" and p:
         lines.append("the training split: samples the model learnt from, so the paper's row (held-out data) is no fair comparison")
     if b["from"] != "training split":
-        lines.append("baseline: the mean of the evaluated maps themselves (no training split known): an easier bar than a training mean")
+        lines.append("baseline: the mean of the evaluated maps themselves (no training labels at hand): an easier bar than a training mean")
     if p and p["data"] != "OpenFWI":
         lines.append(f"paper row: OpenFWI's {p['dataset']}; this data was drawn by {p['data']}")
     if r["split_changed_since_training"]:

@@ -1,4 +1,5 @@
 """eval_inversionnet.py: metric definitions, perturbations, files, bad input."""
+import argparse
 import csv
 import json
 import os
@@ -155,6 +156,16 @@ def test_openfwi_checkpoint_needs_and_uses_dataset(tiny_run, tmp_path, capsys):
     assert "records no data (OpenFWI checkpoint?): name the data to evaluate with --val-list or --data-root" in capsys.readouterr().err
     assert E.cli(args + ["--dataset", "flatvel-a", "--output-dir", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "metrics.json").read_text())["samples"] == 4
+    # OpenFWI's train.py saves its argparse Namespace (the dataset named there) and the index of the epoch
+    # just trained: the constants and the paper row come from that name, and one epoch is one epoch
+    torch.save({"model": sd, "epoch": 0, "step": 2, "args": argparse.Namespace(dataset="flatvel-a", lr=1e-4)},
+               tmp_path / "named.pth")
+    capsys.readouterr()
+    assert E.cli([*args[2:], "--checkpoint", str(tmp_path / "named.pth"), "--output-dir", str(tmp_path / "n")]) == 0
+    named, given = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("n", "o"))
+    assert named["model"] == given["model"] and named["paper_reference"] == given["paper_reference"]
+    assert named["normalization_from"] == "OpenFWI's flatvel-a constants (the dataset the checkpoint names)"
+    assert "named.pth, weights: trained, step 2: 1 epoch trained)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case", ["missing", "truncated", "incompatible", "no_normalization", "inf_normalization", "empty_split",
@@ -405,6 +416,26 @@ def test_a_training_label_with_inf_stops_the_baseline_naming_its_file(tmp_path):
     np.save(pairs[0][1], y)
     with pytest.raises(T.DataError, match=r"model1\.npy: NaN or Inf in the labels \(read for the mean-map baseline\)"):
         E.baseline_sums(pairs[:1], pairs[1:], T.Normalizer(*T.DATASETS["flatvel-a"]))
+
+
+def test_a_run_copied_with_its_validation_files_alone_is_evaluated_against_their_mean(tiny_run, tmp_path, capsys):
+    """A run trained on split lists, copied to another machine with its validation files alone: the evaluation
+    goes on with the mean of the evaluated maps as its baseline and says so; the training split itself is refused."""
+    ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
+    trained = {d for d, *_ in ck["split"]}
+    gone = [(str(tmp_path / "gone" / "data" / d), str(tmp_path / "gone" / "model" / m)) for d, m, _ in ck["split"]]
+    val = [pair for pair in T.find_pairs(str(tiny_run / "d")) if os.path.basename(pair[0]) not in trained]
+    ck["args"] |= {"data_root": None, "train_list": str(write_split_list(tmp_path / "train.txt", gone)),
+                   "val_list": str(write_split_list(tmp_path / "val.txt", val))}  # as a run trained on lists saves them
+    torch.save(ck, tmp_path / "copied.pt")
+    args = ["--checkpoint", str(tmp_path / "copied.pt"), "--num-workers", "0", "--no-progress", "--vis", "0", "--device", "cpu"]
+    assert E.cli([*args, "--output-dir", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {gone[0][0]} of the training split is gone: the baseline is the mean of the evaluated maps" in out
+    assert "baseline (eval mean)" in out and "(no training labels at hand)" in out
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["baseline_mean_map"]["from"] == "evaluated maps"
+    assert E.cli([*args, "--split", "train", "--output-dir", str(tmp_path / "tr")]) == 2
+    assert f"{gone[0][0]}: no such file" in capsys.readouterr().err
 
 
 def test_a_broken_training_label_is_named_before_anything_is_written(tiny_run, tmp_path, capsys):
