@@ -401,13 +401,19 @@ def report(r):
     return "\n".join(lines) + "\n"
 
 
-def write_results(out, result, rows):
+def sample_places(pairs, counts):
+    """(data file, sample in that file) of each index of the evaluated split, in evaluation order: a bad sample
+    of per_sample.csv is found without summing file lengths by hand."""
+    return [(data, k) for (data, _), n in zip(pairs, counts) for k in range(n)]
+
+
+def write_results(out, result, rows, places):
     """per_sample.csv, result.txt, then metrics.json, each by temporary name and rename: metrics.json
     last, because it marks a complete result."""
     table = io.StringIO()
     w = csv.writer(table)
-    w.writerow(["index", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
-    w.writerows(rows)
+    w.writerow(["index", "file", "sample_in_file", "mae", "rmse", "ssim", "mae_ms", "rmse_ms"])
+    w.writerows((i, *places[i], *rest) for i, *rest in rows)
     remove_results(out, ["metrics.json"])  # --overwrite: a failure below must not leave it beside new files, as
                                            # if they were the complete old result
     for name, content in (("per_sample.csv", table.getvalue()), ("result.txt", report(result)),
@@ -533,7 +539,7 @@ def run_evaluation(opts, argv):
                          "ssim": dtype_name(T.ssim_dtype(device))}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance")}
-    write_results(out, result, rows)
+    write_results(out, result, rows, sample_places(pairs, counts))
     remove_results(out, [n for n in found if n.endswith(".png")])  # after the new results are in: a failed run keeps them
     if opts.vis:
         draw(model, device, normalizer, T.MapDataset(pairs, counts, transform=perturb), rows, out, opts.vis, amp_dtype)

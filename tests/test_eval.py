@@ -120,7 +120,11 @@ def test_end_to_end_eval_writes_all_files(tiny_run):
     assert E.trained_to(None) == ""  # a file without counters (OpenFWI's own checkpoints)
     assert metrics["perturbation"] == {"noise_std": 0.05, "missing_traces": 2, "seed": 0}
     rows = list(csv.DictReader((out / "per_sample.csv").open()))
-    assert len(rows) == 4
+    trained = {d for d, *_ in torch.load(tiny_run / "run" / "best.pt", weights_only=False)["split"]}
+    [val] = [d for d, _ in T.find_pairs(str(tiny_run / "d")) if os.path.basename(d) not in trained]
+    assert [(r["index"], r["file"], r["sample_in_file"]) for r in rows] == [(str(k), val, str(k)) for k in range(4)]
+    assert E.sample_places([("a.npy", "ma.npy"), ("b.npy", "mb.npy")], [3, 2]) == [
+        ("a.npy", 0), ("a.npy", 1), ("a.npy", 2), ("b.npy", 0), ("b.npy", 1)]
     assert np.mean([float(r["mae"]) for r in rows]) == pytest.approx(metrics["model"]["mae"])
     assert np.mean([float(r["rmse"]) ** 2 for r in rows]) == pytest.approx(metrics["model"]["mse"])  # per sample, RMSE
     for row in rows:
@@ -752,8 +756,11 @@ def test_torchrun_evaluation_matches_one_process(tiny_run, tmp_path):
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
     rows = [(tmp_path / d / "per_sample.csv").read_text().splitlines() for d in ("one", "two")]
     assert len(rows[0]) == 9 and [r.split(",")[0] for r in rows[1]] == ["index", *map(str, range(8))]
+    assert [r.split(",")[2] for r in rows[1][1:]] == [*map(str, range(4))] * 2  # two training files of 4 samples
     for a, b in zip(rows[0][1:], rows[1][1:]):
-        assert np.allclose([float(v) for v in a.split(",")], [float(v) for v in b.split(",")], rtol=1e-5)
+        a, b = a.split(","), b.split(",")
+        assert a[:3] == b[:3]  # the index, file and sample in the file
+        assert np.allclose([float(v) for v in a[3:]], [float(v) for v in b[3:]], rtol=1e-5)
     for k in ("mae", "rmse", "ssim", "count"):
         assert two["model"][k] == pytest.approx(one["model"][k], rel=1e-5)
     assert two["provenance"]["evaluation"]["world_size"] == 2
