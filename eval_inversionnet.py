@@ -593,14 +593,22 @@ def prediction_inputs(path):
         raise T.InputError(f"--predict {path}: not a regular file or a directory")
     else:
         raise T.InputError(f"--predict {path}: no such file or directory")
-    maps = []
+    maps, labels = [], []
     for f in files:
         a = T.open_npy(f)
+        if os.path.isdir(path) and a.ndim == 4 and tuple(a.shape[1:]) == T.LABEL_SHAPE:
+            labels.append(os.path.basename(f))  # velocity maps beside their gathers (OpenFWI's fault layout: vel*.npy)
+            continue
         if not np.issubdtype(a.dtype, np.floating):
             raise T.DataError(f"{f}: dtype {a.dtype}, expected floating-point shot gathers (float32)")
         if a.ndim != 4 or tuple(a.shape[1:]) != T.DATA_SHAPE or len(a) == 0:
             raise T.DataError(f"{f}: shape {tuple(a.shape)}, expected shot gathers (N, 5, 1000, 70) with N >= 1")
         maps.append((f, a))
+    if labels:
+        T.print0(f"--predict {path}: skipped {len(labels)} file{'s' * (len(labels) != 1)} of velocity maps "
+                 f"({T.listed(labels, 3)}), not shot gathers")
+    if not maps:
+        raise T.InputError(f"--predict {path}: no shot-gather files in this directory, only velocity maps")
     return maps
 
 

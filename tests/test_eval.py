@@ -792,9 +792,12 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     (tmp_path / "in").mkdir()
     np.save(tmp_path / "in" / "line7.npy", shots[:3])
     np.save(tmp_path / "in" / "line12.npy", shots[1:].astype(np.float64))  # other float dtypes are converted
+    np.save(tmp_path / "in" / "vel7.npy", np.full((3, 1, 70, 70), 2000.0, np.float32))  # OpenFWI's fault layout
     out = tmp_path / "out"
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(out), "--amp", "off",
                   "--batch-size", "2", "--vis", "2", "--device", "cpu"]) == 0
+    assert f"--predict {tmp_path / 'in'}: skipped 1 file of velocity maps (vel7.npy), not shot gathers\n" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.npy")) == ["line12_velocity.npy", "line7_velocity.npy"]
     model, norm = model_of(ck)
     with torch.no_grad():
         expected = norm.label_to_velocity(model(norm.data(torch.from_numpy(shots)))).numpy()
@@ -826,7 +829,7 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     again = ["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(tmp_path / "in"), "--vis", "0"]
     assert E.cli(again) == 0 and E.cli([*again, "--overwrite"]) == 0
     assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["line12.npy", "line12_velocity.npy", "line7.npy",
-                                                                   "line7_velocity.npy"]
+                                                                   "line7_velocity.npy", "vel7.npy"]
     assert np.array_equal(np.load(tmp_path / "in" / "line7.npy"), shots[:3])
 
 
@@ -956,6 +959,8 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("overflow", "bad.npy sample 2: NaN or Inf in the shot gathers"),  # float64 beyond float32's range, no numpy warning
     ("missing", "--predict MISSING: no such file or directory"),
     ("empty_dir", "no .npy files in this directory"),
+    ("labels_only", "no shot-gather files in this directory, only velocity maps"),
+    ("labels_file", "shape (2, 1, 70, 70), expected shot gathers (N, 5, 1000, 70)"),  # named alone: an input it cannot take
     ("device_file", "--predict /dev/null: not a regular file or a directory"),
     ("no_samples", "shape (0, 5, 1000, 70), expected shot gathers (N, 5, 1000, 70) with N >= 1"),
 ])
@@ -987,6 +992,12 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
         needle = needle.replace("MISSING", str(bad))
     elif case == "device_file":
         bad = "/dev/null"
+    elif case == "labels_file":
+        np.save(bad, np.zeros((2, 1, 70, 70), np.float32))
+    elif case == "labels_only":
+        bad = tmp_path / "velocity"
+        bad.mkdir()
+        np.save(bad / "vel1.npy", np.zeros((2, 1, 70, 70), np.float32))
     else:
         bad = tmp_path / "nothing"
         bad.mkdir()
