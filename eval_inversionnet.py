@@ -158,7 +158,8 @@ def load_model(opts, device):
     ckpt = T.load_weights(model, opts.checkpoint)
     targs, ours = train_args_from(ckpt, opts)
     named = None if ours else getattr(ckpt.get("args"), "dataset", None)  # OpenFWI saves its argparse Namespace
-    if not ours and opts.dataset is None and opts.stats is None:
+    by_name = not ours and opts.dataset is None and opts.stats is None  # the constants of the dataset it names
+    if by_name:
         if named not in T.DATASETS:
             raise T.InputError(f"{opts.checkpoint} records neither our training arguments nor an OpenFWI dataset name "
                                f"(OpenFWI checkpoint?): name the constants with --dataset or --stats")
@@ -174,7 +175,7 @@ def load_model(opts, device):
         stats_from = "the checkpoint"
     else:
         normalizer, stats_from = T.resolve_stats(targs)
-        if not ours and opts.dataset is None and opts.stats is None:
+        if by_name:
             stats_from = f"OpenFWI's {named} constants (the dataset the checkpoint names)"
         trained = ckpt.get("normalization") if ours else None
         if T.normalization_ok(trained) and not T.same_normalization(trained, normalizer.as_dict()):
@@ -581,7 +582,8 @@ def remove_results(out, names):
 def prediction_inputs(path):
     """The shot-gather files of --predict, each opened as a read-only memory map and checked. In a directory,
     the *_velocity.npy files that --predict writes are not inputs."""
-    if os.path.isdir(path):
+    in_dir = os.path.isdir(path)
+    if in_dir:
         names = sorted((n for n in os.listdir(path) if n.endswith(".npy") and not n.endswith("_velocity.npy")),
                        key=T.natural_key)
         if not names:
@@ -596,7 +598,7 @@ def prediction_inputs(path):
     maps, labels = [], []
     for f in files:
         a = T.open_npy(f)
-        if os.path.isdir(path) and a.ndim == 4 and tuple(a.shape[1:]) == T.LABEL_SHAPE:
+        if in_dir and a.ndim == 4 and tuple(a.shape[1:]) == T.LABEL_SHAPE:
             labels.append(os.path.basename(f))  # velocity maps beside their gathers (OpenFWI's fault layout: vel*.npy)
             continue
         if not np.issubdtype(a.dtype, np.floating):
