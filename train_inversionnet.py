@@ -1819,6 +1819,7 @@ class Run:
     batch_in_epoch: int = 0           # batches of `epoch` already trained
     best_loss: float = math.inf       # lowest validation loss so far
     epoch_loss: tuple = NO_EPOCH_LOSS  # where a stopped epoch's running loss stood, for its resume
+    val_due: bool = False             # a signal stopped the validation of the steps so far: a resume runs it first
     meta: dict = field(default_factory=dict)  # what checkpoints carry besides the state: split, provenance
     ema: "WeightEMA | None" = None    # --ema-decay
 
@@ -2151,7 +2152,8 @@ def train_one_epoch(run, loader, monitor, stop):
     Host syncs (the NaN check, the stop agreement) happen only at log steps, and under DDP at the stop
     checks between them, about every STOP_CHECK_SECONDS of training from each epoch's first step (Stop.pending)."""
     run.model.train()
-    loader.set_epoch(run.epoch, start=run.batch_in_epoch)
+    # a due validation of a --max-steps run's last steps trains nothing more first
+    loader.set_epoch(run.epoch, start=len(loader) if run.val_due else run.batch_in_epoch)
     monitor.start_epoch(run, len(loader))
     for x, y in monitor.timed(device_batches(loader, run.device, run.normalizer, run.channels_last)):
         loss = train_step(run, x, y)
@@ -2163,7 +2165,7 @@ def train_one_epoch(run, loader, monitor, stop):
                 monitor.log(run)  # (a stop logs too: its NaN check comes before last.pt is written)
             if stop.now:
                 break
-    if run.batch_in_epoch < len(loader) and not stop.now:
+    if run.batch_in_epoch < len(loader) and not (stop.now or run.val_due):
         raise RuntimeError(f"the loader ended after {run.batch_in_epoch} of {len(loader)} batches")
     return monitor.end_epoch()
 
@@ -2253,7 +2255,7 @@ def say_if_complete(run, args, stop, n_batches):
         print0(f"the run is complete: its --overfit-batch epoch of {n_batches} steps is trained; --overwrite runs it again")
     elif run.epoch >= args.epochs:
         print0(f"the run is complete: {run.epoch} of --epochs {args.epochs} trained; a larger --epochs trains on")
-    elif stop.reached_max(run):
+    elif stop.reached_max(run) and not run.val_due:
         print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
 
 
@@ -2261,12 +2263,14 @@ def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
     stop, writer = Stop(args.max_steps), CheckpointWriter()
     start = run.step
+    run.val_due &= stop.reached_max(run)  # (a larger --max-steps trains on, and validates where it ends)
     say_if_complete(run, args, stop, len(train_loader))
     stop.install()
     try:
-        while run.epoch < args.epochs and not stop.check(run):
+        while run.epoch < args.epochs and (run.val_due or not stop.check(run)):
             t0 = time.perf_counter()
             train_loss = train_one_epoch(run, train_loader, monitor, stop)
+            run.val_due = False  # (a due validation comes below, as the run's final one)
             done = run.batch_in_epoch == len(train_loader)
             run.epoch_loss = (*monitor.totals, monitor.loss_from)  # until the epoch is closed: what its resume goes on from
             if not (done or stop.reached_max(run)):  # a signal inside the epoch: last.pt records where
@@ -2285,7 +2289,8 @@ def fit(run, train_loader, val_loader, monitor, args):
             final = run.epoch + 1 == args.epochs or stop.reached_max(run)
             if val_loader is not None and (((run.epoch + 1) % args.val_every == 0 and done) or final):
                 text, improved = validate(run, val_loader, monitor, stop)
-                if text is None:  # last.pt keeps the epoch trained but not validated: a resume validates it
+                if text is None:  # last.pt keeps the training but not its validation: a resume validates it
+                    run.val_due = True
                     save_checkpoint(run, args, writer, "last.pt")
                     print0(f"{line} | validation stopped by the signal; a resume runs it")
                     break
@@ -2346,7 +2351,7 @@ def save_checkpoint(run, args, writer, *names):
     ckpt = {**weights, "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_loss": run.best_loss,
-            "epoch_loss": list(run.epoch_loss),
+            "epoch_loss": list(run.epoch_loss), "val_due": run.val_due,
             "world": run.world, "args": vars(args), "normalization": run.normalizer.as_dict(), "rng": rng_state(),
             **run.meta, "format": "inversionnet-harness-2"}
     writer.save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
@@ -2515,6 +2520,7 @@ def restore(run, args, rank):
         run.best_loss = min(ckpt["best_loss"], newer_best_loss(args.output_dir, ckpt["step"]))
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     run.epoch_loss = tuple(ckpt.get("epoch_loss", NO_EPOCH_LOSS)) if run.batch_in_epoch else NO_EPOCH_LOSS
+    run.val_due = bool(ckpt.get("val_due", False))
     if ckpt.get("rng") and rank == 0:
         try:
             set_rng_state(ckpt["rng"])

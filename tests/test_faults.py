@@ -113,15 +113,19 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert_same_weights(load(out / "last.pt"), straight)
 
 
-def test_a_signal_during_validation_stops_it_and_a_resume_validates_the_epoch(tmp_path, capsys, monkeypatch):
-    """Ctrl-C does not wait for a validation to end (minutes on a CPU): last.pt keeps the epoch trained but not
-    validated, best.pt stays the earlier epoch's, and the resume validates the epoch first, to the figures and
-    weights of the run that was never stopped."""
+@pytest.mark.parametrize("until, last_at", [((), (1, 4, 8)), (("--max-steps", "6"), (1, 2, 6))],
+                         ids=["last-epoch", "max-steps"])
+def test_a_signal_during_validation_stops_it_and_a_resume_validates_first(tmp_path, capsys, monkeypatch, until, last_at):
+    """Ctrl-C does not wait for a validation to end (minutes on a CPU): last.pt keeps the training but not its
+    validation, best.pt stays the earlier epoch's, and the resume validates first, without training on, to
+    the figures and weights of the run that was never stopped. The validation stopped is the run's final one,
+    after the last epoch or at --max-steps inside it."""
     write_ids_dataset(tmp_path / "d", (4, 4, 4))  # trains on 8 samples (4 batches), validates on 4 (2 batches)
-    argv = ["--data-root", str(tmp_path / "d"), *EXACT, "--epochs", "2"]
+    argv = ["--data-root", str(tmp_path / "d"), *EXACT, "--epochs", "2", *until]
     assert T.cli([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
-    epoch_lines = lambda text: [line.rsplit(" | ", 1)[0] for line in text.splitlines() if line.startswith("epoch 1 train")]
+    epoch_lines = lambda text: [line.rsplit(" | ", 1)[0] for line in text.splitlines() if line.startswith("epoch 1 ") and " train loss " in line]
     straight = epoch_lines(capsys.readouterr().out)
+    assert len(straight) == 1 and " | val loss " in straight[0]
     metrics, calls = T.per_sample_metrics, []
 
     def ctrl_c_in_the_second_validation(pred, target):
@@ -134,16 +138,19 @@ def test_a_signal_during_validation_stops_it_and_a_resume_validates_the_epoch(tm
     assert T.cli([*argv, "--output-dir", str(out)]) == 130
     printed = capsys.readouterr().out
     assert calls == [2, 2, 2]  # the batch under way, and no other
-    assert "epoch 1 train loss" in printed and "| validation stopped by the signal; a resume runs it" in printed
-    assert "stopped by signal 2 at step 8; last.pt written" in printed
+    assert "train loss" in printed and "| validation stopped by the signal; a resume runs it" in printed
+    assert f"stopped by signal 2 at step {last_at[2]}; last.pt written" in printed
     last, best = load(out / "last.pt"), load(out / "best.pt")
-    assert (last["epoch"], last["batch_in_epoch"], last["step"], best["step"]) == (1, 4, 8, 4)
+    assert (last["epoch"], last["batch_in_epoch"], last["step"], best["step"]) == (*last_at, 4)
     monkeypatch.setattr(T, "per_sample_metrics", metrics)
     assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto"]) == 0
     printed = capsys.readouterr().out
-    assert "continuing at epoch 1 after batch 4/4" in printed
-    assert epoch_lines(printed) == straight  # the whole epoch's train loss, then its validation
+    assert f"continuing at epoch 1 after batch {last_at[1]}/4" in printed and "reached --max-steps" not in printed
+    assert epoch_lines(printed) == straight  # the train loss of the steps before it, then the validation
     assert_same_weights(load(out / "last.pt"), load(tmp_path / "straight" / "last.pt"))
+    assert load(out / "best.pt")["step"] == load(tmp_path / "straight" / "best.pt")["step"]
+    assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto"]) == 0  # and nothing is left to do
+    assert " | val loss " not in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
