@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 import train_inversionnet as T
 
+PICTURE_ROWS = 16  # --predict's picture, one row per map: 300 rows made a 30 MB PNG too tall to view, in a minute
 # OpenFWI paper, InversionNet with L1 loss: MAE, RMSE, SSIM on the normalised scale
 PAPER = {"flatvel-a": (0.0131, 0.0211, 0.9895), "flatvel-b": (0.0351, 0.0876, 0.9461),
          "curvevel-a": (0.0685, 0.1273, 0.8074), "curvevel-b": (0.1497, 0.2891, 0.6727),
@@ -66,7 +67,8 @@ def get_args_parser():
                         "trained with (off for a checkpoint that records none); off: float32 throughout")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--vis", type=int, default=3, help="number of samples to draw (best, median, worst, ...); 0: none")
+    p.add_argument("--vis", type=int, default=3, help="number of samples to draw (best, median, worst, ...; with --predict the first, "
+                   f"at most {PICTURE_ROWS}); 0: none")
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise, as a fraction of each trace's peak amplitude")
     p.add_argument("--missing-traces", type=int, default=0, help="receivers muted at random in every sample")
     p.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
@@ -676,9 +678,10 @@ def predict(opts):
         predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, opts.batch_size)
         line = f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}"
         if opts.vis:
-            n = min(opts.vis, len(gathers))
+            n = min(opts.vis, len(gathers), PICTURE_ROWS)
             draw_predictions(gathers, np.load(dest, mmap_mode="r"), n, stem + "_predictions.png", normalizer)
-            line += f"; the first {n} beside their shot gathers: {stem}_predictions.png"
+            most = " (a picture's most)" if n < min(opts.vis, len(gathers)) else ""
+            line += f"; the first {n}{most} beside their shot gathers: {stem}_predictions.png"
         elif opts.overwrite:  # an earlier picture showed the maps just replaced
             remove_results(out, [os.path.basename(stem) + "_predictions.png"])
         T.print0(line)  # a reader that goes (`| head`) ends the lines, not the files still to predict

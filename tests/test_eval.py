@@ -825,6 +825,13 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     monkeypatch.undo()
     assert np.load(tmp_path / "run" / "predict" / "two_velocity.npy").shape == (2, 1, 70, 70)
     assert shown == [(2, str(tmp_path / "run" / "predict" / "two_predictions.png"))]
+    # a picture holds at most PICTURE_ROWS maps, and the line says so when --vis asked for more
+    monkeypatch.setattr(E, "draw_predictions", lambda gathers, velocity, n, path, normalizer: shown.append((n, path)))
+    monkeypatch.setattr(E, "PICTURE_ROWS", 1)
+    assert E.cli(["--checkpoint", str(tmp_path / "run" / "best.pt"), "--predict", str(tmp_path / "two.npy"), "--overwrite"]) == 0
+    monkeypatch.undo()
+    assert shown[1:] == [(1, str(tmp_path / "run" / "predict" / "two_predictions.png"))]
+    assert "; the first 1 (a picture's most) beside their shot gathers" in capsys.readouterr().out
     # predictions written beside their inputs, twice: the *_velocity.npy files are outputs, never inputs
     again = ["--checkpoint", str(ck), "--predict", str(tmp_path / "in"), "--output-dir", str(tmp_path / "in"), "--vis", "0"]
     assert E.cli(again) == 0 and E.cli([*again, "--overwrite"]) == 0
