@@ -2357,15 +2357,15 @@ def save_checkpoint(run, args, writer, *names):
     writer.save(ckpt, *(os.path.join(args.output_dir, name) for name in names))
 
 
-def check_resumable(ckpt, path, args, meta, world, normalization):
+def check_resumable(ckpt, trained_args, path, args, meta, world, normalization):
     """Refuse a resume that would mean something other than the flags say, naming what changed: the
     position inside the epoch depends on the batch size and loader (in one process the map and device loaders
     agree; --fast picks between them by free memory), on the seed that shuffled the epoch and on the split and
     the batches an epoch has, unless the world size changed (restore() then restarts the epoch); the optimizer
     state it restores carries the optimizer's own settings, the weights learnt one normalisation, and best.pt
-    was kept by the loss on one validation split (META: this run's split records and batches per epoch)."""
-    parsed = vars(saved_namespace(ckpt["args"], f"{path}: its training arguments"))
-    saved = {k: parsed[k] for k in ckpt["args"] if k in parsed}
+    was kept by the loss on one validation split (META: this run's split records and batches per epoch;
+    TRAINED_ARGS: the checkpoint's arguments as the parser reads them)."""
+    saved = {k: v for k, v in vars(trained_args).items() if k in ckpt["args"]}
     trained = ckpt.get("normalization", normalization)
     if not same_normalization(trained, normalization):
         raise InputError(f"the normalisation ({shown_normalization(normalization)}) differs from the one {path} was "
@@ -2502,7 +2502,8 @@ def restore(run, args, rank):
     ckpt = load_weights(run.raw_model, path)
     if not is_training_checkpoint(ckpt):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
-    check_resumable(ckpt, path, args, run.meta, run.world, run.normalizer.as_dict())
+    trained_args = saved_namespace(ckpt["args"], f"{path}: its training arguments")
+    check_resumable(ckpt, trained_args, path, args, run.meta, run.world, run.normalizer.as_dict())
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
@@ -2528,7 +2529,7 @@ def restore(run, args, rank):
             raise InputError(f"{path}: its RNG record is not a generator state (start a new run with --init-from "
                              f"{path} for its weights)") from None
     if ckpt.get("world", run.world) == run.world:
-        schedule = schedule_note(saved_namespace(ckpt["args"], f"{path}: its training arguments"), args, run)
+        schedule = schedule_note(trained_args, args, run)
     else:
         lr, iters_per_epoch = scaled_lr(args, run.world), run.meta["batches_per_epoch"]
         for g in run.optimizer.param_groups:

@@ -1228,13 +1228,18 @@ def test_one_process_resumes_across_the_map_and_device_loaders(ids_data, tmp_pat
     assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
 
 
+def trained(ck):
+    """A checkpoint's training arguments as restore() reads them."""
+    return T.saved_namespace(ck["args"], "last.pt: its training arguments")
+
+
 def test_resume_under_ddp_refuses_another_scale_lr_unless_the_world_size_changes(short_run):
     """At the same world size the restored optimizer keeps the scaled rate; a new world size rebases it from
     the flags."""
     ck = torch.load(short_run / "last.pt", weights_only=False)
     ck["world"] = 2  # as if trained by two ranks
     args = argparse.Namespace(**{**ck["args"], "scale_lr": False})
-    check = lambda world: T.check_resumable(ck, "last.pt", args, ck, world, ck["normalization"])
+    check = lambda world: T.check_resumable(ck, trained(ck), "last.pt", args, ck, world, ck["normalization"])
     with pytest.raises(T.InputError, match=r"^--no-scale-lr differs from the --scale-lr that last.pt was trained with: "
                                            r"the optimizer state would mean something else; resume with --scale-lr or"):
         check(2)
@@ -1247,16 +1252,16 @@ def test_resume_inside_an_epoch_refuses_another_seed(short_run):
     ck = torch.load(short_run / "last.pt", weights_only=False)
     args = argparse.Namespace(**{**ck["args"], "seed": 5})
     assert ck["batch_in_epoch"] == 0 and ck["args"]["seed"] == 0
-    T.check_resumable(ck, "last.pt", args, ck, 1, ck["normalization"])
+    T.check_resumable(ck, trained(ck), "last.pt", args, ck, 1, ck["normalization"])
     ck["batch_in_epoch"] = 2
     with pytest.raises(T.InputError, match=r"^--seed 5 differs from the 0 that last.pt was trained with: the position "
                                            r"inside the epoch would mean something else; resume with --seed 0 or"):
-        T.check_resumable(ck, "last.pt", args, ck, 1, ck["normalization"])
-    T.check_resumable(ck, "last.pt", args, ck, 2, ck["normalization"])  # another world size restarts the epoch
+        T.check_resumable(ck, trained(ck), "last.pt", args, ck, 1, ck["normalization"])
+    T.check_resumable(ck, trained(ck), "last.pt", args, ck, 2, ck["normalization"])  # another world size restarts the epoch
     args.seed, args.batch_size = 0, 4
     with pytest.raises(T.InputError, match=r"^--batch-size 4 differs from the 2 that last.pt was trained with: the "
                                            r"position inside the epoch would mean something else"):
-        T.check_resumable(ck, "last.pt", args, ck, 1, ck["normalization"])
+        T.check_resumable(ck, trained(ck), "last.pt", args, ck, 1, ck["normalization"])
 
 
 def test_a_resume_steps_with_its_own_fused_adam_choice(short_run):
