@@ -2263,7 +2263,8 @@ def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
     stop, writer = Stop(args.max_steps), CheckpointWriter()
     start = run.step
-    run.val_due &= stop.reached_max(run)  # (a larger --max-steps trains on, and validates where it ends)
+    # a larger --max-steps trains on and validates where it ends; --val-every 0 (no split) validates nothing
+    run.val_due &= stop.reached_max(run) and val_loader is not None
     say_if_complete(run, args, stop, len(train_loader))
     stop.install()
     try:
@@ -2439,7 +2440,8 @@ def is_training_checkpoint(ckpt):
     counters = ("epoch", "step", "batch_in_epoch", "world", "batches_per_epoch")
     return (isinstance(ckpt, dict) and all(k in ckpt for k in required)
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
-            and isinstance(ckpt["best_loss"], float) and epoch_loss_ok(ckpt.get("epoch_loss", NO_EPOCH_LOSS))
+            and isinstance(ckpt["best_loss"], float) and type(ckpt.get("val_due", False)) is bool
+            and epoch_loss_ok(ckpt.get("epoch_loss", NO_EPOCH_LOSS))
             and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model", "scheduler", "scaler"))
             and split_record_ok(ckpt.get("split", [])) and split_record_ok(ckpt.get("val_split", []))  # where recorded
             and ("normalization" not in ckpt or normalization_ok(ckpt["normalization"]))
@@ -2521,7 +2523,7 @@ def restore(run, args, rank):
         run.best_loss = min(ckpt["best_loss"], newer_best_loss(args.output_dir, ckpt["step"]))
     run.epoch, run.batch_in_epoch = ckpt["epoch"], ckpt.get("batch_in_epoch", 0)
     run.epoch_loss = tuple(ckpt.get("epoch_loss", NO_EPOCH_LOSS)) if run.batch_in_epoch else NO_EPOCH_LOSS
-    run.val_due = bool(ckpt.get("val_due", False))
+    run.val_due = ckpt.get("val_due", False)
     if ckpt.get("rng") and rank == 0:
         try:
             set_rng_state(ckpt["rng"])
@@ -2535,6 +2537,7 @@ def restore(run, args, rank):
         for g in run.optimizer.param_groups:
             g["initial_lr"] = lr
         run.step, run.batch_in_epoch, run.epoch_loss = run.epoch * iters_per_epoch, 0, NO_EPOCH_LOSS
+        run.val_due = False  # the epoch restarts: a validation due goes with the training it followed
         run.scheduler = build_scheduler(run.optimizer, args, iters_per_epoch, start=run.step)
         schedule = (f"; world size {ckpt['world']} -> {run.world}: epoch {run.epoch} restarts from its first batch, "
                     f"step and learning-rate schedule rebased to {run.epoch} x {iters_per_epoch} batches")

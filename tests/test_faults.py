@@ -143,6 +143,9 @@ def test_a_signal_during_validation_stops_it_and_a_resume_validates_first(tmp_pa
     last, best = load(out / "last.pt"), load(out / "best.pt")
     assert (last["epoch"], last["batch_in_epoch"], last["step"], best["step"]) == (*last_at, 4)
     monkeypatch.setattr(T, "per_sample_metrics", metrics)
+    if until:  # a resume without validation leaves the one due to the next resume that validates
+        assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto", "--val-every", "0"]) == 0
+        assert "the run has reached --max-steps 6" in capsys.readouterr().out and load(out / "last.pt")["val_due"]
     assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto"]) == 0
     printed = capsys.readouterr().out
     assert f"continuing at epoch 1 after batch {last_at[1]}/4" in printed and "reached --max-steps" not in printed

@@ -1346,6 +1346,7 @@ def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys)
     (lambda ck: ck.update(scheduler="x"), "not a training checkpoint of this script"),
     (lambda ck: ck.update(epoch_loss=[float("nan"), 4, 0]), "not a training checkpoint of this script"),
     (lambda ck: ck.update(epoch_loss=[1.0, 0, 0]), "not a training checkpoint of this script"),
+    (lambda ck: ck.update(val_due="false"), "not a training checkpoint of this script"),
     (lambda ck: ck["rng"].update(numpy=("MT19937",)), "its RNG record is not a generator state"),
     (lambda ck: ck["rng"].update(torch=torch.zeros(3)), "its RNG record is not a generator state"),
     (lambda ck: ck["args"].update(batch_size="abc"), "its training arguments: argument --batch-size: invalid int value: 'abc'"),
