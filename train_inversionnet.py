@@ -2152,8 +2152,8 @@ def train_one_epoch(run, loader, monitor, stop):
     Host syncs (the NaN check, the stop agreement) happen only at log steps, and under DDP at the stop
     checks between them, about every STOP_CHECK_SECONDS of training from each epoch's first step (Stop.pending)."""
     run.model.train()
-    # a due validation of a --max-steps run's last steps trains nothing more first
-    loader.set_epoch(run.epoch, start=len(loader) if run.val_due else run.batch_in_epoch)
+    # at --max-steps already (a resume that runs the validation due there) it trains nothing
+    loader.set_epoch(run.epoch, start=len(loader) if stop.reached_max(run) else run.batch_in_epoch)
     monitor.start_epoch(run, len(loader))
     for x, y in monitor.timed(device_batches(loader, run.device, run.normalizer, run.channels_last)):
         loss = train_step(run, x, y)
@@ -2165,7 +2165,7 @@ def train_one_epoch(run, loader, monitor, stop):
                 monitor.log(run)  # (a stop logs too: its NaN check comes before last.pt is written)
             if stop.now:
                 break
-    if run.batch_in_epoch < len(loader) and not (stop.now or run.val_due):
+    if run.batch_in_epoch < len(loader) and not (stop.now or stop.reached_max(run)):
         raise RuntimeError(f"the loader ended after {run.batch_in_epoch} of {len(loader)} batches")
     return monitor.end_epoch()
 
