@@ -678,9 +678,10 @@ def predict(opts):
         predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, opts.batch_size)
         line = f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}"
         if opts.vis:
-            n = min(opts.vis, len(gathers), PICTURE_ROWS)
+            asked = min(opts.vis, len(gathers))
+            n = min(asked, PICTURE_ROWS)
             draw_predictions(gathers, np.load(dest, mmap_mode="r"), n, stem + "_predictions.png", normalizer)
-            most = " (a picture's most)" if n < min(opts.vis, len(gathers)) else ""
+            most = " (a picture's most)" if n < asked else ""
             line += f"; the first {n}{most} beside their shot gathers: {stem}_predictions.png"
         elif opts.overwrite:  # an earlier picture showed the maps just replaced
             remove_results(out, [os.path.basename(stem) + "_predictions.png"])
