@@ -524,8 +524,7 @@ def run_evaluation(opts, argv):
     cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed,
                          persistent_workers=False)  # one pass
     if cfg.kind == "gpu":
-        need = T.cache_size(-(-sum(counts) // world), cfg.cache_dtype) * T.host_share(device)
-        T.check_cache_fits(need, T.free_memory(device), device, "use --loader map")
+        T.check_cache_fits(-(-sum(counts) // world), cfg.cache_dtype, device, "use --loader map")
     loader = T.build_loader(cfg, pairs, counts, normalizer, device, rank, world, train=False, transform=perturb)
     amp_dtype, channels_last = forward_settings(opts, model, device, targs)
     metrics = T.evaluate(model, loader, device, normalizer, amp_dtype, channels_last, per_sample=True, progress=opts.progress)

@@ -633,11 +633,10 @@ def resolve_speed(args, device, cache_samples=0):
         raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
     cache_dtype = args.cache_dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
     cache_bytes = cache_size(cache_samples, cache_dtype)
-    share, free = host_share(device), free_memory(device)
     if args.loader == "gpu":
-        check_cache_fits(cache_bytes * share, free, device, "use --loader map, or a smaller --cache-dtype")
+        check_cache_fits(cache_samples, cache_dtype, device, "use --loader map, or a smaller --cache-dtype")
     if args.fast:
-        short = float(cache_bytes * share > free / 2)
+        short = float(cache_bytes * host_share(device) > free_memory(device) / 2)
         # every rank takes the same loader (they shard the samples differently): the cache only where all have room
         choice["loader"] = "map" if all_reduce_sum(torch.tensor([short])).item() else "gpu"
     choice.update(amp=amp, cache_dtype=cache_dtype)
@@ -667,9 +666,10 @@ def host_share(device):
     return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type != "cuda" else 1
 
 
-def check_cache_fits(need, free, device, instead):
-    """Refuse --loader gpu where its caches (NEED bytes) exceed the FREE memory (0: not known): the fill would
-    otherwise end in an out-of-memory error or kill."""
+def check_cache_fits(samples, cache_dtype, device, instead):
+    """Refuse --loader gpu where the caches of SAMPLES samples per process exceed the device's free memory (when
+    it is known): the fill would otherwise end in an out-of-memory error or kill."""
+    need, free = cache_size(samples, cache_dtype) * host_share(device), free_memory(device)
     if 0 < free < need:
         raise InputError(f"--loader gpu: the split's cache needs {need / 1e9:.2f} GB on {device.type} and "
                          f"{free / 1e9:.2f} GB is free; {instead}")

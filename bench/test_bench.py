@@ -26,6 +26,9 @@ import simulate_openfwi as S
 import train_inversionnet as T
 from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, SAMPLE_BYTES, environment
 
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from helpers import resolved_args  # noqa: E402  (the tests' own way to resolve a script's flags)
+
 NORM = T.Normalizer(*T.DATASETS["flatvel-a"])
 SAMPLES = CFG["files"] * CFG["per_file"]  # in random_dataset
 
@@ -37,9 +40,7 @@ def sync():
 
 def make_args(*flags):
     """Training arguments as `train_inversionnet.py FLAGS` resolves them on this device (batch LOADER_BATCH)."""
-    args = T.check_args(T.get_args_parser().parse_args(["--device", DEVICE.type, "--batch-size", str(LOADER_BATCH), *flags]))
-    T.resolve_speed(args, DEVICE)
-    return args
+    return resolved_args(DEVICE, "--batch-size", str(LOADER_BATCH), *flags)
 
 
 def make_run(*flags):
