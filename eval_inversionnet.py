@@ -672,7 +672,8 @@ def predict(opts):
     make_results_dir(out)
     for dest in dests:  # a run killed outright (SIGKILL, a power cut) left its partial output under a temporary name
         for stale in glob.glob(glob.escape(dest) + ".tmp-*"):
-            os.remove(stale)
+            if not process_alive(stale.rpartition(".tmp-")[2]):  # a live one's is another --predict's, under way
+                os.remove(stale)
     for (path, gathers), stem, dest in zip(files, stems, dests):
         predict_file(model, device, normalizer, amp_dtype, channels_last, path, gathers, dest, opts.batch_size)
         line = f"{path}: {len(gathers)} velocity maps (m/s) -> {dest}"
@@ -687,6 +688,19 @@ def predict(opts):
         T.print0(line)  # a reader that goes (`| head`) ends the lines, not the files still to predict
     T.print0(f"normalisation from {stats_from}; forward pass {dtype_name(amp_dtype)}")
     return 0
+
+
+def process_alive(pid):
+    """Whether PID (the text after a temporary file's ".tmp-") names a process running on this machine."""
+    if not pid.isdigit() or int(pid) == 0:  # (kill(0) would ask about this process group)
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0: the existence check alone
+    except (ProcessLookupError, OverflowError):  # none by that number, or a number too big to be a pid
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def draw_predictions(gathers, velocity, n, path, normalizer):

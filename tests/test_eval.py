@@ -6,6 +6,8 @@ import os
 import signal
 import shutil
 import stat
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -1116,7 +1118,7 @@ def test_a_signal_stops_predict_with_one_line_and_no_partial_file(tiny_run, tmp_
     np.save(tmp_path / "in" / "b.npy", np.zeros((4, 5, 1000, 70), np.float32))
     out = tmp_path / "o"
     out.mkdir()
-    (out / "b_velocity.npy.tmp-99999").write_bytes(b"the partial output of a run killed outright")
+    (out / f"b_velocity.npy.tmp-{ended_pid()}").write_bytes(b"the partial output of a run killed outright")
     real, calls, handler = T.forward, [], signal.getsignal(signal.SIGTERM)
 
     def signalled(*a, **kw):
@@ -1133,3 +1135,23 @@ def test_a_signal_stops_predict_with_one_line_and_no_partial_file(tiny_run, tmp_
     assert sorted(p.name for p in out.iterdir()) == ["a_velocity.npy"] and len(calls) == 3
     assert np.load(out / "a_velocity.npy").shape == (2, 1, 70, 70)
     assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
+
+
+def ended_pid():
+    """The pid of a process that has ended (and been reaped): no process has it until the system reuses it."""
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def test_predict_removes_a_killed_runs_partial_output_but_not_a_live_runs(tiny_run, tmp_path):
+    np.save(tmp_path / "a.npy", np.zeros((2, 5, 1000, 70), np.float32))
+    out = tmp_path / "o"
+    out.mkdir()
+    killed, live = out / f"a_velocity.npy.tmp-{ended_pid()}", out / f"a_velocity.npy.tmp-{os.getppid()}"
+    for p in (killed, live):
+        p.write_bytes(b"partial")
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--predict", str(tmp_path / "a.npy"), "--output-dir",
+                  str(out), "--vis", "0", "--device", "cpu"]) == 0
+    assert not killed.exists() and live.read_bytes() == b"partial"  # another --predict, still writing, keeps its file
+    assert np.load(out / "a_velocity.npy").shape == (2, 1, 70, 70)
