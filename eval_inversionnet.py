@@ -332,16 +332,23 @@ def gather_rows(per_sample, rank, world, scale):
 
 # ---- results ----
 
+def family_file(opts, targs):
+    """The stats file that names the evaluated data's family: --stats here; else the dataset.json beside a
+    --val-list; else the run's --stats; else the dataset.json of its data (beside --train-list, in --data-root),
+    which a simulated set holds even where training normalised with an OpenFWI set's constants (--dataset)."""
+    beside_list = lambda f: os.path.join(os.path.dirname(os.path.abspath(f)), "dataset.json") if f else None
+    in_data = beside_list(targs.train_list) or (os.path.join(targs.data_root, "dataset.json") if targs.data_root else None)
+    return next((f for f in (opts.stats, beside_list(opts.val_list), targs.stats, in_data) if f and os.path.isfile(f)), None)
+
+
 def paper_reference(opts, targs):
-    """The paper's row for the data: the OpenFWI set named by --dataset here; else the A row of the family that the
-    stats file of the evaluated data names (--stats, else the dataset.json beside a --val-list, else the run's: a
-    simulated set's dataset.json, indicative only, as that data comes from simulate_openfwi.py, not OpenFWI's
-    generator); else the set named in training; None when nothing says."""
+    """The paper's row for the data: the OpenFWI set named by --dataset here; else the A row of the family that
+    the evaluated data's stats file names (a simulated set's dataset.json: indicative only, as that data comes
+    from simulate_openfwi.py, not OpenFWI's generator); else the set named in training; None when nothing says."""
     name, source = opts.dataset, "OpenFWI"
     if name is None:
-        beside = os.path.join(os.path.dirname(os.path.abspath(opts.val_list)), "dataset.json") if opts.val_list else ""
         try:
-            with open(opts.stats or (beside if os.path.isfile(beside) else T.stats_path(targs))) as fh:
+            with open(family_file(opts, targs)) as fh:
                 name, source = f"{json.load(fh)['family']}-a", "simulate_openfwi.py (indicative)"
         except (TypeError, OSError, ValueError, KeyError):
             name = targs.dataset

@@ -525,6 +525,11 @@ def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
     (tmp_path / "val.txt").write_text((tmp_path / "cv" / "val.txt").read_text())
     assert evaluate_to(tmp_path / "vn", tiny_run / "run" / "best.pt", "--val-list", tmp_path / "val.txt")[
         "paper_reference"]["dataset"] == "flatvel-a"
+    # a simulated set normalised in training with an OpenFWI set's constants (--dataset): its dataset.json names it
+    shutil.copytree(tiny_run / "d", tmp_path / "sim")
+    (tmp_path / "sim" / "dataset.json").write_text((tmp_path / "cv" / "dataset.json").read_text())
+    paper = evaluate_to(tmp_path / "ds", tiny_run / "run" / "best.pt", "--data-root", tmp_path / "sim")["paper_reference"]
+    assert (paper["dataset"], paper["data"]) == ("curvefault-a", "simulate_openfwi.py (indicative)")
 
 
 def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
