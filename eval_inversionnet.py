@@ -789,15 +789,21 @@ class Terminated(BaseException):
 
 
 def raise_terminated(signum, frame):
+    # noted as well as raised: raised inside a finalizer (a progress bar's __del__), the exception is
+    # printed and ignored by Python, and the run would go on to exit 0
+    Terminated.received = True
     raise Terminated
 
 
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     main_thread = threading.current_thread() is threading.main_thread()  # where alone signal handlers can be set
+    Terminated.received = False
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         code = main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
+        if Terminated.received:  # (its raise was lost in a finalizer)
+            raise Terminated
         T.wait_for_ranks()
         return code
     except (T.InputError, RuntimeError, OSError) as e:

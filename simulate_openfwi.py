@@ -895,15 +895,22 @@ class Terminated(BaseException):
 
 
 def raise_terminated(signum, frame):
+    # noted as well as raised: raised inside a finalizer (an object's __del__), the exception is
+    # printed and ignored by Python, and the run would go on to exit 0
+    Terminated.received = True
     raise Terminated
 
 
 def cli(argv=None):
     main_thread = threading.current_thread() is threading.main_thread()  # where alone signal handlers can be set
+    Terminated.received = False
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         args = get_args_parser().parse_args(argv)
-        return main(args)
+        code = main(args)
+        if Terminated.received:  # (its raise was lost in a finalizer)
+            raise Terminated
+        return code
     except SimulationError as e:
         print(f"simulate_openfwi.py: error: {e}", file=sys.stderr)
         return 2

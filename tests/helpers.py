@@ -1,6 +1,7 @@
 """Small OpenFWI-layout datasets for tests, and the one way tests start a script in its own process."""
 import contextlib
 import os
+import signal
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,10 @@ def wait_until(cond, seconds):
             return False
         time.sleep(0.01)
     return True
+
+
+class SignalledOnRelease:
+    """An object whose finalizer receives a SIGTERM: Python prints and ignores what a finalizer raises."""
+
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGTERM)

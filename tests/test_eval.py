@@ -16,7 +16,7 @@ from unittest.mock import ANY
 
 import eval_inversionnet as E
 import train_inversionnet as T
-from helpers import (EVAL, TRAIN, layered_maps, module_dir, run_script, run_without_reader, write_ids_dataset,
+from helpers import (EVAL, TRAIN, SignalledOnRelease, layered_maps, module_dir, run_script, run_without_reader, write_ids_dataset,
                      write_split_list)
 
 
@@ -1160,3 +1160,13 @@ def test_predict_removes_a_killed_runs_partial_output_but_not_a_live_runs(tiny_r
                   str(out), "--vis", "0", "--device", "cpu"]) == 0
     assert not killed.exists() and live.read_bytes() == b"partial"  # another --predict, still writing, keeps its file
     assert np.load(out / "a_velocity.npy").shape == (2, 1, 70, 70)
+
+
+def test_a_sigterm_whose_raise_a_finalizer_swallowed_still_ends_eval_as_terminated(monkeypatch, capsys):
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # where Python reports what a finalizer raised
+    monkeypatch.setattr(E, "main", lambda *a: (SignalledOnRelease(), 0)[1])
+    assert E.cli(["--checkpoint", "x.pt"]) == 128 + signal.SIGTERM
+    assert [u.exc_type for u in swallowed] == [E.Terminated]
+    assert capsys.readouterr().err == ("eval_inversionnet.py: terminated; the files written so far are whole, the one "
+                                       "under way is removed\n")

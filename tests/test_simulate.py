@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import types
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import simulate_openfwi as so
-from helpers import SIMULATE, run_script, run_without_reader, start, wait_until
+from helpers import SIMULATE, SignalledOnRelease, run_script, run_without_reader, start, wait_until
 
 
 def run_cli(*args):
@@ -409,6 +410,15 @@ def test_a_signal_mid_run_keeps_whole_files_says_so_and_the_same_command_resumes
     argv[4] = len(made) + 1  # --files: the same command, shortened to one more file
     r = run_script(SIMULATE, *argv)
     assert r.returncode == 0 and f"{len(made)} complete, 1 to make" in r.stdout
+
+
+def test_a_sigterm_whose_raise_a_finalizer_swallowed_still_ends_the_run_as_terminated(monkeypatch, capsys):
+    swallowed = []
+    monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # where Python reports what a finalizer raised
+    monkeypatch.setattr(so, "main", lambda args: (SignalledOnRelease(), 0)[1])
+    assert so.cli(["--out", "unused"]) == 128 + signal.SIGTERM
+    assert [u.exc_type for u in swallowed] == [so.Terminated]
+    assert capsys.readouterr().err == "simulate_openfwi.py: terminated; complete files are kept, re-run to resume\n"
 
 
 def test_a_second_simulator_in_an_out_in_use_is_refused(tmp_path):
