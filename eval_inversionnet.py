@@ -655,6 +655,10 @@ def predict_file(model, device, normalizer, amp_dtype, channels_last, path, gath
         out.flush()
         del out
         os.replace(tmp, dest)
+    except OSError as e:
+        if e.filename != tmp:  # (an input's error names the input)
+            raise
+        raise T.InputError(f"cannot write {dest}: {e.strerror}") from None  # the name the user gave, not our temporary one
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1043,6 +1043,22 @@ def test_predict_on_a_full_disk_is_one_line_and_leaves_no_partial_file(tiny_run,
     assert not (tmp_path / "o").exists()  # nothing partial, nor the folder made for it
 
 
+def test_predict_names_the_output_not_its_temporary_file_when_the_rename_is_refused(tiny_run, tmp_path, capsys, monkeypatch):
+    real = os.replace
+
+    def refused(src, dst):
+        if str(dst).endswith("_velocity.npy"):  # as an immutable (chattr +i) existing output refuses it
+            raise PermissionError(1, "Operation not permitted", src, None, dst)
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", refused)
+    np.save(tmp_path / "shots.npy", np.zeros((2, 5, 1000, 70), np.float32))
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--predict", str(tmp_path / "shots.npy"),
+                  "--output-dir", str(tmp_path / "o"), "--vis", "0"]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: cannot write {tmp_path / 'o' / 'shots_velocity.npy'}: "
+                                       "Operation not permitted\n")
+    assert not (tmp_path / "o").exists()  # no temporary file left, nor the folder made for it
+
+
 def test_outputs_that_are_not_regular_files_are_refused_even_with_overwrite(tiny_run, tmp_path, capsys):
     ck = str(tiny_run / "run" / "best.pt")
     fifo = tmp_path / "pipe.pt2"
