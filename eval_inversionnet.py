@@ -520,6 +520,8 @@ def run_evaluation(opts, argv):
         raise T.InputError(f"--output-dir {out} already holds results ({', '.join(found[:3])}"
                            f"{f' and {len(found) - 3} more' if len(found) > 3 else ''}); pass --overwrite to replace "
                            f"them or choose another --output-dir")
+    for name in found:  # a folder by a result's name would stop --overwrite only after the evaluation's minutes
+        T.refuse_non_file(os.path.join(out, name))
     rank, world, local = T.setup_distributed("auto", opts.device)
     device = T.resolve_device(opts.device, local)
     model, ckpt, targs, normalizer, stats_from = load_model(opts, device)

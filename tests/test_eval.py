@@ -684,6 +684,17 @@ def test_an_output_dir_that_cannot_be_written_is_refused_before_the_evaluation(t
     assert capsys.readouterr().err == f"eval_inversionnet.py: error: --output-dir {tmp_path / 'o'}: Read-only file system\n"
 
 
+def test_a_folder_by_a_results_name_is_refused_before_the_evaluation(tiny_run, tmp_path, capsys, monkeypatch):
+    (tmp_path / "o" / "ssim_histogram.png").mkdir(parents=True)
+    (tmp_path / "o" / "metrics.json").write_text("{}")
+    monkeypatch.setattr(T, "evaluate", lambda *a, **kw: pytest.fail("evaluated, to fail at the folder afterwards"))
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(tmp_path / "o"),
+                  "--num-workers", "0", "--overwrite"]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {tmp_path / 'o' / 'ssim_histogram.png'}: exists "
+                                       "and is not a regular file\n")
+    assert (tmp_path / "o" / "metrics.json").read_text() == "{}"  # the old result stays as it was
+
+
 def disk_fills_on(monkeypatch, marker):
     """The disk fills while a file whose temporary name holds MARKER is written, after its bytes went to it."""
     import errno
