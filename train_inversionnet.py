@@ -320,6 +320,8 @@ def parse_args(argv=None):
         return args
     given = given_names(argv)  # --data-root given here replaces the saved split lists, which would otherwise win
     skip = ("train_list", "val_list") if "data_root" in given and "train_list" not in given else ()
+    for named, other in (("dataset", "stats"), ("stats", "dataset")):  # the normalisation given here, either way
+        skip += (other,) if named in given and other not in given else ()
     if "fast" in given:  # args.json holds the speed flags as resolved; --fast / --no-fast here resolves them afresh
         skip += tuple(k for k in SPEED_FLAGS if k not in given)
     return get_args_parser().parse_args(config_argv(args.config, given, skip) + argv)

@@ -988,6 +988,16 @@ def test_a_data_root_given_beside_config_replaces_its_split_lists(tmp_path):
     assert (args.train_list, args.val_list) == ("a/train.txt", "b/val.txt")
 
 
+
+def test_a_normalisation_given_beside_config_replaces_the_saved_one(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"stats": "a/dataset.json", "dataset": None, "seed": 5}))
+    args = T.parse_args(["--config", str(path), "--dataset", "flatvel-b"])  # else the saved --stats would win over it
+    assert (args.dataset, args.stats, args.seed) == ("flatvel-b", None, 5)
+    path.write_text(json.dumps({"stats": None, "dataset": "curvevel-a"}))
+    assert (lambda a: (a.dataset, a.stats))(T.parse_args(["--config", str(path), "--stats", "b.json"])) == (None, "b.json")
+
+
 def test_config_never_replays_resume_or_overwrite(tmp_path):
     """A saved args.json that continued or replaced a run: repeating it must not continue or delete anything."""
     path = tmp_path / "args.json"
