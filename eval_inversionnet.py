@@ -333,12 +333,15 @@ def gather_rows(per_sample, rank, world, scale):
 # ---- results ----
 
 def family_file(opts, targs):
-    """The stats file that names the evaluated data's family: --stats here; else the dataset.json beside a
-    --val-list; else the run's --stats; else the dataset.json of its data (beside --train-list, in --data-root),
-    which a simulated set holds even where training normalised with an OpenFWI set's constants (--dataset)."""
-    beside_list = lambda f: os.path.join(os.path.dirname(os.path.abspath(f)), "dataset.json") if f else None
-    in_data = beside_list(targs.train_list) or (os.path.join(targs.data_root, "dataset.json") if targs.data_root else None)
-    return next((f for f in (opts.stats, beside_list(opts.val_list), targs.stats, in_data) if f and os.path.isfile(f)), None)
+    """The stats file that names the evaluated data's family: --stats here; with --val-list, the dataset.json
+    beside it, else the run's stats file; without, the run's --stats, else its data's dataset.json (of the
+    --data-root given here, or of the run), which a simulated set holds even where training normalised with
+    an OpenFWI set's constants (--dataset)."""
+    if opts.val_list:
+        found = (opts.stats, os.path.join(os.path.dirname(os.path.abspath(opts.val_list)), "dataset.json"), T.stats_path(targs))
+    else:  # (--stats here is the run's now: train_args_from put it there)
+        found = (targs.stats, T.data_stats_file(targs))
+    return next((f for f in found if f and os.path.isfile(f)), None)
 
 
 def paper_reference(opts, targs):

@@ -843,10 +843,12 @@ class Normalizer:
 
 
 def stats_path(args):
-    """The stats JSON of a run: --stats, else (without --dataset) the dataset.json beside the split lists or in
-    DATA_ROOT, as simulate_openfwi.py writes it; None when there is none."""
-    if args.stats or args.dataset:
-        return args.stats
+    """The stats JSON of a run: --stats, else (without --dataset) its data's dataset.json; None when there is none."""
+    return args.stats if args.stats or args.dataset else data_stats_file(args)
+
+
+def data_stats_file(args):
+    """The dataset.json that simulate_openfwi.py writes, beside the split lists or in DATA_ROOT; None when there is none."""
     base = os.path.dirname(os.path.abspath(args.train_list)) if args.train_list else args.data_root
     path = os.path.join(base, "dataset.json")
     return path if os.path.isfile(path) else None

@@ -493,7 +493,7 @@ def test_baseline_is_the_training_mean_map_scored_independently(tiny_run, tmp_pa
     assert "baseline: the mean of the evaluated maps themselves" in capsys.readouterr().out
 
 
-def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
+def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys, monkeypatch):
     """--dataset names OpenFWI's row; a simulated set's dataset.json names its family's A row (marked indicative);
     stats without a family give no paper row at all rather than a wrong one."""
     ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
@@ -530,6 +530,13 @@ def test_paper_row_follows_the_data_family(tiny_run, tmp_path, capsys):
     (tmp_path / "sim" / "dataset.json").write_text((tmp_path / "cv" / "dataset.json").read_text())
     paper = evaluate_to(tmp_path / "ds", tiny_run / "run" / "best.pt", "--data-root", tmp_path / "sim")["paper_reference"]
     assert (paper["dataset"], paper["data"]) == ("curvefault-a", "simulate_openfwi.py (indicative)")
+    # an OpenFWI checkpoint that names its set, on a --val-list with no dataset.json beside it: that set's row, however
+    # a simulated set in the default --data-root, which it never saw, is labelled
+    torch.save({"model": ck["model"], "args": argparse.Namespace(dataset="flatvel-a")}, tmp_path / "openfwi.pth")
+    shutil.copytree(tmp_path / "sim", tmp_path / "here" / "data" / "flatvel")
+    monkeypatch.chdir(tmp_path / "here")
+    paper = evaluate_to(tmp_path / "of", tmp_path / "openfwi.pth", "--val-list", tmp_path / "val.txt")["paper_reference"]
+    assert (paper["dataset"], paper["data"]) == ("flatvel-a", "OpenFWI")
 
 
 def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
