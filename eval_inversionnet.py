@@ -795,6 +795,7 @@ def remove_empty(dirs):
 class Terminated(BaseException):
     """SIGTERM (a scheduler, `timeout`) raised on the main thread as Ctrl-C is, so that the file being written
     is removed on the way out (predict_file's finally) instead of left behind as a temporary file."""
+    received = False  # set by the handler: whether this run's cli() has had one
 
 
 def raise_terminated(signum, frame):

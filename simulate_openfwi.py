@@ -892,6 +892,7 @@ def main(args):
 class Terminated(BaseException):
     """SIGTERM (a scheduler, `timeout`), raised on the main thread as Ctrl-C is, so a write under way completes;
     a BaseException, as KeyboardInterrupt is, so no `except Exception` (the kernel build's) takes it for a failure."""
+    received = False  # set by the handler: whether this run's cli() has had one
 
 
 def raise_terminated(signum, frame):
