@@ -1823,7 +1823,7 @@ class Run:
     batch_in_epoch: int = 0           # batches of `epoch` already trained
     best_loss: float = math.inf       # lowest validation loss so far
     epoch_loss: tuple = NO_EPOCH_LOSS  # where a stopped epoch's running loss stood, for its resume
-    val_due: bool = False             # a signal stopped the validation of the steps so far: a resume runs it first
+    val_due: bool = False             # a signal stopped the validation (or --precise-bn) of the steps so far: a resume runs it first
     meta: dict = field(default_factory=dict)  # what checkpoints carry besides the state: split, provenance
     ema: "WeightEMA | None" = None    # --ema-decay
 
@@ -2175,25 +2175,37 @@ def train_one_epoch(run, loader, monitor, stop):
 
 
 @torch.no_grad()
-def precise_bn(run, loader, n_batches):
+def precise_bn(run, loader, n_batches, stop=None):
     """--precise-bn: BatchNorm statistics recomputed as the plain average over n training batches of the
     current weights (train-mode forward passes, no gradient). The momentum-0.1 running averages lag a
     model whose weights move fast, so validation swings from epoch to epoch (measured on the CPU recipe:
     val MAE 0.13-0.82 with them, a steady decline with these). Averaged over ranks under DDP, so every
-    rank validates and saves the same statistics."""
+    rank validates and saves the same statistics. A signal that STOP receives puts the statistics back as
+    they were and returns False: a Ctrl-C need not wait for the batches, and last.pt holds no partial average.
+    The ranks agree on it before each batch, as a SyncBatchNorm forward is a collective."""
     model = run.eval_model  # the weights validation measures
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    before = [[b.clone() for b in m.buffers()] for m in bns]
     momenta = [m.momentum for m in bns]
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
     model.train()
     loader.set_epoch(run.epoch)
+    stopped = False
     for _, (x, _) in zip(range(n_batches), device_batches(loader, run.device, run.normalizer, run.channels_last)):
+        if stop is not None and stop.check(run) and stop.signum is not None:
+            stopped = True
+            break
         forward(model, x, run.amp_dtype)
-    for m, momentum in zip(bns, momenta):
+    for m, momentum, saved in zip(bns, momenta, before):
         m.momentum = momentum
-    average_over_ranks(model.buffers())
+        if stopped:
+            for b, old in zip(m.buffers(), saved):
+                b.copy_(old)
+    if not stopped:
+        average_over_ranks(model.buffers())
+    return not stopped
 
 
 @torch.no_grad()
@@ -2287,19 +2299,22 @@ def fit(run, train_loader, val_loader, monitor, args):
                     + ("" if done else f" to batch {run.batch_in_epoch}/{len(train_loader)}"))
             line, improved, t1 = f"epoch {run.epoch}{part} train loss {train_loss:.5f}", False, time.perf_counter()
             average_over_ranks(run.raw_model.buffers())  # (the average's are the same on every rank already)
-            if args.precise_bn:  # inside an epoch too: the resumed epoch's end recomputes them again
-                precise_bn(run, train_loader, args.precise_bn)
+            # inside an epoch too: the resumed epoch's end recomputes them again. A signal stops them where a resume
+            # comes back to them: not at --max-steps without a validation split (nothing is due there then)
+            bn_stop = stop if val_loader is not None or not stop.reached_max(run) else None
+            stopped = "--precise-bn" if args.precise_bn and not precise_bn(run, train_loader, args.precise_bn, bn_stop) else None
             # the run's last training is validated too (the last epoch, --max-steps), so a run whose --val-every
             # does not divide it still ends with a validated best.pt: run.sh's eval stage reads it
             final = run.epoch + 1 == args.epochs or stop.reached_max(run)
-            if val_loader is not None and (((run.epoch + 1) % args.val_every == 0 and done) or final):
+            if not stopped and val_loader is not None and (((run.epoch + 1) % args.val_every == 0 and done) or final):
                 text, improved = validate(run, val_loader, monitor, stop)
-                if text is None:  # last.pt keeps the training but not its validation: a resume validates it
-                    run.val_due = True
-                    save_checkpoint(run, args, writer, "last.pt")
-                    print0(f"{line} | validation stopped by the signal; a resume runs it")
-                    break
-                line += text
+                stopped = "validation" if text is None else None
+                line += text or ""
+            if stopped:  # last.pt keeps the training but not what follows it: a resume runs that first
+                run.val_due = True
+                save_checkpoint(run, args, writer, "last.pt")
+                print0(f"{line} | {stopped} stopped by the signal; a resume runs it")
+                break
             if done:
                 run.epoch, run.batch_in_epoch, run.epoch_loss = run.epoch + 1, 0, NO_EPOCH_LOSS
             t2 = time.perf_counter()

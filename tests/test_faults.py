@@ -113,6 +113,11 @@ def test_signal_mid_epoch_writes_last_and_resume_matches_straight_run(data, stra
     assert_same_weights(load(out / "last.pt"), straight)
 
 
+def epoch_lines(text, epoch):
+    """EPOCH's lines of a run's output without their timings: what a resumed run must print as the straight one did."""
+    return [line.rsplit(" | ", 1)[0] for line in text.splitlines() if line.startswith(f"epoch {epoch} ") and " train loss " in line]
+
+
 @pytest.mark.parametrize("until, last_at", [((), (1, 4, 8)), (("--max-steps", "6"), (1, 2, 6))],
                          ids=["last-epoch", "max-steps"])
 def test_a_signal_during_validation_stops_it_and_a_resume_validates_first(tmp_path, capsys, monkeypatch, until, last_at):
@@ -123,8 +128,7 @@ def test_a_signal_during_validation_stops_it_and_a_resume_validates_first(tmp_pa
     write_ids_dataset(tmp_path / "d", (4, 4, 4))  # trains on 8 samples (4 batches), validates on 4 (2 batches)
     argv = ["--data-root", str(tmp_path / "d"), *EXACT, "--epochs", "2", *until]
     assert T.cli([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
-    epoch_lines = lambda text: [line.rsplit(" | ", 1)[0] for line in text.splitlines() if line.startswith("epoch 1 ") and " train loss " in line]
-    straight = epoch_lines(capsys.readouterr().out)
+    straight = epoch_lines(capsys.readouterr().out, 1)
     assert len(straight) == 1 and " | val loss " in straight[0]
     metrics, calls = T.per_sample_metrics, []
 
@@ -149,11 +153,54 @@ def test_a_signal_during_validation_stops_it_and_a_resume_validates_first(tmp_pa
     assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto"]) == 0
     printed = capsys.readouterr().out
     assert f"continuing at epoch 1 after batch {last_at[1]}/4" in printed and "reached --max-steps" not in printed
-    assert epoch_lines(printed) == straight  # the train loss of the steps before it, then the validation
+    assert epoch_lines(printed, 1) == straight  # the train loss of the steps before it, then the validation
     assert_same_weights(load(out / "last.pt"), load(tmp_path / "straight" / "last.pt"))
     assert load(out / "best.pt")["step"] == load(tmp_path / "straight" / "best.pt")["step"]
     assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto"]) == 0  # and nothing is left to do
     assert " | val loss " not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("until, in_call, stops", [((), 1, True), (("--max-steps", "6", "--val-every", "0"), 2, False)],
+                         ids=["epoch-end", "max-steps-without-validation"])
+def test_a_signal_during_precise_bn_stops_it_where_a_resume_redoes_it(tmp_path, capsys, monkeypatch, until, in_call, stops):
+    """Ctrl-C does not wait for --precise-bn's batches either: the statistics go back to the running averages
+    they were replacing, so last.pt holds no partial average, and the resume recomputes them and validates, to
+    the weights of the run that was never stopped. At --max-steps without a validation split no resume comes
+    back to them: there the batches are finished and saved first."""
+    write_ids_dataset(tmp_path / "d", (4, 4, 4))  # 4 training batches an epoch
+    argv = ["--data-root", str(tmp_path / "d"), *EXACT, "--epochs", "2", "--precise-bn", "2", *until]
+    assert T.cli([*argv, "--output-dir", str(tmp_path / "straight")]) == 0
+    straight = epoch_lines(capsys.readouterr().out, 0)
+    precise_bn, forward, seen = T.precise_bn, T.forward, {"calls": 0}
+
+    def counted_precise_bn(run, loader, n_batches, stop=None):
+        seen["calls"] += 1
+        seen["before"] = {k: v.clone() for k, v in run.eval_model.state_dict().items()}
+        seen["forwards"] = 0
+        return precise_bn(run, loader, n_batches, stop)
+
+    def ctrl_c_in_its_first_batch(model, x, amp_dtype):
+        if seen["calls"] == in_call and "forwards" in seen:
+            seen["forwards"] += 1
+            if seen["forwards"] == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+        return forward(model, x, amp_dtype)
+    monkeypatch.setattr(T, "precise_bn", counted_precise_bn)
+    monkeypatch.setattr(T, "forward", ctrl_c_in_its_first_batch)
+    out = tmp_path / "run"
+    assert T.cli([*argv, "--output-dir", str(out)]) == 130
+    printed, last = capsys.readouterr().out, load(out / "last.pt")
+    assert ("| --precise-bn stopped by the signal; a resume runs it" in printed) == stops
+    assert seen["forwards"] == (1 if stops else 2)  # the batch under way, and no other; or all of them
+    recomputed = [k for k in seen["before"] if not torch.equal(last["model"][k], seen["before"][k])]
+    assert (recomputed == []) == stops and (last["epoch"], last["step"]) == ((0, 4) if stops else (1, 6))
+    monkeypatch.setattr(T, "precise_bn", precise_bn)
+    monkeypatch.setattr(T, "forward", forward)
+    assert T.cli([*argv, "--output-dir", str(out), "--resume", "auto"]) == 0
+    printed = capsys.readouterr().out
+    assert epoch_lines(printed, 0) == (straight if stops else [])
+    assert ("the run has reached --max-steps 6" in printed) != stops
+    assert_same_weights(load(out / "last.pt"), load(tmp_path / "straight" / "last.pt"))
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this system")
