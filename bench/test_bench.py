@@ -167,8 +167,8 @@ def flops_per_sample():
 
 def compute_modes():
     """Name -> the training flags of each compute variant. `fast` is what --fast resolves to here; on CUDA
-    `fast-fp16` is the same with fp16 and its GradScaler, which eager runs on an H100 found 1.31x faster than
-    bf16 (bench/RESULTS.md): the candidate for --fast's precision there. The `-ema` rows add the weight
+    `fast-fp16` is the same with fp16 and its GradScaler: eager runs on an H100 found fp16 1.31x faster than
+    bf16, compiled the two came out level (bench/RESULTS.md), so --fast keeps bf16. The `-ema` rows add the weight
     EMA's update to the step (eager on CUDA, beside `fast-eager`, to save a compilation)."""
     if DEVICE.type == "cuda":
         return {"fp32": ["--no-tf32"], "tf32": [], "tf32-cl": ["--channels-last"], "bf16": ["--amp", "bf16"],
