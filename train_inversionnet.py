@@ -2399,11 +2399,13 @@ def check_resumable(ckpt, trained_args, path, args, meta, world, normalization):
     if ckpt.get("batch_in_epoch", 0) and same_world:
         position += ("seed",)  # the batches already trained are those of the saved seed's order
     scaled = ("scale_lr",) if same_world and world > 1 else ()  # (a new world size rebases the rate)
-    for key in (*position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2"):
+    keys = ("overfit_batch", *position, "optimizer", "lr", *scaled, "weight_decay", "betas", "lambda_l1", "lambda_l2")
+    for key in keys:
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
             where = ("the position inside the epoch" if ckpt.get("batch_in_epoch", 0) else
                      "the steps per epoch of the lr schedule" if key == "batch_size" else "the batches of the epochs to come")
-            why = (where if key in position else
+            why = (where if key in position else "what the steps train on (one repeated batch, or the split)"
+                   if key == "overfit_batch" else
                    "the validation loss that keeps best.pt" if key.startswith("lambda") else "the optimizer state")
             was = spelled(key, saved[key]) if isinstance(saved[key], bool) else shown(saved[key])
             raise InputError(f"{spelled(key, getattr(args, key))} differs from the {was} that {path} was trained "
@@ -2654,17 +2656,21 @@ def check_output_dir(args, own_restart=False):
     if taken and not args.overwrite:
         raise InputError(f"{taken}: exists and is not a regular file")
     has_run = os.path.isdir(out) and any(os.path.exists(os.path.join(out, f)) for f in ("args.json", "last.pt", "best.pt"))
-    in_out = args.resume not in (None, "auto") and os.path.isdir(out) and os.path.samefile(
-        os.path.dirname(os.path.abspath(args.resume)), out)  # one of this run's own checkpoints
-    if has_run and not (args.resume == "auto" or in_out or args.overwrite or own_restart):
+    def in_out(path):  # one of this run's own files, also through a link from elsewhere
+        where = os.path.dirname(os.path.realpath(path)) if path not in (None, "auto") else None
+        return where is not None and os.path.isdir(out) and os.path.isdir(where) and os.path.samefile(where, out)
+    if has_run and not (args.resume == "auto" or in_out(args.resume) or args.overwrite or own_restart):
         if not any(os.path.exists(p) for p in taken_paths):  # a start that failed, or a run in its first epoch
             raise InputError(f"--output-dir {out} holds a run that has written no checkpoint yet (one in its first epoch, "
                              f"or a start that failed: its train.log says); pass --resume auto to start it there anew, "
                              f"--overwrite to replace its files, or choose another --output-dir")
         raise InputError(f"--output-dir {out} already holds a run; pass --resume auto to continue it, --overwrite to "
                          f"replace it, or choose another --output-dir")
-    if args.overwrite and in_out:
+    if args.overwrite and in_out(args.resume):
         raise InputError(f"--overwrite would delete the run that --resume {args.resume} continues: give one of them")
+    if args.overwrite and in_out(args.init_from):
+        raise InputError(f"--overwrite would delete the {args.init_from} that --init-from starts from: copy it out of "
+                         f"{out} first, or choose another --output-dir")
     orphan = os.path.join(out, "best.pt")  # last.pt is written first, so this run's last.pt was removed
     if args.resume == "auto" and not args.overwrite and os.path.isfile(orphan) and not os.path.lexists(os.path.join(out, "last.pt")):
         raise InputError(f"--resume auto: {out} holds best.pt but no last.pt to continue from, and a new run would replace "

@@ -1105,6 +1105,8 @@ def short_run(tmp_path_factory, ids_data):
                              "loss that keeps best.pt would compare two sets; resume with that split"),
     (["--train-list", "OTHER"], "(2 files, 8 samples) differs from the one {last} was trained on (2 files, 8 samples; file 2 is "
                                 "now data4.npy model4.npy 4, was data2.npy model2.npy 4)"),  # same counts: the names differ
+    (["--overfit-batch"], "--overfit-batch differs from the --no-overfit-batch that {last} was trained with: what the steps "
+                          "train on (one repeated batch, or the split) would mean something else"),
     (["--lr", "3e-4"], "--lr 0.0003 differs from the 0.001 that"),  # the restored optimizer state would keep 1e-3
     (["--betas", "0.8", "0.999"], "--betas 0.8 0.999 differs from the 0.9 0.999 that"),
     (["--optimizer", "adam"], "--optimizer adam differs from the adamw that"),
@@ -1591,6 +1593,8 @@ def test_overfit_batch_trains_max_steps_steps_on_one_batch_and_its_loss_falls(id
     assert T.cli([*again, "--max-steps", "7"]) == 2
     assert capsys.readouterr().err == (f"train_inversionnet.py: error: --max-steps 7 differs from the 6 steps of the "
                                        f"--overfit-batch epoch of {out / 'last.pt'}: resume with --max-steps 6 or start a new run\n")
+    assert T.cli([*again, "--no-overfit-batch", "--epochs", "2"]) == 2  # the split's batches would follow
+    assert "--no-overfit-batch differs from the --overfit-batch that" in capsys.readouterr().err
     # it validates nothing, so a training list alone is enough
     args = T.check_args(T.get_args_parser().parse_args([*map(str, lists[:2]), "--epochs", "3", "--overfit-batch"]))
     assert (args.epochs, args.val_every) == (1, 0)
@@ -1738,7 +1742,7 @@ def test_resume_auto_starts_over_after_a_kill_before_the_first_checkpoint(ids_da
 
 def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
     """--resume PATH continues in --output-dir: into a directory holding another run only with --overwrite, and
-    --overwrite never deletes the checkpoint it is asked to resume."""
+    --overwrite never deletes the checkpoint it is asked to resume or to start from (--init-from), however named."""
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
@@ -1748,6 +1752,12 @@ def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, 
     assert f"--output-dir {b} already holds a run" in capsys.readouterr().err
     assert T.cli([*common, "--resume", str(b / "last.pt"), "--output-dir", str(b), "--overwrite"]) == 2
     assert f"--overwrite would delete the run that --resume {b / 'last.pt'} continues" in capsys.readouterr().err
+    (a / "link.pt").symlink_to(b / "last.pt")
+    assert T.cli([*common, "--resume", str(a / "link.pt"), "--output-dir", str(b), "--overwrite"]) == 2
+    assert f"--overwrite would delete the run that --resume {a / 'link.pt'} continues" in capsys.readouterr().err
+    assert T.cli([*common, "--init-from", str(b / "last.pt"), "--output-dir", str(b), "--overwrite"]) == 2
+    assert capsys.readouterr().err.endswith(f"--overwrite would delete the {b / 'last.pt'} that --init-from starts from: "
+                                            f"copy it out of {b} first, or choose another --output-dir\n")
     assert (a / "last.pt").read_bytes() == b"a" and (b / "last.pt").read_bytes() == b"b"
 
 
