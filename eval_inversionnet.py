@@ -111,6 +111,8 @@ def check_opts(opts):
     for flag, path in (("--checkpoint", opts.checkpoint), ("--val-list", opts.val_list), ("--stats", opts.stats)):
         if path is not None:
             T.require_file(flag, path)
+    T.require_packages(*([("tqdm", "")] if not job else []),  # the evaluation's bar
+                       *([("matplotlib", ", or pass --vis 0")] if opts.vis and not opts.export else []))
 
 
 # ---- robustness perturbations ----

@@ -23,6 +23,7 @@ import copy
 import datetime
 import errno
 import fcntl
+import importlib.util
 import io
 import itertools
 import json
@@ -416,7 +417,17 @@ def check_args(args):
         raise InputError("--overwrite in a torchrun launch that can restart (--max-restarts, or several nodes) would "
                          "delete the run a restarted group has to continue: remove the old run first, or choose another "
                          "--output-dir")
+    require_packages(("tqdm", ""), *([("tensorboard", ", or pass --no-tensorboard")] if args.tensorboard else []))
     return args
+
+
+def require_packages(*needs):
+    """NEEDS: (package, another way out) pairs. The packages imported only where they are first used (TensorBoard
+    at the first log step, matplotlib at the pictures): one missing is named now, before anything is written,
+    not by a traceback after."""
+    for name, instead in needs:
+        if importlib.util.find_spec(name) is None:
+            raise InputError(f"the {name} package is not installed: pip install -r requirements.txt{instead}")
 
 
 # ---- small helpers: distributed, logging, seeding, devices, files ----

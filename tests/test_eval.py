@@ -1,6 +1,7 @@
 """eval_inversionnet.py: metric definitions, perturbations, files, bad input."""
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import signal
@@ -257,6 +258,25 @@ def test_bad_flags_one_line_exit_2(tmp_path, capsys, args, needle):
     args = [str(tmp_path / "val.txt") if a == "VAL" else a for a in args]
     assert E.cli(["--checkpoint", str(tmp_path / "never-read.pt"), *args]) == 2
     assert capsys.readouterr().err.strip() == f"eval_inversionnet.py: error: {needle}"
+
+
+@pytest.mark.parametrize("missing, flags, needle", [
+    ("matplotlib", [], "the matplotlib package is not installed: pip install -r requirements.txt, or pass --vis 0"),
+    ("matplotlib", ["--predict", "X.npy"], "the matplotlib package is not installed: pip install -r requirements.txt, or "
+                                           "pass --vis 0"),
+    ("tqdm", ["--vis", "0"], "the tqdm package is not installed: pip install -r requirements.txt"),
+])
+def test_a_missing_package_is_named_before_anything_is_read(tmp_path, capsys, monkeypatch, missing, flags, needle):
+    """The pictures and the bar import their packages where they are drawn, after the metrics: without one
+    the run is refused at the start, and a job that does not draw or show them is not."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    (tmp_path / "never-read.pt").touch()
+    checkpoint = ["--checkpoint", str(tmp_path / "never-read.pt")]
+    assert E.cli([*checkpoint, *flags]) == 2
+    assert capsys.readouterr().err.strip() == f"eval_inversionnet.py: error: {needle}"
+    without = ["--vis", "0"] if missing == "matplotlib" else ["--predict", "X.npy"]
+    E.check_opts(E.get_args_parser().parse_args([*checkpoint, *without]))  # (no drawing, or no bar)
 
 
 def test_the_ends_of_each_flags_range_are_accepted(tmp_path):

@@ -1,5 +1,6 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -1738,6 +1739,23 @@ def test_resume_auto_starts_over_after_a_kill_before_the_first_checkpoint(ids_da
     best = (out / "best.pt").read_bytes()
     assert T.cli(argv) == 2 and (out / "best.pt").read_bytes() == best
     assert "holds best.pt but no last.pt to continue from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing, needle", [
+    ("tensorboard", "the tensorboard package is not installed: pip install -r requirements.txt, or pass --no-tensorboard"),
+    ("tqdm", "the tqdm package is not installed: pip install -r requirements.txt"),
+])
+def test_a_missing_package_is_named_before_anything_is_written(tmp_path, capsys, monkeypatch, missing, needle):
+    """TensorBoard is imported at the first log step, after args.json is written: without it the run is refused
+    at the start, leaving no directory that would block the next launch, and --no-tensorboard trains without it."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == missing else find_spec(name, *a))
+    out = tmp_path / "run"
+    argv = ["--data-root", str(tmp_path / "never-read"), "--output-dir", str(out)]
+    assert T.cli(argv) == 2 and capsys.readouterr().err.strip() == f"train_inversionnet.py: error: {needle}"
+    assert not out.exists()
+    if missing == "tensorboard":
+        T.check_args(T.get_args_parser().parse_args([*argv, "--no-tensorboard"]))
 
 
 def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
