@@ -1800,7 +1800,7 @@ def schedule_note(saved, args, run):
     did (SAVED: its arguments): a cosine schedule spans --epochs and --max-steps, so extending a run draws the
     rest of it out anew, and a run that had decayed to nothing trains at a high rate again."""
     ipe, base = run.meta["batches_per_epoch"], scaled_lr(args, run.world)
-    now, was = (base * lr_factor(a, ipe)(run.step + 1) for a in (args, saved))
+    now, was = (base * lr_factor(a, ipe)(run.step) for a in (args, saved))  # after k steps, the next trains at factor(k)
     if math.isclose(now, was, rel_tol=1e-9):
         return ""
     changed = ", ".join(f"{spelled(k, getattr(args, k))} (was {shown(getattr(saved, k))})" for k in SCHEDULE_FLAGS

@@ -1499,8 +1499,8 @@ def test_schedule_note_says_when_the_flags_move_the_rate_of_the_steps_to_come():
     cosine = small_args(lr_scheduler="cosine", epochs=2, lr=1e-3)
     assert T.schedule_note(cosine, small_args(lr_scheduler="cosine", epochs=2, lr=1e-3), run) == ""
     note = T.schedule_note(cosine, small_args(lr_scheduler="cosine", epochs=4, lr=1e-3), run)
-    assert note == ("; note: --epochs 4 (was 2) changes the learning-rate schedule: the next steps train at 0.000461, "
-                    "where the run's schedule gives 0")  # (1 + cos(pi * 21/40)) / 2: from nothing back to near half
+    assert note == ("; note: --epochs 4 (was 2) changes the learning-rate schedule: the next steps train at 0.0005, "
+                    "where the run's schedule gives 0")  # (1 + cos(pi * 20/40)) / 2: from nothing back to half
     run.step = 5
     assert "--max-steps 10 (was None)" in T.schedule_note(cosine, small_args(lr_scheduler="cosine", epochs=2, lr=1e-3,
                                                                              max_steps=10), run)
@@ -1513,9 +1513,11 @@ def test_a_resume_that_extends_a_cosine_run_says_what_the_rate_becomes(ids_data,
     argv = [*map(str, lists), *BASE_RUN, "--lr-scheduler", "cosine", "--output-dir", str(tmp_path), "--device", "cpu"]
     assert T.cli([*argv, "--epochs", "1"]) == 0
     capsys.readouterr()
-    assert T.cli([*argv, "--epochs", "2", "--resume", "auto"]) == 0
-    assert "; note: --epochs 2 (was 1) changes the learning-rate schedule: the next steps train at 0.000309, where " \
-           "the run's schedule gives 0" in capsys.readouterr().out
+    assert T.cli([*argv, "--epochs", "2", "--resume", "auto", "--log-every", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "; note: --epochs 2 (was 1) changes the learning-rate schedule: the next steps train at 0.0005, where " \
+           "the run's schedule gives 0" in printed
+    assert re.search(r"^epoch 1 step 5 batch 1/4 .* lr 5\.000e-04 ", printed, re.M), printed  # the rate the note gave
 
 
 def test_the_logged_learning_rate_is_the_one_the_step_trained_at(ids_data, tmp_path, capsys):
