@@ -940,9 +940,10 @@ def natural_key(name):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def read_split_list(path):
+def read_split_list(path, allow_empty=False):
     """OpenFWI split file: `data_path<TAB>label_path` per line (a line without a tab splits at whitespace, so
-    paths with spaces need the tab); relative paths are taken from the file's folder."""
+    paths with spaces need the tab); relative paths are taken from the file's folder. ALLOW_EMPTY: a validation
+    list, which a run without validation (--val-every 0, --val-files 0) may leave empty."""
     base = os.path.dirname(os.path.abspath(path))
     pairs = []
     try:
@@ -958,7 +959,7 @@ def read_split_list(path):
         if len(parts) != 2 or not all(parts):
             raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
         pairs.append(tuple(p if os.path.isabs(p) else os.path.join(base, p) for p in parts))
-    if not pairs:
+    if not pairs and not allow_empty:
         raise DataError(f"{path}: empty split list")
     return pairs
 
@@ -1013,10 +1014,10 @@ def splits(args):
     """The (train, val) file pairs of a run: its split lists, the lists simulate_openfwi.py wrote into
     --data-root (so a run on DATA_ROOT splits as `bash run.sh` does on it), or a file-level split of it."""
     if args.train_list:
-        return read_split_list(args.train_list), read_split_list(args.val_list) if args.val_list else []
+        return read_split_list(args.train_list), read_split_list(args.val_list, allow_empty=True) if args.val_list else []
     if lists := simulator_split(args):
         train, val = lists
-        return read_split_list(train), read_split_list(val) if os.path.getsize(val) else []  # --val-files 0
+        return read_split_list(train), read_split_list(val, allow_empty=True)
     return split_pairs(find_pairs(args.data_root), args.train_size, args.seed)
 
 
@@ -2807,6 +2808,8 @@ def load_splits(args, world):
     if args.val_every and not val_pairs and (lists := simulator_split(args)):
         raise DataError(f"the validation split is empty: {lists[1]} lists no files "
                         f"(simulated with --val-files 0); pass --val-every 0, or --train-size F to draw files by --seed")
+    if args.val_every and not val_pairs and args.val_list:
+        raise DataError(f"{args.val_list}: empty split list; name the validation files in it, or pass --val-every 0")
     if args.val_every and not val_pairs:
         raise DataError("the validation split is empty: the split is by file and --data-root holds one; add files, give "
                         "--train-list and --val-list, or pass --val-every 0")

@@ -1760,6 +1760,19 @@ def test_a_missing_package_is_named_before_anything_is_written(tmp_path, capsys,
         T.check_args(T.get_args_parser().parse_args([*argv, "--no-tensorboard"]))
 
 
+def test_an_empty_val_list_is_a_run_without_validation(ids_data, tmp_path, capsys):
+    """An empty --val-list (as simulate_openfwi.py --val-files 0 writes) trains with --val-every 0, and is
+    refused, with the way out named, when the run would validate."""
+    _, lists = ids_data
+    (tmp_path / "val.txt").write_text("\n")
+    argv = [*map(str, lists[:3]), str(tmp_path / "val.txt"), *BASE_RUN, "--max-steps", "1", "--output-dir", str(tmp_path / "run")]
+    assert T.cli(argv) == 2
+    assert capsys.readouterr().err.strip() == (f"train_inversionnet.py: error: {tmp_path / 'val.txt'}: empty split list; "
+                                               f"name the validation files in it, or pass --val-every 0")
+    assert T.cli([*argv, "--val-every", "0"]) == 0
+    assert "stopped at --max-steps 1" in capsys.readouterr().out
+
+
 def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
     """--resume PATH continues in --output-dir: into a directory holding another run only with --overwrite, and
     --overwrite never deletes the checkpoint it is asked to resume or to start from (--init-from), however named."""
