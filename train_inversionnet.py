@@ -3065,9 +3065,10 @@ def cli(argv=None):
         if not report_input_error("train_inversionnet.py", e):
             raise
         return 2
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began
-        print("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous "
-              "complete checkpoint", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: torchrun passes it to every rank
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous "
+                  "complete checkpoint", file=sys.stderr)
         STOPPED_AT_ONCE.set()
         return 128 + signal.SIGINT
     finally:

@@ -1773,6 +1773,19 @@ def test_an_empty_val_list_is_a_run_without_validation(ids_data, tmp_path, capsy
     assert "stopped at --max-steps 1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_ctrl_c_that_stops_at_once_is_said_once(tmp_path, capsys, monkeypatch, rank):
+    """torchrun passes a Ctrl-C to every rank: rank 0 alone says that the run stopped at once; all exit 130."""
+    def pressed(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(T, "main", pressed)
+    monkeypatch.setattr(T, "STOPPED_AT_ONCE", threading.Event())
+    monkeypatch.setenv("RANK", rank)
+    assert T.cli(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "run")]) == 130
+    said = "train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous complete checkpoint\n"
+    assert capsys.readouterr().err == (said if rank == "0" else "") and T.STOPPED_AT_ONCE.is_set()
+
+
 def test_another_runs_checkpoint_does_not_resume_into_an_existing_run(tmp_path, capsys):
     """--resume PATH continues in --output-dir: into a directory holding another run only with --overwrite, and
     --overwrite never deletes the checkpoint it is asked to resume or to start from (--init-from), however named."""
