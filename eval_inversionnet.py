@@ -33,7 +33,6 @@ import torch.distributed as dist
 
 import train_inversionnet as T
 
-DEFAULT_WORKERS = 2  # --num-workers; another value is refused with --predict and --export, which read no data set
 PICTURE_ROWS = 16  # --predict's picture, one row per map: 300 rows made a 30 MB PNG too tall to view, in a minute
 # OpenFWI paper, InversionNet with L1 loss: MAE, RMSE, SSIM on the normalised scale
 PAPER = {"flatvel-a": (0.0131, 0.0211, 0.9895), "flatvel-b": (0.0351, 0.0876, 0.9461),
@@ -67,7 +66,8 @@ def get_args_parser():
                    help="autocast dtype of the forward pass (metrics are computed in float32, SSIM in float64, or float32 on MPS); auto: the one the checkpoint was "
                         "trained with (off for a checkpoint that records none); off: float32 throughout")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
-    p.add_argument("--num-workers", type=int, default=DEFAULT_WORKERS, help="DataLoader workers")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of an evaluation (--predict reads its "
+                   "files in its own process, a batch at a time)")
     p.add_argument("--vis", type=int, default=3, help="number of samples to draw (best, median, worst, ...; with --predict the first, "
                    f"at most {PICTURE_ROWS}); 0: none")
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise, as a fraction of each trace's peak amplitude")
@@ -103,7 +103,7 @@ def check_opts(opts):
         raise T.InputError("--export writes the one file it names; --output-dir is not used: leave it out")
     for flag, given in (("--data-root", opts.data_root), ("--val-list", opts.val_list), ("--split", opts.split),
                         ("--noise-std", opts.noise_std), ("--missing-traces", opts.missing_traces),
-                        ("--loader", opts.loader != "map"), ("--num-workers", opts.num_workers != DEFAULT_WORKERS)):
+                        ("--loader", opts.loader != "map")):
         if job and given:  # they choose, read or perturb labelled data, which these jobs never read
             raise T.InputError(f"{flag} belongs to an evaluation on labelled data; {job} does not read any: leave it out")
     if opts.val_list and opts.data_root:  # (the baseline's training maps would come from one, the pairs from the other)

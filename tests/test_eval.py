@@ -237,8 +237,6 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
                                                 "give one of them"),
     (["--predict", "X.npy", "--loader", "gpu"], "--loader belongs to an evaluation on labelled data; --predict does not "
                                                 "read any: leave it out"),
-    (["--export", "m.pt2", "--num-workers", "0"], "--num-workers belongs to an evaluation on labelled data; --export does "
-                                                  "not read any: leave it out"),
     (["--predict", "X.npy", "--val-list", "VAL"], "--val-list belongs to an evaluation on labelled data; --predict does not "
                                                   "read any: leave it out"),
     (["--export", "m.pt2", "--noise-std", "0.1"], "--noise-std belongs to an evaluation on labelled data; --export does not "
