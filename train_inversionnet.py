@@ -2416,8 +2416,8 @@ def check_resumable(ckpt, trained_args, path, args, meta, world, normalization):
         if key in saved and shown(saved[key]) != shown(getattr(args, key)):
             where = ("the position inside the epoch" if ckpt.get("batch_in_epoch", 0) else
                      "the steps per epoch of the lr schedule" if key == "batch_size" else "the batches of the epochs to come")
-            why = (where if key in position else "what the steps train on (one repeated batch, or the split)"
-                   if key == "overfit_batch" else
+            why = (where if key in position else
+                   "what the steps train on (one repeated batch, or the split)" if key == "overfit_batch" else
                    "the validation loss that keeps best.pt" if key.startswith("lambda") else "the optimizer state")
             was = spelled(key, saved[key]) if isinstance(saved[key], bool) else shown(saved[key])
             raise InputError(f"{spelled(key, getattr(args, key))} differs from the {was} that {path} was trained "
