@@ -198,6 +198,10 @@ def test_compute_throughput(benchmark, mode, batch):
     if compiles(mode) and DEVICE.type == "cpu" and not os.environ.get("BENCH_COMPILE"):  # tests/ compile on the CPU once
         pytest.skip("torch.compile on CPU costs ~40 s of compilation; set BENCH_COMPILE=1 to include it")
     run = make_run(*compute_modes()[mode])
+    precision = mode.split("-")[0]
+    if precision in ("fp32", "tf32", "bf16", "fp16"):  # the row times what its name says
+        want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        assert run.amp_dtype == want and run.channels_last == ("-cl" in mode), (mode, run.amp_dtype, run.channels_last)
     x = torch.randn(batch, 5, 1000, 70, device=DEVICE)
     if run.channels_last:  # as device_batches hands batches to the step
         x = x.contiguous(memory_format=torch.channels_last)
@@ -299,8 +303,9 @@ def test_whole_run(benchmark, random_dataset, tmp_path, mode):
     RESULTS["whole"][mode] = secs
     RESULTS["whole_size"] = (f"{CFG['whole_epochs']} epochs of {len(random_dataset[:-1]) * CFG['per_file']} samples"
                              if benchmark.enabled else f"2 steps of batch {LOADER_BATCH}")
-    benchmark.extra_info.update(environment(), mode=mode, seconds=secs, argv=argv[1:],
-                                speed=[line for line in stdout.splitlines() if line.startswith("speed:")])
+    speed = [line for line in stdout.splitlines() if line.startswith("speed:")]
+    assert len(speed) == 1 and speed[0].split("; ")[1].startswith("--fast for" if mode == "fast" else "defaults"), speed
+    benchmark.extra_info.update(environment(), mode=mode, seconds=secs, argv=argv[1:], speed=speed)
 
 
 def deepwave_runs(v, nt):

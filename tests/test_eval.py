@@ -417,19 +417,23 @@ def test_forward_pass_takes_the_precision_the_checkpoint_was_trained_in(tiny_run
     ck = torch.load(tiny_run / "run" / "best.pt", weights_only=False)
     ck["args"]["amp"] = "bf16"
     torch.save(ck, tmp_path / "bf16.pt")
-    results = {}
+    results, convs = {}, {}
     for name, checkpoint, amp in (("fp32", tiny_run / "run" / "best.pt", "auto"), ("bf16", tmp_path / "bf16.pt", "auto"),
                                   ("off", tmp_path / "bf16.pt", "off")):
         out = tmp_path / name
-        assert E.cli(["--checkpoint", str(checkpoint), "--output-dir", str(out), "--num-workers", "0",
-                      "--no-progress", "--vis", "0", "--amp", amp, "--device", "cpu"]) == 0
-        results[name] = json.loads((out / "metrics.json").read_text())
+        code, seen = conv_dtypes_during(lambda: E.cli(["--checkpoint", str(checkpoint), "--output-dir", str(out),
+                                                       "--num-workers", "0", "--no-progress", "--vis", "0", "--amp", amp,
+                                                       "--device", "cpu"]))
+        assert code == 0 and seen
+        results[name], convs[name] = json.loads((out / "metrics.json").read_text()), set(seen)
+    assert convs == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}, "off": {torch.float32}}  # what ran, not its label
     assert results["fp32"]["forward"] == results["off"]["forward"] == {"amp": "float32", "channels_last": True,
                                                                       "ssim": "float64"}
     assert results["bf16"]["forward"] == {"amp": "bfloat16", "channels_last": True, "ssim": "float64"}
     assert results["fp32"]["model"] == results["off"]["model"]
     for k in ("mae", "rmse", "ssim"):
         assert results["bf16"]["model"][k] == pytest.approx(results["off"]["model"][k], rel=0.02)
+    assert results["bf16"]["model"]["mae"] != results["off"]["model"]["mae"]
 
 
 def evaluate_to(out, checkpoint, *flags):

@@ -111,9 +111,9 @@ def test_label_units_are_told_by_the_median_of_a_files_first_maps(tmp_path):
         with pytest.raises(T.DataError, match=r"model1\.npy: velocities around \S+ \(the file's median\), far outside "
                                               r"the normalisation's 1500 to 4500 m/s \(here\)"):
             check(bad)
-    y = np.full((80, 4900), 3.0)
-    y[64:] = 3000.0  # only the first 64 maps are read
-    with pytest.raises(T.DataError):
+    y = np.full((200, 4900), 3000.0)
+    y[:64] = 3.0  # only the first 64 maps are read: the rest, which would outvote them, are not
+    with pytest.raises(T.DataError, match=r"velocities around 3 \(the file's median\)"):
         check(y)
 
 
@@ -1627,12 +1627,16 @@ def test_every_validation_sees_batchnorm_statistics_averaged_over_ranks(ids_data
     model before validating (the EMA's follow the ranks' mean at every step: tests/ddp_worker.py), and
     --precise-bn averages what it recomputes. In one process averaging is a no-op; here the calls are counted."""
     _, lists = ids_data
-    calls, average = [], T.average_over_ranks
+    calls, average, runs, precise_bn = [], T.average_over_ranks, [], T.precise_bn
     monkeypatch.setattr(T, "average_over_ranks", lambda tensors: calls.append(list(tensors)) or average(calls[-1]))
+    monkeypatch.setattr(T, "precise_bn", lambda run, *args: runs.append(run) or precise_bn(run, *args))
     assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", str(tmp_path / "run"),
                   "--ema-decay", "0.9", "--precise-bn", "2"]) == 0
-    n = len(list(T.InversionNet().buffers()))
-    assert [len(c) for c in calls] == [n, n]  # the trained model's, then precise_bn's (the EMA's)
+    run = runs[0]
+    assert len(calls) == 2 and run.eval_model is not run.raw_model
+    for averaged, model in zip(calls, (run.raw_model, run.eval_model)):  # the trained model's, then precise_bn's (the EMA's)
+        buffers = list(model.buffers())
+        assert len(averaged) == len(buffers) and all(a is b for a, b in zip(averaged, buffers))
 
 
 def test_weight_ema_averages_weights_and_statistics_with_a_ramped_decay():
