@@ -1,4 +1,5 @@
-"""Small OpenFWI-layout datasets for tests, and the one way tests start a script in its own process."""
+"""Small OpenFWI-layout datasets for tests, the one way tests start a script in its own process, and the checks
+several test files share."""
 import contextlib
 import os
 import signal
@@ -8,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train_inversionnet.py")
@@ -51,6 +53,14 @@ def write_ids_dataset(root, counts, seed=0):
         np.save(m, y)
         pairs.append((d, m))
     return pairs
+
+
+def sample_ids(x, normalizer):
+    """The ids write_ids_dataset put in x[:, 0, 0, 0], read back from a batch NORMALIZER scaled (its inverse)."""
+    import train_inversionnet as T
+    lo, hi = T.log_transform(normalizer.data_min), T.log_transform(normalizer.data_max)
+    t = (x[:, 0, 0, 0].double().cpu() + 1) / 2 * (hi - lo) + lo
+    return (torch.sign(t) * torch.expm1(t.abs())).round().long().tolist()
 
 
 def layered_maps(n, seed=0):
@@ -116,3 +126,27 @@ class SignalledOnRelease:
 
     def __del__(self):
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def assert_same_weights(a, b):
+    """Two checkpoints (dicts) at the same epoch and step, with bit-identical weights and buffers."""
+    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def conv_dtypes_during(fn):
+    """(FN's result, the output dtype of every (transposed) convolution that ran during it), by a global
+    forward hook: what a forward actually computed in, whatever its settings say."""
+    seen = []
+
+    def hook(module, inputs, output):
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            seen.append(output.dtype)
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        result = fn()
+    finally:
+        handle.remove()
+    return result, seen

@@ -15,7 +15,7 @@ import torch.nn as nn
 import eval_inversionnet as E
 import simulate_openfwi as so
 import train_inversionnet as T
-from helpers import TRAIN, layered_maps, resolved_args, run_script, write_ids_dataset, write_split_list
+from helpers import TRAIN, layered_maps, resolved_args, run_script, sample_ids, write_ids_dataset, write_split_list
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 DEVICE = torch.device("cuda")
@@ -45,13 +45,6 @@ def finite_weights(run):
 def stored(pairs):
     """Every sample of the files in PAIRS, as the arrays hold them: (shot gathers, velocity maps)."""
     return tuple(torch.from_numpy(np.concatenate([np.load(pair[k]) for pair in pairs])) for k in (0, 1))
-
-
-def sample_ids(x):
-    """The ids write_ids_dataset put in x[:, 0, 0, 0], read back through the inverse of NORM.data."""
-    lo, hi = T.log_transform(NORM.data_min), T.log_transform(NORM.data_max)
-    t = (x[:, 0, 0, 0].double().cpu() + 1) / 2 * (hi - lo) + lo
-    return (torch.sign(t) * torch.expm1(t.abs())).round().long().tolist()
 
 
 @pytest.fixture
@@ -180,7 +173,7 @@ def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype, d
         ids = []
         for x, y in batches:
             assert x.shape == (2, *T.DATA_SHAPE) and x.device.type == device.type and x.dtype == want
-            batch_ids = sample_ids(x)
+            batch_ids = sample_ids(x, NORM)
             torch.testing.assert_close(x.float().cpu(), x_ref[batch_ids], **tol)
             torch.testing.assert_close(y.cpu(), y_ref[batch_ids], rtol=1e-6, atol=1e-6)  # float32: rounding only
             ids += batch_ids
@@ -210,8 +203,8 @@ def test_map_loader_batches_reach_the_device_as_on_the_cpu(tmp_path, pin):
     x_raw, y_raw = stored(pairs)
     ids = []
     for (where, x, y), (_, x_cpu, y_cpu) in zip(on_device, on_cpu):
-        batch_ids = sample_ids(x)
-        assert where == DEVICE.type and batch_ids == sample_ids(x_cpu)
+        batch_ids = sample_ids(x, NORM)
+        assert where == DEVICE.type and batch_ids == sample_ids(x_cpu, NORM)
         torch.testing.assert_close(x, x_cpu, rtol=1e-6, atol=2e-6)  # float32 log1p on two devices
         torch.testing.assert_close(y, y_cpu, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(x_cpu, NORM.data(x_raw[batch_ids]))  # and both are the stored samples, normalised

@@ -17,7 +17,7 @@ from unittest.mock import ANY
 
 import eval_inversionnet as E
 import train_inversionnet as T
-from helpers import (EVAL, TRAIN, SignalledOnRelease, layered_maps, module_dir, run_script, run_without_reader, write_ids_dataset,
+from helpers import (EVAL, TRAIN, SignalledOnRelease, conv_dtypes_during, layered_maps, module_dir, run_script, run_without_reader, write_ids_dataset,
                      write_split_list)
 
 
@@ -370,21 +370,6 @@ def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path,
         rows.append((out / "per_sample.csv").read_text())
     assert results[0]["count"] == 4 and results[0] == pytest.approx(results[1], rel=1e-6)
     assert rows[0] == rows[1]  # sample by sample
-
-
-def conv_dtypes_during(fn):
-    """Run FN with a global forward hook recording the output dtype of every (transposed) convolution."""
-    seen = []
-
-    def hook(module, inputs, output):
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
-            seen.append(output.dtype)
-    handle = torch.nn.modules.module.register_module_forward_hook(hook)
-    try:
-        result = fn()
-    finally:
-        handle.remove()
-    return result, seen
 
 
 def test_evaluate_runs_the_forward_in_bf16_and_the_metrics_in_float32():

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN, module_dir, run_script, start, wait_until, write_ids_dataset, write_split_list
+from helpers import ROOT, TRAIN, assert_same_weights, module_dir, run_script, start, wait_until, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a", "--device", "cpu"]
@@ -79,12 +79,6 @@ def load(path):
 def wait_for_file(path, timeout=120):
     """Until PATH exists: checkpoints are written on a background thread, shortly after the epoch's line."""
     assert wait_until(lambda: os.path.exists(path), timeout), f"{path} was not written"
-
-
-def assert_same_weights(a, b):
-    assert a["epoch"] == b["epoch"] and a["step"] == b["step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
 
 
 def digest(path):

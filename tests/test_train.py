@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import TRAIN, module_dir, run_script, write_ids_dataset, write_split_list
+from helpers import TRAIN, assert_same_weights, conv_dtypes_during, module_dir, run_script, sample_ids, write_ids_dataset, write_split_list
 
 
 def small_args(**kw):
@@ -253,8 +253,7 @@ def test_map_and_device_loaders_cover_the_split(tmp_path, kind):
         assert len(batches) == len(loader) == 2 and loader.dropped == 1
         x, y = batches[0]
         assert x.shape == (2, 5, 1000, 70) and y.min() >= -1 and y.max() <= 1  # normalised on the device
-        world_seen += [int(round(float(v))) for x, _ in batches for c in [x[:, 0, 0, 0].numpy()] for v in
-                       np.sign(c) * np.expm1(np.abs((c + 1) / 2 * (np.log1p(60) + np.log1p(30)) - np.log1p(30)))]
+        world_seen += [i for x, _ in batches for i in sample_ids(x, norm)]
         val = T.build_loader(T.LoaderConfig.from_args(args, False), pairs, [5, 4], norm, torch.device("cpu"), rank, 2, train=False)
         sizes = [len(x) for x, _ in T.device_batches(val, torch.device("cpu"), norm)]
         assert sizes == ([3, 2] if rank == 0 else [3, 1])  # --val-batch-size 3 over 5 and 4 of the 9 samples
@@ -571,23 +570,12 @@ def test_overfits_one_batch(speed):
     assert run.step == 12 and min(losses[-3:]) < losses[0] / 5
 
 
-def conv_output_dtypes(model):
-    """Forward hooks on every (transposed) convolution of MODEL: the list they fill with output dtypes, and
-    the handles to remove."""
-    seen = []
-    convs = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
-    return seen, [m.register_forward_hook(lambda mod, inp, out: seen.append(out.dtype)) for m in convs]
-
-
 def test_bf16_training_step_computes_the_convolutions_in_bf16():
     """--amp bf16 on the CPU: the script's own train_step runs the forward under bf16 autocast (the speed and
     the rounding that --fast picks), while the loss stays float32."""
     torch.manual_seed(0)
     run, _ = T.build_run(small_args(device="cpu", amp="bf16", lr_scheduler="none"), torch.device("cpu"), 1)
-    seen, hooks = conv_output_dtypes(run.raw_model)
-    loss = T.train_step(run, torch.randn(2, 5, 1000, 70), torch.zeros(2, 1, 70, 70))
-    for h in hooks:
-        h.remove()
+    loss, seen = conv_dtypes_during(lambda: T.train_step(run, torch.randn(2, 5, 1000, 70), torch.zeros(2, 1, 70, 70)))
     assert len(seen) == 25 and set(seen) == {torch.bfloat16}  # InversionNet's 25 (de)convolutions, each once
     assert loss.dtype == torch.float32 and run.step == 1
 
@@ -806,9 +794,8 @@ def test_resume_gives_identical_weights(tmp_path, ids_data):
     assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))
     sa = torch.load(a / "last.pt", weights_only=False)
     sb = torch.load(b / "last.pt", weights_only=False)
-    assert sa["epoch"] == sb["epoch"] == 2 and sa["step"] == sb["step"] == 8
-    for k in sa["model"]:
-        assert torch.equal(sa["model"][k], sb["model"][k]), k
+    assert sa["epoch"] == 2 and sa["step"] == 8
+    assert_same_weights(sa, sb)
     for k in ("model", "optimizer", "scheduler", "scaler", "epoch", "step", "best_loss", "args", "rng"):
         assert k in sa
     assert (a / "best.pt").exists() and (a / "args.json").exists() and (a / "train.log").exists()
@@ -964,7 +951,8 @@ def test_config_repeats_a_run_bit_for_bit_and_records_provenance(tmp_path, ids_d
     r = run_script(TRAIN, "--config", a / "args.json", "--output-dir", b)
     assert r.returncode == 0, r.stderr
     wa, wb = (torch.load(d / "last.pt", weights_only=False) for d in (a, b))
-    assert all(torch.equal(wa["model"][k], wb["model"][k]) for k in wa["model"]) and wa["step"] == wb["step"] == 4
+    assert wa["step"] == 4
+    assert_same_weights(wa, wb)
     saved_a, saved_b = (json.loads((d / "args.json").read_text()) for d in (a, b))
     same = lambda saved: {k: v for k, v in saved.items() if k not in ("output_dir", "config")}
     assert same(saved_a) == same(saved_b) and saved_b["config"] == str(a / "args.json")
@@ -1238,7 +1226,8 @@ def test_one_process_resumes_across_the_map_and_device_loaders(ids_data, tmp_pat
     assert T.cli([*argv, "--output-dir", str(tmp_path / "b"), "--max-steps", "5", "--loader", "gpu"]) == 0
     assert T.cli([*argv, "--output-dir", str(tmp_path / "b"), "--resume", "auto", "--loader", "map"]) == 0
     a, b = (torch.load(tmp_path / r / "last.pt", weights_only=False) for r in "ab")
-    assert a["step"] == b["step"] == 8 and all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["step"] == 8
+    assert_same_weights(a, b)
 
 
 def trained(ck):
