@@ -2805,12 +2805,12 @@ def load_splits(args, world):
         raise DataError(f"{both} is in both the training and the validation split: validation would score samples "
                         f"the model trained on")
     train_counts, val_counts = inspect_pairs(train_pairs), inspect_pairs(val_pairs) if val_pairs else []
-    if args.val_every and not val_pairs and (lists := simulator_split(args)):
-        raise DataError(f"the validation split is empty: {lists[1]} lists no files "
-                        f"(simulated with --val-files 0); pass --val-every 0, or --train-size F to draw files by --seed")
-    if args.val_every and not val_pairs and args.val_list:
-        raise DataError(f"{args.val_list}: empty split list; name the validation files in it, or pass --val-every 0")
-    if args.val_every and not val_pairs:
+    if args.val_every and not val_pairs:  # where the split came from says how to give it files
+        if args.val_list:
+            raise DataError(f"{args.val_list}: empty split list; name the validation files in it, or pass --val-every 0")
+        if lists := simulator_split(args):
+            raise DataError(f"the validation split is empty: {lists[1]} lists no files (simulated with --val-files 0); "
+                            f"pass --val-every 0, or --train-size F to draw files by --seed")
         raise DataError("the validation split is empty: the split is by file and --data-root holds one; add files, give "
                         "--train-list and --val-list, or pass --val-every 0")
     if sum(train_counts) < args.batch_size * world:
