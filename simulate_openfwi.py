@@ -16,7 +16,7 @@ nt = 1000; 5 sources at columns 0, 17, 34, 52, 69 and 70 receivers, all in row 1
 15 Hz Ricker wavelet, 147 samples long, peaking at 73 ms, injected as u += (v dt)^2 w[n].
 Absorbing boundaries on all four sides (no free surface): a convolutional PML (C-PML, quadratic
 damping profile, complex-frequency shift alpha = pi f) of --pml-width cells, 12 by default, which
-keeps boundary reflections near 0.04 % of the recorded signal (tests/ hold it under 0.1 %).
+keeps boundary reflections at 0.04-0.08 % of the recorded signal (tests/ hold it under 0.1 %).
 
 Engines: on CPU the time loop runs in a C++ kernel (simulate_openfwi_kernel.cpp: one sweep per time
 step over each wavefield, threads sharing out the wavefields), compiled on first use through
@@ -83,7 +83,10 @@ C0, C1, C2 = -5.0 / 2.0, 4.0 / 3.0, -1.0 / 12.0
 D1, D2 = 2.0 / 3.0, -1.0 / 12.0
 # v dt / dx must stay below this for the 2nd-order-time, 4th-order-space scheme in 2-D
 CFL_LIMIT = math.sqrt(3.0 / 8.0)
-PML_WIDTH = 12  # cells: boundary error about 0.04 % of the trace
+PML_WIDTH = 12  # cells: boundary error 0.04-0.08 % of the trace
+# the CLI's floor: thinner absorbers reflect 1 % of the trace at 6 cells and more than all of it at 0,
+# which would make data of another physics (simulate() itself takes any width, for tests of its engines)
+MIN_PML_WIDTH = 8
 
 
 class SimulationError(ValueError):
@@ -112,7 +115,7 @@ def get_args_parser():
     p = ArgumentParser(description="Make OpenFWI-format data by acoustic FD modelling.")
     p.add_argument("--family", default="flatvel", choices=sorted(FAMILIES),
                    help="velocity-model family")
-    p.add_argument("--out", default=None, help="output directory (default data/FAMILY, where bash run.sh puts it)")
+    p.add_argument("--out", default=None, help="output directory (default data/FAMILY under the current directory; bash run.sh, run from the repository, puts it there)")
     p.add_argument("--files", type=int, default=10, help="number of file pairs")
     p.add_argument("--samples-per-file", type=int, default=500, help="samples per file (OpenFWI: 500)")
     p.add_argument("--val-files", type=int, default=None,
@@ -122,7 +125,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=None,
                    help="velocity models simulated together; default 16 on CPU (8-32 are equally fast on 2 cores; 16 keeps "
                         "more cores evenly busy), 256 on CUDA")
-    p.add_argument("--pml-width", type=int, default=PML_WIDTH, help="C-PML thickness in cells")
+    p.add_argument("--pml-width", type=int, default=PML_WIDTH, help=f"C-PML thickness in cells, {MIN_PML_WIDTH} to 100")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                    help="show a tqdm progress bar")
     return p
@@ -212,7 +215,7 @@ def simulate(velocity, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_COLS, src_row=S
     velocity: float tensor (B, nz, nx) in m/s. Returns float32 (B, len(src_cols), nt, nx) on the
     velocity's device, receivers at every column of row `rec_row`. The PML strength uses
     max(LABEL_MAX, v.max()) so that a sample's traces do not depend on which other samples
-    share its batch. engine "auto": on CPU the C++ kernel (cpu_kernel()) where it can be built, on
+    share its batch (while every map stays within LABEL_MAX, as the families' maps do). engine "auto": on CPU the C++ kernel (cpu_kernel()) where it can be built, on
     CUDA the Triton kernels where triton is installed, otherwise the PyTorch loop; "torch": always the
     PyTorch loop; "triton": the Triton kernels (on CPU only under TRITON_INTERPRET=1). The engines
     agree to about 1e-6 relative L2 (float32 rounding in another order).
@@ -226,6 +229,8 @@ def simulate(velocity, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_COLS, src_row=S
     v = velocity.to(dtype=torch.float32)
     B, nz, nx = v.shape
     pml = int(pml_width)
+    if pml != pml_width or pml < 0:
+        raise SimulationError(f"pml_width must be a whole number of cells >= 0, got {pml_width!r}")
     if not all(0 <= c < nx for c in src_cols) or not (0 <= src_row < nz and 0 <= rec_row < nz):
         raise SimulationError(f"source/receiver positions outside the {nz}x{nx} grid")
     H, W = nz + 2 * pml, nx + 2 * pml
@@ -260,19 +265,20 @@ def _simulate_torch(v2, coeffs, wavelet, src_cols, src_row, rec_row, pml, sw, nx
     B, _, H, W = v2.shape
     S, nt, dev = len(src_cols), wavelet.numel(), v2.device
     ax, bx, az, bz = coeffs
-    u = torch.zeros(B, S, H + 4, W + 4, device=dev)  # 2-cell zero halo for the 5-point stencils
+    f32 = dict(dtype=torch.float32, device=dev)  # not the default dtype, which a caller may have changed
+    u = torch.zeros(B, S, H + 4, W + 4, **f32)  # 2-cell zero halo for the 5-point stencils
     u_old = torch.zeros_like(u)
-    psi_x = torch.zeros(B, S, 2, H, sw + 4, device=dev)
-    zeta_x = torch.zeros(B, S, 2, H, sw, device=dev)
-    psi_z = torch.zeros(B, S, 2, sw + 4, W, device=dev)
-    zeta_z = torch.zeros(B, S, 2, sw, W, device=dev)
-    lap = torch.empty(B, S, H, W, device=dev)
+    psi_x = torch.zeros(B, S, 2, H, sw + 4, **f32)
+    zeta_x = torch.zeros(B, S, 2, H, sw, **f32)
+    psi_z = torch.zeros(B, S, 2, sw + 4, W, **f32)
+    zeta_z = torch.zeros(B, S, 2, sw, W, **f32)
+    lap = torch.empty(B, S, H, W, **f32)
     s2 = torch.empty_like(lap)
     lap_x, lap_z = _pair_view(lap, -1, sw), _pair_view(lap, -2, sw)
     shot = torch.arange(S, device=dev)
     sz, sx = src_row + pml + 2, torch.as_tensor(src_cols, device=dev) + pml + 2
     src_scale = v2[:, 0, src_row + pml, sx - 2]  # (B, S)
-    out = torch.empty(B, S, nt, nx, device=dev)
+    out = torch.empty(B, S, nt, nx, **f32)
     rz = rec_row + pml + 2
     for n in range(nt):
         c = u[..., 2:-2, 2:-2]
@@ -400,10 +406,10 @@ def _simulate_triton(v2, coeffs, wavelet, src_cols, src_row, rec_row, pml, sw, n
     (taps outside a plane read 0), psi and zeta as whole planes of which only the strips are touched."""
     B, _, H, W = v2.shape
     S, nt, dev = len(src_cols), wavelet.numel(), v2.device
-    u, u_old, psi_x, zeta_x, psi_z, zeta_z = (torch.zeros(B * S, H, W, device=dev) for _ in range(6))
+    u, u_old, psi_x, zeta_x, psi_z, zeta_z = (torch.zeros(B * S, H, W, dtype=torch.float32, device=dev) for _ in range(6))
     ax, bx, az, bz = (t.reshape(-1).contiguous() for t in coeffs)
     cols = torch.as_tensor(src_cols, dtype=torch.int64, device=dev)
-    out = torch.empty(B, S, nt, nx, device=dev)
+    out = torch.empty(B, S, nt, nx, dtype=torch.float32, device=dev)
     v2 = v2.contiguous()
     BZ, BX = 8, triton.next_power_of_2(W)
     grid = (B * S, triton.cdiv(H, BZ), triton.cdiv(W, BX))
@@ -498,12 +504,13 @@ def one_build_at_a_time(cpp_extension, name):
 
 def _simulate_kernel(kernel, v2, coeffs, wavelet, src_cols, src_row, rec_row, pml, sw, nx):
     """simulate() through the C++ kernel, on torch.get_num_threads() threads that each take whole
-    wavefields (model x shot) in turn. It reads raw pointers: contiguous float32 / int64 CPU tensors."""
+    wavefields (model x shot) in turn. It reads raw pointers, so every tensor it gets is made here a
+    contiguous float32 / int64 CPU tensor, whatever default dtype or device the caller has set."""
     B, _, H, W = v2.shape
     S, nt = len(src_cols), wavelet.numel()
     arrays = [t.contiguous() for t in (v2, *coeffs, wavelet)]  # float32 CPU tensors already
-    cols = torch.as_tensor(src_cols, dtype=torch.int64).contiguous()
-    out = torch.empty(B, S, nt, nx)
+    cols = torch.as_tensor(src_cols, dtype=torch.int64, device="cpu").contiguous()
+    out = torch.empty(B, S, nt, nx, dtype=torch.float32, device="cpu")
     kernel.simulate(B, S, H, W, sw, nt, nx, pml, src_row, rec_row, *(t.data_ptr() for t in arrays),
                     cols.data_ptr(), out.data_ptr(), torch.get_num_threads())
     return out
@@ -643,8 +650,9 @@ def check_args(args):
             raise SimulationError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.batch_size is not None and args.batch_size <= 0:
         raise SimulationError(f"--batch-size must be positive, got {args.batch_size}")
-    if not 0 <= args.pml_width <= 100:  # the model is 70 cells wide; the default is 12
-        raise SimulationError(f"--pml-width must be in [0, 100], got {args.pml_width}")
+    if not MIN_PML_WIDTH <= args.pml_width <= 100:  # the model is 70 cells wide; the default is 12
+        raise SimulationError(f"--pml-width must be in [{MIN_PML_WIDTH}, 100] (a thinner absorber reflects a "
+                              f"percent or more of the trace), got {args.pml_width}")
     if args.out is None:  # one family's set never lands in (or is refused over) another's folder
         args.out = os.path.join("data", args.family)
     if not args.out.strip():

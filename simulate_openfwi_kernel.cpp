@@ -9,7 +9,7 @@
 // never wait for each other during the time loop.
 //
 // Built on first use by simulate_openfwi.cpu_kernel() through torch.utils.cpp_extension. It includes no
-// torch header (tensors arrive as data pointers checked on the Python side), so it compiles in about 10 s.
+// torch header (tensors arrive as data pointers, made on the Python side), so it compiles in about 10 s.
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
@@ -177,7 +177,7 @@ void run_wavefield(Fields& f, const Problem& p, int64_t i) {
 
 }  // namespace
 
-// Entry point. Pointers are the data of contiguous tensors checked by simulate_openfwi._simulate_kernel.
+// Entry point. Pointers are the data of contiguous float32 / int64 CPU tensors made by simulate_openfwi._simulate_kernel.
 void simulate(int64_t B, int64_t S, int64_t H, int64_t W, int64_t sw, int64_t nt, int64_t nx, int64_t pml,
               int64_t src_row, int64_t rec_row, uintptr_t v2, uintptr_t ax, uintptr_t bx, uintptr_t az, uintptr_t bz,
               uintptr_t wavelet, uintptr_t src_cols, uintptr_t out, int64_t threads) {

@@ -122,6 +122,27 @@ def test_simulate_rejects_bad_velocity(bad, match):
         so.simulate(bad)
 
 
+@pytest.mark.parametrize("width", [-1, -40, 2.5])
+def test_simulate_rejects_a_pml_width_that_is_not_a_cell_count(width):
+    with pytest.raises(so.SimulationError, match=rf"pml_width must be a whole number of cells >= 0, got {width}$"):
+        so.simulate(torch.full((1, 70, 70), 2000.0), nt=10, pml_width=width)
+
+
+@pytest.mark.parametrize("engine", ["auto", "torch"])
+def test_simulate_gives_the_same_float32_traces_under_a_float64_default_dtype(engine):
+    """The C++ kernel writes float32 through a raw pointer: a buffer of the default dtype would be half filled."""
+    v = torch.from_numpy(np.random.default_rng(5).uniform(1500, 4500, (1, 30, 30)).astype(np.float32))
+    kw = dict(nt=200, src_cols=(3, 20), engine=engine)
+    want = so.simulate(v, **kw)
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = so.simulate(v, **kw)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_batch_independent_results():
     v = torch.from_numpy(so.curvefault(np.random.default_rng(1), 3))
     together = so.simulate(v)
@@ -318,13 +339,13 @@ def test_cli_writes_openfwi_layout_and_is_deterministic(tmp_path):
 def test_cli_simulates_with_the_pml_width_it_is_given(tmp_path):
     """--pml-width reaches the solver: the file's traces are simulate() of its own velocity maps at that
     width, which differ from the default width's (and dataset.json records the width)."""
-    code, _, err = run_cli("--out", tmp_path, "--files", "1", "--samples-per-file", "1", "--pml-width", "4")
+    code, _, err = run_cli("--out", tmp_path, "--files", "1", "--samples-per-file", "1", "--pml-width", "8")
     assert code == 0, err
     data = np.load(tmp_path / "data" / "data1.npy")
     v = torch.from_numpy(np.load(tmp_path / "model" / "model1.npy")[:, 0])
-    np.testing.assert_array_equal(data, so.simulate(v, pml_width=4).numpy())
+    np.testing.assert_array_equal(data, so.simulate(v, pml_width=8).numpy())
     assert not np.allclose(data, so.simulate(v).numpy(), rtol=1e-3, atol=1e-3)  # the width shows in the traces
-    assert json.loads((tmp_path / "dataset.json").read_text())["pml_width"] == 4
+    assert json.loads((tmp_path / "dataset.json").read_text())["pml_width"] == 8
 
 
 def test_cli_files_larger_than_a_batch_hold_every_sample(tmp_path):
@@ -503,7 +524,8 @@ def test_a_data_root_the_simulator_made_splits_as_its_lists(tmp_path):
     (["--files", "two"], "argument --files: invalid int value: 'two' (--help lists the flags)"),
     (["--files", "0"], "--files must be positive"),
     (["--samples-per-file", "-3"], "--samples-per-file must be positive"),
-    (["--pml-width", "101"], "--pml-width must be in [0, 100], got 101"),
+    (["--pml-width", "101"], "--pml-width must be in [8, 100] (a thinner absorber reflects a percent or more of the trace), got 101"),
+    (["--pml-width", "7"], "--pml-width must be in [8, 100]"),
     (["--out", ""], "--out: an empty path"),
     (["--files", "2", "--val-files", "2"], "--val-files"),
     (["--seed", "-1"], "--seed must be >= 0, got -1"),
