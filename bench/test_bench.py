@@ -191,6 +191,22 @@ def compute_cases():
     return [(m, b) for m in compute_modes() for b in CFG["batches"] if b == CFG["batches"][-1] or not compiles(m)]
 
 
+def assert_runs_as_named(run, mode):
+    """A compute row times what its name says: the Run that times it has that precision (TF32 in the tf32
+    rows only), layout, fused AdamW, weight EMA and compilation (--fast compiles on CUDA only)."""
+    precision, flags = mode.split("-")[0], compute_modes()[mode]
+    if precision in ("fp32", "tf32", "bf16", "fp16"):
+        want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        assert run.amp_dtype == want and run.channels_last == ("-cl" in mode), (mode, run.amp_dtype, run.channels_last)
+    if precision in ("fp32", "tf32") and DEVICE.type == "cuda":
+        assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == (precision == "tf32"), mode
+    if "--fused-adam" in flags or "--no-fused-adam" in flags:
+        assert bool(run.optimizer.defaults.get("fused")) == ("--fused-adam" in flags), mode
+    assert (run.ema is not None) == mode.endswith("-ema"), mode
+    compiled = mode == "compile" or (DEVICE.type == "cuda" and mode.startswith("fast") and "eager" not in mode)
+    assert hasattr(run.model, "_orig_mod") == compiled, mode  # torch.compile's wrapper
+
+
 @pytest.mark.parametrize("mode, batch", compute_cases(), ids=lambda v: str(v))
 def test_compute_throughput(benchmark, mode, batch):
     """Training-step samples/s (forward, backward, AdamW) on inputs already on the device, through the
@@ -198,10 +214,7 @@ def test_compute_throughput(benchmark, mode, batch):
     if compiles(mode) and DEVICE.type == "cpu" and not os.environ.get("BENCH_COMPILE"):  # tests/ compile on the CPU once
         pytest.skip("torch.compile on CPU costs ~40 s of compilation; set BENCH_COMPILE=1 to include it")
     run = make_run(*compute_modes()[mode])
-    precision = mode.split("-")[0]
-    if precision in ("fp32", "tf32", "bf16", "fp16"):  # the row times what its name says
-        want = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        assert run.amp_dtype == want and run.channels_last == ("-cl" in mode), (mode, run.amp_dtype, run.channels_last)
+    assert_runs_as_named(run, mode)
     x = torch.randn(batch, 5, 1000, 70, device=DEVICE)
     if run.channels_last:  # as device_batches hands batches to the step
         x = x.contiguous(memory_format=torch.channels_last)
@@ -410,3 +423,7 @@ def test_report_reads_a_slower_run_as_slower_and_prints_end_to_end_lines_without
     table = C.loader_lines({("map", 0, False): (2000.0, 1.0)}, {}, fast)
     assert table[-1] == ("recommendation: --loader map --num-workers 0 keeps the device fed (fewest workers with loader >= "
                          "1.1x compute)")
+    several = {("map", 0, False): (500.0, 1.0), ("map", 4, False): (3000.0, 1.0), ("map", 2, False): (1500.0, 1.0)}
+    assert C.loader_lines(several, {}, fast)[-1].startswith("recommendation: --loader map --num-workers 2 keeps")
+    assert C.loader_lines({("map", 2, False): (900.0, 1.0)}, {}, fast)[-1] == (
+        "recommendation: every loader is input-bound here; use --loader gpu if the split fits in device memory")

@@ -327,7 +327,9 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
     """Each sample draws its own noise and muted receivers, so a robustness figure is reproducible. The model
     is replaced by one whose output is its input's spread: a trained InversionNet maps tiny_run's noise data
     to nearly the same map whatever the perturbation."""
-    monkeypatch.setattr(T.InversionNet, "forward", lambda self, x: x.float().std(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 1, 70, 70))
+    batches = []
+    monkeypatch.setattr(T.InversionNet, "forward", lambda self, x: batches.append(len(x)) or
+                        x.float().std(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 1, 70, 70))
     results, both, muted = [], ["--noise-std", "0.2", "--missing-traces", "9"], ["--missing-traces", "9"]
     for batch, perturb, seed in ((1, both, 0), (3, both, 0), (3, [], 0), (3, both, 1), (3, muted, 0)):
         out = tmp_path / f"b{batch}{len(perturb)}{seed}"
@@ -335,6 +337,9 @@ def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, m
         assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
                       "--no-progress", "--vis", "0", "--batch-size", str(batch), "--device", "cpu", *flags]) == 0
         results.append(json.loads((out / "metrics.json").read_text())["model"])
+        if len(results) <= 2:  # the 4 samples came in batches of --batch-size
+            assert batches == ([1, 1, 1, 1] if batch == 1 else [3, 1]), batches
+        batches.clear()
     # on the CPU (one kernel for every batch size); cuDNN may pick another SSIM convolution per batch shape, and
     # the SSIM of a constant map is a cancellation that moves by ~2e-5 with the summation order
     assert results[0] == pytest.approx(results[1], rel=1e-5)
@@ -360,7 +365,15 @@ def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path,
     (each loading every other batch) give the figures of loading in the main process. The model is the
     input-spread stand-in above: its metrics follow the perturbation."""
     monkeypatch.setattr(T.InversionNet, "forward", lambda self, x: x.float().std(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 1, 70, 70))
-    results, rows = [], []
+    get = T.MapDataset.__getitem__
+
+    def loaded_by(self, i):  # a file per sample names the process that loaded it: forked workers share no memory
+        worker = torch.utils.data.get_worker_info()
+        (tmp_path / f"sample{i}.by-{worker.id if worker else 'main'}").touch()
+        return get(self, i)
+
+    monkeypatch.setattr(T.MapDataset, "__getitem__", loaded_by)
+    results, rows, loaders = [], [], []
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
         assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", str(workers),
@@ -368,6 +381,10 @@ def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path,
                       "--missing-traces", "9"]) == 0
         results.append(json.loads((out / "metrics.json").read_text())["model"])
         rows.append((out / "per_sample.csv").read_text())
+        loaders.append(sorted(p.suffix for p in tmp_path.glob("sample*.by-*")))
+        for p in tmp_path.glob("sample*.by-*"):
+            p.unlink()
+    assert loaders == [[".by-main"] * 4, [".by-0", ".by-0", ".by-1", ".by-1"]]  # batch 1: workers take turns
     assert results[0]["count"] == 4 and results[0] == pytest.approx(results[1], rel=1e-6)
     assert rows[0] == rows[1]  # sample by sample
 
@@ -583,9 +600,12 @@ def test_split_stats_and_dataset_flags(tiny_run, tmp_path, capsys):
     assert (m["normalization"]["data_min"], m["normalization"]["data_max"]) == (lo, hi)
 
 
-def test_device_cache_loader_gives_the_map_loaders_metrics(tiny_run, tmp_path):
+def test_device_cache_loader_gives_the_map_loaders_metrics(tiny_run, tmp_path, monkeypatch):
     ck = tiny_run / "run" / "best.pt"
+    built, build = [], T.build_loader
+    monkeypatch.setattr(T, "build_loader", lambda *a, **kw: built.append(build(*a, **kw)) or built[-1])
     cached, mapped = (evaluate_to(tmp_path / k, ck, "--loader", k)["model"] for k in ("gpu", "map"))
+    assert [type(b).__name__ for b in built] == ["DeviceLoader", "Loader"]  # the cache served the first
     for k in ("mae", "rmse", "ssim", "count"):
         assert cached[k] == pytest.approx(mapped[k], rel=1e-6), k
 

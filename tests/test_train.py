@@ -592,8 +592,14 @@ def test_lambda_l2_adds_that_weight_of_mse_to_the_l1_loss():
     assert T.loss_fn(pred, target, 0.5, 0.0).item() == pytest.approx(0.5 * l1)  # --lambda-l1 weighs the L1 term
     loss = T.loss_fn(pred.bfloat16(), target, 1.0, 0.5)  # these values are exact in bf16
     assert loss.dtype == torch.float32 and loss.item() == pytest.approx(l1 + 0.5 * mse)
-    run, _ = T.build_run(small_args(device="cpu", lambda_l2=0.5), torch.device("cpu"), 1)
-    assert run.loss_weights == (1.0, 0.5)  # what train_step and validation pass to loss_fn
+    torch.manual_seed(0)
+    run, _ = T.build_run(small_args(device="cpu", lambda_l1=0.5, lambda_l2=2.0), torch.device("cpu"), 1)
+    x, y = torch.randn(2, 5, 1000, 70), torch.rand(2, 1, 70, 70) * 2 - 1
+    with torch.no_grad():  # train mode, as the step sees it: BatchNorm uses this batch's statistics either way
+        pred = run.model(x)
+    got = T.train_step(run, x, y).item()  # the training step trains on the weighted loss, not the default L1
+    assert got == pytest.approx(T.loss_fn(pred, y, 0.5, 2.0).item(), rel=1e-5)
+    assert got != pytest.approx(T.loss_fn(pred, y).item(), rel=1e-2)
 
 
 def test_optimizer_adam_takes_the_weight_decay_as_its_l2_term_and_adamw_is_the_default():
@@ -926,7 +932,8 @@ def test_fast_with_amp_off_trains_in_fp32_and_records_its_choice(tmp_path, ids_d
     out = tmp_path / "run"
     argv = [*map(str, lists), "--batch-size", "2", "--epochs", "1", "--no-progress", "--dataset", "flatvel-a",
             "--output-dir", str(out), "--fast", "--amp", "off", "--precise-bn", "2", "--device", "cpu"]
-    assert T.cli(argv) == 0
+    code, seen = conv_dtypes_during(lambda: T.cli(argv))
+    assert code == 0 and seen and set(seen) == {torch.float32}  # where bf16 is native, --fast alone would pick it
     saved = json.loads((out / "args.json").read_text())
     assert (saved["amp"], saved["channels_last"], saved["loader"], saved["cache_dtype"], saved["compile"]) == (
         "off", True, "gpu", "float32", False)
@@ -1124,13 +1131,13 @@ def test_resume_refuses_a_changed_position_meaning(short_run, ids_data, tmp_path
     assert (short_run / "last.pt").read_bytes() == before
 
 
-def test_the_last_epoch_is_always_validated(tmp_path, ids_data, capsys):
+def test_validation_runs_every_n_epochs_and_after_the_last(tmp_path, ids_data, capsys):
     _, lists = ids_data
     out = tmp_path / "run"
-    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "2", "--val-every", "3", "--output-dir", str(out)]) == 0
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "3", "--val-every", "2", "--output-dir", str(out)]) == 0
     epochs = [line for line in capsys.readouterr().out.splitlines() if re.match(r"epoch \d train loss", line)]
-    assert len(epochs) == 2 and "val loss" not in epochs[0] and "val loss" in epochs[1]
-    assert torch.load(out / "best.pt", weights_only=False)["epoch"] == 2  # judged on validation, for eval to read
+    assert len(epochs) == 3 and ["val loss" in line for line in epochs] == [False, True, True]  # 2nd: every 2; 3rd: last
+    assert torch.load(out / "best.pt", weights_only=False)["epoch"] in (2, 3)  # judged on validation, for eval to read
 
 
 def test_an_epoch_without_a_full_batch_is_refused(tmp_path, capsys):
