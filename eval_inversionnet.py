@@ -27,6 +27,10 @@ import sys
 import tempfile
 import threading
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (`&` ignores it)
+    # a Ctrl-C in the seconds the imports below take exits at once (130), without a traceback per torchrun rank
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -820,7 +824,7 @@ def cli(argv=None):
         code = main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
         if Terminated.received:  # (its raise was lost in a finalizer)
             raise Terminated
-        T.wait_for_ranks()
+        T.wait_for_ranks(code)
         return code
     except (T.InputError, RuntimeError, OSError) as e:
         if not T.report_input_error("eval_inversionnet.py", e):
@@ -840,4 +844,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # the imports are done: cli() reports a Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(cli())

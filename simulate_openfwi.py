@@ -57,6 +57,10 @@ import threading
 import time
 import warnings
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (`&` ignores it)
+    # a Ctrl-C in the seconds the imports below take exits at once (130), without a traceback
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -942,4 +946,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # the imports are done: cli() reports a Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(cli())

@@ -43,6 +43,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (`&` ignores it)
+    # a Ctrl-C in the seconds the imports below take exits at once (130), without a traceback per torchrun rank
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -465,12 +469,17 @@ def setup_distributed(parallel="auto", device="auto"):
     return 0, 1, 0
 
 
-def wait_for_ranks():
-    """After a run that ended well, every rank waits for the others before the group goes: a Gloo rank that
-    tore the group down and exited while rank 0 still worked (writing its last files) once aborted with
-    'terminate called without an active exception', and torchrun then killed rank 0 mid-write."""
+def wait_for_ranks(code):
+    """Every rank waits for the others before the group goes: a Gloo rank that tore the group down and exited
+    while rank 0 still worked (writing its last files) once aborted with 'terminate called without an active
+    exception', and torchrun then killed rank 0 mid-write. After a stop by signal (CODE 130 or 143) a peer
+    that torchrun's next signal killed in the meantime changes nothing: this rank's checkpoint is written."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        try:
+            dist.barrier()
+        except RuntimeError:
+            if code == 0:
+                raise
 
 
 def cleanup_distributed():
@@ -2992,7 +3001,7 @@ def report_input_error(script, e):
     whose peer stopped on such an error says so in one line instead of the collective's traceback."""
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and isinstance(e, RuntimeError) and re.search(r"Connection (closed|reset) by peer", str(e)):
-        print_error(script, f"[rank {rank}] stopped: another rank failed (its line says why)")
+        print_error(script, f"[rank {rank}] stopped: another rank left the run (its own line, if it printed one, says why)")
         return True
     if isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e)):
         e = InputError(out_of_memory(script, str(e)), local=True)
@@ -3059,7 +3068,7 @@ def cli(argv=None):
         except InputError as e:
             raise InputError(from_config(str(e), args.config, argv)) from None
         code = main(args, ["train_inversionnet.py", *argv])
-        wait_for_ranks()
+        wait_for_ranks(code)
         return code
     except (InputError, RuntimeError, OSError) as e:
         if not report_input_error("train_inversionnet.py", e):
@@ -3078,6 +3087,8 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # the imports are done: cli() reports a Ctrl-C
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     code = cli()
     if STOPPED_AT_ONCE.is_set():
         exit_at_once(code)

@@ -68,5 +68,5 @@ all_batches = [None] * world
 dist.all_gather_object(all_batches, batches[0])
 if rank == 0:
     torch.save({"init": init, "after_first": after_first, "batches": all_batches}, sys.argv[1])
-T.wait_for_ranks()  # as the scripts do before the group goes
+T.wait_for_ranks(0)  # as the scripts do before the group goes
 dist.destroy_process_group()

@@ -109,8 +109,8 @@ def test_a_bad_sample_under_torchrun_is_named_by_the_rank_that_read_it(tmp_path)
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.startswith("train_inversionnet.py: error: ")]
     bad = re.escape(f"{pairs[0][0]} sample ") + r"\d: NaN or Inf in the data"
-    assert lines and all(re.fullmatch(rf"train_inversionnet\.py: error: \[rank \d\] ({bad}|stopped: another rank failed "
-                                      r"\(its line says why\))", line) for line in lines), r.stderr[-3000:]
+    assert lines and all(re.fullmatch(rf"train_inversionnet\.py: error: \[rank \d\] ({bad}|stopped: another rank left the run "
+                                      r"\(its own line, if it printed one, says why\))", line) for line in lines), r.stderr[-3000:]
     assert any(re.search(bad, line) for line in lines)
     assert r.stderr.count("Traceback (most recent call last)") <= 1, r.stderr[-3000:]  # torchrun's own only
 

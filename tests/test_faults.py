@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import ROOT, TRAIN, assert_same_weights, module_dir, run_script, start, wait_until, write_ids_dataset, write_split_list
+from helpers import EVAL, ROOT, SIMULATE, TRAIN, assert_same_weights, module_dir, run_script, start, wait_until, write_ids_dataset, write_split_list
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a", "--device", "cpu"]
@@ -516,6 +516,53 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoin
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert digest(out / "last.pt") == before and load(out / "last.pt")["epoch"] == 1
     assert "non-finite loss" in (out / "train.log").read_text()
+
+
+def interrupt_while_importing_torch(p):
+    """SIGINT to process P once torch's library is mapped into it (inside `import torch`, a second or more
+    before the import ends); its (stdout, stderr)."""
+    def importing_torch():
+        with open(f"/proc/{p.pid}/maps") as f:
+            return "libtorch" in f.read()
+    try:
+        assert wait_until(lambda: p.poll() is not None or importing_torch(), 60)
+        p.send_signal(signal.SIGINT)
+        return p.communicate(timeout=60)
+    finally:
+        p.kill()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches /proc/PID/maps for torch's library")
+@pytest.mark.parametrize("script", [TRAIN, EVAL, SIMULATE], ids=os.path.basename)
+def test_a_ctrl_c_while_torch_imports_exits_130_without_a_traceback(script):
+    """torch takes seconds to import, and a Ctrl-C then (under torchrun, to every rank) once printed a traceback
+    per process. The signal goes once torch's library is mapped, inside `import torch`: a signal that came after
+    the imports would let --help print its page."""
+    p = start(script, "--help")
+    out, err = interrupt_while_importing_torch(p)
+    assert (p.returncode, out, err) == (130, "", "")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches /proc/PID/maps for torch's library")
+def test_a_launch_that_ignores_ctrl_c_keeps_ignoring_it():
+    """A shell script's `cmd &` starts cmd with SIGINT ignored: the import-time handler above must not undo that."""
+    p = start(TRAIN, "--help", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    out, err = interrupt_while_importing_torch(p)
+    assert p.returncode == 0 and out.startswith("usage: train_inversionnet.py"), err
+
+
+def test_a_peer_lost_at_the_last_barrier_leaves_a_signal_stops_exit_code(monkeypatch):
+    """After a stop by signal torchrun's next signal may kill a peer while this rank waits at the last barrier:
+    the stop's code stands (its checkpoint is written), where once the peer's loss turned it into a false line
+    and exit 2. After a run that ended well, a peer lost there is still an error."""
+    def barrier():
+        raise RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:40000")
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "barrier", barrier)
+    T.wait_for_ranks(128 + signal.SIGINT)
+    T.wait_for_ranks(128 + signal.SIGTERM)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        T.wait_for_ranks(0)
 
 
 def test_non_finite_loss_under_torchrun_stops_every_rank(tmp_path):
