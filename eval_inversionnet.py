@@ -27,7 +27,8 @@ import sys
 import tempfile
 import threading
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (`&` ignores it)
+SIGINT_AT_START = signal.getsignal(signal.SIGINT)  # Python's KeyboardInterrupt, unless a launcher set another
+if __name__ == "__main__" and SIGINT_AT_START is signal.default_int_handler:  # (`cmd &` ignores it: left so)
     # a Ctrl-C in the seconds the imports below take exits at once (130), without a traceback per torchrun rank
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
@@ -844,6 +845,6 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # the imports are done: cli() reports a Ctrl-C
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if SIGINT_AT_START is signal.default_int_handler:  # the imports are done: cli() reports a Ctrl-C
+        signal.signal(signal.SIGINT, SIGINT_AT_START)
     sys.exit(cli())

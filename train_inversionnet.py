@@ -43,7 +43,8 @@ import time
 import warnings
 from dataclasses import dataclass, field
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # (`&` ignores it)
+SIGINT_AT_START = signal.getsignal(signal.SIGINT)  # Python's KeyboardInterrupt, unless a launcher set another
+if __name__ == "__main__" and SIGINT_AT_START is signal.default_int_handler:  # (`cmd &` ignores it: left so)
     # a Ctrl-C in the seconds the imports below take exits at once (130), without a traceback per torchrun rank
     signal.signal(signal.SIGINT, lambda signum, frame: os._exit(128 + signum))
 
@@ -472,8 +473,9 @@ def setup_distributed(parallel="auto", device="auto"):
 def wait_for_ranks(code):
     """Every rank waits for the others before the group goes: a Gloo rank that tore the group down and exited
     while rank 0 still worked (writing its last files) once aborted with 'terminate called without an active
-    exception', and torchrun then killed rank 0 mid-write. After a stop by signal (CODE 130 or 143) a peer
-    that torchrun's next signal killed in the meantime changes nothing: this rank's checkpoint is written."""
+    exception', and torchrun then killed rank 0 mid-write. After a run that stopped (CODE non-zero: a signal's
+    130 / 143 / 129, a non-finite loss's 3) a peer that torchrun's next signal killed in the meantime changes
+    nothing: rank 0 has written what it writes, and the stop's code stands."""
     if dist.is_available() and dist.is_initialized():
         try:
             dist.barrier()
@@ -3087,8 +3089,8 @@ def cli(argv=None):
 
 
 if __name__ == "__main__":
-    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # the imports are done: cli() reports a Ctrl-C
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if SIGINT_AT_START is signal.default_int_handler:  # the imports are done: cli() reports a Ctrl-C
+        signal.signal(signal.SIGINT, SIGINT_AT_START)
     code = cli()
     if STOPPED_AT_ONCE.is_set():
         exit_at_once(code)

@@ -538,7 +538,7 @@ def test_a_ctrl_c_while_torch_imports_exits_130_without_a_traceback(script):
     """torch takes seconds to import, and a Ctrl-C then (under torchrun, to every rank) once printed a traceback
     per process. The signal goes once torch's library is mapped, inside `import torch`: a signal that came after
     the imports would let --help print its page."""
-    p = start(script, "--help")
+    p = start(script, "--help", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # (pytest run with `&`)
     out, err = interrupt_while_importing_torch(p)
     assert (p.returncode, out, err) == (130, "", "")
 
