@@ -221,10 +221,11 @@ def simulate(velocity, dx=DX, dt=DT, nt=NT, f=FREQ, src_cols=SRC_COLS, src_row=S
     velocity: float tensor (B, nz, nx) in m/s. Returns float32 (B, len(src_cols), nt, nx) on the
     velocity's device, receivers at every column of row `rec_row`. The PML strength uses
     max(LABEL_MAX, v.max()) so that a sample's traces do not depend on which other samples
-    share its batch (while every map stays within LABEL_MAX, as the families' maps do). engine "auto": on CPU the C++ kernel (cpu_kernel()) where it can be built, on
-    CUDA the Triton kernels where triton is installed, otherwise the PyTorch loop; "torch": always the
-    PyTorch loop; "triton": the Triton kernels (on CPU only under TRITON_INTERPRET=1). The engines
-    agree to about 1e-6 relative L2 (float32 rounding in another order).
+    share its batch (while every map stays within LABEL_MAX, as the families' maps do).
+    engine "auto": on CPU the C++ kernel (cpu_kernel()) where it can be built, on CUDA the Triton
+    kernels where triton is installed, otherwise the PyTorch loop; "torch": always the PyTorch loop;
+    "triton": the Triton kernels (on CPU only under TRITON_INTERPRET=1). The engines agree to about
+    1e-6 relative L2 (float32 rounding in another order).
     """
     if engine not in ("auto", "torch", "triton"):
         raise SimulationError(f"engine must be 'auto', 'torch' or 'triton', got {engine!r}")
