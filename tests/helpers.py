@@ -1,11 +1,13 @@
 """Small OpenFWI-layout datasets for tests, the one way tests start a script in its own process, and the checks
 several test files share."""
+import atexit
 import contextlib
 import os
 import signal
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -15,6 +17,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "train_inversionnet.py")
 EVAL = os.path.join(ROOT, "eval_inversionnet.py")
 SIMULATE = os.path.join(ROOT, "simulate_openfwi.py")
+# torchrun leaves a torchelastic_* folder of rank logs in the temporary directory at every launch: the suite's
+# launches keep theirs in one folder that goes when the tests end
+TORCHRUN_TMP = tempfile.mkdtemp(prefix="inversionnet-tests-")
+atexit.register(shutil.rmtree, TORCHRUN_TMP, True)
 
 
 def resolved_args(device, *flags):
@@ -83,6 +89,8 @@ def start(script, *args, nproc=None, torchrun=(), env=None, cwd=ROOT, **popen_kw
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *torchrun]
     e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1" if nproc else "2")
+    if nproc:
+        e["TMPDIR"] = TORCHRUN_TMP
     e.update(env or {})
     return subprocess.Popen([*launcher, script, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=e, cwd=cwd, **popen_kw)
