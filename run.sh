@@ -2,8 +2,10 @@
 # bash run.sh [options]   simulate a FlatVel-style dataset, train InversionNet, evaluate it
 # bash run.sh test [pytest args]   install, then run the checks, tests/ and the bench suite in test mode
 set -euo pipefail
+here=$PWD  # --data, --run and PYTHON given as relative paths are the caller's: taken from here, not the repository
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PY=${PYTHON:-python3}
+[[ "$PY" != */* || "$PY" == /* ]] || PY=$here/$PY
 
 usage() {
   cat <<'USAGE'
@@ -26,7 +28,8 @@ there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, pr
                inside: a value with a space goes to the script itself); the paths run.sh hands from stage to
                stage (--out, --family, --output-dir, --resume, --train-list, --val-list, --data-root,
                --checkpoint) come from --data, --family and --run and are refused there, as is a stage's --help
-Options take --opt value or --opt=value.
+Options take --opt value or --opt=value. A relative --data, --run or PYTHON is taken from the directory
+run.sh is started in; the defaults are in the repository.
 Both profiles write files of 100 samples: the gpu profile extends the cpu one's data set (the cpu profile run after
 it lists its own 8 files again, and the simulator says so).
 test: the same install step, then ruff's pyflakes checks and pytest over tests/ and bench/ (--benchmark-disable).
@@ -71,7 +74,11 @@ if [[ "${1:-}" == "test" ]]; then
 fi
 
 need() { (( $2 >= 2 )) || { echo "run.sh: error: $1 needs a value (see bash run.sh --help)" >&2; exit 2; }; }
-path() { [[ -n "$2" ]] || { echo "run.sh: error: $1 needs a directory, got an empty value" >&2; exit 2; }; }
+path() {  # an option there (--run --data) is a value forgotten, not a directory: ./-name names one that starts with -
+  [[ -n "$2" ]] || { echo "run.sh: error: $1 needs a directory, got an empty value" >&2; exit 2; }
+  [[ "$2" != -* ]] || { echo "run.sh: error: $1 needs a directory, got the option $2 (write ./$2 for a folder of that name)" >&2; exit 2; }
+  [[ "$2" == /* || "$here" == "$PWD" ]] && echo "$2" || echo "$here/$2"
+}
 profile=auto family=flatvel data="" run="" sim_args="" train_args="" eval_args=""
 while [[ $# -gt 0 ]]; do
   [[ "$1" == --*=* ]] && set -- "${1%%=*}" "${1#*=}" "${@:2}"  # --opt=value, as the Python scripts take it
@@ -79,8 +86,8 @@ while [[ $# -gt 0 ]]; do
     -h|--help) usage; exit 0 ;;
     --profile) need "$1" $#; profile=$2 ;;
     --family) need "$1" $#; family=$2 ;;
-    --data) need "$1" $#; path "$1" "$2"; data=$2 ;;
-    --run) need "$1" $#; path "$1" "$2"; run=$2 ;;
+    --data) need "$1" $#; data=$(path "$1" "$2") ;;
+    --run) need "$1" $#; run=$(path "$1" "$2") ;;
     --sim-args) need "$1" $#; sim_args=$2 ;;
     --train-args) need "$1" $#; train_args=$2 ;;
     --eval-args) need "$1" $#; eval_args=$2 ;;
@@ -91,7 +98,9 @@ done
 case "$profile" in auto|cpu|gpu) ;; *) echo "run.sh: error: --profile must be auto, cpu or gpu, got $profile" >&2; exit 2 ;; esac
 case "$family" in flatvel|curvevel|flatfault|curvefault) ;;
   *) echo "run.sh: error: --family must be flatvel, curvevel, flatfault or curvefault, got $family" >&2; exit 2 ;; esac
-# the stages split the --*-args values at tabs and newlines as at spaces: the checks below see spaces only
+# the stages split the --*-args values at tabs and newlines as at spaces (and expand no * or ?: set -f), so the
+# checks below see spaces only
+set -f
 sim_args=${sim_args//[$'\t\n']/ } train_args=${train_args//[$'\t\n']/ } eval_args=${eval_args//[$'\t\n']/ }
 # the eval stage runs with --overwrite (it re-evaluates its own run), which must not reach a user's --export file
 case " $eval_args " in *" --export"*|*" --predict"*)
@@ -176,17 +185,20 @@ step "3/3 evaluate -> $run/eval"
 # shellcheck disable=SC2086
 "$PY" eval_inversionnet.py --checkpoint "$run/best.pt" --vis 3 --overwrite $eval_args \
   || failed $? evaluation
-nproc=2  # a CPU takes two processes as well as one; on CUDA, one process per GPU (more are refused)
-[[ "$profile" == cpu ]] || nproc=$("$PY" -c "import torch; print(max(torch.cuda.device_count(), 1))")
-# the trainer's defaults are data/flatvel into runs/inversionnet; --resume auto lets the line be run again
+# the launch line trains where its --device auto does, whatever the profile: one process per GPU (more are
+# refused), and on a CPU two as well as one
+nproc=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
+# the trainer's defaults are data/flatvel into runs/inversionnet; --resume auto lets the line be run again.
+# Paths are quoted as the shell needs them, so each line can be pasted
 launch="torchrun --nproc_per_node=$nproc train_inversionnet.py"
-[[ "$data" == data/flatvel ]] || launch+=" --data-root $data --output-dir runs/$(basename "$data")-torchrun"
+[[ "$data" == data/flatvel ]] || launch+=" --data-root $(printf %q "$data") --output-dir $(printf %q "runs/$(basename "$data")-torchrun")"
+q=$(printf %q "$run")
 cat <<SUMMARY
 
 == done
-data          $data (next: $launch --resume auto)
-checkpoints   $run/best.pt, $run/last.pt
-metrics       $run/eval/metrics.json, result.txt, per_sample.csv
-pictures      $run/eval/*.png
-TensorBoard   tensorboard --logdir $run/tb
+data          $(printf %q "$data") (next: $launch --resume auto)
+checkpoints   $q/best.pt, $q/last.pt
+metrics       $q/eval/metrics.json, result.txt, per_sample.csv
+pictures      $q/eval/*.png
+TensorBoard   tensorboard --logdir $q/tb
 SUMMARY

@@ -351,6 +351,8 @@ def given_names(argv):
 POSITIVE = ("epochs", "batch_size", "val_batch_size", "log_every", "prefetch_factor", "max_steps", "lr_step_size")
 NON_NEGATIVE = ("num_workers", "val_every", "grad_clip", "weight_decay", "lr_warmup_epochs", "precise_bn", "seed",
                 "lambda_l1", "lambda_l2")
+# bash run.sh trains with --resume auto and refuses --overwrite and --resume: the way to start over there
+RUN_SH_RESUMES = "(bash run.sh passes --resume auto: remove its --run directory to start over, or pass another --run)"
 
 
 def check_workers(n):
@@ -415,7 +417,7 @@ def check_args(args):
             require_file(flag_of(name), getattr(args, name))
     if args.overwrite and args.resume == "auto":
         raise InputError("--overwrite replaces the run in --output-dir and --resume auto continues it: give one of them "
-                         "(bash run.sh passes --resume auto: remove its --run directory to start over)")
+                         f"{RUN_SH_RESUMES}")
     if args.overwrite and (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
                            or int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1):
         # torchrun re-runs the command on a restart, or when nodes join or leave, without a sign on every path
@@ -2698,7 +2700,7 @@ def check_output_dir(args, own_restart=False):
     if args.resume == "auto" and not args.overwrite and os.path.isfile(orphan) and not os.path.lexists(os.path.join(out, "last.pt")):
         raise InputError(f"--resume auto: {out} holds best.pt but no last.pt to continue from, and a new run would replace "
                          "best.pt; pass --overwrite to start over, --resume PATH to continue from a checkpoint, or choose "
-                         "another --output-dir")
+                         f"another --output-dir {RUN_SH_RESUMES}")
 
 
 def on_rank0(rank, fn, *fn_args):

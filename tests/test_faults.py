@@ -1073,6 +1073,7 @@ def make(tmp_path, token):
     (["--run"], "--run needs a value"),
     (["--eval-args", "--export m.pt2"], "--eval-args evaluates the run; --export and --predict are jobs of"),
     (["--data", ""], "--data needs a directory, got an empty value"),
+    (["--run", "--data", "d"], "--run needs a directory, got the option --data (write ./--data for a folder of that name)"),
     (["--profile=tpu"], "--profile must be auto, cpu or gpu, got tpu"),  # the --opt=value form
     (["--profile=tp=u"], "--profile must be auto, cpu or gpu, got tp=u"),  # split at the first '=' only
     # the paths one stage hands to the next: elsewhere, the next stage would read (and eval's --overwrite replace) other files
@@ -1146,13 +1147,13 @@ def test_run_sh_passes_a_stage_input_error_through_as_its_one_line_and_exit_code
     assert "run.sh" not in r.stderr
 
 
-def run_sh_stages(tmp_path, *args):
-    """run.sh ARGS with a stand-in interpreter that records each stage's command line instead of running it:
-    (run.sh's stdout, [simulate, train, evaluate] command lines)."""
+def run_sh_stages(tmp_path, *args, cwd=None):
+    """run.sh ARGS, started in CWD, with a stand-in interpreter that records each stage's command line instead
+    of running it: (run.sh's stdout, [simulate, train, evaluate] command lines)."""
     log = tmp_path / "stages.log"
     fake = stand_in_python(tmp_path, f'case "$1" in *_openfwi.py|*_inversionnet.py) echo "$*" >> {log}; exit 0 ;; esac')
     done = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=dict(os.environ, PYTHON=str(fake)))
+                          timeout=300, env=dict(os.environ, PYTHON=str(fake)), cwd=cwd)
     assert done.returncode == 0, done.stderr
     return done.stdout, log.read_text().splitlines()
 
@@ -1181,8 +1182,25 @@ def test_run_sh_keeps_each_family_in_folders_of_its_own(tmp_path):
     assert train.startswith("train_inversionnet.py --train-list data/curvevel/train.txt --val-list data/curvevel/val.txt "
                             "--output-dir runs/curvevel-cpu ")
     assert ev.startswith("eval_inversionnet.py --checkpoint runs/curvevel-cpu/best.pt ")
-    assert ("(next: torchrun --nproc_per_node=2 train_inversionnet.py --data-root data/curvevel --output-dir "
+    nproc = torch.cuda.device_count() or 2  # where the line's --device auto trains, whatever the profile
+    assert (f"(next: torchrun --nproc_per_node={nproc} train_inversionnet.py --data-root data/curvevel --output-dir "
             "runs/curvevel-torchrun --resume auto)") in stdout
+
+
+def test_run_sh_takes_relative_paths_from_where_it_starts_and_passes_args_unexpanded(tmp_path):
+    """Started outside the repository, `--data d` is the caller's d; a * in --*-args reaches the stage as
+    typed (the repository has */*.md to expand it to); the summary's lines paste as printed."""
+    (tmp_path / "my data").mkdir()
+    stdout, (sim, train, ev) = run_sh_stages(tmp_path, "--profile", "cpu", "--data", "my data/d", "--run", "r",
+                                             "--eval-args", "--stats */*.md", cwd=tmp_path)
+    d, r = tmp_path / "my data" / "d", tmp_path / "r"
+    assert sim.startswith(f"simulate_openfwi.py --family flatvel --out {d} ")
+    assert f"--output-dir {r} " in train and ev.endswith("--overwrite --stats */*.md")
+    quoted = str(d).replace(" ", "\\ ")
+    nproc = torch.cuda.device_count() or 2  # where the line's --device auto trains, whatever the profile
+    assert (f"data          {quoted} (next: torchrun --nproc_per_node={nproc} train_inversionnet.py --data-root {quoted} "
+            in stdout)
+    assert f"TensorBoard   tensorboard --logdir {r}/tb" in stdout
 
 
 @pytest.mark.parametrize("importable", [True, False])

@@ -1740,7 +1740,9 @@ def test_resume_auto_starts_over_after_a_kill_before_the_first_checkpoint(ids_da
     (out / "last.pt").unlink()  # removed to save space: best.pt alone is no run to restart over
     best = (out / "best.pt").read_bytes()
     assert T.cli(argv) == 2 and (out / "best.pt").read_bytes() == best
-    assert "holds best.pt but no last.pt to continue from" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds best.pt but no last.pt to continue from" in err
+    assert err.endswith("(bash run.sh passes --resume auto: remove its --run directory to start over, or pass another --run)\n")
 
 
 @pytest.mark.parametrize("missing, needle", [
