@@ -2353,6 +2353,10 @@ def fit(run, train_loader, val_loader, monitor, args):
                 times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
                 monitor.scalars("epoch_seconds", times, run.step)
                 print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
+        if run.step == start and run.step and not os.path.isfile(os.path.join(args.output_dir, "last.pt")):
+            # resumed from another directory with nothing left to train: this one is still left a run to continue
+            save_checkpoint(run, args, writer, "last.pt")
+            print0(f"{os.path.join(args.output_dir, 'last.pt')} written: the resumed state, which --resume auto continues there")
         writer.wait()
     except NonFiniteLoss as e:
         writer.close()
@@ -2486,7 +2490,9 @@ def is_training_checkpoint(ckpt):
     counters = ("epoch", "step", "batch_in_epoch", "world", "batches_per_epoch")
     return (isinstance(ckpt, dict) and all(k in ckpt for k in required)
             and all(type(ckpt.get(k, 0)) is int and ckpt.get(k, 0) >= 0 for k in counters)
-            and isinstance(ckpt["best_loss"], float) and type(ckpt.get("val_due", False)) is bool
+            and ckpt.get("batch_in_epoch", 0) <= ckpt.get("batches_per_epoch", math.inf)
+            and isinstance(ckpt["best_loss"], float) and ckpt["best_loss"] >= 0  # inf until a validation; never NaN
+            and type(ckpt.get("val_due", False)) is bool
             and epoch_loss_ok(ckpt.get("epoch_loss", NO_EPOCH_LOSS))
             and all(isinstance(ckpt.get(k, {}), dict) for k in ("args", "train_model", "scheduler", "scaler"))
             and split_record_ok(ckpt.get("split", [])) and split_record_ok(ckpt.get("val_split", []))  # where recorded
@@ -2633,6 +2639,12 @@ def load_optimizer_state(run, ckpt, path, amp):
             run.scaler.load_state_dict(ckpt["scaler"])
     except (ValueError, KeyError, TypeError) as e:
         raise InputError(f"{path}: its optimizer state does not fit this run ({type(e).__name__}: {e})") from None
+    # load_state_dict checks the parameter counts, not the shapes of the moments, which the first step would trip on
+    for p in run.optimizer.param_groups[0]["params"]:
+        for name, v in run.optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+                raise InputError(f"{path}: its optimizer state does not fit this run ({name} of shape {tuple(v.shape)} "
+                                 f"for a parameter of shape {tuple(p.shape)})")
     before = ckpt["args"].get("amp", amp)
     fresh = " (the fp16 GradScaler starts at its initial scale)" if run.scaler.is_enabled() and not ckpt["scaler"] else ""
     return f"; --amp {before} -> {amp}{fresh}" if before != amp else ""
@@ -2730,7 +2742,9 @@ def make_output_dir(out):
     for name in sorted(os.listdir(out)):  # what a kill during a write leaves behind
         if re.fullmatch(r"(last\.pt|best\.pt|args\.json|provenance\.json)\.tmp-\d+", name):
             os.remove(os.path.join(out, name))
-            print0(f"removed {name} (the partial write of a run killed while saving; {name.split('.tmp-')[0]} itself is intact)")
+            target = name.split(".tmp-")[0]
+            kept = f"; {target} itself is intact" if os.path.isfile(os.path.join(out, target)) else ""
+            print0(f"removed {name} (the partial write of a run killed while saving{kept})")
 
 
 _RUN_LOCK = None  # the open OUTPUT_DIR/.lock that this process holds while it trains there (rank 0)

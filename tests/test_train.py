@@ -1356,6 +1356,12 @@ def test_resume_refuses_a_checkpoint_of_another_kind(ids_data, tmp_path, capsys)
     (lambda ck: ck.update(epoch_loss=[float("nan"), 4, 0]), "not a training checkpoint of this script"),
     (lambda ck: ck.update(epoch_loss=[1.0, 0, 0]), "not a training checkpoint of this script"),
     (lambda ck: ck.update(val_due="false"), "not a training checkpoint of this script"),
+    # a position past the epoch's end would train nothing, and a NaN best loss would never be beaten
+    (lambda ck: ck.update(batch_in_epoch=ck["batches_per_epoch"] + 1), "not a training checkpoint of this script"),
+    (lambda ck: ck.update(best_loss=float("nan")), "not a training checkpoint of this script"),
+    # Adam's moments of the wrong shape pass load_state_dict and fail only at the first step
+    (lambda ck: ck["optimizer"]["state"][0].update(exp_avg=torch.zeros(2)),
+     "its optimizer state does not fit this run (exp_avg of shape (2,) for a parameter of shape (32, 5, 7, 1))"),
     (lambda ck: ck["rng"].update(numpy=("MT19937",)), "its RNG record is not a generator state"),
     (lambda ck: ck["rng"].update(torch=torch.zeros(3)), "its RNG record is not a generator state"),
     (lambda ck: ck["args"].update(batch_size="abc"), "its training arguments: argument --batch-size: invalid int value: 'abc'"),
@@ -1372,6 +1378,22 @@ def test_resume_from_a_hand_edited_checkpoint_is_one_line(short_run, ids_data, t
                   str(tmp_path / "edited.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"train_inversionnet.py: error: {tmp_path / 'edited.pt'}: {needle}") and err.count("\n") == 1, err
+
+
+def test_a_finished_run_resumed_into_another_directory_leaves_a_run_there_to_continue(short_run, ids_data, tmp_path, capsys):
+    """--resume OLD/last.pt --output-dir NEW with nothing left to train: NEW gets OLD's state as its last.pt, so
+    --resume auto with a larger --epochs continues OLD's training there instead of starting a new run."""
+    _, lists = ids_data
+    argv = [*map(str, lists), *BASE_RUN, "--output-dir", str(tmp_path / "new")]
+    capsys.readouterr()
+    assert T.cli([*argv, "--epochs", "1", "--resume", str(short_run / "last.pt")]) == 0
+    assert f"{tmp_path / 'new' / 'last.pt'} written: the resumed state" in capsys.readouterr().out
+    old, new = (torch.load(d / "last.pt", weights_only=False) for d in (short_run, tmp_path / "new"))
+    assert new["step"] == old["step"] == 4 and torch.equal(new["model"]["convblock1.layers.0.weight"],
+                                                           old["model"]["convblock1.layers.0.weight"])
+    assert T.cli([*argv, "--epochs", "2", "--resume", "auto"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert torch.load(tmp_path / "new" / "last.pt", weights_only=False)["step"] == 8
 
 
 def test_resume_restores_the_global_random_generators(short_run, ids_data, tmp_path, monkeypatch):
