@@ -541,7 +541,7 @@ def run_evaluation(opts, argv):
     model, ckpt, targs, normalizer, stats_from = load_model(opts, device)
     pairs, train_pairs = evaluation_pairs(opts, targs, saved_args(ckpt) is not None)
     counts = T.inspect_pairs(pairs)
-    T.check_label_range(pairs[:1], normalizer, stats_from)
+    T.check_label_range(pairs, normalizer, stats_from)
     T.on_rank0(rank, make_results_dir, out)
     perturb = Perturb(opts.noise_std, opts.missing_traces, opts.seed) if opts.noise_std or opts.missing_traces else None
     cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed,

@@ -903,13 +903,18 @@ def checked_normalizer(where, data_min, data_max, label_min, label_max):
         if any(isinstance(v, (bool, str)) for v in (data_min, data_max, label_min, label_max)):  # float() takes them
             raise TypeError("true, false and text are not numbers")
         norm = Normalizer(data_min, data_max, label_min, label_max)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:  # (an integer of 400 digits overflows a float)
         raise InputError(f"{where}: the constants must be numbers ({e})") from None
     values = (norm.data_min, norm.data_max, norm.label_min, norm.label_max)
     if not all(math.isfinite(v) for v in values):
         raise InputError(f"{where}: the constants must be finite numbers, got {', '.join(map(str, values))}")
     if not (norm.data_max > norm.data_min and norm.label_max > norm.label_min):
         raise InputError(f"{where}: min must be below max")
+    # the scales 2 / span multiply float32 tensors: a span of 1e-300 (or one that overflows) would make every value inf
+    big = float(np.finfo(np.float32).max)
+    if not all(2 / big < span < big for span in (norm._hi - norm._lo, norm.label_max - norm.label_min)):
+        raise InputError(f"{where}: a range too narrow or too wide to normalise in float32 (data {norm.data_min:g} to "
+                         f"{norm.data_max:g}, velocity {norm.label_min:g} to {norm.label_max:g})")
     return norm
 
 
@@ -933,9 +938,12 @@ def find_pairs(data_root):
 
     def keyed(d, prefixes):
         out = {}
-        for name in os.listdir(d):
+        for name in sorted(os.listdir(d)):
             m = _PAIR_RE.match(name)
             if m and m.group(1) in prefixes and not name.endswith("_velocity.npy"):  # --predict's output beside its input
+                if m.group(2) in out:  # data1.npy and seis1.npy: one would silently replace the other
+                    raise DataError(f"{out[m.group(2)]} and {name}: two files of pair '{m.group(2)}' in one folder; keep "
+                                    f"one naming ({' or '.join(prefixes)}), or give --train-list and --val-list")
                 out[m.group(2)] = os.path.join(d, name)
         return out
 
@@ -971,6 +979,10 @@ def read_split_list(path, allow_empty=False):
         parts = [p.strip() for p in re.split(r"\t+", text)] if "\t" in text else text.split()
         if len(parts) != 2 or not all(parts):
             raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
+        names = [_PAIR_RE.match(os.path.basename(p)) for p in parts]
+        if all(names) and names[0].group(2) != names[1].group(2):  # OpenFWI's pairs share their number
+            raise DataError(f"{path}:{n}: {parts[0]} is paired with {parts[1]}: a pair's files share their name after "
+                            f"the prefix (data1.npy, model1.npy)")
         pairs.append(tuple(p if os.path.isabs(p) else os.path.join(base, p) for p in parts))
     if not pairs and not allow_empty:
         raise DataError(f"{path}: empty split list")
@@ -978,13 +990,14 @@ def read_split_list(path, allow_empty=False):
 
 
 def real_paths(pairs, kind):
-    """{real path: the path as given} of the data files of a split, however each is spelt; a file listed twice
-    is refused (its samples would count twice). KIND names the split in the message."""
+    """{real path: the path as given} of the data and label files of a split, however each is spelt; a file
+    listed twice is refused (its samples would count twice, or one label map would serve two sets of shots).
+    KIND names the split in the message."""
     real = {}
-    for d, _ in pairs:
-        if (r := os.path.realpath(d)) in real:
-            raise DataError(f"{d} is listed twice in the {kind} split: its samples would count twice")
-        real[r] = d
+    for path in (p for pair in pairs for p in pair):
+        if (r := os.path.realpath(path)) in real:
+            raise DataError(f"{path} is listed twice in the {kind} split: its samples would count twice")
+        real[r] = path
     return real
 
 
@@ -1072,6 +1085,9 @@ def inspect_pairs(pairs):
                                 f"({np.dtype(np.float32).str}; numpy's .astype(np.float32) converts)")
             if a.ndim != 4 or tuple(a.shape[1:]) != shape:
                 raise DataError(f"{path}: shape {tuple(a.shape)}, expected (N, {', '.join(map(str, shape))})")
+            if (extra := os.path.getsize(path) - a.offset - a.nbytes) > 0:  # np.load reads the first array alone
+                raise DataError(f"{path}: {extra} bytes after its array of {a.shape[0]} samples (two arrays saved "
+                                f"into one file?); save the samples as one array")
             arrays.append(a)
         if arrays[0].shape[0] != arrays[1].shape[0]:
             raise DataError(f"{dpath}: {arrays[0].shape[0]} samples but {lpath} has {arrays[1].shape[0]}")
@@ -1083,13 +1099,13 @@ def inspect_pairs(pairs):
 
 def check_label_range(pairs, normalizer, stats_from):
     """Refuse labels in the wrong units (km/s, already normalised) before training on them: the model's tanh
-    output cannot reach them, and nothing else would say so. A unit is the set's, so the median of the first
-    maps of a split's first file tells (an outlier or a NaN there is the loaders' and the loss guard's to
-    name); a quarter of the range beyond either end still passes, for a set a little wider than its constants."""
+    output cannot reach them, and nothing else would say so. The median of each file's first maps tells (an
+    outlier or a NaN there is the loaders' and the loss guard's to name); a quarter of the range beyond either
+    end still passes, for a set a little wider than its constants."""
     lo, hi = normalizer.label_min, normalizer.label_max
     margin = (hi - lo) / 4
     for _, lpath in pairs:
-        median = float(np.median(np.load(lpath, mmap_mode="r")[:64]))  # a few maps tell, in bounded memory
+        median = float(np.median(np.load(lpath, mmap_mode="r")[:8]))  # 160 KB a file: a few maps tell
         if math.isnan(median) or lo - margin <= median <= hi + margin:
             continue
         raise DataError(f"{lpath}: velocities around {median:.4g} (the file's median), far outside the "
@@ -2950,8 +2966,12 @@ def settings_notes(args, n_batches, device):
 def split_rule(args, pairs):
     if args.train_list:
         return "split by the lists"
-    if simulator_split(args):
-        return "split by the simulator's train.txt / val.txt in --data-root"
+    if simulator_split(args):  # pairs copied into a simulated set since are in neither list: said, not dropped silently
+        listed = {os.path.realpath(d) for d, _ in pairs}
+        unlisted = [os.path.basename(d) for d, _ in find_pairs(args.data_root) if os.path.realpath(d) not in listed]
+        more = (f" ({len(unlisted)} more pair{'s' * (len(unlisted) > 1)} there, from {unlisted[0]}, in neither and not "
+                "used: --train-size F draws from every pair)") if unlisted else ""
+        return f"split by the simulator's train.txt / val.txt in --data-root{more}"
     if args.train_size is None and openfwi_val_files(pairs) is not None:
         return "OpenFWI's split of the released set"
     return f"files drawn by --seed {args.seed} at --train-size {args.train_size or DEFAULT_TRAIN_SIZE}"
@@ -2978,7 +2998,7 @@ def main(args, argv=()):
     check_output_dir(args, continue_elastic_run(args, rank))
     normalizer, stats_from = resolve_stats(args)
     data = load_splits(args, world)  # before the output directory exists: bad data leaves nothing behind
-    check_label_range(data[0][:1] + data[2][:1], normalizer, stats_from)
+    check_label_range(data[0] + data[2], normalizer, stats_from)
     absolute_paths(args)
     on_rank0(rank, make_output_dir, args.output_dir)
     set_log_file(os.path.join(args.output_dir, "train.log"))

@@ -1005,6 +1005,18 @@ def corrupt(root, case):
         return "model1.npy: velocities around 3.0", ("(the file's median), far outside the normalisation's 1500 to "
                                                      "4500 m/s (--dataset flatvel-a): labels are velocities in m/s, "
                                                      "not km/s or normalised")
+    if case == "km_per_s_later":  # every file is checked: with a third pair, model2 is the training split's second
+        shutil.copy(d, d.with_name("data3.npy")), shutil.copy(m, m.with_name("model3.npy"))
+        np.save(m.with_name("model2.npy"), np.load(m.with_name("model2.npy")) / 1000)
+        return "model2.npy: velocities around 3.0", "(the file's median), far outside the normalisation's"
+    if case == "two_arrays":  # np.save twice into one open file: np.load would read the first array alone
+        x = np.load(d)
+        with open(d, "wb") as fh:
+            np.save(fh, x[:2]), np.save(fh, x[2:])
+        return "data1.npy", "bytes after its array of 2 samples (two arrays saved into one file?)"
+    if case == "mixed_naming":  # OpenFWI's two namings in one folder: seis1 would silently replace data1
+        shutil.copy(d, d.with_name("seis1.npy"))
+        return "data1.npy and seis1.npy", "two files of pair '1' in one folder; keep one naming (data or seis)"
     if case == "normalised_labels":
         np.save(m, (np.load(m) - 1500) / 1500 - 1)
         return "model1.npy", "(the file's median), far outside the normalisation's"
@@ -1022,7 +1034,8 @@ def one_line_error(err):
 
 
 @pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "big_endian", "wrong_shape", "unpaired", "count_mismatch", "npz", "nan_label",
-                                  "nan_gpu", "nan_map", "nan_iterable", "km_per_s", "normalised_labels"])
+                                  "nan_gpu", "nan_map", "nan_iterable", "km_per_s", "km_per_s_later", "two_arrays",
+                                  "mixed_naming", "normalised_labels"])
 def test_bad_data_one_line_exit_2(tmp_path, capsys, case):
     root = tmp_path / "d"
     write_ids_dataset(root, (4, 4))
@@ -1058,6 +1071,10 @@ def make(tmp_path, token):
         path.write_text('{"data_min": -1, "data_max": Infinity}')
     elif token == "BOOLSTATS":  # float() would read true as 1.0
         path.write_text('{"data_min": -1, "data_max": true}')
+    elif token == "HUGESTATS":  # an integer no float holds
+        path.write_text('{"data_min": 1%s, "data_max": 52.77}' % ("0" * 400))
+    elif token == "TINYSTATS":  # finite, but 2 / span overflows float32: every normalised value would be inf
+        path.write_text('{"data_min": 0, "data_max": 1e-300}')
     elif token == "EQSTATS":  # normalising would divide by zero
         path.write_text('{"data_min": 3, "data_max": 3}')
     elif token == "LISTSTATS":  # valid JSON, not an object
@@ -1287,6 +1304,9 @@ def test_run_sh_ctrl_c_during_the_install_stops_it(tmp_path):
     (["--max-steps", "0"], "--max-steps must be positive, got 0"),
     (["--precise-bn", "-1"], "--precise-bn must be >= 0, got -1"),
     (["--stats", "EQSTATS"], "min must be below max"),
+    (["--stats", "HUGESTATS"], "hugestats: the constants must be numbers (int too large to convert to float)"),
+    (["--stats", "TINYSTATS"], "tinystats: a range too narrow or too wide to normalise in float32 (data 0 to 1e-300, "
+                               "velocity 1500 to 4500)"),
     (["--stats", "LISTSTATS"], "liststats: not a usable stats file (expected a JSON object with data_min and data_max"),
     (["--stats", "NOMAXSTATS"], "nomaxstats: not a usable stats file (expected a JSON object with data_min and data_max"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),

@@ -513,7 +513,14 @@ def test_a_data_root_the_simulator_made_splits_as_its_lists(tmp_path):
     args = T.get_args_parser().parse_args(["--data-root", str(out)])
     lists = T.read_split_list(str(out / "train.txt")), T.read_split_list(str(out / "val.txt"))
     assert T.splits(args) == lists and [len(s) for s in lists] == [2, 1]
-    assert T.split_rule(args, lists[0]) == "split by the simulator's train.txt / val.txt in --data-root"
+    assert T.split_rule(args, lists[0] + lists[1]) == "split by the simulator's train.txt / val.txt in --data-root"
+    for kind in ("data", "model"):  # a pair copied in since is in neither list: the data line says it is not used
+        shutil.copy(out / kind / f"{kind}1.npy", out / kind / f"{kind}9.npy")
+    assert T.split_rule(args, lists[0] + lists[1]) == ("split by the simulator's train.txt / val.txt in --data-root (1 more "
+                                                       "pair there, from data9.npy, in neither and not used: --train-size F "
+                                                       "draws from every pair)")
+    for kind in ("data", "model"):
+        os.remove(out / kind / f"{kind}9.npy")
     args.train_size = 0.34  # one file of three trains
     assert [len(s) for s in T.splits(args)] == [1, 2] and T.split_rule(args, lists[0]).startswith("files drawn by --seed")
     assert run_cli("--out", out, "--files", "3", "--samples-per-file", "1", "--val-files", "0")[0] == 0

@@ -521,6 +521,27 @@ def test_a_file_listed_twice_in_a_split_is_refused(ids_data, tmp_path, capsys):
                                            "split: its samples would count twice\n")
 
 
+def test_a_label_file_serves_one_pair_and_pairs_share_their_number(ids_data, tmp_path, capsys):
+    """One label map file for two sets of shots (within a split or across the two) is refused as a data file
+    is; a list line pairing data1.npy with model2.npy names the line."""
+    root, _ = ids_data
+    for name, target in (("shots_a.npy", "data/data1.npy"), ("shots_b.npy", "data/data2.npy"), ("labels.npy", "model/model1.npy")):
+        (tmp_path / name).symlink_to(root / target)
+    a, b, labels = (tmp_path / n for n in ("shots_a.npy", "shots_b.npy", "labels.npy"))
+    for kind, lists in (("listed twice in the training split", ([(a, labels), (b, labels)], [])),
+                        ("in both the training and the validation split", ([(a, labels)], [(b, labels)]))):
+        train, val = (write_split_list(tmp_path / f"{n}.txt", p) for n, p in (("train", lists[0]), ("val", lists[1])))
+        argv = ["--train-list", str(train), *(["--val-list", str(val)] if lists[1] else ["--val-every", "0"])]
+        assert T.cli([*argv, *BASE_RUN, "--output-dir", str(tmp_path / "o")]) == 2
+        assert capsys.readouterr().err.startswith(f"train_inversionnet.py: error: {labels} is {kind}")
+    swapped = write_split_list(tmp_path / "train.txt", [(root / "data" / "data1.npy", root / "model" / "model2.npy")])
+    assert T.cli(["--train-list", str(swapped), "--val-every", "0", *BASE_RUN, "--output-dir", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (f"train_inversionnet.py: error: {swapped}:1: {root / 'data' / 'data1.npy'} is paired "
+                                       f"with {root / 'model' / 'model2.npy'}: a pair's files share their name after the "
+                                       "prefix (data1.npy, model1.npy)\n")
+    assert not (tmp_path / "o").exists()
+
+
 def test_predictions_written_beside_their_inputs_are_no_training_data(tmp_path):
     """--predict writes <stem>_velocity.npy, beside the inputs if asked: --data-root pairs the files around them."""
     write_ids_dataset(tmp_path, (2, 2))
