@@ -608,8 +608,11 @@ def prediction_inputs(path):
     the *_velocity.npy files that --predict writes are not inputs."""
     in_dir = os.path.isdir(path)
     if in_dir:
-        names = sorted((n for n in os.listdir(path) if n.endswith(".npy") and not n.endswith("_velocity.npy")),
-                       key=T.natural_key)
+        npys = [n for n in os.listdir(path) if n.endswith(".npy")]
+        names = sorted((n for n in npys if not n.endswith("_velocity.npy")), key=T.natural_key)
+        if not names and npys:
+            raise T.InputError(f"--predict {path}: only *_velocity.npy files in this directory, taken for --predict's "
+                               f"outputs (name such a file itself to predict from it)")
         if not names:
             raise T.InputError(f"--predict {path}: no .npy files in this directory")
         files = [os.path.join(path, n) for n in names]
@@ -687,7 +690,7 @@ def predict(opts):
     stems = [os.path.join(out, os.path.splitext(os.path.basename(f))[0]) for f, _ in files]
     dests = [stem + "_velocity.npy" for stem in stems]
     inputs = {os.path.realpath(f) for f, _ in files}
-    for d in dests + [stem + "_predictions.png" for stem in stems if opts.vis]:
+    for d in dests + [stem + "_predictions.png" for stem in stems]:  # (--vis 0 removes an old one: it showed other maps)
         if os.path.realpath(d) in inputs:
             raise T.InputError(f"{d} is one of the --predict inputs; choose another --output-dir")
         T.refuse_non_file(d)

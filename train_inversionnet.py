@@ -714,16 +714,19 @@ def device_name(device):
 
 def provenance(device, argv, world=1):
     """What made a run or a result: the code's git commit (and whether its tracked files had changes), the
-    library versions, the device, the command line and the start time."""
+    library versions, the device, the command line and the start time. None where git cannot say."""
     def git(*cmd):
-        try:
-            r = subprocess.run(["git", "-C", os.path.dirname(os.path.abspath(__file__)), *cmd], capture_output=True,
+        try:  # (realpath: a symlinked script's own repository)
+            r = subprocess.run(["git", "-C", os.path.dirname(os.path.realpath(__file__)), *cmd], capture_output=True,
                                text=True, timeout=10)
         except (OSError, subprocess.TimeoutExpired):
             return None
         return r.stdout.strip() if r.returncode == 0 else None
-    commit = git("rev-parse", "HEAD")
-    return {"git_commit": commit, "git_dirty": None if commit is None else bool(git("status", "--porcelain", "--untracked-files=no")),
+    # a copy of the script inside another repository, untracked there, ran code that no commit of it holds
+    tracked = git("ls-files", "--error-unmatch", os.path.basename(__file__)) is not None
+    commit = git("rev-parse", "HEAD") if tracked else None
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None  # (None: git failed)
+    return {"git_commit": commit, "git_dirty": None if status is None else bool(status),
             "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "device": device_name(device), "world_size": world, "command": list(argv), "launcher": launcher(),
             "start_time": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}

@@ -872,6 +872,9 @@ def test_predict_writes_velocity_in_m_per_s_for_a_file_and_a_directory(tiny_run,
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out)]) == 2
     assert "line7_predictions.png already exists; pass --overwrite" in capsys.readouterr().err
     assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out),
+                  "--vis", "0"]) == 2  # no picture asked for, and the old one would sit beside other maps
+    assert "line7_predictions.png already exists; pass --overwrite" in capsys.readouterr().err
+    assert E.cli(["--checkpoint", str(ck), "--predict", str(tmp_path / "in" / "line7.npy"), "--output-dir", str(out),
                   "--overwrite", "--vis", "0"]) == 0
     assert (out / "line7_velocity.npy").exists() and not (out / "line7_predictions.png").exists()  # it showed the old maps
     # no --output-dir: RUN/predict beside the checkpoint; --vis 3 (the default) on a file of two draws both
@@ -1026,6 +1029,8 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("missing", "--predict MISSING: no such file or directory"),
     ("empty_dir", "no .npy files in this directory"),
     ("labels_only", "no shot-gather files in this directory, only velocity maps"),
+    ("outputs_only", "only *_velocity.npy files in this directory, taken for --predict's outputs (name such a file "
+                     "itself to predict from it)"),
     ("labels_file", "shape (2, 1, 70, 70), expected shot gathers (N, 5, 1000, 70)"),  # named alone: an input it cannot take
     ("device_file", "--predict /dev/null: not a regular file or a directory"),
     ("no_samples", "shape (0, 5, 1000, 70), expected shot gathers (N, 5, 1000, 70) with N >= 1"),
@@ -1060,6 +1065,10 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
         bad = "/dev/null"
     elif case == "labels_file":
         np.save(bad, np.zeros((2, 1, 70, 70), np.float32))
+    elif case == "outputs_only":  # shot gathers under a name --predict gives its outputs
+        bad = tmp_path / "shots"
+        bad.mkdir()
+        np.save(bad / "line1_velocity.npy", np.zeros((2, 5, 1000, 70), np.float32))
     elif case == "labels_only":
         bad = tmp_path / "velocity"
         bad.mkdir()

@@ -493,6 +493,11 @@ def test_provenance_names_the_whole_commit_and_whether_tracked_files_changed(tmp
     prov = T.provenance(torch.device("cpu"), ["x"])
     states.append((prov["git_commit"], prov["git_dirty"]))
     assert len(head) == 40 and states == [(head, False), (head, False), (head, True)]
+    (tmp_path / "sub").mkdir()  # a copy of the script, untracked inside that repository: no commit holds it
+    (tmp_path / "sub" / "train_inversionnet.py").write_text("v3\n")
+    monkeypatch.setattr(T, "__file__", str(tmp_path / "sub" / "train_inversionnet.py"))
+    assert {k: T.provenance(torch.device("cpu"), ["x"])[k] for k in ("git_commit", "git_dirty")} == {
+        "git_commit": None, "git_dirty": None}
 
 
 def test_a_file_in_both_split_lists_is_refused(ids_data, tmp_path, capsys):
