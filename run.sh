@@ -3,7 +3,7 @@
 # bash run.sh test [pytest args]   install, then run the checks, tests/ and the bench suite in test mode
 set -euo pipefail
 here=$PWD  # --data, --run and PYTHON given as relative paths are the caller's: taken from here, not the repository
-cd "$(dirname "${BASH_SOURCE[0]}")"
+cd -P "$(dirname "${BASH_SOURCE[0]}")"  # -P: the folder run.sh is in, not a symlink's parent
 PY=${PYTHON:-python3}
 [[ "$PY" != */* || "$PY" == /* ]] || PY=$here/$PY
 
@@ -137,6 +137,10 @@ if [[ "$profile" == auto ]]; then
 fi
 data=${data:-data/$family}
 run=${run:-runs/$family-$profile}
+if [[ "$here" != "$PWD" ]]; then  # started elsewhere: the summary's lines paste there too
+  [[ "$data" == /* ]] || data=$PWD/$data
+  [[ "$run" == /* ]] || run=$PWD/$run
+fi
 if [[ "$profile" == gpu ]]; then
   sim=(--files 150 --samples-per-file 100 --val-files 30)
   # measured on an H100 and an H200 (bench/RESULTS.md, time to accuracy): --precise-bn settles the validation curve
@@ -191,6 +195,7 @@ nproc=$("$PY" -c "import torch; print(torch.cuda.device_count() or 2)")
 # the trainer's defaults are data/flatvel into runs/inversionnet; --resume auto lets the line be run again.
 # Paths are quoted as the shell needs them, so each line can be pasted
 launch="torchrun --nproc_per_node=$nproc train_inversionnet.py"
+[[ "$here" == "$PWD" ]] || launch="cd $(printf %q "$PWD") && $launch"
 [[ "$data" == data/flatvel ]] || launch+=" --data-root $(printf %q "$data") --output-dir $(printf %q "runs/$(basename "$data")-torchrun")"
 q=$(printf %q "$run")
 cat <<SUMMARY

@@ -922,6 +922,7 @@ def checked_normalizer(where, data_min, data_max, label_min, label_max):
 
 
 _PAIR_RE = re.compile(r"^(data|seis|model|vel)(.*)\.npy$")
+_NUMBERED_RE = re.compile(r"^(data|seis|model|vel)(\d+(?:_\d+)*)\.npy$")  # OpenFWI's own: data1, seis2_1_0, ...
 
 
 def find_pairs(data_root):
@@ -982,7 +983,7 @@ def read_split_list(path, allow_empty=False):
         parts = [p.strip() for p in re.split(r"\t+", text)] if "\t" in text else text.split()
         if len(parts) != 2 or not all(parts):
             raise DataError(f"{path}:{n}: expected 'data_path<TAB>label_path'")
-        names = [_PAIR_RE.match(os.path.basename(p)) for p in parts]
+        names = [_NUMBERED_RE.match(os.path.basename(p)) for p in parts]
         if all(names) and names[0].group(2) != names[1].group(2):  # OpenFWI's pairs share their number
             raise DataError(f"{path}:{n}: {parts[0]} is paired with {parts[1]}: a pair's files share their name after "
                             f"the prefix (data1.npy, model1.npy)")
@@ -993,15 +994,16 @@ def read_split_list(path, allow_empty=False):
 
 
 def real_paths(pairs, kind):
-    """{real path: the path as given} of the data and label files of a split, however each is spelt; a file
-    listed twice is refused (its samples would count twice, or one label map would serve two sets of shots).
-    KIND names the split in the message."""
+    """{real path: the path as given} of the data and label files of a split, however each is spelt, for the
+    check that no file is in both splits; a data file listed twice is refused (its samples would count twice;
+    a label file may serve several data files: shots of one model with other noise or sources). KIND names
+    the split in the message."""
     real = {}
-    for path in (p for pair in pairs for p in pair):
-        if (r := os.path.realpath(path)) in real:
-            raise DataError(f"{path} is listed twice in the {kind} split: its samples would count twice")
-        real[r] = path
-    return real
+    for d, _ in pairs:
+        if (r := os.path.realpath(d)) in real:
+            raise DataError(f"{d} is listed twice in the {kind} split: its samples would count twice")
+        real[r] = d
+    return real | {os.path.realpath(m): m for _, m in pairs}
 
 
 def split_record(pairs, counts):
@@ -2372,6 +2374,7 @@ def fit(run, train_loader, val_loader, monitor, args):
                 times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
                 monitor.scalars("epoch_seconds", times, run.step)
                 print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
+        writer.wait()  # (a last.pt the loop has just handed to the writer is there now)
         if run.step == start and run.step and not os.path.isfile(os.path.join(args.output_dir, "last.pt")):
             # resumed from another directory with nothing left to train: this one is still left a run to continue
             save_checkpoint(run, args, writer, "last.pt")
@@ -2661,7 +2664,7 @@ def load_optimizer_state(run, ckpt, path, amp):
     # load_state_dict checks the parameter counts, not the shapes of the moments, which the first step would trip on
     for p in run.optimizer.param_groups[0]["params"]:
         for name, v in run.optimizer.state.get(p, {}).items():
-            if isinstance(v, torch.Tensor) and v.dim() and v.shape != p.shape:
+            if isinstance(v, torch.Tensor) and name != "step" and v.shape != p.shape:
                 raise InputError(f"{path}: its optimizer state does not fit this run ({name} of shape {tuple(v.shape)} "
                                  f"for a parameter of shape {tuple(p.shape)})")
     before = ckpt["args"].get("amp", amp)
@@ -2971,7 +2974,10 @@ def split_rule(args, pairs):
         return "split by the lists"
     if simulator_split(args):  # pairs copied into a simulated set since are in neither list: said, not dropped silently
         listed = {os.path.realpath(d) for d, _ in pairs}
-        unlisted = [os.path.basename(d) for d, _ in find_pairs(args.data_root) if os.path.realpath(d) not in listed]
+        try:
+            unlisted = [os.path.basename(d) for d, _ in find_pairs(args.data_root) if os.path.realpath(d) not in listed]
+        except DataError:  # a stray file the lists do not name: nothing this run reads
+            unlisted = []
         more = (f" ({len(unlisted)} more pair{'s' * (len(unlisted) > 1)} there, from {unlisted[0]}, in neither and not "
                 "used: --train-size F draws from every pair)") if unlisted else ""
         return f"split by the simulator's train.txt / val.txt in --data-root{more}"

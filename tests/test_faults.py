@@ -1218,8 +1218,8 @@ def test_run_sh_takes_relative_paths_from_where_it_starts_and_passes_args_unexpa
     assert f"--output-dir {r} " in train and ev.endswith("--overwrite --stats */*.md")
     quoted = str(d).replace(" ", "\\ ")
     nproc = torch.cuda.device_count() or 2  # where the line's --device auto trains, whatever the profile
-    assert (f"data          {quoted} (next: torchrun --nproc_per_node={nproc} train_inversionnet.py --data-root {quoted} "
-            in stdout)
+    assert (f"data          {quoted} (next: cd {ROOT} && torchrun --nproc_per_node={nproc} train_inversionnet.py --data-root "
+            f"{quoted} " in stdout)
     assert f"TensorBoard   tensorboard --logdir {r}/tb" in stdout
 
 
