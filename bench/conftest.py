@@ -1,6 +1,6 @@
 """Shared fixtures and the end-of-run report of the bench suite.
 
-Sizes: BENCH_SCALE=small (default; 2-core CPU, about 2.5 minutes) or BENCH_SCALE=gpu (bigger batches,
+Sizes: BENCH_SCALE=small (default; 2-core CPU, about 4 minutes) or BENCH_SCALE=gpu (bigger batches,
 more samples, more workers). BENCH_TRACE_DIR: where the profiler trace is kept (by default it goes with pytest's temporary folders).
 """
 import math
@@ -126,7 +126,7 @@ def loader_table(loader, e2e, need):
            f"{'loader':9s}{'workers':>8s}{'pin':>5s}{'loader/s':>10s}{'GB/s':>7s}{'ratio':>7s}{'e2e/s':>8s}{'wait':>7s}  verdict"]
     best = None
     for (kind, workers, pin), (sps, gbs) in sorted(loader.items()):
-        e_sps, wait = e2e.get((kind, workers, DEVICE.type == "cuda"), (float("nan"), float("nan")))
+        e_sps, wait = e2e.get((kind, workers, pin), (float("nan"), float("nan")))  # (end to end: the script's own pin)
         verdict = "compute-bound" if sps / need >= 1.1 else "input-bound"
         out.append(f"{kind:9s}{workers:8d}{'y' if pin else 'n':>5s}{sps:10.1f}{gbs:7.2f}{sps / need:7.2f}{e_sps:8.1f}"
                    f"{100 * wait:6.0f}%  {verdict}")
