@@ -1223,6 +1223,26 @@ def test_run_sh_takes_relative_paths_from_where_it_starts_and_passes_args_unexpa
     assert f"TensorBoard   tensorboard --logdir {r}/tb" in stdout
 
 
+@pytest.mark.parametrize("how", ["relative PYTHON", "from a symlinked folder"])
+def test_run_sh_finds_its_stages_and_the_callers_python(tmp_path, how):
+    """A relative PYTHON is the caller's (`PYTHON=./python bash /repo/run.sh`), and `bash ../run.sh` inside a
+    symlink to one of the repository's folders works in the repository itself, not the link's parent: each
+    stage's script is there to run."""
+    log = tmp_path / "stages.log"
+    fake = stand_in_python(tmp_path, f'case "$1" in *_openfwi.py|*_inversionnet.py) [[ -f "$1" ]] || exit 9; '
+                                     f'echo "$1" >> {log}; exit 0 ;; esac')
+    if how == "relative PYTHON":
+        script, cwd, python = os.path.join(ROOT, "run.sh"), tmp_path, "./python"
+    else:
+        (tmp_path / "link").symlink_to(os.path.join(ROOT, "tests"))
+        script, cwd, python = "../run.sh", tmp_path / "link", str(fake)
+    done = subprocess.run(["bash", script, "--profile", "cpu", "--data", tmp_path / "d", "--run", tmp_path / "r"],
+                          capture_output=True, text=True, timeout=300, cwd=cwd,
+                          env=dict(os.environ, PYTHON=python, PWD=str(cwd)))  # PWD: the path a shell that cd'ed there keeps
+    assert done.returncode == 0, done.stderr
+    assert log.read_text().split() == ["simulate_openfwi.py", "train_inversionnet.py", "eval_inversionnet.py"]
+
+
 @pytest.mark.parametrize("importable", [True, False])
 def test_run_sh_goes_on_offline_when_what_the_job_imports_is_there(tmp_path, importable):
     """pip fails (an offline node lacking, say, torch-tb-profiler): run.sh says so and goes on when the
