@@ -2378,8 +2378,8 @@ def fit(run, train_loader, val_loader, monitor, args):
         if run.step == start and run.step and not os.path.isfile(os.path.join(args.output_dir, "last.pt")):
             # resumed from another directory with nothing left to train: this one is still left a run to continue
             save_checkpoint(run, args, writer, "last.pt")
+            writer.wait()
             print0(f"{os.path.join(args.output_dir, 'last.pt')} written: the resumed state, which --resume auto continues there")
-        writer.wait()
     except NonFiniteLoss as e:
         writer.close()
         last_pt = os.path.join(args.output_dir, "last.pt")
