@@ -24,10 +24,10 @@ atexit.register(shutil.rmtree, TORCHRUN_TMP, True)
 
 
 def resolved_args(device, *flags):
-    """Training arguments as `train_inversionnet.py --device DEVICE FLAGS` checks and resolves them before it
-    builds its run."""
+    """Training arguments as `train_inversionnet.py --device DEVICE --parallel none FLAGS` checks and resolves them
+    before it builds its run: one device, also on a machine with several GPUs, unless FLAGS name --parallel."""
     import train_inversionnet as T
-    args = T.check_args(T.get_args_parser().parse_args(["--device", device.type, *flags]))
+    args = T.check_args(T.get_args_parser().parse_args(["--device", device.type, "--parallel", "none", *flags]))
     T.resolve_speed(args, device)
     return args
 

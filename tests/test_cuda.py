@@ -125,13 +125,14 @@ def test_compiled_run_matches_eager_and_trains():
 
 @needs_cuda
 @pytest.mark.parametrize("amp", ["off", "bf16"])
-def test_data_parallel_on_one_device(amp):
+def test_data_parallel_trains_and_saves_unprefixed_names(amp):
     """--parallel dp wraps the model in nn.DataParallel, trains through it, computes what the bare model
     computes (its replica threads in the run's AMP dtype, not the thread default fp16), and the model that is
-    saved has OpenFWI's unprefixed names."""
+    saved has OpenFWI's unprefixed names. The batch gives each GPU DataParallel sees two samples (BatchNorm
+    cannot train on one)."""
     run, parallel = new_run("--parallel", "dp", "--amp", amp, "--lr", "1e-3")
     assert parallel == "dp" and isinstance(run.model, nn.DataParallel) and run.model.module.module is run.raw_model
-    x, y = fixed_batch()
+    x, y = fixed_batch(n=2 * max(2, torch.cuda.device_count()))
     before = [p.detach().clone() for p in run.raw_model.parameters()]
     losses = [T.train_step(run, x, y).item() for _ in range(2)]
     assert run.step == 2 and all(math.isfinite(v) for v in losses) and finite_weights(run)
@@ -238,10 +239,10 @@ def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):
              "--val-list", str(write_split_list(root / "val.txt", pairs[2:]))]
     out = tmp_path / "run"
     argv = [*lists, "--output-dir", str(out), "--device", DEVICE.type, "--fast", "--no-compile", "--no-tf32", "--batch-size", "2",
-            "--num-workers", "0", "--no-progress", "--no-tensorboard", "--dataset", "flatvel-a"]
+            "--parallel", "none", "--num-workers", "0", "--no-progress", "--no-tensorboard", "--dataset", "flatvel-a"]
     assert T.cli([*argv, "--epochs", "2"]) == 0
     log = capsys.readouterr().out
-    assert f"parameters on {DEVICE.type}:0 (" in log and "world 1)" in log  # (none, ...) on one GPU, (dp, ...) on several
+    assert f"parameters on {DEVICE.type}:0 (none, " in log and "world 1)" in log  # one GPU, also where there are several
     assert (out / "best.pt").exists()
     ck = torch.load(out / "last.pt", weights_only=False)
     fast = T.fast_compute(DEVICE)
@@ -260,7 +261,7 @@ def test_cli_trains_resumes_and_evaluates_on_cuda(tmp_path, capsys, no_tf32):
         metrics[name] = json.loads((tmp_path / name / "metrics.json").read_text())
     trained = metrics["trained"]  # --amp auto: the precision best.pt was trained in
     assert trained["samples"] == 4 and trained["forward"] == {
-        "amp": str(T.AMP_DTYPES[fast["amp"]] or "float32").replace("torch.", ""), "channels_last": True}
+        "amp": str(T.AMP_DTYPES[fast["amp"]] or "float32").replace("torch.", ""), "channels_last": True, "ssim": "float64"}
     gpu, cpu = metrics["gpu"]["model"], metrics["cpu"]["model"]
     for k in ("mae", "ssim"):
         assert gpu[k] == pytest.approx(cpu[k], abs=1e-3), k
