@@ -85,6 +85,8 @@ def get_args_parser():
 def check_opts(opts):
     if opts.batch_size <= 0:
         raise T.InputError(f"--batch-size must be positive, got {opts.batch_size}")
+    if opts.batch_size > T.MAX_COUNT:
+        raise T.InputError(f"--batch-size must be at most {T.MAX_COUNT}, got {opts.batch_size}")
     T.check_workers(opts.num_workers)
     for flag, value in (("--vis", opts.vis), ("--num-workers", opts.num_workers)):
         if value < 0:
@@ -364,7 +366,7 @@ def paper_reference(opts, targs):
         try:
             with open(family_file(opts, targs)) as fh:
                 name, source = f"{json.load(fh)['family']}-a", "simulate_openfwi.py (indicative)"
-        except (TypeError, OSError, ValueError, KeyError):
+        except (TypeError, OSError, ValueError, RecursionError, KeyError):
             name = targs.dataset
     if name not in PAPER:
         return None

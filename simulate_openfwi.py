@@ -773,7 +773,7 @@ def check_existing(args):
                 meta = json.load(fh)
             recorded = {k: meta[k] for k in SETTINGS}
             break
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, RecursionError, KeyError, TypeError):  # RecursionError: nesting beyond the parser's
             continue
     if (npys or others) and recorded is None:
         what = ".npy files" if npys else ", ".join(others)

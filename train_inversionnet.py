@@ -14,7 +14,7 @@ Sanity check (overfit one batch): python train_inversionnet.py --overfit-batch -
 Data stay as stored (float32 mmaps or file reads); OpenFWI's log + min-max normalisation runs on the
 training device (or in the loader workers with --normalize workers), never in place on loaded arrays.
 Exit codes: 0 done, 2 bad input (one line on stderr), 130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP
-after writing last.pt, 3 a non-finite loss.
+after writing last.pt, 3 a non-finite loss or weights that diverged (never saved).
 """
 import argparse
 import collections
@@ -70,6 +70,7 @@ DEFAULT_TRAIN_SIZE = 0.8  # the fraction of --data-root's files that train, unle
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OVERFIT_STEPS = 100  # --overfit-batch's steps when --max-steps is not given
 MAX_SEED = 2**31 - 1  # offset by rank and epoch, a seed must stay well inside the 64 bits torch.manual_seed takes
+MAX_COUNT = 2**31 - 1  # the bound of a count flag (batch, epochs, steps): beyond it Python's slicing and torch's sizes fail
 
 
 class InputError(Exception):
@@ -86,7 +87,8 @@ class DataError(InputError):
 
 
 class NonFiniteLoss(Exception):
-    """A NaN/Inf loss (or an autograd anomaly): exit code 3, last.pt keeps the last good state."""
+    """A NaN/Inf loss, weights an update left NaN/Inf, or an autograd anomaly: exit code 3, last.pt keeps the
+    last good state."""
 
 
 # ---- arguments ----
@@ -270,7 +272,7 @@ def config_argv(path, given, skip=()):
         with open(path) as fh:
             saved = json.load(fh)
         assert isinstance(saved, dict)
-    except (OSError, ValueError, AssertionError):
+    except (OSError, ValueError, RecursionError, AssertionError):  # RecursionError: arrays nested beyond the parser's depth
         raise InputError(f"--config {path}: not a readable args.json") from None
     if saved.get("loader") != "gpu":  # the cache dtype of a run without the device cache set nothing
         skip = (*skip, "cache_dtype")
@@ -375,6 +377,8 @@ def check_args(args):
         value = getattr(args, name)
         if value is not None and not 0 < value < math.inf:  # None: not given
             raise InputError(f"{flag_of(name)} must be positive, got {value}")
+        if value is not None and value > MAX_COUNT:
+            raise InputError(f"{flag_of(name)} must be at most {MAX_COUNT}, got {value}")
     for name in NON_NEGATIVE:
         if not 0 <= getattr(args, name) < math.inf:
             raise InputError(f"{flag_of(name)} must be >= 0, got {getattr(args, name)}")
@@ -890,7 +894,7 @@ def resolve_stats(args):
     try:
         with open(path) as fh:
             meta = json.load(fh)
-    except (OSError, ValueError) as e:  # (a UnicodeDecodeError is a ValueError)
+    except (OSError, ValueError, RecursionError) as e:  # (a UnicodeDecodeError is a ValueError)
         raise InputError(f"{path}: not a usable stats file ({getattr(e, 'strerror', None) or e})") from None
     if not (isinstance(meta, dict) and {"data_min", "data_max"} <= meta.keys()):
         raise InputError(f"{path}: not a usable stats file (expected a JSON object with data_min and data_max, "
@@ -1650,10 +1654,19 @@ def read_state_dict(path):
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict) or not all(torch.is_tensor(v) for v in sd.values()):
         raise InputError(f"{path}: holds no model state_dict")
-    bad = next((k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    bad = first_non_finite(sd.items())
     if bad is not None:  # every prediction from it would be NaN
         raise InputError(f"{path}: its weights hold NaN or Inf ({bad}); use a checkpoint saved before the run diverged")
     return ckpt, clean_state_dict(sd)
+
+
+def first_non_finite(named_tensors):
+    """The name of the first floating-point tensor holding NaN or Inf, or None (tensors on one device: one host
+    sync for them all)."""
+    named = [(k, v) for k, v in named_tensors if v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(v).all() for _, v in named]) if named else torch.ones(0, dtype=torch.bool)
+    bad = (~finite).nonzero().flatten().tolist()
+    return named[bad[0]][0] if bad else None
 
 
 def unreadable_checkpoint(path, error):
@@ -2299,11 +2312,14 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
 def validate(run, loader, monitor, stop):
     """Validation metrics of run.eval_model (unwrapped, the average with --ema-decay); returns (log text, whether
     the loss improved), or (None, False) when a signal stopped it: a validation of a large split on a CPU takes
-    minutes, which a Ctrl-C should not have to wait for."""
+    minutes, which a Ctrl-C should not have to wait for. A NaN or Inf loss (summed over the ranks, so every rank
+    sees it) means weights that diverged, though finite: they are not saved."""
     m = evaluate(run.eval_model, loader, run.device, run.normalizer, run.amp_dtype, run.channels_last, run.loss_weights,
                  stop=stop)
     if stop.check(run) and stop.signum is not None:  # agreed over ranks, as in the epoch
         return None, False
+    if not math.isfinite(m["loss"]):
+        raise NonFiniteLoss(f"non-finite validation loss at epoch {run.epoch} (step {run.step}): the weights diverged")
     monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
     if m["first"] is not None:  # None on a DDP rank whose share of a small split is empty
         monitor.image("val/prediction_vs_truth", *m["first"], run.step)
@@ -2415,7 +2431,12 @@ def set_rng_state(st):
 
 
 def save_checkpoint(run, args, writer, *names):
-    """last.pt / best.pt of the run's current state, written by rank 0 through the CheckpointWriter."""
+    """last.pt / best.pt of the run's current state, written by rank 0 through the CheckpointWriter. Weights
+    that the last update made NaN or Inf (a finite loss, then a step too large) are never saved: every rank
+    holds the same ones and stops alike."""
+    bad = first_non_finite(run.raw_model.named_parameters())
+    if bad is not None:
+        raise NonFiniteLoss(f"weights hold NaN or Inf after step {run.step} ({bad}): an update diverged")
     if not is_main():
         return
     weights = {"model": run.eval_model.state_dict()} | ({"train_model": run.raw_model.state_dict()} if run.ema else {})
@@ -2923,7 +2944,7 @@ def previous_starts(path):
     try:
         with open(path) as fh:
             return list(json.load(fh))
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError, RecursionError, TypeError):
         return []
 
 

@@ -220,6 +220,7 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
 
 @pytest.mark.parametrize("args, needle", [
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
+    (["--batch-size", "100000000000000000000"], "--batch-size must be at most 2147483647, got 100000000000000000000"),
     (["--missing-traces", "71"], "--missing-traces must be in [0, 70], got 71"),
     (["--noise-std", "-0.1"], "--noise-std must be in [0, 10] (times each trace's peak), got -0.1"),
     (["--seed", "-1"], "--seed must be in [0, 2147483647], got -1"),

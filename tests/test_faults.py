@@ -518,6 +518,23 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoin
     assert "non-finite loss" in (out / "train.log").read_text()
 
 
+@pytest.mark.parametrize("flags, error", [
+    # lr x decay = 1e39: the decoupled decay multiplies every weight by -1e39, beyond float32
+    (["--lr", "10", "--val-every", "0"], r"weights hold NaN or Inf after step 1 \([\w.]+\): an update diverged"),
+    # 1e34: finite weights whose forward pass overflows, seen by the validation
+    ([], r"non-finite validation loss at epoch 0 \(step 1\): the weights diverged"),
+], ids=["weights", "validation"])
+def test_an_update_that_diverges_is_never_saved(data, tmp_path, capsys, flags, error):
+    """A finite loss, then a step that ruins the weights: exit 3 before any checkpoint holds them (a resume from
+    one would fail the same way every time)."""
+    out = tmp_path / "run"
+    argv = ["--data-root", data, "--output-dir", out, "--weight-decay", "1e38", "--max-steps", "1", *BASE, *flags]
+    assert T.cli(list(map(str, argv))) == 3
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"train_inversionnet\.py: error: {error}; no checkpoint was written before it\n", err), err
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
 def interrupt_while_importing_torch(p):
     """SIGINT to process P once torch's library is mapped into it (inside `import torch`, a second or more
     before the import ends); its (stdout, stderr)."""
@@ -1079,6 +1096,8 @@ def make(tmp_path, token):
         path.write_text('{"data_min": 3, "data_max": 3}')
     elif token == "LISTSTATS":  # valid JSON, not an object
         path.write_text('[-26.95, 52.77]')
+    elif token == "DEEPSTATS":  # nested beyond the JSON parser's recursion limit
+        path.write_text("[" * 100000 + "]" * 100000)
     elif token == "NOMAXSTATS":
         path.write_text('{"data_min": -26.95}')
     else:
@@ -1328,6 +1347,8 @@ def test_run_sh_ctrl_c_during_the_install_stops_it(tmp_path):
     (["--stats", "TINYSTATS"], "tinystats: a range too narrow or too wide to normalise in float32 (data 0 to 1e-300, "
                                "velocity 1500 to 4500)"),
     (["--stats", "LISTSTATS"], "liststats: not a usable stats file (expected a JSON object with data_min and data_max"),
+    (["--stats", "DEEPSTATS"], "deepstats: not a usable stats file (maximum recursion depth exceeded"),
+    (["--val-batch-size", "100000000000000000000"], "--val-batch-size must be at most 2147483647, got 100000000000000000000"),
     (["--stats", "NOMAXSTATS"], "nomaxstats: not a usable stats file (expected a JSON object with data_min and data_max"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),
     (["--data-root", "ONEFILE"], "the validation split is empty: the split is by file and --data-root holds one"),

@@ -1083,6 +1083,7 @@ def test_config_replays_the_resolved_speed_flags_unless_fast_is_given(tmp_path):
     ({"lr": 1e-3, "nonsense": 1}, "unknown setting 'nonsense'"),
     ({"amp": "fp64"}, "argument --amp: invalid choice: 'fp64'"),
     ("not json", "not a readable args.json"),
+    ("[" * 100000 + "]" * 100000, "not a readable args.json"),  # nested beyond the JSON parser's recursion limit
     ({"fast": "yes"}, "fast must be true or false, got 'yes'"),
     (None, "no such file"),
 ])
