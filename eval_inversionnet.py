@@ -490,10 +490,13 @@ def save_figure(plt, fig, path, dpi):
     write_file(path, buf.getbuffer())
 
 
-def write_file(path, data):
+def write_file(path, data, replace=True):
     """T.write_atomic (temporary name, fsync, rename), its failure (a full disk, say) in one line."""
     try:
-        T.write_atomic(path, data)
+        T.write_atomic(path, data, replace)
+    except FileExistsError:
+        raise T.InputError(f"{path} was written by another process while this one ran; pass --overwrite to replace "
+                           f"it") from None
     except OSError as e:
         raise T.InputError(f"cannot write {path}: {e.strerror}") from None
 
@@ -531,20 +534,14 @@ def default_output_dir(opts, name):
 def run_evaluation(opts, argv):
     """Metrics, per-sample table, baseline and pictures of the checkpoint on its validation split."""
     out = default_output_dir(opts, "eval")
-    found = T.eval_results(out)
-    if found and not opts.overwrite:
-        raise T.InputError(f"--output-dir {out} already holds results ({', '.join(found[:3])}"
-                           f"{f' and {len(found) - 3} more' if len(found) > 3 else ''}); pass --overwrite to replace "
-                           f"them or choose another --output-dir")
-    for name in found:  # a folder by a result's name would stop --overwrite only after the evaluation's minutes
-        T.refuse_non_file(os.path.join(out, name))
+    found = refuse_results(out, opts.overwrite)
     rank, world, local = T.setup_distributed("auto", opts.device)
     device = T.resolve_device(opts.device, local)
     model, ckpt, targs, normalizer, stats_from = load_model(opts, device)
     pairs, train_pairs = evaluation_pairs(opts, targs, saved_args(ckpt) is not None)
     counts = T.inspect_pairs(pairs)
     T.check_label_range(pairs, normalizer, stats_from)
-    T.on_rank0(rank, make_results_dir, out)
+    T.on_rank0(rank, make_results_dir, out, lambda: refuse_results(out, opts.overwrite))
     perturb = Perturb(opts.noise_std, opts.missing_traces, opts.seed) if opts.noise_std or opts.missing_traces else None
     cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed,
                          persistent_workers=False)  # one pass
@@ -576,10 +573,25 @@ def run_evaluation(opts, argv):
     return 0
 
 
+def refuse_results(out, overwrite):
+    """The evaluation results already in OUT, refused unless --overwrite."""
+    found = T.eval_results(out)
+    if found and not overwrite:
+        raise T.InputError(f"--output-dir {out} already holds results ({', '.join(found[:3])}"
+                           f"{f' and {len(found) - 3} more' if len(found) > 3 else ''}); pass --overwrite to replace "
+                           f"them or choose another --output-dir")
+    for name in found:  # a folder by a result's name would stop --overwrite only after the evaluation's minutes
+        T.refuse_non_file(os.path.join(out, name))
+    return found
+
+
 _MADE_DIRS = []  # the output folders this process made: cli removes those still empty, so a failure leaves none
 
 
-def make_results_dir(out):
+def make_results_dir(out, recheck):
+    """OUT made, proved writable and locked for this process (OUT/.lock, as training locks its run), so that a
+    second evaluation or prediction into OUT is refused while this one runs; RECHECK then repeats the look for
+    results to keep, as another one may have finished there since the first look."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise T.InputError(f"--output-dir {out} exists and is not a directory")
     try:
@@ -589,6 +601,8 @@ def make_results_dir(out):
         tempfile.TemporaryFile(dir=out).close()  # now, not after the minutes of evaluation it would waste
     except OSError as e:
         raise T.InputError(f"--output-dir {out}: {e.strerror}") from None
+    T.lock_run(out)
+    recheck()
 
 
 def remove_results(out, names):
@@ -618,6 +632,9 @@ def prediction_inputs(path):
         if not names:
             raise T.InputError(f"--predict {path}: no .npy files in this directory")
         files = [os.path.join(path, n) for n in names]
+        odd = next((f for f in files if not os.path.isfile(f)), None)
+        if odd:  # a FIFO would block the read for ever
+            raise T.InputError(f"--predict {path}: {os.path.basename(odd)} is not a regular file")
     elif os.path.isfile(path):
         files = [path]
     elif os.path.exists(path):
@@ -692,16 +709,19 @@ def predict(opts):
     stems = [os.path.join(out, os.path.splitext(os.path.basename(f))[0]) for f, _ in files]
     dests = [stem + "_velocity.npy" for stem in stems]
     inputs = {os.path.realpath(f) for f, _ in files}
-    for d in dests + [stem + "_predictions.png" for stem in stems]:  # (--vis 0 removes an old one: it showed other maps)
-        if os.path.realpath(d) in inputs:
-            raise T.InputError(f"{d} is one of the --predict inputs; choose another --output-dir")
-        T.refuse_non_file(d)
-        if os.path.exists(d) and not opts.overwrite:
-            raise T.InputError(f"{d} already exists; pass --overwrite to replace it or choose another --output-dir")
+
+    def refuse_outputs():
+        for d in dests + [stem + "_predictions.png" for stem in stems]:  # (--vis 0 removes an old one: it showed other maps)
+            if os.path.realpath(d) in inputs:
+                raise T.InputError(f"{d} is one of the --predict inputs; choose another --output-dir")
+            T.refuse_non_file(d)
+            if os.path.exists(d) and not opts.overwrite:
+                raise T.InputError(f"{d} already exists; pass --overwrite to replace it or choose another --output-dir")
+    refuse_outputs()
     device = T.resolve_device(opts.device)
     model, _, targs, normalizer, stats_from = load_model(opts, device)
     amp_dtype, channels_last = forward_settings(opts, model, device, targs)
-    make_results_dir(out)
+    make_results_dir(out, refuse_outputs)
     for dest in dests:  # a run killed outright (SIGKILL, a power cut) left its partial output under a temporary name
         for stale in glob.glob(glob.escape(dest) + ".tmp-*"):
             if not process_alive(stale.rpartition(".tmp-")[2]):  # a live one's is another --predict's, under way
@@ -784,7 +804,7 @@ def export(opts):
     program = torch.export.export(model, (torch.zeros(2, *T.DATA_SHAPE, device=device),), dynamic_shapes={"x": {0: batch}})
     buf = io.BytesIO()
     torch.export.save(program, buf, extra_files={"normalization.json": json.dumps(normalizer.as_dict())})
-    write_file(opts.export, buf.getbuffer())
+    write_file(opts.export, buf.getbuffer(), replace=opts.overwrite)
     T.print0(f"exported InversionNet to {opts.export} ({dtype_name(dtype)}{' autocast' if dtype else ''} on {device.type}): "
              f"torch.export.load(path).module() maps normalised shot gathers (B, 5, 1000, 70) to velocity in [-1, 1]; "
              f"normalisation {normalizer.as_dict()}")
@@ -844,6 +864,7 @@ def cli(argv=None):
         return 128 + signum
     finally:
         T.cleanup_distributed()
+        T.unlock_run(remove=True)
         remove_empty(_MADE_DIRS)
         if main_thread:
             signal.signal(signal.SIGTERM, previous or signal.SIG_DFL)  # None: a handler not set from Python

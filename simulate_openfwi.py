@@ -799,12 +799,12 @@ def lock_out(out):
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             fh.truncate(0)
-            fh.write(f"PID {os.getpid()} on {platform.node()}\n")
+            fh.write(f"{os.path.basename(sys.argv[0])} PID {os.getpid()} on {platform.node()}\n")
             fh.flush()
         except OSError as e:
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                 fh.seek(0)
-                raise SimulationError(f"--out {out} is in use by another simulate_openfwi.py ({fh.read().strip() or 'a process'}, "
+                raise SimulationError(f"--out {out} is in use by another process ({fh.read().strip() or 'unnamed'}, "
                                       f"which holds {fh.name}); wait for it to end, or choose another --out") from None
         yield
 

@@ -749,10 +749,11 @@ def refuse_non_file(path):
         raise OSError(errno.EEXIST, "exists and is not a regular file", path)
 
 
-def write_atomic(path, data):
+def write_atomic(path, data, replace=True):
     """Write bytes or text to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact.
     One write call of ours, so a failure raises its own error (ENOSPC, EFBIG, or the KeyboardInterrupt of
-    a second Ctrl-C); the temporary file never outlives the call."""
+    a second Ctrl-C); the temporary file never outlives the call. REPLACE False: a file at PATH, one another
+    process wrote since the caller looked included, stays, and FileExistsError says so."""
     refuse_non_file(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -760,7 +761,15 @@ def write_atomic(path, data):
             fh.write(data.encode() if isinstance(data, str) else data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # a hard link: made where the name is free, in one step, or not at all
+            except FileExistsError:
+                raise
+            except OSError:  # a file system without hard links: published as a replace
+                os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -1086,7 +1095,9 @@ def inspect_pairs(pairs):
         arrays = []
         for path, shape in ((dpath, DATA_SHAPE), (lpath, LABEL_SHAPE)):
             if not os.path.isfile(path):
-                raise DataError(f"{path}: {'a directory, not a .npy file' if os.path.isdir(path) else 'no such file'}")
+                what = ("a directory, not a .npy file" if os.path.isdir(path) else "not a regular file" if os.path.exists(path)
+                        else "no such file")
+                raise DataError(f"{path}: {what}")
             a = open_npy(path)
             if a.dtype != np.float32:
                 other = "float32 in the other byte order" if a.dtype == np.dtype(np.float32).newbyteorder() else a.dtype
@@ -2790,36 +2801,50 @@ def make_output_dir(out):
             print0(f"removed {name} (the partial write of a run killed while saving{kept})")
 
 
-_RUN_LOCK = None  # the open OUTPUT_DIR/.lock that this process holds while it trains there (rank 0)
+_RUN_LOCK = None  # the open OUTPUT_DIR/.lock that this process holds while it writes there (rank 0)
 
 
 def lock_run(out):
-    """Hold OUT/.lock (an advisory flock) for as long as this process trains in OUT, so that a second training
-    started on the same directory is refused instead of interleaving its log and checkpoints with the first.
-    The system drops the lock when the process ends, however it ends, so a killed run never leaves OUT locked.
-    A file system without flock (some network mounts) runs unguarded."""
+    """Hold OUT/.lock (an advisory flock) for as long as this process trains (or evaluates) into OUT, so that a
+    second run started on the same directory is refused instead of interleaving its files with the first. The
+    lock names its holder, which the refusal quotes; the simulator locks its --out the same way. The system
+    drops the lock when the process ends, however it ends, so a killed run never leaves OUT locked. A file
+    system without flock (some network mounts) runs unguarded."""
     unlock_run()
     global _RUN_LOCK
     path = os.path.join(out, ".lock")
-    fh = open(path, "a+")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        with fh:
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                fh.seek(0)
-                raise InputError(f"--output-dir {out} is in use by another training ({fh.read().strip() or 'a process'}, "
-                                 f"which holds {path}); wait for it to end, or choose another --output-dir") from None
-        return
+    while True:
+        fh = open(path, "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            with fh:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    fh.seek(0)
+                    raise InputError(f"--output-dir {out} is in use by another process ({fh.read().strip() or 'unnamed'}, "
+                                     f"which holds {path}); wait for it to end, or choose another --output-dir") from None
+            return
+        try:
+            if os.path.samestat(os.stat(path), os.fstat(fh.fileno())):
+                break
+        except FileNotFoundError:
+            pass
+        fh.close()  # a file its holder removed as it let go (unlock_run(remove=True)): lock the one there now
     fh.truncate(0)
-    fh.write(f"PID {os.getpid()} on {platform.node()}\n")
+    fh.write(f"{os.path.basename(sys.argv[0])} PID {os.getpid()} on {platform.node()}\n")
     fh.flush()
     _RUN_LOCK = fh
 
 
-def unlock_run():
+def unlock_run(remove=False):
+    """Let OUT/.lock go; REMOVE: delete it first, while still held (an evaluation's folder keeps no trace)."""
     global _RUN_LOCK
     if _RUN_LOCK is not None:
+        if remove:
+            try:
+                os.remove(_RUN_LOCK.name)
+            except OSError:
+                pass
         _RUN_LOCK.close()  # closing the file releases its flock
         _RUN_LOCK = None
 
@@ -3073,6 +3098,9 @@ def report_input_error(script, e):
         return True
     if isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e)):
         e = InputError(out_of_memory(script, str(e)), local=True)
+    if isinstance(e, RuntimeError) and re.search(r"DataLoader worker \(pid \d+\) is killed by signal: Bus error", str(e)):
+        e = InputError("a DataLoader worker died of SIGBUS: a data file shrank while the run read it through a memory map "
+                       "(rewritten in place?), or the shared memory (/dev/shm) is full", local=True)
     if isinstance(e, OSError):
         if e.errno not in PATH_ERRNOS or not e.filename:  # too many open files, a bug: its traceback
             return False

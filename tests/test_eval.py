@@ -1,6 +1,7 @@
 """eval_inversionnet.py: metric definitions, perturbations, files, bad input."""
 import argparse
 import csv
+import fcntl
 import importlib.util
 import json
 import os
@@ -322,6 +323,54 @@ def test_existing_results_are_kept_unless_overwrite(tiny_run, tmp_path, capsys, 
     # the replaced results go, pictures included (--vis 0 draws none now); other files stay
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "notes.txt", "per_sample.csv", "result.txt",
                                                      "sample_1_mine.png"]
+
+
+def eval_or_predict(tiny_run, tmp_path, job, out):
+    """The arguments of an evaluation (--vis 0) or a --predict of one file into OUT, and the file each writes
+    first (metrics.json, the velocity maps)."""
+    args = ["--checkpoint", str(tiny_run / "run" / "best.pt"), "--output-dir", str(out), "--num-workers", "0",
+            "--no-progress", "--vis", "0"]
+    if job == "eval":
+        return args, out / "metrics.json"
+    np.save(tmp_path / "line.npy", np.zeros((2, 5, 1000, 70), np.float32))
+    return args + ["--predict", str(tmp_path / "line.npy")], out / "line_velocity.npy"
+
+
+@pytest.mark.parametrize("job", ["eval", "predict"])
+def test_a_second_job_in_a_directory_in_use_is_refused(tiny_run, tmp_path, capsys, job):
+    """While another process holds OUT/.lock (an evaluation, a prediction, a training), a job into OUT is refused
+    before it writes anything; the lock names its holder, and goes with it."""
+    out = tmp_path / "o"
+    out.mkdir()
+    args, first = eval_or_predict(tiny_run, tmp_path, job, out)
+    with open(out / ".lock", "a+") as held:  # flock locks open files, so this process's own cli() competes too
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("eval_inversionnet.py PID 4242 on elsewhere\n")
+        held.flush()
+        assert E.cli(args) == 2
+        assert capsys.readouterr().err == (
+            f"eval_inversionnet.py: error: --output-dir {out} is in use by another process (eval_inversionnet.py PID "
+            f"4242 on elsewhere, which holds {out / '.lock'}); wait for it to end, or choose another --output-dir\n")
+        assert os.listdir(out) == [".lock"]
+    assert E.cli(args) == 0 and first.is_file()
+
+
+@pytest.mark.parametrize("job", ["eval", "predict"])
+def test_results_another_job_wrote_meanwhile_are_kept(tiny_run, tmp_path, capsys, monkeypatch, job):
+    """Results that appear between the first look and the lock (another job that ended in between) are looked
+    for again under the lock and kept, unless --overwrite."""
+    out = tmp_path / "o"
+    args, first = eval_or_predict(tiny_run, tmp_path, job, out)
+    lock_run = T.lock_run
+
+    def another_job_ends_first(path):
+        first.write_bytes(b"theirs")
+        lock_run(path)
+    monkeypatch.setattr(T, "lock_run", another_job_ends_first)
+    assert E.cli(args) == 2
+    err = capsys.readouterr().err
+    assert (f"{out} already holds results (metrics.json)" if job == "eval" else f"{first} already exists") in err, err
+    assert first.read_bytes() == b"theirs"
 
 
 def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, monkeypatch):
@@ -1035,6 +1084,7 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("labels_file", "shape (2, 1, 70, 70), expected shot gathers (N, 5, 1000, 70)"),  # named alone: an input it cannot take
     ("device_file", "--predict /dev/null: not a regular file or a directory"),
     ("no_samples", "shape (0, 5, 1000, 70), expected shot gathers (N, 5, 1000, 70) with N >= 1"),
+    ("fifo_in_dir", "shots: b.npy is not a regular file"),  # reading it would block for ever
 ])
 def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle):
     bad = tmp_path / "bad.npy"
@@ -1070,6 +1120,11 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
         bad = tmp_path / "shots"
         bad.mkdir()
         np.save(bad / "line1_velocity.npy", np.zeros((2, 5, 1000, 70), np.float32))
+    elif case == "fifo_in_dir":
+        bad = tmp_path / "shots"
+        bad.mkdir()
+        np.save(bad / "a.npy", np.zeros((2, 5, 1000, 70), np.float32))
+        os.mkfifo(bad / "b.npy")
     elif case == "labels_only":
         bad = tmp_path / "velocity"
         bad.mkdir()
@@ -1171,6 +1226,20 @@ def test_export_round_trips_with_a_dynamic_batch(tiny_run, tmp_path, capsys):
     with torch.no_grad():
         got, in_float32 = torch.export.load(str(path)).module()(x), model(x)
     assert got.dtype == torch.float32 and torch.equal(got, expected) and not torch.equal(got, in_float32)
+
+
+def test_export_keeps_a_file_another_process_wrote_while_it_traced(tiny_run, tmp_path, capsys, monkeypatch):
+    target = tmp_path / "m.pt2"
+    load_model = E.load_model
+
+    def another_export_ends_first(*a):
+        target.write_bytes(b"theirs")
+        return load_model(*a)
+    monkeypatch.setattr(E, "load_model", another_export_ends_first)
+    assert E.cli(["--checkpoint", str(tiny_run / "run" / "best.pt"), "--export", str(target)]) == 2
+    assert capsys.readouterr().err == (f"eval_inversionnet.py: error: {target} was written by another process while "
+                                       f"this one ran; pass --overwrite to replace it\n")
+    assert target.read_bytes() == b"theirs" and os.listdir(tmp_path) == ["m.pt2"]
 
 
 def test_export_never_replaces_the_checkpoint_it_reads(tiny_run, tmp_path, capsys):

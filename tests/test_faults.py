@@ -677,6 +677,17 @@ def test_out_of_memory_is_one_line_naming_the_flags_that_lower_it(data, tmp_path
     assert not T.report_input_error("train_inversionnet.py", RuntimeError("a bug"))  # other errors keep their traceback
 
 
+def test_a_loader_worker_killed_by_sigbus_is_one_line_with_both_causes(capsys):
+    """A data file truncated under a worker's memory map kills the worker with SIGBUS, which torch reports as a
+    shared-memory shortage only; the line names the other cause too."""
+    died = RuntimeError("DataLoader worker (pid 303) is killed by signal: Bus error. It is possible that dataloader's "
+                        "workers are out of shared memory. Please try to raise your shared memory limit.")
+    assert T.report_input_error("train_inversionnet.py", died)
+    assert capsys.readouterr().err == (
+        "train_inversionnet.py: error: a DataLoader worker died of SIGBUS: a data file shrank while the run read it "
+        "through a memory map (rewritten in place?), or the shared memory (/dev/shm) is full\n")
+
+
 def test_simulator_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
     import simulate_openfwi as S
     def greedy_simulate(velocity, **kw):
@@ -938,6 +949,28 @@ def test_interrupt_inside_a_checkpoint_write_is_an_interrupt_not_a_storage_error
     assert digest(path) == before and not list(tmp_path.glob("*.tmp-*"))
 
 
+def test_a_lock_file_removed_as_its_holder_let_go_is_not_the_one_held(tmp_path, monkeypatch):
+    """An evaluation removes its .lock as it lets go: a process that opened the old file just before and locks
+    it just after must lock the file at the path now, or two jobs would each hold a lock."""
+    real_flock, calls = fcntl.flock, []
+
+    def holder_lets_go_meanwhile(fh, op):
+        calls.append(os.fstat(fh.fileno()).st_ino)
+        if len(calls) == 1:
+            os.remove(tmp_path / ".lock")
+        real_flock(fh, op)
+    monkeypatch.setattr(T.fcntl, "flock", holder_lets_go_meanwhile)
+    try:
+        T.lock_run(str(tmp_path))
+        monkeypatch.undo()
+        assert len(calls) == 2 and calls[1] == os.stat(tmp_path / ".lock").st_ino
+        with open(tmp_path / ".lock") as other, pytest.raises(BlockingIOError):
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held: the file at the path is the locked one
+    finally:
+        T.unlock_run(remove=True)
+    assert not (tmp_path / ".lock").exists()
+
+
 def test_unwritable_output_dir_fails_before_training(data, tmp_path):
     out = tmp_path / "run"
     r = run_script(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 1, *BASE, preexec_fn=limit_file_size(0))
@@ -955,16 +988,16 @@ def test_a_second_training_in_a_directory_in_use_is_refused(data, tmp_path, caps
     argv = ["--data-root", str(data), "--output-dir", str(out), "--epochs", "1", "--resume", "auto", *BASE]
     with open(out / ".lock", "a+") as held:  # flock locks open files, so this process's own cli() competes too
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("PID 4242 on elsewhere\n")
+        held.write("eval_inversionnet.py PID 4242 on elsewhere\n")  # the holder, as the lock names it
         held.flush()
         assert T.cli(argv) == 2
         assert one_line_error(capsys.readouterr().err) == (
-            f"train_inversionnet.py: error: --output-dir {out} is in use by another training (PID 4242 on elsewhere, "
+            f"train_inversionnet.py: error: --output-dir {out} is in use by another process (eval_inversionnet.py PID 4242 on elsewhere, "
             f"which holds {out / '.lock'}); wait for it to end, or choose another --output-dir\n")
         assert sorted(os.listdir(out)) == [".lock", "args.json.tmp-4242", "last.pt.tmp-4242"]
     assert T.cli(argv) == 0  # the holder gone, the run starts (and clears what a killed write left)
     assert "removed args.json.tmp-4242 (the partial write of a run killed while saving)\n" in capsys.readouterr().out
-    assert (out / ".lock").read_text() == f"PID {os.getpid()} on {platform.node()}\n"
+    assert (out / ".lock").read_text() == f"{os.path.basename(sys.argv[0])} PID {os.getpid()} on {platform.node()}\n"
     assert not list(out.glob("*.tmp-*")) and (out / "last.pt").is_file()
     (out / "last.pt.tmp-4242").write_bytes(b"a write under way")
     assert T.cli(argv) == 0  # released when cli() returned
@@ -1082,6 +1115,10 @@ def make(tmp_path, token):
         path.write_bytes(b"not a checkpoint")
     elif token == "AFILE":
         path.write_text("x")
+    elif token == "FIFOROOT":  # a named pipe where a data file should be: reading it would block for ever
+        write_ids_dataset(path, (4, 4, 4))
+        os.remove(path / "data" / "data2.npy")
+        os.mkfifo(path / "data" / "data2.npy")
     elif token == "ONEFILE":
         write_ids_dataset(path, (4,))
     elif token == "INFSTATS":
@@ -1351,6 +1388,7 @@ def test_run_sh_ctrl_c_during_the_install_stops_it(tmp_path):
     (["--val-batch-size", "100000000000000000000"], "--val-batch-size must be at most 2147483647, got 100000000000000000000"),
     (["--stats", "NOMAXSTATS"], "nomaxstats: not a usable stats file (expected a JSON object with data_min and data_max"),
     (["--batch-size", "16"], "the training split has 10 samples, fewer than one global batch (16 x 1)"),
+    (["--data-root", "FIFOROOT"], "fiforoot/data/data2.npy: not a regular file"),
     (["--data-root", "ONEFILE"], "the validation split is empty: the split is by file and --data-root holds one"),
     (["--data-root", "AFILE"], "is a file: a split list goes to --train-list / --val-list"),
     (["--stats", "EMPTY"], "empty: a directory, not a file"),

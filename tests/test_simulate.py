@@ -460,11 +460,11 @@ def test_a_second_simulator_in_an_out_in_use_is_refused(tmp_path):
     (out / "data" / "data1.npy.tmp-4242").write_bytes(b"a write under way")
     with open(out / ".lock", "a+") as held:  # flock locks open files, so this process's own cli() competes too
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("PID 4242 on elsewhere\n")
+        held.write("simulate_openfwi.py PID 4242 on elsewhere\n")  # the holder, as the lock names it
         held.flush()
         code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
-        assert code == 2 and err == (f"simulate_openfwi.py: error: --out {out} is in use by another simulate_openfwi.py "
-                                     f"(PID 4242 on elsewhere, which holds {out / '.lock'}); wait for it to end, or choose "
+        assert code == 2 and err == (f"simulate_openfwi.py: error: --out {out} is in use by another process "
+                                     f"(simulate_openfwi.py PID 4242 on elsewhere, which holds {out / '.lock'}); wait for it to end, or choose "
                                      "another --out\n")
         assert sorted(p.name for p in out.rglob("*")) == [".lock", "data", "data1.npy.tmp-4242"]
     assert run_cli("--out", out, "--files", "2", "--samples-per-file", "2")[0] == 0
