@@ -494,10 +494,10 @@ def write_file(path, data, replace=True):
     """T.write_atomic (temporary name, fsync, rename), its failure (a full disk, say) in one line."""
     try:
         T.write_atomic(path, data, replace)
-    except FileExistsError:
-        raise T.InputError(f"{path} was written by another process while this one ran; pass --overwrite to replace "
-                           f"it") from None
     except OSError as e:
+        if isinstance(e, FileExistsError) and not replace and os.path.isfile(path):  # (not refuse_non_file's refusal)
+            raise T.InputError(f"{path} was written by another process while this one ran; pass --overwrite to "
+                               f"replace it") from None
         raise T.InputError(f"cannot write {path}: {e.strerror}") from None
 
 
@@ -542,6 +542,7 @@ def run_evaluation(opts, argv):
     counts = T.inspect_pairs(pairs)
     T.check_label_range(pairs, normalizer, stats_from)
     T.on_rank0(rank, make_results_dir, out, lambda: refuse_results(out, opts.overwrite))
+    found = T.eval_results(out)  # as the lock found them: what --overwrite replaces (rank 0 alone writes)
     perturb = Perturb(opts.noise_std, opts.missing_traces, opts.seed) if opts.noise_std or opts.missing_traces else None
     cfg = T.LoaderConfig(kind=opts.loader, batch_size=opts.batch_size, num_workers=opts.num_workers, seed=opts.seed,
                          persistent_workers=False)  # one pass

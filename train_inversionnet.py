@@ -753,7 +753,8 @@ def write_atomic(path, data, replace=True):
     """Write bytes or text to PATH.tmp-PID, fsync, rename: a crash at any moment leaves the old file intact.
     One write call of ours, so a failure raises its own error (ENOSPC, EFBIG, or the KeyboardInterrupt of
     a second Ctrl-C); the temporary file never outlives the call. REPLACE False: a file at PATH, one another
-    process wrote since the caller looked included, stays, and FileExistsError says so."""
+    process wrote since the caller looked included, stays, and FileExistsError says so (on a file system
+    without hard links, the check is the caller's look alone)."""
     refuse_non_file(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -2330,7 +2331,9 @@ def validate(run, loader, monitor, stop):
     if stop.check(run) and stop.signum is not None:  # agreed over ranks, as in the epoch
         return None, False
     if not math.isfinite(m["loss"]):
-        raise NonFiniteLoss(f"non-finite validation loss at epoch {run.epoch} (step {run.step}): the weights diverged")
+        fp16 = " (or the fp16 forward pass overflowed: --amp bf16 avoids that)" if run.amp_dtype == torch.float16 else ""
+        raise NonFiniteLoss(f"non-finite validation loss at epoch {run.epoch} (step {run.step}): the weights "
+                            f"diverged{fp16}")
     monitor.scalars("val", {k: m[k] for k in ("loss", "mae", "rmse", "ssim")}, run.step)
     if m["first"] is not None:  # None on a DDP rank whose share of a small split is empty
         monitor.image("val/prediction_vs_truth", *m["first"], run.step)
@@ -2443,14 +2446,15 @@ def set_rng_state(st):
 
 def save_checkpoint(run, args, writer, *names):
     """last.pt / best.pt of the run's current state, written by rank 0 through the CheckpointWriter. Weights
-    that the last update made NaN or Inf (a finite loss, then a step too large) are never saved: every rank
-    holds the same ones and stops alike."""
-    bad = first_non_finite(run.raw_model.named_parameters())
-    if bad is not None:
-        raise NonFiniteLoss(f"weights hold NaN or Inf after step {run.step} ({bad}): an update diverged")
+    that the last update made NaN or Inf (a finite loss, then a step too large) are never saved, nor BatchNorm
+    statistics gone NaN/Inf; the ranks agree on it (inside an epoch their statistics differ), so all stop alike."""
+    weights = {"model": run.eval_model.state_dict()} | ({"train_model": run.raw_model.state_dict()} if run.ema else {})
+    bad = first_non_finite((f"{key} {name}", t) for key, sd in weights.items() for name, t in sd.items())
+    if all_reduce_sum(torch.tensor([int(bad is not None)])).item():
+        raise NonFiniteLoss(f"the {bad or 'state of another rank'} holds NaN or Inf after step {run.step}: an update "
+                            f"diverged")
     if not is_main():
         return
-    weights = {"model": run.eval_model.state_dict()} | ({"train_model": run.raw_model.state_dict()} if run.ema else {})
     ckpt = {**weights, "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
             "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_loss": run.best_loss,

@@ -15,7 +15,7 @@ from helpers import resolved_args  # noqa: E402  (beside this file)
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(0)
-args = resolved_args(torch.device("cpu"), "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none", "--ema-decay", "0.9")
+args = resolved_args(torch.device("cpu"), "--parallel", "ddp", "--lr", "1e-3", "--no-scale-lr", "--lr-scheduler", "none", "--ema-decay", "0.9")
 run, parallel = T.build_run(args, torch.device("cpu"), iters_per_epoch=2, world=world)
 assert parallel == "ddp"
 init = {k: v.clone() for k, v in run.raw_model.state_dict().items()}

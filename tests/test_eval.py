@@ -373,6 +373,21 @@ def test_results_another_job_wrote_meanwhile_are_kept(tiny_run, tmp_path, capsys
     assert first.read_bytes() == b"theirs"
 
 
+def test_an_overwrite_replaces_the_pictures_another_job_drew_meanwhile(tiny_run, tmp_path, monkeypatch):
+    """--overwrite replaces the results found under the lock, those of a job that ended since the first look
+    included: its pictures would otherwise stay beside the new results."""
+    out = tmp_path / "o"
+    args, _ = eval_or_predict(tiny_run, tmp_path, "eval", out)
+    lock_run = T.lock_run
+
+    def another_job_ends_first(path):
+        (out / "sample_9_worst.png").write_bytes(b"theirs")
+        lock_run(path)
+    monkeypatch.setattr(T, "lock_run", another_job_ends_first)
+    assert E.cli(args + ["--overwrite"]) == 0
+    assert sorted(os.listdir(out)) == ["metrics.json", "per_sample.csv", "result.txt"]
+
+
 def test_perturbed_metrics_do_not_depend_on_the_batch_size(tiny_run, tmp_path, monkeypatch):
     """Each sample draws its own noise and muted receivers, so a robustness figure is reproducible. The model
     is replaced by one whose output is its input's spread: a trained InversionNet maps tiny_run's noise data

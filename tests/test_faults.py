@@ -520,7 +520,7 @@ def test_non_finite_loss_stops_with_step_and_batch_and_keeps_last_good_checkpoin
 
 @pytest.mark.parametrize("flags, error", [
     # lr x decay = 1e39: the decoupled decay multiplies every weight by -1e39, beyond float32
-    (["--lr", "10", "--val-every", "0"], r"weights hold NaN or Inf after step 1 \([\w.]+\): an update diverged"),
+    (["--lr", "10", "--val-every", "0"], r"the model [\w.]+ holds NaN or Inf after step 1: an update diverged"),
     # 1e34: finite weights whose forward pass overflows, seen by the validation
     ([], r"non-finite validation loss at epoch 0 \(step 1\): the weights diverged"),
 ], ids=["weights", "validation"])
