@@ -70,7 +70,7 @@ DEFAULT_TRAIN_SIZE = 0.8  # the fraction of --data-root's files that train, unle
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 OVERFIT_STEPS = 100  # --overfit-batch's steps when --max-steps is not given
 MAX_SEED = 2**31 - 1  # offset by rank and epoch, a seed must stay well inside the 64 bits torch.manual_seed takes
-MAX_COUNT = 2**31 - 1  # the bound of a count flag (batch, epochs, steps): beyond it Python's slicing and torch's sizes fail
+MAX_COUNT = 2**31 - 1  # a count flag's bound (batch, epochs, steps): far past any run, well inside what slicing and torch take
 
 
 class InputError(Exception):
