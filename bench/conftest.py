@@ -1,7 +1,8 @@
 """Shared fixtures and the end-of-run report of the bench suite.
 
 Sizes: BENCH_SCALE=small (default; 2-core CPU, about 4 minutes) or BENCH_SCALE=gpu (bigger batches,
-more samples, more workers). BENCH_TRACE_DIR: where the profiler trace is kept (by default it goes with pytest's temporary folders).
+more samples, more workers). BENCH_COMPILE=1: include the torch.compile rows on a CPU (about 40 s of
+compilation). BENCH_TRACE_DIR: where the profiler trace is kept (by default it goes with pytest's temporary folders).
 """
 import math
 import os
@@ -15,7 +16,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_inversionnet as T  # noqa: E402  (found through ROOT)
 
-SCALE = os.environ.get("BENCH_SCALE", "small")
+ENV_ERRORS = []  # switches set to what they cannot be: pytest_configure stops the run with them in one line
+
+
+def env_choice(name, choices):
+    """An environment switch of the bench, one of CHOICES (the first: unset); another value is refused, as a typo
+    would otherwise measure another configuration under the name asked for."""
+    value = os.environ.get(name, choices[0])
+    if value not in choices:
+        ENV_ERRORS.append(f"{name} must be {' or '.join(choices)}, got {value!r}")
+    return value
+
+
+def pytest_configure(config):
+    if ENV_ERRORS:
+        raise pytest.UsageError("; ".join(ENV_ERRORS))
+
+
+SCALE = env_choice("BENCH_SCALE", ("small", "gpu"))
+COMPILE_ON_CPU = env_choice("BENCH_COMPILE", ("0", "1")) == "1"
 CPUS = os.cpu_count() or 1
 if SCALE == "gpu":
     CFG = dict(files=16, per_file=128, batches=(64, 128, 256), steps=6, rounds=3, whole_epochs=3,

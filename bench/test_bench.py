@@ -24,7 +24,7 @@ import torch
 
 import simulate_openfwi as S
 import train_inversionnet as T
-from conftest import CFG, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, SAMPLE_BYTES, environment
+from conftest import CFG, COMPILE_ON_CPU, DEVICE, LOADER_BATCH, PEAK_TFLOPS, RESULTS, ROOT, SAMPLE_BYTES, environment
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 from helpers import resolved_args  # noqa: E402  (the tests' own way to resolve a script's flags)
@@ -220,7 +220,7 @@ def assert_runs_as_named(run, mode):
 def test_compute_throughput(benchmark, mode, batch):
     """Training-step samples/s (forward, backward, AdamW) on inputs already on the device, through the
     script's own Run and train_step, for each precision / layout / compile variant."""
-    if compiles(mode) and DEVICE.type == "cpu" and not os.environ.get("BENCH_COMPILE"):  # tests/ compile on the CPU once
+    if compiles(mode) and DEVICE.type == "cpu" and not COMPILE_ON_CPU:  # tests/ compile on the CPU once
         pytest.skip("torch.compile on CPU costs ~40 s of compilation; set BENCH_COMPILE=1 to include it")
     run = make_run(*compute_modes()[mode])
     assert_runs_as_named(run, mode)
@@ -440,3 +440,12 @@ def test_report_reads_a_slower_run_as_slower_and_prints_end_to_end_lines_without
     assert C.loader_lines(several, {}, fast)[-1].startswith("recommendation: --loader map --num-workers 2 keeps")
     assert C.loader_lines({("map", 2, False): (900.0, 1.0)}, {}, fast)[-1] == (
         "recommendation: every loader is input-bound here; use --loader gpu if the split fits in device memory")
+
+
+def test_a_bench_switch_set_to_what_it_cannot_be_stops_the_run_in_one_line():
+    """A typo (BENCH_SCALE=GPU) once measured the small configuration under the name asked for."""
+    env = {**os.environ, "BENCH_SCALE": "GPU", "BENCH_COMPILE": "yes"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "bench", "--collect-only", "-q", "-p", "no:cacheprovider"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert (r.returncode, r.stdout, r.stderr.strip()) == (
+        4, "", "ERROR: BENCH_SCALE must be small or gpu, got 'GPU'; BENCH_COMPILE must be 0 or 1, got 'yes'"), r.stderr
