@@ -534,7 +534,7 @@ def default_output_dir(opts, name):
 def run_evaluation(opts, argv):
     """Metrics, per-sample table, baseline and pictures of the checkpoint on its validation split."""
     out = default_output_dir(opts, "eval")
-    found = refuse_results(out, opts.overwrite)
+    refuse_results(out, opts.overwrite)  # now, before the model loads; again under the lock below
     rank, world, local = T.setup_distributed("auto", opts.device)
     device = T.resolve_device(opts.device, local)
     model, ckpt, targs, normalizer, stats_from = load_model(opts, device)
@@ -575,7 +575,7 @@ def run_evaluation(opts, argv):
 
 
 def refuse_results(out, overwrite):
-    """The evaluation results already in OUT, refused unless --overwrite."""
+    """Refuse the evaluation results already in OUT, unless --overwrite."""
     found = T.eval_results(out)
     if found and not overwrite:
         raise T.InputError(f"--output-dir {out} already holds results ({', '.join(found[:3])}"
@@ -583,7 +583,6 @@ def refuse_results(out, overwrite):
                            f"them or choose another --output-dir")
     for name in found:  # a folder by a result's name would stop --overwrite only after the evaluation's minutes
         T.refuse_non_file(os.path.join(out, name))
-    return found
 
 
 _MADE_DIRS = []  # the output folders this process made: cli removes those still empty, so a failure leaves none
