@@ -766,19 +766,22 @@ def check_existing(args):
     npys = [n for sub in ("data", "model") if os.path.isdir(os.path.join(args.out, sub))
             for n in os.listdir(os.path.join(args.out, sub)) if n.endswith(".npy")]
     others = [n for n in ("train.txt", "val.txt", "dataset.json") if os.path.exists(os.path.join(args.out, n))]
-    recorded = None
+    recorded, foreign = None, []
     for name in ("simulate.json", "dataset.json"):  # dataset.json: sets made before simulate.json existed
+        if not os.path.exists(os.path.join(args.out, name)):
+            continue
         try:
             with open(os.path.join(args.out, name)) as fh:
                 meta = json.load(fh)
             recorded = {k: meta[k] for k in SETTINGS}
             break
         except (OSError, ValueError, RecursionError, KeyError, TypeError):  # RecursionError: nesting beyond the parser's
-            continue
+            foreign.append(name)
     if (npys or others) and recorded is None:
         what = ".npy files" if npys else ", ".join(others)
+        why = f"its {foreign[0]} is not one simulate_openfwi.py wrote" if foreign else "no simulate.json"
         raise SimulationError(f"--out {args.out} already holds {what} that simulate_openfwi.py did not make "
-                              f"(no simulate.json); choose another --out")
+                              f"({why}); choose another --out")
     if npys and recorded != ours:
         diff = ", ".join(f"--{k.replace('_', '-')} {recorded[k]}" for k in SETTINGS if recorded[k] != ours[k])
         raise SimulationError(f"--out {args.out} holds data made with {diff}; re-run with those settings to resume "

@@ -663,9 +663,13 @@ def test_cli_never_replaces_split_lists_or_stats_it_did_not_write(tmp_path):
         (out / name).write_text(f"their {name}")
     code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "1")
     assert code == 2 and err.strip() == (f"simulate_openfwi.py: error: --out {out} already holds train.txt, val.txt, "
-                                         "dataset.json that simulate_openfwi.py did not make (no simulate.json); choose another --out")
+                                         "dataset.json that simulate_openfwi.py did not make (its dataset.json is not one "
+                                         "simulate_openfwi.py wrote); choose another --out")
     assert sorted(p.name for p in out.iterdir()) == ["dataset.json", "train.txt", "val.txt"]
     assert all((out / n).read_text() == f"their {n}" for n in ("train.txt", "val.txt", "dataset.json"))
+    (out / "simulate.json").write_text("{}")  # present but not ours: the message says so rather than "no simulate.json"
+    code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "1")
+    assert code == 2 and "did not make (its simulate.json is not one simulate_openfwi.py wrote)" in err
 
 
 def test_cli_never_writes_into_a_training_run_or_evaluation_folder(tmp_path):
