@@ -775,11 +775,13 @@ def check_existing(args):
                 meta = json.load(fh)
             recorded = {k: meta[k] for k in SETTINGS}
             break
-        except (OSError, ValueError, RecursionError, KeyError, TypeError):  # RecursionError: nesting beyond the parser's
-            foreign.append(name)
+        except OSError as e:
+            foreign.append(f"its {name} cannot be read: {e.strerror}")
+        except (ValueError, RecursionError, KeyError, TypeError):  # RecursionError: nesting beyond the parser's
+            foreign.append(f"its {name} is not one simulate_openfwi.py wrote")
     if (npys or others) and recorded is None:
         what = ".npy files" if npys else ", ".join(others)
-        why = f"its {foreign[0]} is not one simulate_openfwi.py wrote" if foreign else "no simulate.json"
+        why = foreign[0] if foreign else "no simulate.json"
         raise SimulationError(f"--out {args.out} already holds {what} that simulate_openfwi.py did not make "
                               f"({why}); choose another --out")
     if npys and recorded != ours:

@@ -670,6 +670,10 @@ def test_cli_never_replaces_split_lists_or_stats_it_did_not_write(tmp_path):
     (out / "simulate.json").write_text("{}")  # present but not ours: the message says so rather than "no simulate.json"
     code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "1")
     assert code == 2 and "did not make (its simulate.json is not one simulate_openfwi.py wrote)" in err
+    (out / "simulate.json").unlink()
+    (out / "simulate.json").mkdir()  # unreadable (as root, a directory is what cannot be read)
+    code, _, err = run_cli("--out", out, "--files", "2", "--samples-per-file", "1")
+    assert code == 2 and "did not make (its simulate.json cannot be read: Is a directory)" in err
 
 
 def test_cli_never_writes_into_a_training_run_or_evaluation_folder(tmp_path):
