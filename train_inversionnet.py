@@ -40,6 +40,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 
@@ -2404,8 +2405,10 @@ def fit(run, train_loader, val_loader, monitor, args):
                 times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
                 monitor.scalars("epoch_seconds", times, run.step)
                 print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
-        writer.wait()  # (a last.pt the loop has just handed to the writer is there now)
-        if run.step == start and run.step and not os.path.isfile(os.path.join(args.output_dir, "last.pt")):
+        writer.wait()  # (a last.pt the loop has just handed to rank 0's writer is there now)
+        # the ranks agree on rank 0's answer: the others' writers wait for nothing, and their file system may differ
+        missing = is_main() and not os.path.isfile(os.path.join(args.output_dir, "last.pt"))
+        if run.step == start and run.step and all_reduce_sum(torch.tensor([int(missing)])).item():
             # resumed from another directory with nothing left to train: this one is still left a run to continue
             save_checkpoint(run, args, writer, "last.pt")
             writer.wait()
@@ -2786,9 +2789,11 @@ def on_rank0(rank, fn, *fn_args):
         raise failure if failure is not None else InputError(f"rank 0 failed in {fn.__name__}")  # not printed
 
 
-def make_output_dir(out):
-    """Made once every check has passed, proved writable, and cleared of what a kill during a checkpoint
-    write left."""
+def make_output_dir(args, own_restart):
+    """Made once every check has passed, proved writable, locked, checked again (a run that began and ended in
+    another process while this one read its data is refused, not replaced), and cleared of what a kill during
+    a checkpoint write left."""
+    out = args.output_dir
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{os.getpid()}")  # fail now, not at the first checkpoint
@@ -2797,6 +2802,7 @@ def make_output_dir(out):
     except OSError as e:
         raise InputError(f"--output-dir {out} is not writable: {e.strerror}") from None
     lock_run(out)  # before the clean-up below, which would take a live run's checkpoint write for a killed one's
+    check_output_dir(args, own_restart)
     for name in sorted(os.listdir(out)):  # what a kill during a write leaves behind
         if re.fullmatch(r"(last\.pt|best\.pt|args\.json|provenance\.json)\.tmp-\d+", name):
             os.remove(os.path.join(out, name))
@@ -2811,13 +2817,14 @@ _RUN_LOCK = None  # the open OUTPUT_DIR/.lock that this process holds while it w
 def lock_run(out):
     """Hold OUT/.lock (an advisory flock) for as long as this process trains (or evaluates) into OUT, so that a
     second run started on the same directory is refused instead of interleaving its files with the first. The
-    lock names its holder, which the refusal quotes; the simulator locks its --out the same way. The system
-    drops the lock when the process ends, however it ends, so a killed run never leaves OUT locked. A file
-    system without flock (some network mounts) runs unguarded."""
+    lock names its holder, which the refusal quotes; the simulator locks its --out with a flock too (one it
+    never removes). The system drops the lock when the process ends, however it ends, so a killed run never
+    leaves OUT locked. A file system without flock (some network mounts), or one whose .lock never stays put
+    long enough to be locked, runs unguarded."""
     unlock_run()
     global _RUN_LOCK
     path = os.path.join(out, ".lock")
-    while True:
+    for _ in range(100):
         fh = open(path, "a+")
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2834,6 +2841,8 @@ def lock_run(out):
         except FileNotFoundError:
             pass
         fh.close()  # a file its holder removed as it let go (unlock_run(remove=True)): lock the one there now
+    else:
+        return
     fh.truncate(0)
     fh.write(f"{os.path.basename(sys.argv[0])} PID {os.getpid()} on {platform.node()}\n")
     fh.flush()
@@ -2841,12 +2850,14 @@ def lock_run(out):
 
 
 def unlock_run(remove=False):
-    """Let OUT/.lock go; REMOVE: delete it first, while still held (an evaluation's folder keeps no trace)."""
+    """Let OUT/.lock go; REMOVE: delete it first, while still held (an evaluation's folder keeps no trace),
+    unless the file there is no longer the one held (removed by hand, and now another process's lock)."""
     global _RUN_LOCK
     if _RUN_LOCK is not None:
         if remove:
             try:
-                os.remove(_RUN_LOCK.name)
+                if os.path.samestat(os.stat(_RUN_LOCK.name), os.fstat(_RUN_LOCK.fileno())):
+                    os.remove(_RUN_LOCK.name)
             except OSError:
                 pass
         _RUN_LOCK.close()  # closing the file releases its flock
@@ -3054,12 +3065,13 @@ def main(args, argv=()):
     rank, world, local = setup_distributed(args.parallel, args.device)
     device = resolve_device(args.device, local)
     check_device_args(args, device)
-    check_output_dir(args, continue_elastic_run(args, rank))
+    own_restart = continue_elastic_run(args, rank)
+    check_output_dir(args, own_restart)
     normalizer, stats_from = resolve_stats(args)
     data = load_splits(args, world)  # before the output directory exists: bad data leaves nothing behind
     check_label_range(data[0] + data[2], normalizer, stats_from)
     absolute_paths(args)
-    on_rank0(rank, make_output_dir, args.output_dir)
+    on_rank0(rank, make_output_dir, args, own_restart)
     set_log_file(os.path.join(args.output_dir, "train.log"))
     seed_everything(args.seed + rank)
     backend_note = configure_backends(args, device)
@@ -3102,9 +3114,9 @@ def report_input_error(script, e):
         return True
     if isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e)):
         e = InputError(out_of_memory(script, str(e)), local=True)
-    if isinstance(e, RuntimeError) and re.search(r"DataLoader worker \(pid \d+\) is killed by signal: Bus error", str(e)):
-        e = InputError("a DataLoader worker died of SIGBUS: a data file shrank while the run read it through a memory map "
-                       "(rewritten in place?), or the shared memory (/dev/shm) is full", local=True)
+    died = loader_worker_death(e)
+    if died:
+        e = InputError(died, local=True)
     if isinstance(e, OSError):
         if e.errno not in PATH_ERRNOS or not e.filename:  # too many open files, a bug: its traceback
             return False
@@ -3120,6 +3132,29 @@ def report_input_error(script, e):
     if rank == 0 or local:
         print_error(script, f"{f'[rank {rank}] ' if local and world > 1 else ''}{msg}")
     return True
+
+
+def loader_worker_death(e):
+    """One line for a DataLoader worker's death, whichever form torch raised it in (None for any other error):
+    it names the signal when its SIGCHLD handler saw the death first, wraps that, or the lost connection to
+    the worker, in "exited unexpectedly", or lets the lost connection itself through."""
+    chain = []
+    while e is not None and len(chain) < 8:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(x) for x in chain)
+    if re.search(r"DataLoader worker \(pid \d+\) is killed by signal: Bus error", text):
+        return ("a DataLoader worker died of SIGBUS: a data file shrank while the run read it through a memory map "
+                "(rewritten in place?), or the shared memory (/dev/shm) is full")
+    signal_name = re.search(r"DataLoader worker \(pid \d+\) is killed by signal: ([^.]+)", text)
+    in_loader = isinstance(chain[0], ConnectionError) and any(
+        frame.f_code.co_filename.endswith(os.path.join("utils", "data", "dataloader.py"))
+        for frame, _ in traceback.walk_tb(chain[0].__traceback__))
+    if not (signal_name or in_loader or re.search(r"DataLoader worker \(pid\(s\) [\d, ]+\) exited unexpectedly", text)):
+        return None
+    return (f"a DataLoader worker died{f' (signal: {signal_name.group(1)})' if signal_name else ''}: after a bus error "
+            f"printed above, a data file shrank under its memory map (rewritten in place?) or /dev/shm is full; with no "
+            f"such line, often the out-of-memory killer (lower --num-workers or --batch-size)")
 
 
 # what torch says when CUDA, MPS or the CPU allocator refuses an allocation (torch.OutOfMemoryError on CUDA,

@@ -146,3 +146,20 @@ def test_more_processes_than_gpus_is_refused_before_the_group_forms(monkeypatch)
                                            r"use --nproc_per_node=1, or --device cpu"):
         T.setup_distributed("auto", "auto")
     assert not torch.distributed.is_initialized()
+
+
+def test_a_final_validation_resumed_into_another_directory_ends_with_the_ranks_agreed(tmp_path):
+    """A run stopped during its final validation (its last.pt says one is due) resumed into a new directory:
+    the ranks validate, rank 0's writer writes last.pt there, and the ranks agree that it exists (the other
+    ranks' writers wait for nothing) instead of some starting a checkpoint collective rank 0 never joins."""
+    data, a, b = tmp_path / "d", tmp_path / "a", tmp_path / "b"
+    write_ids_dataset(data, (4, 4, 4, 4, 4))
+    common = ["--data-root", data, "--batch-size", 2, "--num-workers", 0, "--no-progress", "--dataset", "flatvel-a",
+              "--max-steps", 2, "--device", "cpu"]
+    assert run_script(TRAIN, *common, "--output-dir", a, nproc=2).returncode == 0
+    ck = torch.load(a / "last.pt", weights_only=False)
+    torch.save({**ck, "val_due": True}, tmp_path / "due.pt")
+    r = run_script(TRAIN, *common, "--output-dir", b, "--resume", tmp_path / "due.pt", nproc=2, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert re.search(r"^epoch 0 to batch 2/\d+ train loss [\d.]+ \| val loss", r.stdout, re.M), r.stdout[-2000:]
+    assert torch.load(b / "last.pt", weights_only=False)["step"] == 2 and "written: the resumed state" not in r.stdout

@@ -677,15 +677,48 @@ def test_out_of_memory_is_one_line_naming_the_flags_that_lower_it(data, tmp_path
     assert not T.report_input_error("train_inversionnet.py", RuntimeError("a bug"))  # other errors keep their traceback
 
 
+SIGBUS_LINE = ("train_inversionnet.py: error: a DataLoader worker died of SIGBUS: a data file shrank while the run read "
+               "it through a memory map (rewritten in place?), or the shared memory (/dev/shm) is full\n")
+
+
+class BusErrorAt(torch.utils.data.Dataset):
+    """What reading a truncated memory-mapped file does to a loader worker: SIGBUS at sample 3."""
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        if i == 3:
+            os.kill(os.getpid(), signal.SIGBUS)
+        return torch.zeros(2)
+
+
 def test_a_loader_worker_killed_by_sigbus_is_one_line_with_both_causes(capsys):
     """A data file truncated under a worker's memory map kills the worker with SIGBUS, which torch reports as a
-    shared-memory shortage only; the line names the other cause too."""
+    shared-memory shortage only, wrapped in "exited unexpectedly"; the line names the other cause too."""
+    with pytest.raises(Exception) as raised:
+        for _ in torch.utils.data.DataLoader(BusErrorAt(), batch_size=1, num_workers=1):
+            pass
+    assert T.report_input_error("train_inversionnet.py", raised.value)
+    err = capsys.readouterr().err
+    assert err in (SIGBUS_LINE, f"train_inversionnet.py: error: {T.loader_worker_death(raised.value)}\n")
+    assert err.startswith("train_inversionnet.py: error: a DataLoader worker died") and err.count("\n") == 1
     died = RuntimeError("DataLoader worker (pid 303) is killed by signal: Bus error. It is possible that dataloader's "
                         "workers are out of shared memory. Please try to raise your shared memory limit.")
-    assert T.report_input_error("train_inversionnet.py", died)
-    assert capsys.readouterr().err == (
-        "train_inversionnet.py: error: a DataLoader worker died of SIGBUS: a data file shrank while the run read it "
-        "through a memory map (rewritten in place?), or the shared memory (/dev/shm) is full\n")
+    assert T.report_input_error("train_inversionnet.py", died)  # torch's SIGCHLD handler, seen first
+    assert capsys.readouterr().err == SIGBUS_LINE
+
+
+def test_a_loader_worker_that_died_otherwise_is_one_line(capsys):
+    killed = RuntimeError("DataLoader worker (pid 77) is killed by signal: Killed. ")
+    lost = RuntimeError("DataLoader worker (pid(s) 77, 78) exited unexpectedly")
+    lost.__cause__ = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+    for e, signal_name in ((killed, " (signal: Killed)"), (lost, "")):
+        assert T.report_input_error("train_inversionnet.py", e)
+        assert capsys.readouterr().err == (
+            f"train_inversionnet.py: error: a DataLoader worker died{signal_name}: after a bus error printed above, a "
+            f"data file shrank under its memory map (rewritten in place?) or /dev/shm is full; with no such line, often "
+            f"the out-of-memory killer (lower --num-workers or --batch-size)\n")
+    assert not T.report_input_error("train_inversionnet.py", ConnectionResetError(errno.ECONNRESET, "elsewhere"))
 
 
 def test_simulator_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
@@ -969,6 +1002,43 @@ def test_a_lock_file_removed_as_its_holder_let_go_is_not_the_one_held(tmp_path, 
     finally:
         T.unlock_run(remove=True)
     assert not (tmp_path / ".lock").exists()
+
+
+def test_a_lock_file_replaced_by_hand_is_not_removed_by_the_holder_it_no_longer_is(tmp_path):
+    """The refusal names .lock; one removed by hand while held, then made and held by a second job, stays
+    when the first one lets go, or a third job could lock a fresh file and run beside the second."""
+    T.lock_run(str(tmp_path))
+    try:
+        os.remove(tmp_path / ".lock")
+        with open(tmp_path / ".lock", "a+") as second:
+            fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            T.unlock_run(remove=True)
+            assert os.path.samestat(os.stat(tmp_path / ".lock"), os.fstat(second.fileno()))
+    finally:
+        T.unlock_run(remove=True)
+
+
+def test_a_lock_file_that_never_stays_put_runs_unguarded_rather_than_spinning(tmp_path, monkeypatch):
+    monkeypatch.setattr(T.os.path, "samestat", lambda a, b: False)  # e.g. a file system whose inode numbers shift
+    T.lock_run(str(tmp_path))
+    assert T._RUN_LOCK is None
+
+
+def test_a_run_that_ended_while_this_one_read_its_data_is_refused_not_replaced(data, tmp_path, monkeypatch, capsys):
+    """The output directory is checked before the data is read, and again once locked: a short run that began
+    and ended in another process meanwhile keeps its checkpoints."""
+    out, real_load = tmp_path / "run", T.load_splits
+
+    def another_run_meanwhile(*a):
+        loaded = real_load(*a)
+        out.mkdir()
+        for name in ("args.json", "last.pt"):
+            (out / name).write_text("theirs")
+        return loaded
+    monkeypatch.setattr(T, "load_splits", another_run_meanwhile)
+    assert T.cli(["--data-root", str(data), "--output-dir", str(out), "--epochs", "1", *BASE]) == 2
+    assert f"--output-dir {out} already holds a run" in capsys.readouterr().err
+    assert (out / "last.pt").read_text() == "theirs" and not (out / "train.log").exists()
 
 
 def test_unwritable_output_dir_fails_before_training(data, tmp_path):
