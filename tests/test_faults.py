@@ -299,13 +299,18 @@ def test_sigterm_to_run_sh_alone_lets_the_stage_finish_and_starts_no_other(tmp_p
 
 
 def test_second_sigint_stops_at_once_with_one_line(data, tmp_path):
-    out = tmp_path / "run"
-    p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *BASE)
-    read_until(p, r"epoch 0 step 1 ")
-    p.send_signal(signal.SIGINT)
-    time.sleep(0.05)
-    p.send_signal(signal.SIGINT)  # inside the step the first one asked to finish
-    stdout, stderr = p.communicate(timeout=300)
+    for attempt in range(3):
+        out = tmp_path / f"run{attempt}"
+        p = start(TRAIN, "--data-root", data, "--output-dir", out, "--epochs", 2, *BASE)
+        read_until(p, r"epoch 0 step 1 ")
+        p.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        p.send_signal(signal.SIGINT)  # inside the step the first one asked to finish
+        stdout, stderr = p.communicate(timeout=300)
+        # both arriving inside one C++ call (a stalled test process) run Python's handler once: one Ctrl-C,
+        # stopped gracefully; then try again
+        if not (p.returncode == 130 and not stderr and "stopped by signal 2 at step" in stdout):
+            break
     assert p.returncode == 130, stderr
     assert stderr.strip() == ("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, "
                               "is the previous complete checkpoint")
