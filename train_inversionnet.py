@@ -3143,10 +3143,10 @@ def loader_worker_death(e):
         chain.append(e)
         e = e.__cause__ or e.__context__
     text = " ".join(str(x) for x in chain)
-    if re.search(r"DataLoader worker \(pid \d+\) is killed by signal: Bus error", text):
+    signal_name = re.search(r"DataLoader worker \(pid \d+\) is killed by signal: ([^.]+)", text)
+    if signal_name and signal_name.group(1) == "Bus error":
         return ("a DataLoader worker died of SIGBUS: a data file shrank while the run read it through a memory map "
                 "(rewritten in place?), or the shared memory (/dev/shm) is full")
-    signal_name = re.search(r"DataLoader worker \(pid \d+\) is killed by signal: ([^.]+)", text)
     in_loader = isinstance(chain[0], ConnectionError) and any(
         frame.f_code.co_filename.endswith(os.path.join("utils", "data", "dataloader.py"))
         for frame, _ in traceback.walk_tb(chain[0].__traceback__))

@@ -686,6 +686,12 @@ SIGBUS_LINE = ("train_inversionnet.py: error: a DataLoader worker died of SIGBUS
                "it through a memory map (rewritten in place?), or the shared memory (/dev/shm) is full\n")
 
 
+def worker_died_line(signal_name=""):
+    return (f"train_inversionnet.py: error: a DataLoader worker died{signal_name}: after a bus error printed above, a "
+            f"data file shrank under its memory map (rewritten in place?) or /dev/shm is full; with no such line, often "
+            f"the out-of-memory killer (lower --num-workers or --batch-size)\n")
+
+
 # run apart: until its loader is gone, torch's SIGCHLD handler would raise the dead worker's error again at
 # any later child's exit, inside whatever this process then runs
 BUS_ERROR_IN_A_WORKER = """
@@ -711,10 +717,7 @@ def test_a_loader_worker_killed_by_sigbus_is_one_line_with_both_causes(capsys):
     shared-memory shortage only, often wrapped in "exited unexpectedly"; the line names the other cause too."""
     r = subprocess.run([sys.executable, "-c", BUS_ERROR_IN_A_WORKER], cwd=ROOT, capture_output=True, text=True, timeout=300)
     ours = [line for line in r.stderr.replace("\0", "").splitlines() if line.startswith("train_inversionnet.py:")]
-    generic = ("train_inversionnet.py: error: a DataLoader worker died: after a bus error printed above, a data file "
-               "shrank under its memory map (rewritten in place?) or /dev/shm is full; with no such line, often the "
-               "out-of-memory killer (lower --num-workers or --batch-size)\n")
-    assert r.returncode == 2 and len(ours) == 1 and ours[0] + "\n" in (SIGBUS_LINE, generic), r.stderr[-3000:]
+    assert r.returncode == 2 and len(ours) == 1 and ours[0] + "\n" in (SIGBUS_LINE, worker_died_line()), r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     died = RuntimeError("DataLoader worker (pid 303) is killed by signal: Bus error. It is possible that dataloader's "
                         "workers are out of shared memory. Please try to raise your shared memory limit.")
@@ -728,10 +731,7 @@ def test_a_loader_worker_that_died_otherwise_is_one_line(capsys):
     lost.__cause__ = ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
     for e, signal_name in ((killed, " (signal: Killed)"), (lost, "")):
         assert T.report_input_error("train_inversionnet.py", e)
-        assert capsys.readouterr().err == (
-            f"train_inversionnet.py: error: a DataLoader worker died{signal_name}: after a bus error printed above, a "
-            f"data file shrank under its memory map (rewritten in place?) or /dev/shm is full; with no such line, often "
-            f"the out-of-memory killer (lower --num-workers or --batch-size)\n")
+        assert capsys.readouterr().err == worker_died_line(signal_name)
     assert not T.report_input_error("train_inversionnet.py", ConnectionResetError(errno.ECONNRESET, "elsewhere"))
 
 
