@@ -642,7 +642,7 @@ def npy_complete(path, shape):
     """True if `path` is a float32 .npy of exactly `shape` whose size matches its header."""
     try:
         arr = np.load(path, mmap_mode="r")
-    except (OSError, ValueError):
+    except (OSError, ValueError, OverflowError):  # OverflowError: a negative size in the header
         return False
     return isinstance(arr, np.ndarray) and arr.shape == tuple(shape) and arr.dtype == np.float32  # not a zip archive
 

@@ -1085,9 +1085,14 @@ def open_npy(path):
             raise DataError(f"{path}: an .npz archive, not a .npy array")
         if magic != b"\x93NUMPY":  # np.load would try it as a pickle and say so
             raise DataError(f"{path}: not a .npy file (no NumPy header)")
-        return np.load(path, mmap_mode="r")
-    except (ValueError, OSError, EOFError) as e:
+        a = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError, OverflowError) as e:  # OverflowError: a negative size in the header
         raise DataError(f"{path}: unreadable or truncated .npy ({getattr(e, 'strerror', None) or e})") from None
+    if (extra := os.path.getsize(path) - a.offset - a.nbytes) > 0:  # np.load reads the first array alone
+        held = f"{a.shape[0]} samples" if a.ndim else "one value"
+        raise DataError(f"{path}: {extra} bytes after its array of {held} (two arrays saved into one file?); save the "
+                        f"samples as one array")
+    return a
 
 
 def inspect_pairs(pairs):
@@ -1107,9 +1112,6 @@ def inspect_pairs(pairs):
                                 f"({np.dtype(np.float32).str}; numpy's .astype(np.float32) converts)")
             if a.ndim != 4 or tuple(a.shape[1:]) != shape:
                 raise DataError(f"{path}: shape {tuple(a.shape)}, expected (N, {', '.join(map(str, shape))})")
-            if (extra := os.path.getsize(path) - a.offset - a.nbytes) > 0:  # np.load reads the first array alone
-                raise DataError(f"{path}: {extra} bytes after its array of {a.shape[0]} samples (two arrays saved "
-                                f"into one file?); save the samples as one array")
             arrays.append(a)
         if arrays[0].shape[0] != arrays[1].shape[0]:
             raise DataError(f"{dpath}: {arrays[0].shape[0]} samples but {lpath} has {arrays[1].shape[0]}")

@@ -76,6 +76,15 @@ def layered_maps(n, seed=0):
     return ((so.flatvel(np.random.default_rng(seed), n)[:, None] - 3000) / 1500).astype(np.float32)
 
 
+def write_negative_shape_npy(path, shape=(-1, 5, 1000, 70)):
+    """A .npy whose header claims SHAPE (a negative dimension: numpy's memory map overflows on it), a few bytes after."""
+    header = f"{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple(shape)}, }}"
+    header += " " * (117 - len(header)) + "\n"  # padded so that the 10-byte preamble and the header fill 128 bytes
+    with open(path, "wb") as fh:
+        fh.write(b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode() + bytes(64))
+    return path
+
+
 def write_split_list(path, pairs):
     with open(path, "w") as fh:
         fh.writelines(f"{d}\t{m}\n" for d, m in pairs)

@@ -19,7 +19,7 @@ from unittest.mock import ANY
 import eval_inversionnet as E
 import train_inversionnet as T
 from helpers import (EVAL, TRAIN, SignalledOnRelease, conv_dtypes_during, layered_maps, module_dir, run_script, run_without_reader, write_ids_dataset,
-                     write_split_list)
+                     write_negative_shape_npy, write_split_list)
 
 
 def ssim_reference(a, b):
@@ -1088,6 +1088,8 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("dtype", "dtype int16, expected floating-point shot gathers"),
     ("nan", "bad.npy sample 1: NaN or Inf in the shot gathers"),
     ("garbage", "unreadable or truncated .npy"),
+    ("negative_shape", "bad.npy: unreadable or truncated .npy"),
+    ("two_arrays", "bad.npy: 1400128 bytes after its array of 1 samples (two arrays saved into one file?)"),
     ("npz", "bad.npy: an .npz archive, not a .npy array"),
     ("text", "bad.npy: not a .npy file (no NumPy header)"),
     ("overflow", "bad.npy sample 2: NaN or Inf in the shot gathers"),  # float64 beyond float32's range, no numpy warning
@@ -1113,6 +1115,11 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
         np.save(bad, x)
     elif case == "garbage":
         bad.write_bytes(b"\x93NUMPY garbage")
+    elif case == "negative_shape":
+        write_negative_shape_npy(bad)
+    elif case == "two_arrays":  # np.save twice into one open file: the second sample would be dropped unsaid
+        with open(bad, "wb") as fh:
+            np.save(fh, np.zeros((1, 5, 1000, 70), np.float32)), np.save(fh, np.zeros((1, 5, 1000, 70), np.float32))
     elif case == "text":
         bad.write_text("hello")
     elif case == "npz":

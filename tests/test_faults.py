@@ -25,7 +25,8 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import EVAL, ROOT, SIMULATE, TRAIN, assert_same_weights, module_dir, run_script, start, wait_until, write_ids_dataset, write_split_list
+from helpers import (EVAL, ROOT, SIMULATE, TRAIN, assert_same_weights, module_dir, run_script, start, wait_until, write_ids_dataset,
+                     write_negative_shape_npy, write_split_list)
 
 pytestmark = pytest.mark.slow
 BASE = ["--batch-size", "2", "--num-workers", "0", "--no-progress", "--log-every", "1", "--dataset", "flatvel-a", "--device", "cpu"]
@@ -1148,6 +1149,9 @@ def corrupt(root, case):
         with open(d, "wb") as fh:
             np.save(fh, x[:2]), np.save(fh, x[2:])
         return "data1.npy", "bytes after its array of 2 samples (two arrays saved into one file?)"
+    if case == "negative_shape":  # a hand-made header numpy's memory map overflows on
+        write_negative_shape_npy(d)
+        return "data1.npy", "unreadable or truncated .npy"
     if case == "mixed_naming":  # OpenFWI's two namings in one folder: seis1 would silently replace data1
         shutil.copy(d, d.with_name("seis1.npy"))
         return "data1.npy and seis1.npy", "two files of pair '1' in one folder; keep one naming (data or seis)"
@@ -1169,7 +1173,7 @@ def one_line_error(err):
 
 @pytest.mark.parametrize("case", ["truncated", "wrong_dtype", "big_endian", "wrong_shape", "unpaired", "count_mismatch", "npz", "nan_label",
                                   "nan_gpu", "nan_map", "nan_iterable", "km_per_s", "km_per_s_later", "two_arrays",
-                                  "mixed_naming", "normalised_labels"])
+                                  "negative_shape", "mixed_naming", "normalised_labels"])
 def test_bad_data_one_line_exit_2(tmp_path, capsys, case):
     root = tmp_path / "d"
     write_ids_dataset(root, (4, 4))

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import simulate_openfwi as so
-from helpers import SIMULATE, SignalledOnRelease, run_script, run_without_reader, start, wait_until
+from helpers import SIMULATE, SignalledOnRelease, run_script, run_without_reader, start, wait_until, write_negative_shape_npy
 
 
 def run_cli(*args):
@@ -495,6 +495,9 @@ def test_cli_resumes_interrupted_generation(tmp_path):
     assert "note" not in stdout  # the same split lists
     labels = (out / "model" / "model2.npy").read_bytes()  # the velocity maps are checked as the gathers are
     (out / "model" / "model2.npy").write_bytes(labels[: len(labels) // 2])
+    code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
+    assert code == 0 and "1 complete, 1 to make" in stdout and (out / "model" / "model2.npy").read_bytes() == labels
+    write_negative_shape_npy(out / "model" / "model2.npy", (-1, 1, 70, 70))  # a header numpy's memory map overflows on
     code, stdout, _ = run_cli("--out", out, "--files", "2", "--samples-per-file", "2")
     assert code == 0 and "1 complete, 1 to make" in stdout and (out / "model" / "model2.npy").read_bytes() == labels
     # fewer files: the lists shrink (file 2 leaves the training list) and it is said
