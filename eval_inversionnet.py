@@ -72,12 +72,12 @@ def get_args_parser():
                         "trained with (off for a checkpoint that records none); off: float32 throughout")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of an evaluation (--predict reads its "
-                   "files in its own process, a batch at a time)")
+                   "files in its own process, a batch at a time, and takes none)")
     p.add_argument("--vis", type=int, default=3, help="number of samples to draw (best, median, worst, ...; with --predict the first, "
                    f"at most {PICTURE_ROWS}); 0: none")
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise, as a fraction of each trace's peak amplitude")
     p.add_argument("--missing-traces", type=int, default=0, help="receivers muted at random in every sample")
-    p.add_argument("--seed", type=int, default=0, help="seed of the perturbations")
+    p.add_argument("--seed", type=int, default=0, help="seed of the perturbations (of an evaluation on labelled data)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="tqdm bar")
     return p
 
@@ -106,13 +106,16 @@ def check_opts(opts):
     if opts.val_list and opts.split:
         raise T.InputError("--split chooses a split of --data-root and --val-list names its files: give one of them")
     job = "--predict" if opts.predict else "--export" if opts.export else None
-    if opts.export and opts.output_dir:
-        raise T.InputError("--export writes the one file it names; --output-dir is not used: leave it out")
-    for flag, given in (("--data-root", opts.data_root), ("--val-list", opts.val_list), ("--split", opts.split),
-                        ("--noise-std", opts.noise_std), ("--missing-traces", opts.missing_traces),
-                        ("--loader", opts.loader != "map")):
-        if job and given:  # they choose, read or perturb labelled data, which these jobs never read
-            raise T.InputError(f"{flag} belongs to an evaluation on labelled data; {job} does not read any: leave it out")
+    default = get_args_parser().get_default
+    for name in ("output_dir", "vis", "batch_size"):
+        if opts.export and getattr(opts, name) != default(name):
+            raise T.InputError(f"--export writes the one file it names; {T.flag_of(name)} is not used: leave it out")
+    # they choose, read or perturb labelled data, which these jobs never read (--num-workers, a speed setting
+    # a script may pass to every job, is left to them)
+    for name in ("data_root", "val_list", "split", "noise_std", "missing_traces", "seed", "loader"):
+        if job and getattr(opts, name) != default(name):
+            raise T.InputError(f"{T.flag_of(name)} belongs to an evaluation on labelled data; {job} does not read any: "
+                               f"leave it out")
     if opts.val_list and opts.data_root:  # (the baseline's training maps would come from one, the pairs from the other)
         raise T.InputError("--data-root makes the split to evaluate and --val-list names its files: give one of them")
     for flag, path in (("--checkpoint", opts.checkpoint), ("--val-list", opts.val_list), ("--stats", opts.stats)):

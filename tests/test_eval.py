@@ -245,6 +245,13 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
                                                   "read any: leave it out"),
     (["--predict", "X.npy", "--missing-traces", "5"], "--missing-traces belongs to an evaluation on labelled data; --predict "
                                                       "does not read any: leave it out"),
+    (["--predict", "X.npy", "--seed", "3"], "--seed belongs to an evaluation on labelled data; --predict does not read "
+                                            "any: leave it out"),
+    (["--export", "m.pt2", "--seed", "3"], "--seed belongs to an evaluation on labelled data; --export does not read any: "
+                                           "leave it out"),
+    (["--export", "m.pt2", "--vis", "5"], "--export writes the one file it names; --vis is not used: leave it out"),
+    (["--export", "m.pt2", "--batch-size", "7"], "--export writes the one file it names; --batch-size is not used: leave "
+                                                 "it out"),
     (["--predict", "X.npy", "--export", "m.pt2"], "--predict and --export are separate jobs: give one of them"),
     (["--vis", "-1"], "--vis must be >= 0, got -1"),
     (["--noise-std", "10.5"], "--noise-std must be in [0, 10] (times each trace's peak), got 10.5"),
