@@ -277,8 +277,10 @@ def config_argv(path, given, skip=()):
         raise InputError(f"--config {path}: not a readable args.json") from None
     if saved.get("loader") != "gpu":  # the cache dtype of a run without the device cache set nothing
         skip = (*skip, "cache_dtype")
-    # what check_args filled in follows what it came from: a --val-batch-size that was --batch-size's, and the
-    # one epoch without validation that --overfit-batch imposed
+    if "amp" in given and saved.get("cache_dtype") == cache_dtype_of(saved.get("amp")):  # the one its --amp chose
+        skip = (*skip, "cache_dtype")
+    # what was filled in follows what it came from: a --val-batch-size that was --batch-size's, the one epoch
+    # without validation that --overfit-batch imposed, and a cache dtype that was --amp's
     if "batch_size" in given and saved.get("val_batch_size") == saved.get("batch_size"):
         skip = (*skip, "val_batch_size")
     if "overfit_batch" in given and saved.get("overfit_batch"):
@@ -662,7 +664,7 @@ def resolve_speed(args, device, cache_samples=0):
     amp = args.amp or choice["amp"]
     if amp == "fp16" and device.type == "mps":
         raise InputError("--amp fp16 is not supported on mps; use bf16 or off")
-    cache_dtype = args.cache_dtype or {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
+    cache_dtype = args.cache_dtype or cache_dtype_of(amp)
     cache_bytes = cache_size(cache_samples, cache_dtype)
     if args.loader == "gpu":
         check_cache_fits(cache_samples, cache_dtype, device, "use --loader map, or a smaller --cache-dtype")
@@ -685,6 +687,11 @@ def resolve_speed(args, device, cache_samples=0):
     return (f"speed: amp {args.amp}, channels-last {onoff(args.channels_last)}, compile {onoff(args.compile)}, fused adam "
             f"{onoff(args.fused_adam)}, loader {args.loader}{cache}; {why if args.fast else 'defaults'}"
             f"{(', given' + (' or from --config' if args.config else '') + ': ' + ' '.join(given)) if given else ''}{warn}")
+
+
+def cache_dtype_of(amp):
+    """The --loader gpu cache dtype an --amp setting chooses: the precision its forward pass reads anyway."""
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(amp, "float32")
 
 
 def cache_size(samples, cache_dtype):
@@ -2504,7 +2511,7 @@ def check_resumable(ckpt, trained_args, path, args, meta, world, normalization):
                              f"with: {why} would mean something else; resume with {spelled(key, saved[key])} or "
                              f"start a new run")
     check_same_split(ckpt.get("split", meta["split"]), meta["split"], path, args, "training", "trained")
-    if math.isfinite(ckpt["best_loss"]):  # (a run that never validated has no loss to compare)
+    if math.isfinite(ckpt["best_loss"]) and args.val_every:  # (no loss to compare: never validated, or not now)
         check_same_split(ckpt.get("val_split", meta["val_split"]), meta["val_split"], path, args, "validation",
                          "validated", ": the loss that keeps best.pt would compare two sets")
     batches = meta["batches_per_epoch"]
@@ -2621,6 +2628,8 @@ def restore(run, args, rank):
         raise InputError(f"{path}: not a training checkpoint of this script (use --init-from for its weights)")
     trained_args = saved_namespace(ckpt["args"], f"{path}: its training arguments")
     check_resumable(ckpt, trained_args, path, args, run.meta, run.world, run.normalizer.as_dict())
+    if not args.val_every and "val_split" in ckpt:  # nothing validated now: best.pt's loss stays that of its split
+        run.meta["val_split"] = ckpt["val_split"]
     if run.ema is not None:  # 'model' holds the average, or (a run without one until now) the weights it starts from
         run.ema.model.load_state_dict(run.raw_model.state_dict())
     if "train_model" in ckpt:  # an --ema-decay run's trained weights
@@ -2991,9 +3000,10 @@ def previous_starts(path):
 
 
 def absolute_paths(args):
-    """The input paths made absolute once they have been read: args.json and the checkpoints then name the
-    same files from any working directory (eval, --config)."""
-    for name in ("data_root", "train_list", "val_list", "stats", "init_from"):
+    """The input paths, and the run's own directory, made absolute once they have been read: args.json and the
+    checkpoints then name the same files from any working directory (eval, --config: `--config RUN/args.json
+    --resume auto` continues RUN wherever it is started)."""
+    for name in ("data_root", "train_list", "val_list", "stats", "init_from", "output_dir"):
         if getattr(args, name):
             setattr(args, name, os.path.abspath(getattr(args, name)))
 

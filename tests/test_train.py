@@ -1023,6 +1023,21 @@ def test_a_normalisation_given_beside_config_replaces_the_saved_one(tmp_path):
     assert (lambda a: (a.dataset, a.stats))(T.parse_args(["--config", str(path), "--stats", "b.json"])) == (None, "b.json")
 
 
+def test_config_resume_auto_continues_its_run_from_any_directory(ids_data, tmp_path, monkeypatch):
+    """args.json names the run's own directory absolutely: repeated from elsewhere with --resume auto, the run
+    goes on where it is, not in a new directory of the same relative name under the working directory."""
+    _, lists = ids_data
+    monkeypatch.chdir(tmp_path)
+    assert T.cli([*map(str, lists), *BASE_RUN, "--epochs", "1", "--output-dir", "runs/a"]) == 0
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    config = str(tmp_path / "runs" / "a" / "args.json")
+    assert T.cli(["--config", config, "--resume", "auto", "--epochs", "2"]) == 0
+    assert torch.load(tmp_path / "runs" / "a" / "last.pt", weights_only=False)["epoch"] == 2
+    assert T.cli(["--config", config]) == 2  # without --resume: refused, as from the run's own directory
+    assert not (tmp_path / "elsewhere" / "runs").exists()
+
+
 def test_config_never_replays_resume_or_overwrite(tmp_path):
     """A saved args.json that continued or replaced a run: repeating it must not continue or delete anything."""
     path = tmp_path / "args.json"
@@ -1035,14 +1050,18 @@ def test_config_never_replays_resume_or_overwrite(tmp_path):
 
 def test_a_validated_best_pt_is_kept_when_a_resume_stops_validating(ids_data, tmp_path):
     """best.pt takes every epoch's weights only in a run that never validated: a validated run resumed with
-    --val-every 0 keeps the best model it measured."""
+    --val-every 0 keeps the best model it measured, needs no validation split to do so (its files may be gone),
+    and validates on its split again when resumed with it."""
     _, lists = ids_data
     argv = [*map(str, lists), *BASE_RUN, "--output-dir", str(tmp_path / "run")]
     assert T.cli([*argv, "--epochs", "1"]) == 0
     best = (tmp_path / "run" / "best.pt").read_bytes()
-    assert T.cli([*argv, "--epochs", "2", "--resume", "auto", "--val-every", "0"]) == 0
+    train_only = [*map(str, lists[:2]), *BASE_RUN, "--output-dir", str(tmp_path / "run")]
+    assert T.cli([*train_only, "--epochs", "2", "--resume", "auto", "--val-every", "0"]) == 0
     assert (tmp_path / "run" / "best.pt").read_bytes() == best
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 2
+    assert T.cli([*argv, "--epochs", "3", "--resume", "auto"]) == 0  # the split best.pt was measured on: accepted
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 3
     assert T.cli([*map(str, lists), *BASE_RUN, "--output-dir", str(tmp_path / "never"), "--epochs", "1", "--val-every", "0"]) == 0
     assert torch.load(tmp_path / "never" / "best.pt", weights_only=False)["epoch"] == 1  # for eval to take
 
@@ -1077,6 +1096,11 @@ def test_config_replays_the_resolved_speed_flags_unless_fast_is_given(tmp_path):
     assert speed(T.parse_args(["--config", str(path), "--no-fast"])) == (None,) * 6
     path.write_text(json.dumps({"loader": "map", "cache_dtype": "float32"}))  # a cache dtype that set nothing
     assert speed(T.parse_args(["--config", str(path)]))[4:] == ("map", None)
+    path.write_text(json.dumps({"amp": "bf16", "loader": "gpu", "cache_dtype": "bfloat16"}))  # the one its --amp chose
+    assert speed(T.parse_args(["--config", str(path), "--amp", "off"]))[4:] == ("gpu", None)  # resolved afresh: float32
+    assert speed(T.parse_args(["--config", str(path)]))[4:] == ("gpu", "bfloat16")
+    path.write_text(json.dumps({"amp": "bf16", "loader": "gpu", "cache_dtype": "float32"}))  # one given: kept
+    assert speed(T.parse_args(["--config", str(path), "--amp", "off"]))[4:] == ("gpu", "float32")
 
 
 @pytest.mark.parametrize("content, needle", [
