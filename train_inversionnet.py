@@ -3013,6 +3013,11 @@ def settings_notes(args, n_batches, device):
     a longer recipe, or a run continued later with a larger --epochs, gives them on purpose)."""
     beyond = [m for m in args.lr_milestones if m >= args.epochs]
     notes = [f"--lr-milestones {' '.join(f'{m:g}' for m in beyond)} not reached within --epochs {args.epochs}"] if beyond else []
+    if args.lr_scheduler == "step" and args.lr_step_size >= args.epochs:
+        notes.append(f"--lr-step-size {args.lr_step_size:g} not reached within --epochs {args.epochs}")
+    if args.lr_warmup_epochs >= args.epochs:  # (check_args refused a warm-up of the schedules without one)
+        notes.append(f"--lr-warmup-epochs {args.lr_warmup_epochs:g} does not end within --epochs {args.epochs} (the rate "
+                     f"rises throughout)")
     if args.precise_bn > n_batches:
         notes.append(f"--precise-bn {args.precise_bn}: an epoch has {n_batches} batches, all of which are averaged")
     if args.compile_mode != "default" and not args.compile:

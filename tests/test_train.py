@@ -1931,6 +1931,13 @@ def test_settings_without_effect_in_this_run_are_noted(tmp_path):
     assert notes == ("--lr-gamma 0.5 has no effect with --lr-scheduler cosine; --lr-step-size 5 has no effect with "
                      "--lr-scheduler cosine")  # noted, not refused: a --config of a step run may switch schedules
     assert T.settings_notes(small_args(lr_scheduler="step", lr_gamma=0.5, lr_step_size=5), 4, torch.device("cpu")) == ""
+    notes = T.settings_notes(small_args(lr_scheduler="step"), 4, torch.device("cpu"))
+    assert notes == "--lr-step-size 30 not reached within --epochs 10"  # the default step size: noted too
+    assert T.settings_notes(small_args(lr_scheduler="step", lr_step_size=9.5), 4, torch.device("cpu")) == ""
+    for schedule in ("cosine", "warmup-multistep"):
+        notes = T.settings_notes(small_args(lr_scheduler=schedule, lr_warmup_epochs=12), 4, torch.device("cpu"))
+        assert notes == "--lr-warmup-epochs 12 does not end within --epochs 10 (the rate rises throughout)"
+        assert T.settings_notes(small_args(lr_scheduler=schedule, lr_warmup_epochs=9.5), 4, torch.device("cpu")) == ""
     for name in ("t.txt", "v.txt", "s.json"):
         (tmp_path / name).write_text("")
     notes = T.settings_notes(small_args(persistent_workers=True, num_workers=0, train_list=str(tmp_path / "t.txt"),
