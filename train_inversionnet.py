@@ -706,11 +706,19 @@ def host_share(device):
 
 def check_cache_fits(samples, cache_dtype, device, instead):
     """Refuse --loader gpu where the caches of SAMPLES samples per process exceed the device's free memory (when
-    it is known): the fill would otherwise end in an out-of-memory error or kill."""
+    it is known): the fill would otherwise end in an out-of-memory error or kill. The ranks agree, as one device
+    may have less free than the others: a rank short of memory names its figures (rank 0 alone, where every
+    rank is short), and rank 0 says that others are."""
     need, free = cache_size(samples, cache_dtype) * host_share(device), free_memory(device)
-    if 0 < free < need:
+    short = 0 < free < need
+    ranks_short = int(all_reduce_sum(torch.tensor([float(short)])).item())
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if short:
         raise InputError(f"--loader gpu: the split's cache needs {need / 1e9:.2f} GB on {device.type} and "
-                         f"{free / 1e9:.2f} GB is free; {instead}")
+                         f"{free / 1e9:.2f} GB is free; {instead}", local=ranks_short < world)
+    if ranks_short:
+        raise InputError(f"--loader gpu: the split's cache does not fit on {ranks_short} of the {world} ranks (their "
+                         f"lines say how short); {instead}")
 
 
 def device_name(device):

@@ -910,6 +910,24 @@ def test_free_memory_on_mps_is_its_budget_left_or_unknown_before_torch_has_the_q
     assert T.free_memory(torch.device("mps")) == 0
 
 
+@pytest.mark.parametrize("free, others_short, local, needle", [
+    (20e9, 1, None, "does not fit on 1 of the 2 ranks (their lines say how short); use --loader map"),  # said by rank 0
+    (1e9, 0, True, "needs 1.42 GB on cpu and 0.10 GB is free"),  # this rank alone: its own [rank N] line
+    (1e9, 1, False, "needs 1.42 GB on cpu and 0.10 GB is free"),  # every rank: rank 0's line, once
+])
+def test_a_device_cache_too_large_for_one_rank_is_said_by_that_rank_and_rank_0(monkeypatch, free, others_short, local,
+                                                                               needle):
+    """An explicit --loader gpu is checked on every rank, and one device may have less free than the others: the
+    ranks agree, so no rank goes on to wait for one that stopped without a line."""
+    monkeypatch.setattr(T, "free_memory", lambda device: free / 10)
+    monkeypatch.setattr(T.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(T.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(T, "all_reduce_sum", lambda t: t + others_short)
+    with pytest.raises(T.InputError, match=re.escape(needle)) as e:
+        T.check_cache_fits(1000, "float32", torch.device("cpu"), "use --loader map")
+    assert local is None or e.value.local is local
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-bf16"])
 def test_fast_on_cpu_picks_the_measured_best_and_given_flags_win(monkeypatch, native):
     monkeypatch.setattr(T, "cpu_has_native_bf16", lambda: native)
