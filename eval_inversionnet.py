@@ -850,15 +850,16 @@ def cli(argv=None):
     Terminated.received = False
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
-        code = main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
-        if Terminated.received:  # (its raise was lost in a finalizer)
-            raise Terminated
-        T.wait_for_ranks(code)
-        return code
-    except (T.InputError, RuntimeError, OSError) as e:
-        if not T.report_input_error("eval_inversionnet.py", e):
-            raise
-        return 2
+        try:
+            code = main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
+            if Terminated.received:  # (its raise was lost in a finalizer)
+                raise Terminated
+            T.wait_for_ranks(code)
+            return code
+        except (T.InputError, RuntimeError, OSError) as e:  # (a signal that a failing call held back lands in here)
+            if not T.report_input_error("eval_inversionnet.py", e):
+                raise
+            return 2
     except (KeyboardInterrupt, Terminated) as e:
         signum = signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT
         if T.is_main():

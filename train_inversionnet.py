@@ -3222,18 +3222,20 @@ def exit_at_once(code):
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parse_args(argv)
         try:
-            check_args(args)
-        except InputError as e:
-            raise InputError(from_config(str(e), args.config, argv)) from None
-        code = main(args, ["train_inversionnet.py", *argv])
-        wait_for_ranks(code)
-        return code
-    except (InputError, RuntimeError, OSError) as e:
-        if not report_input_error("train_inversionnet.py", e):
-            raise
-        return 2
+            args = parse_args(argv)
+            try:
+                check_args(args)
+            except InputError as e:
+                raise InputError(from_config(str(e), args.config, argv)) from None
+            code = main(args, ["train_inversionnet.py", *argv])
+            wait_for_ranks(code)
+            return code
+        # (a Ctrl-C that a failing call held back, such as DDP's constructor when a peer has gone, lands in here)
+        except (InputError, RuntimeError, OSError) as e:
+            if not report_input_error("train_inversionnet.py", e):
+                raise
+            return 2
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training began: torchrun passes it to every rank
         if int(os.environ.get("RANK", "0")) == 0:
             print("train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous "

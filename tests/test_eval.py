@@ -1338,6 +1338,20 @@ def test_predict_removes_a_killed_runs_partial_output_but_not_a_live_runs(tiny_r
     assert np.load(out / "a_velocity.npy").shape == (2, 1, 70, 70)
 
 
+def test_a_ctrl_c_held_back_behind_a_peer_error_ends_eval_as_interrupted(monkeypatch, capsys):
+    """A call that holds a Ctrl-C back until it fails (a peer of a torchrun evaluation has gone) delivers it as its
+    error is reported: the interrupted line, exit 130, not a traceback of the one inside the other."""
+    def peer_gone(*args):
+        raise RuntimeError("Connection closed by peer")
+    def reported(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(E, "main", peer_gone)
+    monkeypatch.setattr(T, "report_input_error", reported)
+    assert E.cli(["--checkpoint", "x.pt"]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err == ("eval_inversionnet.py: interrupted; the files written so far are whole, the one "
+                                       "under way is removed\n")
+
+
 def test_a_sigterm_whose_raise_a_finalizer_swallowed_still_ends_eval_as_terminated(monkeypatch, capsys):
     swallowed = []
     monkeypatch.setattr(sys, "unraisablehook", swallowed.append)  # where Python reports what a finalizer raised

@@ -1871,12 +1871,18 @@ def test_an_empty_val_list_is_a_run_without_validation(ids_data, tmp_path, capsy
     assert "stopped at --max-steps 1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("held_back", [False, True], ids=["at-once", "behind-a-peer-error"])
 @pytest.mark.parametrize("rank", ["0", "1"])
-def test_a_ctrl_c_that_stops_at_once_is_said_once(tmp_path, capsys, monkeypatch, rank):
-    """torchrun passes a Ctrl-C to every rank: rank 0 alone says that the run stopped at once; all exit 130."""
+def test_a_ctrl_c_that_stops_at_once_is_said_once(tmp_path, capsys, monkeypatch, rank, held_back):
+    """torchrun passes a Ctrl-C to every rank: rank 0 alone says that the run stopped at once; all exit 130. A
+    call that holds the signal back until it fails (DDP's constructor, when a peer has gone) delivers it as its
+    error is reported: the same line, not a traceback of the one inside the other."""
     def pressed(*args):
+        raise RuntimeError("Connection closed by peer") if held_back else KeyboardInterrupt
+    def reported(*args):
         raise KeyboardInterrupt
     monkeypatch.setattr(T, "main", pressed)
+    monkeypatch.setattr(T, "report_input_error", reported)
     monkeypatch.setattr(T, "STOPPED_AT_ONCE", threading.Event())
     monkeypatch.setenv("RANK", rank)
     assert T.cli(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "run")]) == 130
