@@ -106,10 +106,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are InputErrors: one line instead of a page of usage, exit 2, and under
-    torchrun printed by rank 0 alone."""
+    torchrun printed by rank 0 alone, as --help is."""
 
     def __init__(self, **kwargs):  # whole flag names only: run.sh screens flags and args.json records them by name
         super().__init__(allow_abbrev=False, formatter_class=HelpFormatter, **kwargs)
+
+    def print_help(self, file=None):
+        if int(os.environ.get("RANK", "0")) == 0:
+            super().print_help(file)
 
     def error(self, message):
         raise InputError(f"{message}{HELP_HINT}")

@@ -1871,6 +1871,16 @@ def test_an_empty_val_list_is_a_run_without_validation(ids_data, tmp_path, capsy
     assert "stopped at --max-steps 1" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("script", ["train_inversionnet", "eval_inversionnet"])
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_help_is_printed_once_under_torchrun(capsys, monkeypatch, script, rank):
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).get_args_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and (out.startswith("usage: ") if rank == "0" else out == "")
+
+
 @pytest.mark.parametrize("held_back", [False, True], ids=["at-once", "behind-a-peer-error"])
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_a_ctrl_c_that_stops_at_once_is_said_once(tmp_path, capsys, monkeypatch, rank, held_back):
