@@ -245,6 +245,10 @@ def test_bad_checkpoint_or_data(tiny_run, tmp_path, capsys, case):
                                                   "read any: leave it out"),
     (["--predict", "X.npy", "--missing-traces", "5"], "--missing-traces belongs to an evaluation on labelled data; --predict "
                                                       "does not read any: leave it out"),
+    (["--predict", "X.npy", "--data-root", "."], "--data-root belongs to an evaluation on labelled data; --predict does "
+                                                 "not read any: leave it out"),
+    (["--export", "m.pt2", "--split", "train"], "--split belongs to an evaluation on labelled data; --export does not "
+                                                "read any: leave it out"),
     (["--predict", "X.npy", "--seed", "3"], "--seed belongs to an evaluation on labelled data; --predict does not read "
                                             "any: leave it out"),
     (["--export", "m.pt2", "--seed", "3"], "--seed belongs to an evaluation on labelled data; --export does not read any: "
@@ -291,6 +295,8 @@ def test_the_ends_of_each_flags_range_are_accepted(tmp_path):
     for flags in (["--noise-std", "10", "--missing-traces", "70", "--seed", str(T.MAX_SEED), "--vis", "0"],
                   ["--noise-std", "0", "--missing-traces", "0", "--seed", "0"]):
         E.check_opts(E.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "ck.pt"), *flags]))
+    for job in (["--predict", "X.npy"], ["--export", "m.pt2"]):  # a speed setting a script may pass to every job
+        E.check_opts(E.get_args_parser().parse_args(["--checkpoint", str(tmp_path / "ck.pt"), *job, "--num-workers", "0"]))
 
 
 def test_a_missing_checkpoint_flag_is_one_line(capsys):
@@ -1097,6 +1103,7 @@ def test_predict_memory_stays_bounded_by_the_batch(tiny_run, tmp_path):
     ("garbage", "unreadable or truncated .npy"),
     ("negative_shape", "bad.npy: unreadable or truncated .npy"),
     ("two_arrays", "bad.npy: 1400128 bytes after its array of 1 samples (two arrays saved into one file?)"),
+    ("two_values", "bad.npy: 132 bytes after its array of one value (two arrays saved into one file?)"),
     ("npz", "bad.npy: an .npz archive, not a .npy array"),
     ("text", "bad.npy: not a .npy file (no NumPy header)"),
     ("overflow", "bad.npy sample 2: NaN or Inf in the shot gathers"),  # float64 beyond float32's range, no numpy warning
@@ -1127,6 +1134,9 @@ def test_predict_bad_input_is_one_line(tiny_run, tmp_path, capsys, case, needle)
     elif case == "two_arrays":  # np.save twice into one open file: the second sample would be dropped unsaid
         with open(bad, "wb") as fh:
             np.save(fh, np.zeros((1, 5, 1000, 70), np.float32)), np.save(fh, np.zeros((1, 5, 1000, 70), np.float32))
+    elif case == "two_values":  # as two_arrays, of 0-d arrays: no samples to count
+        with open(bad, "wb") as fh:
+            np.save(fh, np.float32(1)), np.save(fh, np.float32(2))
     elif case == "text":
         bad.write_text("hello")
     elif case == "npz":
@@ -1347,7 +1357,10 @@ def test_a_ctrl_c_held_back_behind_a_peer_error_ends_eval_as_interrupted(monkeyp
         raise KeyboardInterrupt
     monkeypatch.setattr(E, "main", peer_gone)
     monkeypatch.setattr(T, "report_input_error", reported)
-    assert E.cli(["--checkpoint", "x.pt"]) == 128 + signal.SIGINT
+    try:
+        assert E.cli(["--checkpoint", "x.pt"]) == 128 + signal.SIGINT
+    except KeyboardInterrupt:  # (escaping, it would stop the whole pytest session)
+        pytest.fail("the Ctrl-C escaped cli()")
     assert capsys.readouterr().err == ("eval_inversionnet.py: interrupted; the files written so far are whole, the one "
                                        "under way is removed\n")
 

@@ -1066,7 +1066,7 @@ def test_config_never_replays_resume_or_overwrite(tmp_path):
     assert T.parse_args(["--config", str(path)]).resume is None
 
 
-def test_a_validated_best_pt_is_kept_when_a_resume_stops_validating(ids_data, tmp_path):
+def test_a_validated_best_pt_is_kept_when_a_resume_stops_validating(ids_data, tmp_path, capsys):
     """best.pt takes every epoch's weights only in a run that never validated: a validated run resumed with
     --val-every 0 keeps the best model it measured, needs no validation split to do so (its files may be gone),
     and validates on its split again when resumed with it."""
@@ -1078,6 +1078,12 @@ def test_a_validated_best_pt_is_kept_when_a_resume_stops_validating(ids_data, tm
     assert T.cli([*train_only, "--epochs", "2", "--resume", "auto", "--val-every", "0"]) == 0
     assert (tmp_path / "run" / "best.pt").read_bytes() == best
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 2
+    (d, m), = T.read_split_list(str(lists[3]))
+    other = write_split_list(tmp_path / "other_val.txt", [(shutil.copy(d, tmp_path / "data9.npy"),
+                                                           shutil.copy(m, tmp_path / "model9.npy"))])
+    capsys.readouterr()
+    assert T.cli([*argv[:3], str(other), *argv[4:], "--epochs", "3", "--resume", "auto"]) == 2  # another split: refused
+    assert "error: the validation split (1 file, 4 samples) differs from the one" in capsys.readouterr().err
     assert T.cli([*argv, "--epochs", "3", "--resume", "auto"]) == 0  # the split best.pt was measured on: accepted
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["epoch"] == 3
     assert T.cli([*map(str, lists), *BASE_RUN, "--output-dir", str(tmp_path / "never"), "--epochs", "1", "--val-every", "0"]) == 0
@@ -1895,7 +1901,10 @@ def test_a_ctrl_c_that_stops_at_once_is_said_once(tmp_path, capsys, monkeypatch,
     monkeypatch.setattr(T, "report_input_error", reported)
     monkeypatch.setattr(T, "STOPPED_AT_ONCE", threading.Event())
     monkeypatch.setenv("RANK", rank)
-    assert T.cli(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "run")]) == 130
+    try:
+        assert T.cli(["--data-root", str(tmp_path), "--output-dir", str(tmp_path / "run")]) == 130
+    except KeyboardInterrupt:  # (escaping, it would stop the whole pytest session)
+        pytest.fail("the Ctrl-C escaped cli()")
     said = "train_inversionnet.py: interrupted: stopped at once; last.pt, if there is one, is the previous complete checkpoint\n"
     assert capsys.readouterr().err == (said if rank == "0" else "") and T.STOPPED_AT_ONCE.is_set()
 
@@ -1967,10 +1976,14 @@ def test_settings_without_effect_in_this_run_are_noted(tmp_path):
     assert T.settings_notes(small_args(lr_scheduler="step", lr_gamma=0.5, lr_step_size=5), 4, torch.device("cpu")) == ""
     notes = T.settings_notes(small_args(lr_scheduler="step"), 4, torch.device("cpu"))
     assert notes == "--lr-step-size 30 not reached within --epochs 10"  # the default step size: noted too
+    notes = T.settings_notes(small_args(lr_scheduler="step", lr_step_size=10), 4, torch.device("cpu"))
+    assert notes == "--lr-step-size 10 not reached within --epochs 10"  # (its first decay would come after the last step)
     assert T.settings_notes(small_args(lr_scheduler="step", lr_step_size=9.5), 4, torch.device("cpu")) == ""
     for schedule in ("cosine", "warmup-multistep"):
         notes = T.settings_notes(small_args(lr_scheduler=schedule, lr_warmup_epochs=12), 4, torch.device("cpu"))
         assert notes == "--lr-warmup-epochs 12 does not end within --epochs 10 (the rate rises throughout)"
+        notes = T.settings_notes(small_args(lr_scheduler=schedule, lr_warmup_epochs=10), 4, torch.device("cpu"))
+        assert notes == "--lr-warmup-epochs 10 does not end within --epochs 10 (the rate rises throughout)"
         assert T.settings_notes(small_args(lr_scheduler=schedule, lr_warmup_epochs=9.5), 4, torch.device("cpu")) == ""
     for name in ("t.txt", "v.txt", "s.json"):
         (tmp_path / name).write_text("")
