@@ -3143,6 +3143,8 @@ def report_input_error(script, e):
         return True
     if isinstance(e, RuntimeError) and OUT_OF_MEMORY.search(str(e)):
         e = InputError(out_of_memory(script, str(e)), local=True)
+    if isinstance(e, RuntimeError) and SHM_FULL.search(str(e)):
+        e = InputError(shared_memory_full(), local=True)
     died = loader_worker_death(e)
     if died:
         e = InputError(died, local=True)
@@ -3200,6 +3202,22 @@ def out_of_memory(script, text):
                                       "of the device cache",
              "eval_inversionnet.py": "--batch-size, or --loader map in place of the device cache"}[script]
     return f"{which.split()[0] if which else 'CPU'} out of memory{f' allocating {size}' if size else ''}; lower {lower}"
+
+
+# torch's words when a loader worker cannot place a batch in shared memory (/dev/shm) for the main process
+SHM_FULL = re.compile(r"unable to allocate shared memory\(shm\)|unable to write to file </torch_")
+
+
+def shared_memory_full():
+    """The one line of a loader worker that found /dev/shm full: a container's 64 MB default holds a few batches."""
+    try:
+        st = os.statvfs("/dev/shm")
+        size = f" ({st.f_blocks * st.f_frsize / 2**20:.0f} MB here)"
+    except OSError:
+        size = ""
+    return (f"the DataLoader workers cannot hand batches over: the shared memory /dev/shm is full{size}; lower "
+            f"--num-workers or --batch-size, use --loader gpu (no workers), or give /dev/shm more room (docker run "
+            f"--shm-size 8g)")
 
 
 STOPPED_AT_ONCE = threading.Event()

@@ -12,6 +12,7 @@ import os
 import platform
 import re
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -734,6 +735,44 @@ def test_a_loader_worker_that_died_otherwise_is_one_line(capsys):
         assert T.report_input_error("train_inversionnet.py", e)
         assert capsys.readouterr().err == worker_died_line(signal_name)
     assert not T.report_input_error("train_inversionnet.py", ConnectionResetError(errno.ECONNRESET, "elsewhere"))
+
+
+SHM_FULL_LINE = ("train_inversionnet.py: error: the DataLoader workers cannot hand batches over: the shared memory "
+                 "/dev/shm is full ({} MB here); lower --num-workers or --batch-size, use --loader gpu (no workers), or "
+                 "give /dev/shm more room (docker run --shm-size 8g)\n")
+
+# a worker whose batch is larger than the /dev/shm it hands it over through (a container's is 64 MB by default)
+BATCH_LARGER_THAN_SHM = """
+import sys, torch
+import train_inversionnet as T
+class Big(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return torch.zeros(4 * 2**20)  # 16 MB
+try:
+    for _ in torch.utils.data.DataLoader(Big(), batch_size=2, num_workers=1):
+        pass
+except Exception as e:
+    sys.exit(2 if T.report_input_error("train_inversionnet.py", e) else 1)
+"""
+
+
+def test_a_full_dev_shm_is_one_line_naming_its_size_and_the_flags(capsys):
+    """Docker gives a container 64 MB of /dev/shm, through which loader workers hand over their batches (1.4 MB a
+    sample): torch's error, raised in the worker, becomes one line; run for real where a private mount can shrink it."""
+    caught = RuntimeError("Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                          "last):\nRuntimeError: unable to allocate shared memory(shm) for file </torch_29632_3254_2>: "
+                          "No space left on device (28)\n")
+    assert T.report_input_error("train_inversionnet.py", caught)
+    st = os.statvfs("/dev/shm")
+    assert capsys.readouterr().err == SHM_FULL_LINE.format(f"{st.f_blocks * st.f_frsize / 2**20:.0f}")
+    private = ("mount -t tmpfs -o size=16m tmpfs /dev/shm && exec " + shlex.quote(sys.executable) + " -c "
+               + shlex.quote(BATCH_LARGER_THAN_SHM))
+    if not shutil.which("unshare") or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("no private mount namespace here (needs root and unshare): the real case is not run")
+    r = subprocess.run(["unshare", "-m", "sh", "-c", private], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr == SHM_FULL_LINE.format(16), r.stderr[-3000:]
 
 
 def test_simulator_out_of_memory_is_one_line(tmp_path, monkeypatch, capsys):
