@@ -849,6 +849,7 @@ def cli(argv=None):
     main_thread = threading.current_thread() is threading.main_thread()  # where alone signal handlers can be set
     Terminated.received = False
     previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    # two tries: a signal that a failing call held back arrives inside the inner one's error report
     try:
         try:
             code = main(get_args_parser().parse_args(argv), ["eval_inversionnet.py", *argv])
@@ -856,7 +857,7 @@ def cli(argv=None):
                 raise Terminated
             T.wait_for_ranks(code)
             return code
-        except (T.InputError, RuntimeError, OSError) as e:  # (a signal that a failing call held back lands in here)
+        except (T.InputError, RuntimeError, OSError) as e:
             if not T.report_input_error("eval_inversionnet.py", e):
                 raise
             return 2

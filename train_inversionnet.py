@@ -3243,6 +3243,8 @@ def exit_at_once(code):
 
 def cli(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
+    # two tries: a Ctrl-C that a failing call held back (DDP's constructor does, when a peer has gone) arrives
+    # inside the inner one's error report
     try:
         try:
             args = parse_args(argv)
@@ -3253,7 +3255,6 @@ def cli(argv=None):
             code = main(args, ["train_inversionnet.py", *argv])
             wait_for_ranks(code)
             return code
-        # (a Ctrl-C that a failing call held back, such as DDP's constructor when a peer has gone, lands in here)
         except (InputError, RuntimeError, OSError) as e:
             if not report_input_error("train_inversionnet.py", e):
                 raise
