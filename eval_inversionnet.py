@@ -564,7 +564,7 @@ def run_evaluation(opts, argv):
     result = result_dict(opts, targs, normalizer, stats_from, pairs, metrics, base)
     result |= training_record(ckpt, opts, train_pairs, pairs)
     result["forward"] = {"amp": dtype_name(amp_dtype), "channels_last": channels_last,
-                         "ssim": dtype_name(T.ssim_dtype(device))}
+                         "ssim": dtype_name(T.accum_dtype(device))}
     result["provenance"] = {"evaluation": T.provenance(device, argv, world),
                             "training": ckpt.get("provenance")}
     write_results(out, result, rows, sample_places(pairs, counts))

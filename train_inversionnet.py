@@ -1769,7 +1769,7 @@ def load_matching(model, path):
 def gaussian_blur_matrix(n, size, sigma, device, dtype):
     """(n, n) matrix A such that A @ X filters the rows of X with the 1-D Gaussian window, zero padded: the
     2-D window is the outer product of two, so A_h @ X @ A_w.T is the zero-padded 'same' convolution."""
-    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma ** 2))
+    g = torch.exp(-((torch.arange(size, dtype=dtype) - size // 2) ** 2) / (2 * sigma ** 2))
     g = g / g.sum()
     i = torch.arange(n)
     offset = i[None, :] - i[:, None] + size // 2  # A[i, a] = g[a - i + size // 2] inside the window
@@ -1777,8 +1777,10 @@ def gaussian_blur_matrix(n, size, sigma, device, dtype):
     return torch.where(inside, g[offset.clamp(0, size - 1)], 0.0).to(device=device, dtype=dtype)
 
 
-def ssim_dtype(device):
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+def accum_dtype(device):
+    """The dtype that SSIM and every running sum (metrics, loss) use on DEVICE: float64, or float32 on MPS,
+    which has no float64 and refuses to make a tensor of it."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def ssim_per_sample(pred, target, window_size=11, sigma=1.5):
@@ -1787,7 +1789,7 @@ def ssim_per_sample(pred, target, window_size=11, sigma=1.5):
     (float32 on MPS, which has none): on layered velocity maps the local variances are differences of nearly
     equal numbers, which float32 leaves 1e-4 off and a TF32 convolution (cuDNN's default on CUDA) by 1e-2.
     The window filters as two matrix products, which run as fast in float64 as the convolution in float32."""
-    dtype = ssim_dtype(pred.device)
+    dtype = accum_dtype(pred.device)
     x, y = (pred.to(dtype) + 1) / 2, (target.to(dtype) + 1) / 2
     a_h, a_w = (gaussian_blur_matrix(n, window_size, sigma, x.device, dtype) for n in x.shape[-2:])
     blur = lambda t: a_h @ t @ a_w.T
@@ -1807,8 +1809,8 @@ def per_sample_metrics(pred, target):
 
 
 def metric_sums(per_sample):
-    """(n, 3) per-sample metrics -> [sum of MAE, MSE, SSIM, count] (float64), on their device, no host sync."""
-    m = per_sample.double()
+    """(n, 3) per-sample metrics -> [sum of MAE, MSE, SSIM, count] (accum_dtype), on their device, no host sync."""
+    m = per_sample.to(accum_dtype(per_sample.device))
     return torch.cat([m.sum(0), torch.ones_like(m[:1, 0]) * len(m)])
 
 
@@ -2154,7 +2156,7 @@ class Monitor:
         if samples and not is_main():
             loss, samples = 0.0, 0
         run.epoch_loss = NO_EPOCH_LOSS
-        self.loss_sum = torch.full((), loss, device=run.device, dtype=torch.float64)  # sum over samples, kept on the device
+        self.loss_sum = torch.full((), loss, device=run.device, dtype=accum_dtype(run.device))  # sum over samples, on the device
         self.samples = samples
         self.bad_at = torch.full((), NO_BAD_BATCH, device=run.device, dtype=torch.long)
         self.seen, self.t_wait, self.t_last = 0, 0.0, time.perf_counter()
@@ -2176,7 +2178,7 @@ class Monitor:
     def after_step(self, run, loss, n):
         b = torch.full_like(self.bad_at, run.batch_in_epoch - 1)
         self.bad_at = torch.where((self.bad_at == NO_BAD_BATCH) & ~torch.isfinite(loss), b, self.bad_at)
-        self.loss_sum.add_(loss.double(), alpha=n)
+        self.loss_sum.add_(loss.to(self.loss_sum.dtype), alpha=n)
         self.seen, self.samples = self.seen + n, self.samples + n
         # the step has moved the schedule on: the rate it trained at is the one read before it
         self.lr, self.lr_next = self.lr_next, run.optimizer.param_groups[0]["lr"]
@@ -2214,8 +2216,7 @@ class Monitor:
     def mean_loss(self):
         """The mean loss per sample so far this epoch, over every rank (batches can differ in size); under DDP a
         collective, so every rank calls it at the same step (the log steps, the epoch's end)."""
-        total = torch.stack([self.loss_sum, torch.tensor(float(self.samples), device=self.loss_sum.device,
-                                                          dtype=torch.float64)])
+        total = torch.stack([self.loss_sum, torch.full_like(self.loss_sum, self.samples)])
         if dist.is_initialized():
             dist.all_reduce(total)
         loss_sum, samples = total.tolist()  # one host sync for both
@@ -2322,7 +2323,7 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
     asks Stop.check whether to use them); every rank still meets the others in the final reduction."""
     from tqdm import tqdm
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64, device=device)  # MAE, MSE, SSIM, count, loss (sums)
+    sums = torch.zeros(5, dtype=accum_dtype(device), device=device)  # MAE, MSE, SSIM, count, loss (sums)
     rows, first = [], None
     batches = device_batches(loader, device, normalizer, channels_last)
     for x, y in tqdm(batches, total=len(loader), desc="eval", leave=False, disable=not shows_bar(progress)):
@@ -2330,7 +2331,7 @@ def evaluate(model, loader, device, normalizer=None, amp_dtype=None, channels_la
             break
         pred, y = forward(model, x, amp_dtype).float(), y.float()  # metrics accumulate in float32/float64 whatever the forward ran in
         m = per_sample_metrics(pred, y)
-        sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).double() * len(m))[None]])
+        sums += torch.cat([metric_sums(m), (loss_fn(pred, y, *loss_weights).to(sums.dtype) * len(m))[None]])
         if per_sample:
             rows.append(m.cpu())
         if first is None:

@@ -408,6 +408,48 @@ def test_metric_sums_reduce_as_sum_and_count():
     assert halves["mae"] == pytest.approx(m["mae"]) and halves["ssim"] == pytest.approx(m["ssim"])
 
 
+
+class Float64Made(torch.overrides.TorchFunctionMode):
+    """Names every torch call that returns a float64 tensor: on MPS each would be an error."""
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in torch.utils._pytree.tree_leaves(out)):
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return out
+
+
+def test_with_the_float32_sums_of_mps_an_epoch_and_an_evaluation_make_no_float64_tensor(monkeypatch):
+    """MPS has no float64 and refuses to make a tensor of it. With accum_dtype as it is there (float32), a training
+    epoch (its step, running loss and log line) and an evaluation (SSIM, metric and loss sums) make none, and give
+    the float64 figures to float32 precision."""
+    torch.manual_seed(0)
+    y = torch.rand(6, 1, 70, 70) * 2 - 1
+    x = y + 0.1 * torch.randn_like(y)
+
+    def epoch_and_evaluation():
+        model = torch.nn.Conv2d(1, 1, 3, padding=1)
+        torch.nn.init.dirac_(model.weight)
+        torch.nn.init.zeros_(model.bias)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        run = T.Run(model, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda it: 1.0),
+                    torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+        loss = T.train_one_epoch(run, T.RepeatedBatch(x, y, 3), T.Monitor(log_every=2), T.Stop())
+        return loss, T.evaluate(model, T.RepeatedBatch(x, y, 2), torch.device("cpu"), loss_weights=(1.0, 1.0))
+
+    loss64, metrics64 = epoch_and_evaluation()
+    monkeypatch.setattr(T, "accum_dtype", lambda device: torch.float32)
+    with Float64Made() as made:
+        loss32, metrics32 = epoch_and_evaluation()
+    assert made.calls == []
+    assert loss32 == pytest.approx(loss64, rel=1e-6) and metrics32["count"] == metrics64["count"] == 12
+    for k in ("mae", "mse", "ssim", "loss"):
+        assert metrics32[k] == pytest.approx(metrics64[k], rel=1e-5), k
+
+
 # ---- schedules ----
 
 def lr_trace(steps, **flags):
