@@ -2374,10 +2374,20 @@ def say_if_complete(run, args, stop, n_batches):
         print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
 
 
+def time_left(run, args, n_batches, steps, seconds):
+    """The wall time the run's remaining steps take at the pace of this process's STEPS so far (their validations
+    and checkpoints included), as the end of an epoch's line: on a slow machine the first epoch says what the run costs."""
+    total = args.epochs * n_batches if args.max_steps is None else min(args.epochs * n_batches, args.max_steps)
+    if run.step >= total or steps <= 0:
+        return ""
+    s = seconds / steps * (total - run.step)
+    return f"; about {s:.0f} s left" if s < 90 else f"; about {s / 60:.0f} min left" if s < 5400 else f"; about {s / 3600:.1f} h left"
+
+
 def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
     stop, writer = Stop(args.max_steps), CheckpointWriter()
-    start = run.step
+    start, started = run.step, time.perf_counter()
     # a larger --max-steps trains on and validates where it ends; --val-every 0 (no split) validates nothing
     run.val_due &= stop.reached_max(run) and val_loader is not None
     say_if_complete(run, args, stop, len(train_loader))
@@ -2426,7 +2436,8 @@ def fit(run, train_loader, val_loader, monitor, args):
             finally:
                 times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
                 monitor.scalars("epoch_seconds", times, run.step)
-                print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}")
+                left = time_left(run, args, len(train_loader), run.step - start, time.perf_counter() - started)
+                print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}{left}")
         writer.wait()  # (a last.pt the loop has just handed to rank 0's writer is there now)
         # the ranks agree on rank 0's answer: the others' writers wait for nothing, and their file system may differ
         missing = is_main() and not os.path.isfile(os.path.join(args.output_dir, "last.pt"))

@@ -842,8 +842,9 @@ def test_resume_gives_identical_weights(tmp_path, ids_data):
     r = run_script(TRAIN, *lists, *common, "--epochs", 2, "--output-dir", a)
     assert r.returncode == 0, r.stderr
     # each epoch's line ends with where its time went, and TensorBoard has the same three figures
-    split = r"\| \d+\.\d s train, \d+\.\d s val, \d+\.\d s checkpoint$"
-    assert len(re.findall(rf"^epoch \d train loss \S+ \| val loss .* SSIM \S+ {split}", r.stdout, flags=re.M)) == 2, r.stdout
+    split = r"\| \d+\.\d s train, \d+\.\d s val, \d+\.\d s checkpoint"
+    lines = re.findall(rf"^epoch \d train loss \S+ \| val loss .* SSIM \S+ {split}(.*)$", r.stdout, flags=re.M)
+    assert len(lines) == 2 and re.fullmatch(r"; about \d+ s left", lines[0]) and lines[1] == "", r.stdout  # then the time to go
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(a / "tb"))
     events.Reload()
@@ -937,6 +938,20 @@ def test_profile_writes_a_trace(tmp_path, ids_data):
     assert r.returncode == 0, r.stderr[-3000:]
     assert list((out / "tb").glob("*.pt.trace.json*"))
 
+
+
+def test_the_time_left_is_the_remaining_steps_at_this_processes_pace():
+    """An epoch's line ends with the time to go: the steps left to --epochs (or --max-steps, the earlier) at the
+    pace of the steps this process trained (a resumed run's earlier steps ran elsewhere, at another pace)."""
+    args = T.get_args_parser().parse_args(["--epochs", "10"])
+    at = lambda step: types.SimpleNamespace(step=step)
+    assert T.time_left(at(100), args, 100, steps=100, seconds=60) == "; about 9 min left"  # 900 steps at 0.6 s
+    assert T.time_left(at(500), args, 100, steps=100, seconds=10) == "; about 50 s left"  # resumed at step 400
+    assert T.time_left(at(100), args, 100, steps=100, seconds=3600) == "; about 9.0 h left"
+    assert T.time_left(at(1000), args, 100, steps=100, seconds=60) == ""  # the last epoch: nothing to go
+    args.max_steps = 150
+    assert T.time_left(at(100), args, 100, steps=100, seconds=60) == "; about 30 s left"
+    assert T.time_left(at(150), args, 100, steps=0, seconds=5) == ""
 
 # ---- --fast ----
 
