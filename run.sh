@@ -15,7 +15,8 @@ Usage: bash run.sh [--profile auto|cpu|gpu] [--family flatvel|curvevel|flatfault
 
 Main job: install what is missing, simulate data with simulate_openfwi.py (reused when already
 there), train with train_inversionnet.py, evaluate with eval_inversionnet.py, print a summary.
-  --profile    cpu: 800 samples (700 train, 100 val), the --fast path and a recipe measured to finish within 10 minutes on 2 cores;
+  --profile    cpu: 800 samples (700 train, 100 val), the --fast path and a 13-epoch recipe (6 to 10 minutes on 2 cores
+               with fast bf16, 23 on an Intel VM without AMX; each epoch's line says the time left);
                gpu: 15,000 samples (half of OpenFWI's FlatVel-A: 12,000 train, 3,000 val) and the --fast path with L1 + L2 for 170 epochs (about 8 minutes on an H200);
                auto (default): gpu when CUDA is available, else cpu
   --family     velocity-model family to simulate (default flatvel)
