@@ -2374,20 +2374,32 @@ def say_if_complete(run, args, stop, n_batches):
         print0(f"the run has reached --max-steps {args.max_steps} (step {run.step}); a larger --max-steps trains on")
 
 
-def time_left(run, args, n_batches, steps, seconds):
-    """The wall time the run's remaining steps take at the pace of this process's STEPS so far (their validations
-    and checkpoints included), as the end of an epoch's line: on a slow machine the first epoch says what the run costs."""
-    total = args.epochs * n_batches if args.max_steps is None else min(args.epochs * n_batches, args.max_steps)
-    if run.step >= total or steps <= 0:
-        return ""
-    s = seconds / steps * (total - run.step)
-    return f"; about {s:.0f} s left" if s < 90 else f"; about {s / 60:.0f} min left" if s < 5400 else f"; about {s / 3600:.1f} h left"
+class TimeLeft:
+    """The wall time the run's remaining steps take at this process's pace (validations and checkpoints included), as
+    the end of each epoch's line: on a slow machine the first epochs say what the run will cost. This process's
+    first epoch pays one-off costs (a torch.compile run compiles for tens of seconds in it), so the pace is that of
+    the epochs after it; a run that compiles nothing says its first epoch's pace meanwhile."""
+
+    def __init__(self, run, args, n_batches):
+        self.total = args.epochs * n_batches if args.max_steps is None else min(args.epochs * n_batches, args.max_steps)
+        self.since, self.first, self.compiles = (run.step, time.perf_counter()), True, args.compile
+
+    def after_epoch(self, run):
+        (step, t), now = self.since, time.perf_counter()
+        if self.first:
+            self.since, self.first = (run.step, now), False
+            if self.compiles:
+                return ""
+        if run.step >= self.total or run.step <= step:
+            return ""
+        s = (now - t) / (run.step - step) * (self.total - run.step)
+        return f"; about {s:.0f} s left" if s < 90 else f"; about {s / 60:.0f} min left" if s < 5400 else f"; about {s / 3600:.1f} h left"
 
 
 def fit(run, train_loader, val_loader, monitor, args):
     """The epoch loop: train, validate, checkpoint, until --epochs, --max-steps or a signal. Returns the exit code."""
     stop, writer = Stop(args.max_steps), CheckpointWriter()
-    start, started = run.step, time.perf_counter()
+    start, time_left = run.step, TimeLeft(run, args, len(train_loader))
     # a larger --max-steps trains on and validates where it ends; --val-every 0 (no split) validates nothing
     run.val_due &= stop.reached_max(run) and val_loader is not None
     say_if_complete(run, args, stop, len(train_loader))
@@ -2436,8 +2448,7 @@ def fit(run, train_loader, val_loader, monitor, args):
             finally:
                 times = {"train": t1 - t0, "val": t2 - t1, "checkpoint": time.perf_counter() - t2}
                 monitor.scalars("epoch_seconds", times, run.step)
-                left = time_left(run, args, len(train_loader), run.step - start, time.perf_counter() - started)
-                print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}{left}")
+                print0(f"{line} | {', '.join(f'{v:.1f} s {k}' for k, v in times.items())}{time_left.after_epoch(run)}")
         writer.wait()  # (a last.pt the loop has just handed to rank 0's writer is there now)
         # the ranks agree on rank 0's answer: the others' writers wait for nothing, and their file system may differ
         missing = is_main() and not os.path.isfile(os.path.join(args.output_dir, "last.pt"))

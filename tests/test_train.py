@@ -440,8 +440,9 @@ def test_with_the_float32_sums_of_mps_an_epoch_and_an_evaluation_make_no_float64
         loss = T.train_one_epoch(run, T.RepeatedBatch(x, y, 3), T.Monitor(log_every=2), T.Stop())
         return loss, T.evaluate(model, T.RepeatedBatch(x, y, 2), torch.device("cpu"), loss_weights=(1.0, 1.0))
 
+    assert T.accum_dtype(torch.device("mps")) == torch.float32 and T.accum_dtype(torch.device("cpu")) == torch.float64
     loss64, metrics64 = epoch_and_evaluation()
-    monkeypatch.setattr(T, "accum_dtype", lambda device: torch.float32)
+    monkeypatch.setattr(T, "accum_dtype", lambda device: torch.float32)  # as on MPS
     with Float64Made() as made:
         loss32, metrics32 = epoch_and_evaluation()
     assert made.calls == []
@@ -844,7 +845,7 @@ def test_resume_gives_identical_weights(tmp_path, ids_data):
     # each epoch's line ends with where its time went, and TensorBoard has the same three figures
     split = r"\| \d+\.\d s train, \d+\.\d s val, \d+\.\d s checkpoint"
     lines = re.findall(rf"^epoch \d train loss \S+ \| val loss .* SSIM \S+ {split}(.*)$", r.stdout, flags=re.M)
-    assert len(lines) == 2 and re.fullmatch(r"; about \d+ s left", lines[0]) and lines[1] == "", r.stdout  # then the time to go
+    assert len(lines) == 2 and re.fullmatch(r"; about [\d.]+ (s|min|h) left", lines[0]) and lines[1] == "", r.stdout  # the time to go
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     events = EventAccumulator(str(a / "tb"))
     events.Reload()
@@ -940,18 +941,29 @@ def test_profile_writes_a_trace(tmp_path, ids_data):
 
 
 
-def test_the_time_left_is_the_remaining_steps_at_this_processes_pace():
-    """An epoch's line ends with the time to go: the steps left to --epochs (or --max-steps, the earlier) at the
-    pace of the steps this process trained (a resumed run's earlier steps ran elsewhere, at another pace)."""
-    args = T.get_args_parser().parse_args(["--epochs", "10"])
-    at = lambda step: types.SimpleNamespace(step=step)
-    assert T.time_left(at(100), args, 100, steps=100, seconds=60) == "; about 9 min left"  # 900 steps at 0.6 s
-    assert T.time_left(at(500), args, 100, steps=100, seconds=10) == "; about 50 s left"  # resumed at step 400
-    assert T.time_left(at(100), args, 100, steps=100, seconds=3600) == "; about 9.0 h left"
-    assert T.time_left(at(1000), args, 100, steps=100, seconds=60) == ""  # the last epoch: nothing to go
-    args.max_steps = 150
-    assert T.time_left(at(100), args, 100, steps=100, seconds=60) == "; about 30 s left"
-    assert T.time_left(at(150), args, 100, steps=0, seconds=5) == ""
+def test_the_time_left_is_the_remaining_steps_at_the_pace_of_this_processes_epochs_after_its_first(monkeypatch):
+    """An epoch's line ends with the time to go: the steps left to --epochs (or --max-steps, the earlier) at the pace
+    of this process's epochs after its first, which pays one-off costs (a compilation); until then, the first
+    epoch's own pace, unless it compiled. A resumed run's earlier steps ran elsewhere and do not count."""
+    clock = iter([0.0, 60.0, 90.0, 3690.0])
+    monkeypatch.setattr(T.time, "perf_counter", lambda: next(clock))
+    args, run = T.get_args_parser().parse_args(["--epochs", "10"]), types.SimpleNamespace(step=400)  # resumed at 400
+    left = T.TimeLeft(run, args, n_batches=100)  # t = 0
+    run.step = 500
+    assert left.after_epoch(run) == "; about 5 min left"  # t = 60: 500 steps at 0.6 s
+    run.step = 600
+    assert left.after_epoch(run) == "; about 2 min left"  # t = 90: the second epoch alone, 400 steps at 0.3 s
+    run.step = 700
+    assert left.after_epoch(run) == "; about 1.5 h left"  # t = 3690: 200 steps in 3630 s since the first epoch, 300 to go
+    clock = iter([0.0, 60.0, 90.0, 95.0])
+    args.compile, args.max_steps, run.step = True, 350, 100
+    left = T.TimeLeft(run, args, n_batches=100)
+    run.step = 200
+    assert left.after_epoch(run) == ""  # compiled: its first epoch's pace says nothing of the rest
+    run.step = 300
+    assert left.after_epoch(run) == "; about 15 s left"  # to --max-steps 350, at 0.3 s a step
+    run.step = 350
+    assert left.after_epoch(run) == ""  # the end: nothing to go
 
 # ---- --fast ----
 
