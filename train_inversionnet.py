@@ -1858,11 +1858,16 @@ def build_scheduler(optimizer, args, iters_per_epoch, start=0):
 SCHEDULE_FLAGS = ("lr_scheduler", "epochs", "max_steps", "lr_warmup_epochs", "lr_milestones", "lr_step_size", "lr_gamma")
 
 
+def total_steps(args, iters_per_epoch):
+    """The run's last step: the end of --epochs, or --max-steps when that comes first."""
+    return args.epochs * iters_per_epoch if args.max_steps is None else min(args.epochs * iters_per_epoch, args.max_steps)
+
+
 def lr_factor(args, iters_per_epoch):
     """The schedule's multiplier of the learning rate at each iteration, as the SCHEDULE_FLAGS set it."""
     ipe = max(iters_per_epoch, 1)
     warm = args.lr_warmup_epochs * ipe
-    total = args.epochs * ipe if args.max_steps is None else min(args.epochs * ipe, args.max_steps)
+    total = total_steps(args, ipe)
 
     def warmup(it):
         return 1e-5 + (1 - 1e-5) * it / warm if it < warm else 1.0  # OpenFWI warmup_factor 1e-5
@@ -2381,7 +2386,7 @@ class TimeLeft:
     the epochs after it; a run that compiles nothing says its first epoch's pace meanwhile."""
 
     def __init__(self, run, args, n_batches):
-        self.total = args.epochs * n_batches if args.max_steps is None else min(args.epochs * n_batches, args.max_steps)
+        self.total = total_steps(args, n_batches)
         self.since, self.first, self.compiles = (run.step, time.perf_counter()), True, args.compile
 
     def after_epoch(self, run):
