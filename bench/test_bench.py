@@ -12,6 +12,7 @@ run. With --benchmark-disable (as `bash run.sh test` runs it) each body runs onc
 """
 import functools
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -449,3 +450,26 @@ def test_a_bench_switch_set_to_what_it_cannot_be_stops_the_run_in_one_line():
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert (r.returncode, r.stdout, r.stderr.strip()) == (
         4, "", "ERROR: BENCH_SCALE must be small or gpu, got 'GPU'; BENCH_COMPILE must be 0 or 1, got 'yes'"), r.stderr
+
+
+def test_a_run_stopped_inside_a_benchmark_keeps_the_figures_measured_before(tmp_path):
+    """Ctrl-C (or a time limit's SIGINT) in the middle of a long GPU bench run once ended in a traceback from
+    pytest-benchmark's JSON writer and no figures at all. Here the second benchmark is stopped at its first epoch."""
+    (tmp_path / "stop_second_benchmark.py").write_text(
+        "import train_inversionnet as T\n"
+        "calls, device_batches = [0], T.device_batches\n"
+        "def stopping(*a, **k):  # the device cache case takes 3 epochs (1 warm-up, 2 rounds); the 4th is the next case's\n"
+        "    calls[0] += 1\n"
+        "    if calls[0] == 4:\n"
+        "        raise KeyboardInterrupt\n"
+        "    return device_batches(*a, **k)\n"
+        "T.device_batches = stopping\n")
+    env = {**os.environ, "BENCH_SCALE": "small", "PYTHONPATH": os.pathsep.join([str(tmp_path), ROOT])}
+    report = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-only", "-p", "no:cacheprovider", "-p",
+                        "stop_second_benchmark", "-k", "loader_throughput and (gpu or map-0)", "--benchmark-json", str(report)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "KeyboardInterrupt" in r.stdout and "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    assert "InversionNet: where the time goes" in r.stdout and "test_loader_throughput[gpu-0-False] " in r.stdout, r.stdout
+    saved = json.loads(report.read_text())["benchmarks"]
+    assert [b["name"] for b in saved] == ["test_loader_throughput[gpu-0-False]"] and saved[0]["extra_info"]["samples_per_s"] > 0
