@@ -71,8 +71,8 @@ def get_args_parser():
                    help="autocast dtype of the forward pass (metrics are computed in float32, SSIM in float64, or float32 on MPS); auto: the one the checkpoint was "
                         "trained with (off for a checkpoint that records none); off: float32 throughout")
     p.add_argument("--loader", default="map", choices=["map", "gpu"], help="map: mmap reads; gpu: split held on the device")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of an evaluation (--predict reads its "
-                   "files in its own process, a batch at a time, and takes none)")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of an evaluation; 0: reader threads of this "
+                   "process (--predict reads its files in its own process, a batch at a time, and takes none)")
     p.add_argument("--vis", type=int, default=3, help="number of samples to draw (best, median, worst, ...; with --predict the first, "
                    f"at most {PICTURE_ROWS}); 0: none")
     p.add_argument("--noise-std", type=float, default=0.0, help="Gaussian noise, as a fraction of each trace's peak amplitude")

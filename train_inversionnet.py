@@ -157,7 +157,8 @@ def add_data_args(g):
                         "the autocast dtype, else float32")
     g.add_argument("--normalize", default="device", choices=["device", "workers"],
                    help="where the log/min-max normalisation runs (OpenFWI: in workers)")
-    g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank")
+    g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes per rank; 0: reader threads "
+                   "of this process read each batch straight into place (--loader map)")
     g.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None, help="pinned host batches (default: on with CUDA)")
     g.add_argument("--prefetch-factor", type=int, default=2, help="batches prefetched per worker")
     g.add_argument("--persistent-workers", action=argparse.BooleanOptionalAction, default=None,
@@ -1186,17 +1187,38 @@ class MapDataset(torch.utils.data.Dataset):
         f = int(np.searchsorted(self.offsets, idx, side="right") - 1)
         return f, idx - int(self.offsets[f])
 
-    def __getitem__(self, idx):
+    def maps(self):
         if self._maps is None:
             self._maps = [(np.load(d, mmap_mode="r"), np.load(m, mmap_mode="r")) for d, m in self.pairs]
+        return self._maps
+
+    def __getitem__(self, idx):
         f, j = self.locate(idx)
-        x, y = np.array(self._maps[f][0][j]), np.array(self._maps[f][1][j])
+        x, y = np.array(self.maps()[f][0][j]), np.array(self.maps()[f][1][j])
         check_finite(x[None], y[None], self.pairs[f], [j])
         x, y = torch.from_numpy(x), torch.from_numpy(y)
         if self.transform is not None:
             x = self.transform(x, idx)
         if self.normalizer is not None:
             x, y = self.normalizer.data(x), self.normalizer.label(y)
+        return x, y
+
+    def read_batch(self, indices, pin=False):
+        """The samples INDICES stacked, as __getitem__ gives them, each copied once: straight out of its map
+        into the batch (pinned when PIN)."""
+        x = torch.empty((len(indices), *DATA_SHAPE), pin_memory=pin)
+        y = torch.empty((len(indices), *LABEL_SHAPE), pin_memory=pin)
+        for i, idx in enumerate(indices):
+            f, j = self.locate(idx)
+            xi, yi = x[i].numpy(), y[i].numpy()
+            np.copyto(xi, self.maps()[f][0][j])
+            np.copyto(yi, self.maps()[f][1][j])
+            check_finite(xi[None], yi[None], self.pairs[f], [j])
+            if self.transform is not None:
+                x[i] = self.transform(x[i], idx)
+        if self.normalizer is not None:
+            x, y = self.normalizer.data(x), self.normalizer.label(y)
+            x, y = (x.pin_memory(), y.pin_memory()) if pin else (x, y)
         return x, y
 
     def __getstate__(self):  # never pickle open maps into workers
@@ -1380,6 +1402,12 @@ class EvalSampler(torch.utils.data.Sampler):
         return len(range(self.rank, self.n, self.world))
 
 
+def reader_threads():
+    """Threads that read data files in this process: 4 x a page-cached read's 2 GB/s is past what a pageable copy
+    to a GPU takes; the ranks on a node share its cores."""
+    return max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def read_samples(pairs, counts, keep, chunk=64):
     """The samples numbered KEEP (ascending, over the files in order) as checked float32 arrays, in chunks of
     at most CHUNK, in order. Threads read and check the chunks ahead of the caller (numpy releases the GIL
@@ -1395,8 +1423,7 @@ def read_samples(pairs, counts, keep, chunk=64):
     jobs = [(dpath, lpath, mine[s:s + chunk])
             for (dpath, lpath), lo, hi in zip(pairs, starts, starts[1:])
             for mine in [keep[(keep >= lo) & (keep < hi)] - lo] for s in range(0, len(mine), chunk)]
-    # 4 x 2 GB/s is past what a pageable copy to a GPU takes; the ranks on a node share its cores
-    threads = max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    threads = reader_threads()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         ahead = collections.deque()
         for job in jobs:
@@ -1450,6 +1477,33 @@ class DeviceLoader:
         for b in range(self.start, len(self)):
             idx = order[b * self.batch:(b + 1) * self.batch]
             yield self.x.index_select(0, idx), self.y.index_select(0, idx)
+
+
+class BatchReader:
+    """--loader map without worker processes (--num-workers 0): reader threads each read a whole batch
+    (MapDataset.read_batch), a batch per thread ahead of the loop, in the sampler's order. Each sample is copied
+    once, into a batch pinned on CUDA, where a DataLoader in this process copies it three times (out of the map,
+    into the stacked batch, into pinned memory) on the thread that also launches the steps."""
+
+    def __init__(self, dataset, sampler, batch_size, drop_last, pin_memory):
+        self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
+        self.pin_memory = pin_memory
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        self.dataset.maps()  # opened here, not by several threads at once
+        threads = reader_threads()
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            ahead = collections.deque()
+            for indices in torch.utils.data.BatchSampler(self.sampler, self.batch_size, self.drop_last):
+                ahead.append(pool.submit(self.dataset.read_batch, indices, self.pin_memory))
+                if len(ahead) > threads:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
 
 class Loader:
@@ -1510,12 +1564,13 @@ def build_loader(cfg, pairs, counts, normalizer, device, rank=0, world=1, train=
         dl = torch.utils.data.DataLoader(ds, batch_size=None, **kw)
         return Loader(dl, ds, in_workers is not None, ds.dropped, ds.smaller)
     ds = MapDataset(pairs, counts, in_workers, transform)
-    if not train:
-        dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=EvalSampler(len(ds), rank, world), **kw)
-        return Loader(dl, None, in_workers is not None)
-    sampler = EpochSampler(ds, world, rank, cfg.seed, cfg.batch_size)
-    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=True, **kw)
-    return Loader(dl, sampler, in_workers is not None, len(ds) - len(dl) * cfg.batch_size * world)
+    sampler = EpochSampler(ds, world, rank, cfg.seed, cfg.batch_size) if train else EvalSampler(len(ds), rank, world)
+    if cfg.num_workers == 0:
+        dl = BatchReader(ds, sampler, cfg.batch_size, train, pin)
+    else:
+        dl = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, drop_last=train, **kw)
+    return Loader(dl, sampler if train else None, in_workers is not None,
+                  len(ds) - len(dl) * cfg.batch_size * world if train else 0)
 
 
 class RepeatedBatch:

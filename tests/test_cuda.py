@@ -184,13 +184,14 @@ def test_device_cache_holds_the_normalised_split_in_its_dtype(tmp_path, dtype, d
 
 
 @needs_cuda
+@pytest.mark.parametrize("workers", [0, 1], ids=["reader-threads", "worker"])
 @pytest.mark.parametrize("pin", [True, False], ids=["pinned", "pageable"])
-def test_map_loader_batches_reach_the_device_as_on_the_cpu(tmp_path, pin):
-    """A map loader with a worker, pinned or not, fed through device_batches (copy and normalisation on a
-    side stream, one batch ahead) gives the batches the same loader gives on the CPU: same samples, same
-    order, same values."""
+def test_map_loader_batches_reach_the_device_as_on_the_cpu(tmp_path, pin, workers):
+    """A map loader with a worker or with reader threads, pinned or not, fed through device_batches (copy and
+    normalisation on a side stream, one batch ahead) gives the batches the same loader gives on the CPU: same
+    samples, same order, same values."""
     pairs = write_ids_dataset(tmp_path, (5, 4))
-    cfg = T.LoaderConfig(kind="map", batch_size=2, num_workers=1, pin_memory=pin, seed=2)
+    cfg = T.LoaderConfig(kind="map", batch_size=2, num_workers=workers, pin_memory=pin, seed=2)
 
     def epoch(device):
         loader = T.build_loader(cfg, pairs, [5, 4], NORM, device)
@@ -199,6 +200,7 @@ def test_map_loader_batches_reach_the_device_as_on_the_cpu(tmp_path, pin):
 
     loader, on_device = epoch(DEVICE)
     assert loader.loader.pin_memory is pin and not loader.normalized
+    assert all(x.is_pinned() == y.is_pinned() == pin for x, y in loader)  # handed over pinned, or not at all
     _, on_cpu = epoch(torch.device("cpu"))
     assert len(on_device) == len(on_cpu) == len(loader) == 4
     x_raw, y_raw = stored(pairs)

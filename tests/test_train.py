@@ -778,6 +778,29 @@ def test_loaders_start_an_epoch_at_a_given_batch(tmp_path, kind, workers):
         assert len(loader) == len(whole) and rest == whole[start:], start
 
 
+def test_without_workers_reader_threads_give_the_dataloaders_batches(tmp_path, monkeypatch):
+    """--num-workers 0: threads read each batch straight into place; the batches, their order (seeded, from a
+    given batch on), a per-sample transform and the loader-side normalisation are a worker DataLoader's."""
+    pairs = write_ids_dataset(tmp_path, (5, 3, 7))
+    norm = T.Normalizer(-30, 60)
+    readers, read_batch = set(), T.MapDataset.read_batch
+    monkeypatch.setattr(T.MapDataset, "read_batch", lambda *a: readers.add(threading.current_thread()) or read_batch(*a))
+
+    def batches(workers, train, start=0):
+        cfg = T.LoaderConfig(kind="map", batch_size=4 if train else 3, num_workers=workers, seed=5, normalize_in_workers=not train)
+        loader = T.build_loader(cfg, pairs, [5, 3, 7], norm, torch.device("cpu"), train=train,
+                                transform=lambda x, i: x + i)  # eval's perturbations are drawn per sample index too
+        loader.set_epoch(2, start=start)
+        return len(loader), loader.normalized, [(x.clone(), y.clone()) for x, y in loader]
+
+    for train, start in ((True, 0), (True, 2), (False, 0)):
+        threaded, dataloader = batches(0, train, start), batches(1, train, start)
+        assert threaded[:2] == dataloader[:2] and len(threaded[2]) == len(dataloader[2]) > 0
+        for (x, y), (x1, y1) in zip(threaded[2], dataloader[2]):
+            assert torch.equal(x, x1) and torch.equal(y, y1)
+    assert readers and threading.main_thread() not in readers
+
+
 def test_check_finite_names_the_first_bad_sample_its_data_before_its_label():
     pair, samples = ("d.npy", "m.npy"), range(10, 14)  # a block of rows 10-13 of its files
     x, y = np.zeros((4, 2)), np.zeros((4, 3))
