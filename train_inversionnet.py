@@ -1203,22 +1203,22 @@ class MapDataset(torch.utils.data.Dataset):
             x, y = self.normalizer.data(x), self.normalizer.label(y)
         return x, y
 
-    def read_batch(self, indices, pin=False):
-        """The samples INDICES stacked, as __getitem__ gives them, each copied once: straight out of its map
-        into the batch (pinned when PIN)."""
-        x = torch.empty((len(indices), *DATA_SHAPE), pin_memory=pin)
-        y = torch.empty((len(indices), *LABEL_SHAPE), pin_memory=pin)
+    def read_into(self, indices, x, y):
+        """Copy the samples INDICES, as stored, into the batch arrays X, Y, each straight out of its map. numpy
+        alone: reader threads run no torch operation (torch.empty's NaN fill under --deterministic, a parallel
+        op, running in two reader threads at once changed a --deterministic run's weights)."""
         for i, idx in enumerate(indices):
             f, j = self.locate(idx)
-            xi, yi = x[i].numpy(), y[i].numpy()
-            np.copyto(xi, self.maps()[f][0][j])
-            np.copyto(yi, self.maps()[f][1][j])
-            check_finite(xi[None], yi[None], self.pairs[f], [j])
-            if self.transform is not None:
-                x[i] = self.transform(x[i], idx)
+            np.copyto(x[i], self.maps()[f][0][j])
+            np.copyto(y[i], self.maps()[f][1][j])
+            check_finite(x[i][None], y[i][None], self.pairs[f], [j])
+
+    def finish_batch(self, indices, x, y):
+        """What __getitem__ does after its read, for a batch: the transform per sample, then the normaliser."""
+        if self.transform is not None:
+            x = torch.stack([self.transform(sample, idx) for sample, idx in zip(x, indices)])
         if self.normalizer is not None:
             x, y = self.normalizer.data(x), self.normalizer.label(y)
-            x, y = (x.pin_memory(), y.pin_memory()) if pin else (x, y)
         return x, y
 
     def __getstate__(self):  # never pickle open maps into workers
@@ -1404,8 +1404,9 @@ class EvalSampler(torch.utils.data.Sampler):
 
 def reader_threads():
     """Threads that read data files in this process: 4 x a page-cached read's 2 GB/s is past what a pageable copy
-    to a GPU takes; the ranks on a node share its cores."""
-    return max(1, min(4, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    to a GPU takes; the ranks on a node share the cores this process may use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def read_samples(pairs, counts, keep, chunk=64):
@@ -1480,10 +1481,13 @@ class DeviceLoader:
 
 
 class BatchReader:
-    """--loader map without worker processes (--num-workers 0): reader threads each read a whole batch
-    (MapDataset.read_batch), a batch per thread ahead of the loop, in the sampler's order. Each sample is copied
-    once, into a batch pinned on CUDA, where a DataLoader in this process copies it three times (out of the map,
-    into the stacked batch, into pinned memory) on the thread that also launches the steps."""
+    """--loader map without worker processes (--num-workers 0): reader threads each copy a whole batch out of
+    the memory maps (MapDataset.read_into), a batch per thread ahead of the loop, in the sampler's order, into
+    tensors this thread allocates (pinned on CUDA); the transform and normaliser, if any, run here as the batch
+    is handed over. Each sample is copied once where a DataLoader in this process copies it three times (out of
+    the map, into the stacked batch, into pinned memory) on the thread that also launches the steps. A loop
+    that stops early does not wait for the reads under way: they end on their own (a second Ctrl-C during such
+    a wait would land in the generator's finaliser, where Python prints and drops it)."""
 
     def __init__(self, dataset, sampler, batch_size, drop_last, pin_memory):
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
@@ -1494,20 +1498,40 @@ class BatchReader:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        self.dataset.maps()  # opened here, not by several threads at once
+        ds = self.dataset
+        ds.maps()  # opened here, not by several threads at once
+        raw = ds.transform is None and ds.normalizer is None  # else the finished batch is the one pinned
         threads = reader_threads()
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        pool = concurrent.futures.ThreadPoolExecutor(threads)
+        try:
             ahead = collections.deque()
             for indices in torch.utils.data.BatchSampler(self.sampler, self.batch_size, self.drop_last):
-                ahead.append(pool.submit(self.dataset.read_batch, indices, self.pin_memory))
+                x, y = self.empty(len(indices), self.pin_memory and raw)
+                ahead.append((indices, x, y, pool.submit(ds.read_into, indices, x.numpy(), y.numpy())))
                 if len(ahead) > threads:
-                    yield ahead.popleft().result()
+                    yield self.finish(*ahead.popleft())
             while ahead:
-                yield ahead.popleft().result()
+                yield self.finish(*ahead.popleft())
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def empty(n, pin):
+        """Batch tensors to read into: pinned ones from torch's cache of them, else numpy's memory (torch.empty
+        would fill it with NaN under --deterministic, a pass over the batch that the read overwrites)."""
+        if pin:
+            return torch.empty((n, *DATA_SHAPE), pin_memory=True), torch.empty((n, *LABEL_SHAPE), pin_memory=True)
+        return (torch.from_numpy(np.empty((n, *DATA_SHAPE), np.float32)),
+                torch.from_numpy(np.empty((n, *LABEL_SHAPE), np.float32)))
+
+    def finish(self, indices, x, y, read):
+        read.result()  # a bad sample's error is raised here
+        x, y = self.dataset.finish_batch(indices, x, y)
+        return (x.pin_memory(), y.pin_memory()) if self.pin_memory and not x.is_pinned() else (x, y)
 
 
 class Loader:
-    """A DataLoader plus what the loop needs: set_epoch(epoch, start), len, whether its batches come out
+    """A DataLoader (or BatchReader) plus what the loop needs: set_epoch(epoch, start), len, whether its batches come out
     normalised, and how many samples an epoch drops so that all ranks step together."""
 
     def __init__(self, loader, epoch_source=None, normalized=False, dropped=0, smaller=0):

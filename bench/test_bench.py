@@ -67,12 +67,16 @@ def make_loader(pairs, args):
 
 
 def epoch_pairs(pairs, args):
-    """PAIRS, listed again as often as it takes an epoch to hold 4 x workers x prefetch batches: workers start
-    every epoch empty, so a shorter epoch would time their start-up more than their throughput (at gpu scale,
-    16 workers would each make one batch of an 8-batch epoch). Files listed twice are read twice, as another file would be (from the page cache, as a set that
-    fits in memory is after its first epoch)."""
-    need = 4 * args.num_workers * args.prefetch_factor * args.batch_size if args.loader != "gpu" else 0
-    return pairs * max(1, -(-need // SAMPLES))
+    """PAIRS, listed again as often as it takes an epoch to hold 4 x the batches its loader reads ahead (workers x
+    prefetch, or the map loader's reader threads without workers): they start every epoch empty, so a shorter
+    epoch would time their start-up more than their throughput (at gpu scale, 16 workers would each make one batch
+    of an 8-batch epoch). Files listed twice are read twice, as another file would be (from the page cache, as a
+    set that fits in memory is after its first epoch)."""
+    if args.loader == "gpu":
+        ahead = 0
+    else:
+        ahead = args.num_workers * args.prefetch_factor or (T.reader_threads() if args.loader == "map" else 0)
+    return pairs * max(1, -(-4 * ahead * args.batch_size // SAMPLES))
 
 
 def loader_flags(kind, workers, pin):

@@ -1,6 +1,7 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import argparse
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -783,8 +784,8 @@ def test_without_workers_reader_threads_give_the_dataloaders_batches(tmp_path, m
     given batch on), a per-sample transform and the loader-side normalisation are a worker DataLoader's."""
     pairs = write_ids_dataset(tmp_path, (5, 3, 7))
     norm = T.Normalizer(-30, 60)
-    readers, read_batch = set(), T.MapDataset.read_batch
-    monkeypatch.setattr(T.MapDataset, "read_batch", lambda *a: readers.add(threading.current_thread()) or read_batch(*a))
+    readers, read_into = set(), T.MapDataset.read_into
+    monkeypatch.setattr(T.MapDataset, "read_into", lambda *a: readers.add(threading.current_thread()) or read_into(*a))
 
     def batches(workers, train, start=0):
         cfg = T.LoaderConfig(kind="map", batch_size=4 if train else 3, num_workers=workers, seed=5, normalize_in_workers=not train)
@@ -801,6 +802,28 @@ def test_without_workers_reader_threads_give_the_dataloaders_batches(tmp_path, m
     assert readers and threading.main_thread() not in readers
 
 
+def test_a_loop_that_stops_early_leaves_the_reads_under_way_to_end_on_their_own(tmp_path, monkeypatch):
+    """A stop (a first Ctrl-C, --max-steps) closes the loader's iterator; waiting there for the reads ahead would
+    delay the stop, and a second Ctrl-C during that wait would be dropped by Python's finaliser."""
+    pairs = write_ids_dataset(tmp_path, (5, 3, 7))
+    release, calls, done, read_into = threading.Event(), itertools.count(), [], T.MapDataset.read_into
+
+    def held(self, indices, x, y):  # every read after the first waits for the test
+        if next(calls):
+            release.wait(10)
+        read_into(self, indices, x, y)
+        done.append(len(indices))
+
+    monkeypatch.setattr(T.MapDataset, "read_into", held)
+    loader = T.build_loader(T.LoaderConfig(kind="map", batch_size=2, num_workers=0), pairs, [5, 3, 7],
+                            T.Normalizer(-30, 60), torch.device("cpu"))
+    batches = iter(loader)
+    next(batches)
+    batches.close()
+    assert done == [2] and not release.is_set()  # closed while the reads ahead were still held
+    release.set()
+
+
 def test_check_finite_names_the_first_bad_sample_its_data_before_its_label():
     pair, samples = ("d.npy", "m.npy"), range(10, 14)  # a block of rows 10-13 of its files
     x, y = np.zeros((4, 2)), np.zeros((4, 3))
@@ -814,7 +837,7 @@ def test_check_finite_names_the_first_bad_sample_its_data_before_its_label():
 
 
 def test_normalising_in_the_workers_trains_as_normalising_on_the_device(tmp_path):
-    """--normalize workers moves the normalisation into the loader (its workers, or the main process with
+    """--normalize workers moves the normalisation into the loader (its workers, or the reader threads with
     --num-workers 0): two steps take the same batches to the same losses and weights as the default, which
     normalises on the device; nothing is left raw or normalised twice."""
     pairs = write_ids_dataset(tmp_path, (4, 4))
