@@ -1203,11 +1203,14 @@ class MapDataset(torch.utils.data.Dataset):
             x, y = self.normalizer.data(x), self.normalizer.label(y)
         return x, y
 
-    def read_into(self, indices, x, y):
-        """Copy the samples INDICES, as stored, into the batch arrays X, Y, each straight out of its map. numpy
-        alone: reader threads run no torch operation (torch.empty's NaN fill under --deterministic, a parallel
-        op, running in two reader threads at once changed a --deterministic run's weights)."""
+    def read_into(self, indices, x, y, stop):
+        """Copy the samples INDICES, as stored, into the batch arrays X, Y, each straight out of its map, until the
+        event STOP is set. numpy alone: reader threads run no torch operation (torch.empty's NaN fill under
+        --deterministic, a parallel op, running in two reader threads at once changed a --deterministic run's
+        weights)."""
         for i, idx in enumerate(indices):
+            if stop.is_set():
+                return
             f, j = self.locate(idx)
             np.copyto(x[i], self.maps()[f][0][j])
             np.copyto(y[i], self.maps()[f][1][j])
@@ -1405,8 +1408,9 @@ class EvalSampler(torch.utils.data.Sampler):
 def reader_threads():
     """Threads that read data files in this process: 4 x a page-cached read's 2 GB/s is past what a pageable copy
     to a GPU takes; the ranks on a node share the cores this process may use."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    shared = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    mine = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else shared  # a launcher may pin ranks
+    return max(1, min(4, shared, mine))
 
 
 def read_samples(pairs, counts, keep, chunk=64):
@@ -1482,12 +1486,13 @@ class DeviceLoader:
 
 class BatchReader:
     """--loader map without worker processes (--num-workers 0): reader threads each copy a whole batch out of
-    the memory maps (MapDataset.read_into), a batch per thread ahead of the loop, in the sampler's order, into
-    tensors this thread allocates (pinned on CUDA); the transform and normaliser, if any, run here as the batch
-    is handed over. Each sample is copied once where a DataLoader in this process copies it three times (out of
-    the map, into the stacked batch, into pinned memory) on the thread that also launches the steps. A loop
-    that stops early does not wait for the reads under way: they end on their own (a second Ctrl-C during such
-    a wait would land in the generator's finaliser, where Python prints and drops it)."""
+    the memory maps (MapDataset.read_into), up to a batch per thread plus one ahead of the loop, in the sampler's
+    order, into tensors this thread allocates (pinned on CUDA); the transform and normaliser, if any, run here as
+    the batch is handed over. Each sample is copied once where a DataLoader in this process copies it three times
+    (out of the map, into the stacked batch, into pinned memory) on the thread that also launches the steps. A
+    loop that stops early (a signal, --precise-bn's few batches) does not wait for the reads under way: they stop
+    at their next sample (a second Ctrl-C during a wait would land in the generator's finaliser, where Python
+    prints and drops it)."""
 
     def __init__(self, dataset, sampler, batch_size, drop_last, pin_memory):
         self.dataset, self.sampler, self.batch_size, self.drop_last = dataset, sampler, batch_size, drop_last
@@ -1501,26 +1506,32 @@ class BatchReader:
         ds = self.dataset
         ds.maps()  # opened here, not by several threads at once
         raw = ds.transform is None and ds.normalizer is None  # else the finished batch is the one pinned
-        threads = reader_threads()
+        threads, stop = reader_threads(), threading.Event()
         pool = concurrent.futures.ThreadPoolExecutor(threads)
         try:
             ahead = collections.deque()
             for indices in torch.utils.data.BatchSampler(self.sampler, self.batch_size, self.drop_last):
                 x, y = self.empty(len(indices), self.pin_memory and raw)
-                ahead.append((indices, x, y, pool.submit(ds.read_into, indices, x.numpy(), y.numpy())))
+                ahead.append((indices, x, y, pool.submit(ds.read_into, indices, x.numpy(), y.numpy(), stop)))
                 if len(ahead) > threads:
                     yield self.finish(*ahead.popleft())
             while ahead:
                 yield self.finish(*ahead.popleft())
         finally:
+            stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def empty(n, pin):
-        """Batch tensors to read into: pinned ones from torch's cache of them, else numpy's memory (torch.empty
-        would fill it with NaN under --deterministic, a pass over the batch that the read overwrites)."""
+        """Batch tensors to read into: pinned ones from torch's cache of them, else numpy's memory. Neither filled
+        with NaN as torch.empty's are under --deterministic: a pass over the batch that the read overwrites."""
         if pin:
-            return torch.empty((n, *DATA_SHAPE), pin_memory=True), torch.empty((n, *LABEL_SHAPE), pin_memory=True)
+            fill = torch.utils.deterministic.fill_uninitialized_memory
+            torch.utils.deterministic.fill_uninitialized_memory = False
+            try:
+                return torch.empty((n, *DATA_SHAPE), pin_memory=True), torch.empty((n, *LABEL_SHAPE), pin_memory=True)
+            finally:
+                torch.utils.deterministic.fill_uninitialized_memory = fill
         return (torch.from_numpy(np.empty((n, *DATA_SHAPE), np.float32)),
                 torch.from_numpy(np.empty((n, *LABEL_SHAPE), np.float32)))
 

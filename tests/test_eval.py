@@ -450,10 +450,10 @@ def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path,
         (tmp_path / f"sample{i}.by-{worker.id if worker else 'main'}").touch()
         return get(self, i)
 
-    def read_by_threads(self, indices, x, y):  # --num-workers 0
+    def read_by_threads(self, indices, x, y, stop):  # --num-workers 0
         for i in indices:
             (tmp_path / f"sample{i}.by-main").touch()
-        return read_into(self, indices, x, y)
+        return read_into(self, indices, x, y, stop)
 
     monkeypatch.setattr(T.MapDataset, "__getitem__", loaded_by)
     monkeypatch.setattr(T.MapDataset, "read_into", read_by_threads)

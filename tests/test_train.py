@@ -1,7 +1,6 @@
 """train_inversionnet.py: model, loaders, normalisation, optimisation, checkpoints, resume."""
 import argparse
 import importlib.util
-import itertools
 import json
 import math
 import os
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 import train_inversionnet as T
-from helpers import TRAIN, assert_same_weights, conv_dtypes_during, module_dir, run_script, sample_ids, write_ids_dataset, write_split_list
+from helpers import TRAIN, assert_same_weights, conv_dtypes_during, module_dir, run_script, sample_ids, wait_until, write_ids_dataset, write_split_list
 
 
 def small_args(**kw):
@@ -788,7 +787,7 @@ def test_without_workers_reader_threads_give_the_dataloaders_batches(tmp_path, m
     monkeypatch.setattr(T.MapDataset, "read_into", lambda *a: readers.add(threading.current_thread()) or read_into(*a))
 
     def batches(workers, train, start=0):
-        cfg = T.LoaderConfig(kind="map", batch_size=4 if train else 3, num_workers=workers, seed=5, normalize_in_workers=not train)
+        cfg = T.LoaderConfig(kind="map", batch_size=4, num_workers=workers, seed=5, normalize_in_workers=not train)
         loader = T.build_loader(cfg, pairs, [5, 3, 7], norm, torch.device("cpu"), train=train,
                                 transform=lambda x, i: x + i)  # eval's perturbations are drawn per sample index too
         loader.set_epoch(2, start=start)
@@ -802,26 +801,32 @@ def test_without_workers_reader_threads_give_the_dataloaders_batches(tmp_path, m
     assert readers and threading.main_thread() not in readers
 
 
-def test_a_loop_that_stops_early_leaves_the_reads_under_way_to_end_on_their_own(tmp_path, monkeypatch):
-    """A stop (a first Ctrl-C, --max-steps) closes the loader's iterator; waiting there for the reads ahead would
-    delay the stop, and a second Ctrl-C during that wait would be dropped by Python's finaliser."""
+def test_a_loop_that_stops_early_stops_the_reads_under_way_at_their_next_sample(tmp_path, monkeypatch):
+    """A stop (a signal, --precise-bn's few batches) closes the loader's iterator; waiting there for the reads
+    ahead would delay the stop (a second Ctrl-C during that wait would be dropped by Python's finaliser), and
+    letting them run on would read batches nobody takes."""
     pairs = write_ids_dataset(tmp_path, (5, 3, 7))
-    release, calls, done, read_into = threading.Event(), itertools.count(), [], T.MapDataset.read_into
+    release, started, done, copied = threading.Event(), [], [], []
+    read_into, check_finite = T.MapDataset.read_into, T.check_finite
 
-    def held(self, indices, x, y):  # every read after the first waits for the test
-        if next(calls):
+    def held(self, indices, x, y, stop):  # every read after the first waits for the test
+        started.append(indices)
+        if len(started) > 1:
             release.wait(10)
-        read_into(self, indices, x, y)
-        done.append(len(indices))
+        read_into(self, indices, x, y, stop)
+        done.append(indices)
 
     monkeypatch.setattr(T.MapDataset, "read_into", held)
+    monkeypatch.setattr(T, "check_finite", lambda *a: copied.append(a[3]) or check_finite(*a))  # once per sample read
     loader = T.build_loader(T.LoaderConfig(kind="map", batch_size=2, num_workers=0), pairs, [5, 3, 7],
                             T.Normalizer(-30, 60), torch.device("cpu"))
     batches = iter(loader)
     next(batches)
     batches.close()
-    assert done == [2] and not release.is_set()  # closed while the reads ahead were still held
+    assert len(done) == 1 and not release.is_set()  # closed while the reads ahead were still held
     release.set()
+    assert wait_until(lambda: len(done) == len(started), 10)
+    assert len(started) > 1 and len(copied) == 2  # the held reads, let go after the close, read nothing
 
 
 def test_check_finite_names_the_first_bad_sample_its_data_before_its_label():
