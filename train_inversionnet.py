@@ -1193,23 +1193,18 @@ class MapDataset(torch.utils.data.Dataset):
         return self._maps
 
     def __getitem__(self, idx):
-        f, j = self.locate(idx)
-        x, y = np.array(self.maps()[f][0][j]), np.array(self.maps()[f][1][j])
-        check_finite(x[None], y[None], self.pairs[f], [j])
-        x, y = torch.from_numpy(x), torch.from_numpy(y)
-        if self.transform is not None:
-            x = self.transform(x, idx)
-        if self.normalizer is not None:
-            x, y = self.normalizer.data(x), self.normalizer.label(y)
-        return x, y
+        x, y = np.empty((1, *DATA_SHAPE), np.float32), np.empty((1, *LABEL_SHAPE), np.float32)
+        self.read_into([idx], x, y)
+        x, y = self.finish_batch([idx], torch.from_numpy(x), torch.from_numpy(y))
+        return x[0], y[0]
 
-    def read_into(self, indices, x, y, stop):
+    def read_into(self, indices, x, y, stop=None):
         """Copy the samples INDICES, as stored, into the batch arrays X, Y, each straight out of its map, until the
-        event STOP is set. numpy alone: reader threads run no torch operation (torch.empty's NaN fill under
-        --deterministic, a parallel op, running in two reader threads at once changed a --deterministic run's
-        weights)."""
+        event STOP (if any) is set. numpy alone: reader threads run no torch operation (torch.empty's NaN fill
+        under --deterministic, a parallel op, running in two reader threads at once changed a --deterministic
+        run's weights)."""
         for i, idx in enumerate(indices):
-            if stop.is_set():
+            if stop is not None and stop.is_set():
                 return
             f, j = self.locate(idx)
             np.copyto(x[i], self.maps()[f][0][j])
@@ -1542,8 +1537,8 @@ class BatchReader:
 
 
 class Loader:
-    """A DataLoader (or BatchReader) plus what the loop needs: set_epoch(epoch, start), len, whether its batches come out
-    normalised, and how many samples an epoch drops so that all ranks step together."""
+    """A DataLoader (or BatchReader) plus what the loop needs: set_epoch(epoch, start), len, whether its batches
+    come out normalised, and how many samples an epoch drops so that all ranks step together."""
 
     def __init__(self, loader, epoch_source=None, normalized=False, dropped=0, smaller=0):
         self.loader, self.epoch_source, self.normalized, self.dropped = loader, epoch_source, normalized, dropped

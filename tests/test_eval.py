@@ -443,20 +443,15 @@ def test_perturbed_metrics_do_not_depend_on_the_worker_count(tiny_run, tmp_path,
     workers (each loading every other batch) give the figures of the main process's reader threads. The model
     is the input-spread stand-in above: its metrics follow the perturbation."""
     monkeypatch.setattr(T.InversionNet, "forward", lambda self, x: x.float().std(dim=(1, 2, 3)).view(-1, 1, 1, 1).expand(-1, 1, 70, 70))
-    get, read_into = T.MapDataset.__getitem__, T.MapDataset.read_into
+    read_into = T.MapDataset.read_into
 
-    def loaded_by(self, i):  # a file per sample names the process that loaded it: forked workers share no memory
+    def loaded_by(self, indices, *args):  # a file per sample names the process that read it: forked workers share no memory
         worker = torch.utils.data.get_worker_info()
-        (tmp_path / f"sample{i}.by-{worker.id if worker else 'main'}").touch()
-        return get(self, i)
-
-    def read_by_threads(self, indices, x, y, stop):  # --num-workers 0
         for i in indices:
-            (tmp_path / f"sample{i}.by-main").touch()
-        return read_into(self, indices, x, y, stop)
+            (tmp_path / f"sample{i}.by-{worker.id if worker else 'main'}").touch()
+        return read_into(self, indices, *args)
 
-    monkeypatch.setattr(T.MapDataset, "__getitem__", loaded_by)
-    monkeypatch.setattr(T.MapDataset, "read_into", read_by_threads)
+    monkeypatch.setattr(T.MapDataset, "read_into", loaded_by)
     results, rows, loaders = [], [], []
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"
