@@ -1169,6 +1169,20 @@ def check_finite(x, y, pair, samples):
     raise DataError(f"{path} sample {samples[row]}: NaN or Inf in the {kind}", local=True)
 
 
+def empty_batch(n, pin=False):
+    """Tensors for a batch of N samples to be read into: pinned ones from torch's cache of them, else numpy's
+    memory. Neither filled with NaN as torch.empty's are under --deterministic: a pass the read overwrites."""
+    if pin:
+        fill = torch.utils.deterministic.fill_uninitialized_memory
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        try:
+            return torch.empty((n, *DATA_SHAPE), pin_memory=True), torch.empty((n, *LABEL_SHAPE), pin_memory=True)
+        finally:
+            torch.utils.deterministic.fill_uninitialized_memory = fill
+    return (torch.from_numpy(np.empty((n, *DATA_SHAPE), np.float32)),
+            torch.from_numpy(np.empty((n, *LABEL_SHAPE), np.float32)))
+
+
 class MapDataset(torch.utils.data.Dataset):
     """Random access over np.load(mmap_mode='r') views; opened lazily in each worker, bounded memory.
 
@@ -1193,9 +1207,9 @@ class MapDataset(torch.utils.data.Dataset):
         return self._maps
 
     def __getitem__(self, idx):
-        x, y = np.empty((1, *DATA_SHAPE), np.float32), np.empty((1, *LABEL_SHAPE), np.float32)
-        self.read_into([idx], x, y)
-        x, y = self.finish_batch([idx], torch.from_numpy(x), torch.from_numpy(y))
+        x, y = empty_batch(1)
+        self.read_into([idx], x.numpy(), y.numpy())
+        x, y = self.finish_batch([idx], x, y)
         return x[0], y[0]
 
     def read_into(self, indices, x, y, stop=None):
@@ -1506,7 +1520,7 @@ class BatchReader:
         try:
             ahead = collections.deque()
             for indices in torch.utils.data.BatchSampler(self.sampler, self.batch_size, self.drop_last):
-                x, y = self.empty(len(indices), self.pin_memory and raw)
+                x, y = empty_batch(len(indices), self.pin_memory and raw)
                 ahead.append((indices, x, y, pool.submit(ds.read_into, indices, x.numpy(), y.numpy(), stop)))
                 if len(ahead) > threads:
                     yield self.finish(*ahead.popleft())
@@ -1515,20 +1529,6 @@ class BatchReader:
         finally:
             stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
-
-    @staticmethod
-    def empty(n, pin):
-        """Batch tensors to read into: pinned ones from torch's cache of them, else numpy's memory. Neither filled
-        with NaN as torch.empty's are under --deterministic: a pass over the batch that the read overwrites."""
-        if pin:
-            fill = torch.utils.deterministic.fill_uninitialized_memory
-            torch.utils.deterministic.fill_uninitialized_memory = False
-            try:
-                return torch.empty((n, *DATA_SHAPE), pin_memory=True), torch.empty((n, *LABEL_SHAPE), pin_memory=True)
-            finally:
-                torch.utils.deterministic.fill_uninitialized_memory = fill
-        return (torch.from_numpy(np.empty((n, *DATA_SHAPE), np.float32)),
-                torch.from_numpy(np.empty((n, *LABEL_SHAPE), np.float32)))
 
     def finish(self, indices, x, y, read):
         read.result()  # a bad sample's error is raised here

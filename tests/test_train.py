@@ -842,8 +842,8 @@ def test_check_finite_names_the_first_bad_sample_its_data_before_its_label():
 
 
 def test_normalising_in_the_workers_trains_as_normalising_on_the_device(tmp_path):
-    """--normalize workers moves the normalisation into the loader (its workers, or the reader threads with
-    --num-workers 0): two steps take the same batches to the same losses and weights as the default, which
+    """--normalize workers moves the normalisation into the loader (its workers, or the loop's thread as reader
+    threads hand each batch over with --num-workers 0): two steps take the same batches to the same losses and weights as the default, which
     normalises on the device; nothing is left raw or normalised twice."""
     pairs = write_ids_dataset(tmp_path, (4, 4))
     cpu, norm = torch.device("cpu"), T.Normalizer(*T.DATASETS["flatvel-a"])
